@@ -1,0 +1,142 @@
+"""smtpd.conf: upas's configuration file (spam.c ``getconf``).
+
+Syntax is upas's line scanner: tokens are separated by blanks and commas,
+``#`` starts a comment, a backslash makes the next character literal, and
+every character is lowercased.  The first token is the keyword.
+
+Keywords (spec upas-behaviour.md §1.3):
+
+``defaultdomain DOM``       our mail domain, unless ``-h`` is given
+``norelay on|off``          relay control; ON by default here (upas: off)
+``verifysenderdom on|off``  the ``-r`` check (anti-abuse issue)
+``saveblockedmsg on|off``   the ``-s`` dump (anti-abuse issue)
+``ournets CIDR ...``        trusted networks; values add up across lines
+``ourdomains PAT ...``      our mail domains; ``*.dom`` is dom and below
+
+Deviations: unknown keywords, bad values and unreadable files are errors
+that name the file and line (upas ignores them silently); short IPv4 forms
+such as ``10.1.2`` are refused rather than guessed.
+"""
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+class ConfigError(Exception):
+    """A configuration problem, with file and line where known."""
+
+
+@dataclass(frozen=True)
+class SmtpdConf:
+    defaultdomain: Optional[str] = None
+    norelay: Optional[bool] = None  # None: not said, so the built-in default
+    verifysenderdom: bool = False
+    saveblockedmsg: bool = False
+    ournets: Optional[Tuple[object, ...]] = None  # None: never given
+    ourdomains: Tuple[str, ...] = ()
+
+
+def tokenize(line):
+    """Split one line as upas's getline does; return lowercased tokens."""
+    tokens, cur, have = [], [], False
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and i + 1 < len(line):
+            cur.append(line[i + 1])
+            have = True
+            i += 2
+            continue
+        if c == "#":
+            break
+        if c in " \t,\r\n":
+            if have:
+                tokens.append("".join(cur).lower())
+                cur, have = [], False
+        else:
+            cur.append(c)
+            have = True
+        i += 1
+    if have:
+        tokens.append("".join(cur).lower())
+    return tokens
+
+
+def parse_network(text):
+    """An IP or CIDR; a bare address means that one host (upas [9F])."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError("bad address or CIDR %r" % text)
+
+
+def valid_domain_pattern(pattern):
+    body = pattern[2:] if pattern.startswith("*.") else pattern
+    labels = body.split(".")
+    return bool(body) and all(
+        label and all(c.isalnum() or c in "-_" for c in label) for label in labels
+    )
+
+
+def _onoff(values):
+    if len(values) != 1 or values[0] not in ("on", "off"):
+        raise ValueError("expected 'on' or 'off'")
+    return values[0] == "on"
+
+
+def parse(text, filename="smtpd.conf"):
+    """Parse smtpd.conf text into an SmtpdConf; raise ConfigError."""
+    fields = {}
+    ournets = None
+    ourdomains = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        tokens = tokenize(raw)
+        if not tokens:
+            continue
+        keyword, values = tokens[0], tokens[1:]
+        try:
+            if keyword in ("norelay", "verifysenderdom", "saveblockedmsg"):
+                fields[keyword] = _onoff(values)
+            elif keyword == "defaultdomain":
+                if not values:
+                    raise ValueError("missing domain")
+                # upas uses only the first value, and only the first line
+                if not valid_domain_pattern(values[0]) or values[0].startswith("*."):
+                    raise ValueError("bad domain %r" % values[0])
+                fields.setdefault("defaultdomain", values[0])
+            elif keyword == "ournets":
+                if not values:
+                    raise ValueError("missing networks")
+                ournets = (ournets or []) + [parse_network(v) for v in values]
+            elif keyword == "ourdomains":
+                if not values:
+                    raise ValueError("missing domains")
+                for v in values:
+                    if not valid_domain_pattern(v):
+                        raise ValueError("bad domain pattern %r" % v)
+                ourdomains.extend(values)
+            else:
+                raise ValueError("unknown keyword %r" % keyword)
+        except ValueError as e:
+            raise ConfigError("%s:%d: %s" % (filename, lineno, e)) from None
+    return SmtpdConf(
+        ournets=tuple(ournets) if ournets is not None else None,
+        ourdomains=tuple(ourdomains),
+        **fields,
+    )
+
+
+def load(path):
+    """Read and parse a file; unreadable or undecodable files are errors."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError("%s: cannot read: %s" % (path, e.strerror or e)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError("%s:%d: not UTF-8 text" % (path, line)) from None
+    return parse(text, path)

@@ -1,0 +1,170 @@
+"""The hand-off of accepted mail: ``IMessageDelivery`` and ``IMessage``.
+
+``UpasDelivery`` is asked by the protocol after the upas policy has said
+yes: ``validateFrom`` returns the sender, ``validateTo`` checks that the
+recipient can be delivered by the back end and returns a message factory.
+All recipients of one transaction share one ``UpasMessage``, which writes
+the mailer stream (``pipemsg``) to a spool file while DATA arrives and, at
+the final dot, hands it to the back end:
+
+* ``store.MailRoot``: local mboxes and the outbound queue (the default);
+* ``mailer.Mailer``: the ``-m`` command.
+
+``eomReceived`` fires with a verdict (never fails for an outcome): Accept
+means "250 2.5.0 sent"; the reply for a refusal rides in a Reject.
+Any failure to store turns into ``451 4.3.0`` and no mailbox keeps a
+partial message.
+"""
+
+import os
+import re
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import smtp
+from zope.interface import implementer
+
+from . import pipemsg, relay, replies
+from .decision import ACCEPT, reject
+from .session import Transaction
+
+log = Logger(namespace="smtpd")
+
+MESSAGE_LIMIT = 128 * 1024 * 1024  # upas send's MSGLIMIT
+_MAILBOX_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,63}\Z")
+
+
+def mailbox_name_ok(user):
+    return bool(_MAILBOX_NAME.match(user)) and user not in (".", "..")
+
+
+@implementer(smtp.IMessageDelivery)
+class UpasDelivery:
+    """One per connection; ``session`` and ``settings`` are the facts."""
+
+    def __init__(self, session, settings, root, backend, clock):
+        self.session = session
+        self.settings = settings
+        self.root = root
+        self.backend = backend
+        self.clock = clock
+
+    def receivedHeader(self, helo, origin, recipients):
+        date = pipemsg.plan9_date(self.clock.seconds())
+        s = self.session
+        return pipemsg.received_line(s.him, s.rsys, self.settings.me, date).encode()
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        if self.backend is self.root:
+            kind, where = relay.route(user.path, self.session.ours)
+            if kind == "local" and not mailbox_name_ok(where):
+                raise smtp.SMTPBadRcpt(
+                    user.path, 550, replies.USER_UNKNOWN.format(path=user.path)
+                )
+        envelope = self.session.envelope
+        return lambda: self._message(envelope)
+
+    def ready(self):
+        """May DATA start?  The mailer must be startable (upas startcmd)."""
+        return self.backend.ready()
+
+    def _message(self, envelope):
+        if envelope.message is None:
+            envelope.message = UpasMessage(self, envelope)
+        return envelope.message
+
+    def transaction(self, envelope):
+        local, remote = [], []
+        for path in envelope.recipients:
+            kind, where = relay.route(path, self.session.ours)
+            (local if kind == "local" else remote).append(where if kind == "local" else path)
+        return Transaction(
+            sender=envelope.sender,
+            recipients=tuple(envelope.recipients),
+            local=tuple(local),
+            remote=tuple(remote),
+            peer=self.session.rsys,
+            helo=self.session.him,
+        )
+
+
+@implementer(smtp.IMessage)
+class UpasMessage:
+    """The message of one transaction, spooled while DATA arrives."""
+
+    def __init__(self, delivery, envelope):
+        self.delivery = delivery
+        self.root = delivery.root
+        self.tx = delivery.transaction(envelope)
+        self.failure = None
+        self.size = 0
+        self.spool_path, self._file = self.root.open_spool()
+        s = delivery.session
+        date = pipemsg.plan9_date(delivery.clock.seconds())
+        self.stream = pipemsg.MailerStream(
+            self._write, envelope.sender, envelope.last_sender,
+            list(envelope.recipients), s.him, s.rsys, delivery.settings.me, date,
+        )
+
+    def _write(self, data):
+        if self.failure is not None:
+            return
+        self.size += len(data)
+        if self.size > self.delivery.settings.message_limit:
+            self.failure = reject(552, "5.3.4 Error: message too big")
+            return
+        try:
+            self._file.write(data)
+        except OSError as e:
+            log.error("spool write failed: {err}", err=e)
+            self.failure = reject(451, replies.STORE_FAILED)
+
+    def refuse(self, verdict):
+        """The protocol found the message unacceptable (e.g. a huge line)."""
+        if self.failure is None:
+            self.failure = verdict
+
+    def lineReceived(self, line):
+        if self.failure is None:
+            self.stream.line(line)
+
+    def eomReceived(self):
+        self.stream.end()
+        try:
+            self._file.close()
+        except OSError as e:
+            log.error("spool close failed: {err}", err=e)
+            self.failure = self.failure or reject(451, replies.STORE_FAILED)
+        if self.failure is None and self.stream.error is not None:
+            self.failure = reject(554, "5.7.1 " + str(self.stream.error))
+        if self.failure is not None:
+            self._discard()
+            return defer.succeed(self.failure)
+        d = defer.maybeDeferred(self.delivery.backend.deliver, self.spool_path, self.tx)
+        d.addErrback(self._storeFailed)
+        d.addBoth(self._cleanup)
+        return d
+
+    def _storeFailed(self, failure):
+        log.failure("storing message failed", failure)
+        return reject(451, replies.STORE_FAILED)
+
+    def _cleanup(self, result):
+        self._discard()
+        return result
+
+    def _discard(self):
+        try:
+            os.unlink(self.spool_path)
+        except OSError:
+            pass
+
+    def connectionLost(self):
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self._discard()

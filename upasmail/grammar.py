@@ -1,0 +1,121 @@
+"""The command grammar of upas smtpd.y, as a plain parser.
+
+``parse(line)`` turns one command line (bytes, line end removed) into a
+``Command`` or raises ``CommandSyntaxError``, which the protocol answers
+with ``500 5.5.1 illegal command or bad syntax`` (spec upas-behaviour.md
+§1.5).  Verbs are case-insensitive; values keep their case; a lone CR
+counts as white space; paths need angle brackets; MAIL takes only the
+``AUTH=`` parameter (ignored, as upas).
+
+Unlike yacc's error recovery, a bad line never re-synchronises on a
+verb inside it (quirk Q15): the whole line is one syntax error.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from .address import AddressError, parse_domain, parse_path
+
+_WS = re.compile(r"[ \t\r]+")
+_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?\[\]^_`{|}~\"\\]+\Z")
+_MECH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
+
+BARE = frozenset(["DATA", "RSET", "QUIT", "STARTTLS"])
+MAIL_VERBS = frozenset(["MAIL", "SEND", "SOML", "SAML"])
+MAIL_PARAMS = frozenset(["AUTH"])
+
+
+class CommandSyntaxError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    arg: Optional[str] = None  # domain, bang path, string or mechanism
+    extra: Optional[str] = None  # AUTH initial response
+    params: Dict[str, str] = field(default_factory=dict)
+
+
+def _split_path(rest):
+    """Split ``<path> more`` at the closing bracket (quotes respected)."""
+    if not rest.startswith("<"):
+        raise CommandSyntaxError("angle brackets required")
+    quoted = False
+    i = 1
+    while i < len(rest):
+        c = rest[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return rest[: i + 1], rest[i + 1 :]
+        i += 1
+    raise CommandSyntaxError("unclosed path")
+
+
+def _path_command(verb, rest, keyword, allowed):
+    if rest[: len(keyword)].upper() != keyword:
+        raise CommandSyntaxError("expected " + keyword)
+    path, tail = _split_path(rest[len(keyword):].lstrip(" \t"))
+    params = {}
+    if tail and tail[0] not in " \t":
+        raise CommandSyntaxError("junk after path")
+    # upas allows blanks after "AUTH=": glue "AUTH= <x>" back together
+    words = re.sub(r"(?i)(\bAUTH=)[ \t]+", r"\1", tail).split()
+    for word in words:
+        name, eq, value = word.partition("=")
+        name = name.upper()
+        if not eq or name not in allowed or name in params:
+            raise CommandSyntaxError("parameter not allowed: " + word)
+        params[name] = value
+    try:
+        bang = parse_path(path)
+    except AddressError as e:
+        raise CommandSyntaxError(str(e))
+    return Command(verb, bang, params=params)
+
+
+def parse(line):
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise CommandSyntaxError("non-ASCII command")
+    if any(ord(c) < 32 and c not in " \t\r" or ord(c) == 127 for c in text):
+        raise CommandSyntaxError("control character")
+    text = text.replace("\r", " ").strip(" \t")
+    if not text:
+        raise CommandSyntaxError("empty command")
+    parts = _WS.split(text, 1)
+    verb = parts[0].upper()
+    rest = parts[1] if len(parts) > 1 else ""
+    if verb in ("HELO", "EHLO"):
+        if not rest or _WS.search(rest):
+            raise CommandSyntaxError("HELO needs one domain")
+        try:
+            return Command(verb, parse_domain(rest))
+        except AddressError as e:
+            raise CommandSyntaxError(str(e))
+    if verb in MAIL_VERBS:
+        return _path_command("MAIL", rest, "FROM:", MAIL_PARAMS)
+    if verb == "RCPT":
+        return _path_command("RCPT", rest, "TO:", frozenset())
+    if verb in BARE:
+        if rest:
+            raise CommandSyntaxError(verb + " takes no argument")
+        return Command(verb)
+    if verb in ("NOOP", "HELP"):
+        return Command(verb, rest or None)
+    if verb in ("VRFY", "EXPN"):
+        if not _STRING.match(rest):
+            raise CommandSyntaxError("bad string")
+        return Command(verb, rest)
+    if verb == "AUTH":
+        words = rest.split()
+        if not words or len(words) > 2 or not _MECH.match(words[0]):
+            raise CommandSyntaxError("bad AUTH")
+        return Command(verb, words[0].upper(), extra=words[1] if len(words) > 1 else None)
+    raise CommandSyntaxError("unknown command")

@@ -1,0 +1,113 @@
+"""The byte stream smtpd hands to its mailer (upas smtpd.c ``pipemsg``).
+
+In order (spec upas-behaviour.md §1.10.3):
+
+1. ``From <first sender> <date> remote from `` (empty system name, as upas)
+2. ``Received: from <him> ([<rsys>]) by <me>; <date>``
+3. any ``X-warning:`` lines (forgery tagging, anti-abuse issue)
+4. ``From: <last sender>`` when the header has no originator field
+5. ``To: <r1>, <r2>`` when it has no destination field
+6. the header, rewritten by ``rfc822.parse`` (``@him`` qualification,
+   ``BadHeader:``), then the blank line and the body verbatim.
+
+Lines end in LF; the protocol has already removed the SMTP dot-stuffing
+and CRLF.  NUL bytes are dropped.  A header line that is not valid UTF-8
+refuses the message with ``mail refused: illegal header chars``.  The
+header is collected up to 16 KiB, as upas does; beyond that it passes
+through unparsed.  Unlike upas, the parser state is fresh for every
+message (quirk Q5) and a header-only message ends at the dot (Q4).
+"""
+
+import time
+
+from . import rfc822
+
+HEADER_LIMIT = 16 * 1024
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def plan9_date(seconds):
+    """[9F] date: ``Wed Mar  7 23:47:45 -0400 2024`` in local time."""
+    t = time.localtime(seconds)
+    off = t.tm_gmtoff // 60
+    sign = "-" if off < 0 else "+"
+    off = abs(off)
+    return "%s %s %2d %02d:%02d:%02d %s%02d%02d %d" % (
+        _DAYS[t.tm_wday], _MONTHS[t.tm_mon - 1], t.tm_mday,
+        t.tm_hour, t.tm_min, t.tm_sec, sign, off // 60, off % 60, t.tm_year,
+    )
+
+
+def envelope_line(sender, date):
+    return "From %s %s remote from \n" % (sender, date)
+
+
+def received_line(him, rsys, me, date):
+    return "Received: from %s ([%s]) by %s; %s\n" % (him, rsys, me, date)
+
+
+class MessageRefused(Exception):
+    """The message is refused for its content (reply 554 5.7.1 <text>)."""
+
+
+class MailerStream:
+    """Turn unstuffed message lines into the mailer stream, written to ``write``.
+
+    ``write`` takes bytes.  ``error`` is set (and writing stops) when the
+    content is refused.
+    """
+
+    def __init__(self, write, sender, last_sender, recipients, him, rsys, me,
+                 date, warnings=()):
+        self._write = write
+        self._him = him
+        self._last_sender = last_sender
+        self._recipients = recipients
+        self._header = []
+        self._header_size = 0
+        self._in_header = True
+        self.error = None
+        self.size = 0
+        self._emit(envelope_line(sender, date).encode())
+        self._emit(received_line(him, rsys, me, date).encode())
+        for w in warnings:
+            self._emit(("X-warning: %s\n" % w).encode())
+
+    def _emit(self, data):
+        self.size += len(data)
+        self._write(data)
+
+    def line(self, line):
+        if self.error is not None:
+            return
+        if b"\0" in line:
+            line = line.replace(b"\0", b"")
+        if not self._in_header:
+            self._emit(line + b"\n")
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.error = MessageRefused("mail refused: illegal header chars")
+            return
+        self._header.append(text + "\n")
+        self._header_size += len(line) + 1
+        if text == "" or self._header_size >= HEADER_LIMIT:
+            self._flush_header()
+
+    def _flush_header(self):
+        self._in_header = False
+        header = rfc822.parse(self._header, self._him)
+        if not header.has_originator:
+            self._emit(("From: %s\n" % self._last_sender).encode())
+        if not header.has_destination:
+            self._emit(("To: %s\n" % ", ".join(self._recipients)).encode())
+        self._emit("".join(header.lines).encode("utf-8"))
+        self._header = []
+
+    def end(self):
+        """The final dot: flush a header-only message."""
+        if self.error is None and self._in_header:
+            self._flush_header()

@@ -1,0 +1,54 @@
+"""Every reply smtpd sends, in one table.
+
+Texts are upas [9F] smtpd's, copied verbatim (spec upas-behaviour.md §1.21),
+including their odd spacing and the few replies that carry no enhanced status
+code.  Replies that upas does not have (limits and RFC 5321 sequence rules we
+enforce where upas does not) are marked "ours" and listed in
+docs/deviations.rst.
+"""
+
+from .decision import reject
+
+GREETING = "{dom} ESMTP"
+HELO_OK = "{dom} you are {him}"
+SYNTAX = "5.5.1 illegal command or bad syntax"
+HELO_FIRST_MAIL = "Start by saying HELO, please."
+HELO_FIRST_RCPT = "Start by saying HELO, please"
+SENDER_OK = "2.0.0 sender is {path}"
+RECEIVER_OK = "2.0.0 receiver is {path}"
+NO_RELAY = "5.7.1 we don't relay.  send to your-path@[] for loopback."
+USER_UNKNOWN = "5.1.1 {path} ... user unknown"
+DATA_NO_MAIL = "2.5.2 Data without MAIL FROM:"
+DATA_NO_RCPT = "2.5.2 Data without RCPT TO:"
+NULL_MULTI = "rejected: /dev/null sending to multiple recipients"
+BUSY = "4.3.2 We're busy right now, try later"
+GO_AHEAD = "Input message; end with <CRLF>.<CRLF>"
+SENT = "2.5.0 sent"
+SPAM = "we believe this is spam."
+MAILER_FAILED = "4.0.0 mail process terminated abnormally"
+RSET_OK = "2.0.0 ok"
+NOOP_OK = "2.0.0 Nothing to see here. Move along ..."
+HELP_OK = "2.0.0 See http://www.ietf.org/rfc/rfc2821"
+QUIT_OK = "2.0.0 Successful termination"
+AUTH_REQUIRED = "5.7.0 Authentication required"
+
+# ours (not in upas); see docs/deviations.rst
+NESTED_MAIL = "5.5.1 Error: nested MAIL command"
+RCPT_NO_MAIL = "5.5.1 Error: need MAIL command"
+LINE_TOO_LONG = "5.5.2 Error: command line too long"
+DATA_LINE_TOO_LONG = "5.3.4 Error: message line too long"
+LOCAL_ERROR = "4.3.0 Error: local error in processing; try again later"
+STORE_FAILED = "4.3.0 Error: message not stored; try again later"
+TIMEOUT = "4.4.2 {dom} Error: timeout exceeded"
+NOT_AVAILABLE = "5.5.1 Error: {what} not available on this server"
+VRFY_CANNOT = "2.5.2 Cannot VRFY user; try RCPT to attempt delivery"
+BAD_USER = "5.1.3 {path} ... bad destination mailbox address"
+SHUTDOWN = "4.3.2 {dom} Error: service shutting down"
+
+
+def syntax_error():
+    return reject(500, SYNTAX, counts=False)
+
+
+def no_relay():
+    return reject(550, NO_RELAY)

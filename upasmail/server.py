@@ -1,0 +1,387 @@
+"""upas smtpd as a Twisted ``ESMTP`` subclass, and its factory.
+
+The protocol gathers facts (peer, HELO, envelope), asks the pure policy
+modules for verdicts, and maps them to replies in one place (``reply``).
+It keeps Twisted's ``ESMTP`` machinery (timeouts, AUTH and STARTTLS
+states, ``IMessageDelivery``/``IMessage`` hand-off) but replaces what
+twisted-notes.md §5 shows to be unsafe:
+
+* Line framing is ours: commands end in LF or CRLF (upas), DATA lines only
+  in CRLF, so ``<LF>.<LF>`` and friends never end DATA; a bare LF inside a
+  DATA line is stored as a line end.  An over-long command line gets a 500
+  and the session goes on; an over-long DATA line refuses that message at
+  the dot without ever leaving DATA mode (no smuggling).
+* Commands are answered strictly in order: while a reply waits on a
+  Deferred, no further input is read.
+* Replies use upas's texts (``replies``); validators' exceptions never
+  drop the connection.
+
+Check order per command (upas smtpd.c):
+
+HELO/EHLO  syntax → reply (``him`` = peer IP when dotless)
+MAIL       HELO given → no open transaction (ours) → syntax → validateFrom
+RCPT       HELO given → MAIL given (ours) → syntax → relay → validateTo
+DATA       MAIL → RCPT → null sender to many (untrusted) → mailer ready → 354
+"""
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from . import grammar, relay, replies
+from .address import NULL_SENDER
+from .decision import ACCEPT, Reject, reject
+from .session import Recipient, Session
+
+log = Logger(namespace="smtpd")
+
+COMMAND, DATA = "COMMAND", "DATA"
+MAX_COMMAND_LINE = 4096  # RFC 5321 asks for 512; AUTH lines need more
+MAX_DATA_LINE = 64 * 1024  # RFC 5321 says 1000; be lenient, but bounded
+
+
+def _text(resp):
+    if isinstance(resp, bytes):
+        return resp.decode("utf-8", "replace")
+    return str(resp)
+
+
+class UpasESMTP(smtp.ESMTP):
+    def __init__(self, settings, makeDelivery, clock, challengers=None,
+                 contextFactory=None):
+        smtp.ESMTP.__init__(self, challengers or {}, contextFactory)
+        self.settings = settings
+        self.makeDelivery = makeDelivery
+        self.clock = clock
+        self.callLater = clock.callLater  # TimeoutMixin schedules with this
+        self.timeout = settings.idle_timeout
+        self.host = settings.dom
+        self.session = None
+        self._buf = b""
+        self._busy = False
+        self._draining = False
+        self._skipping = False
+        self._messages = None
+        self._dataRefused = None
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self):
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        rsys = relay.normalize_ip(getattr(peer, "host", str(peer)))
+        lsys = relay.normalize_ip(getattr(host, "host", str(host)))
+        self.session = Session(rsys=rsys, lsys=lsys)
+        self.session.trusted = relay.is_trusted(rsys, self.settings.ournets)
+        self.session.ours = self.settings.ours.with_local_ip(lsys)
+        self.delivery = self.makeDelivery(self.session)
+        self._helo = (None, rsys)
+        self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        self.sendReply(220, replies.GREETING.format(dom=self.settings.dom))
+        self.setTimeout(self.timeout)
+
+    def connectionLost(self, reason):
+        self._abortMessages()
+        smtp.ESMTP.connectionLost(self, reason)
+
+    def timeoutConnection(self):
+        self.sendReply(421, replies.TIMEOUT.format(dom=self.settings.dom))
+        self._abortMessages()
+        self.transport.loseConnection()
+
+    # -- framing ---------------------------------------------------------
+
+    def dataReceived(self, data):
+        self._buf += data
+        self._drain()
+
+    def _drain(self):
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            buf, pos = self._buf, 0
+            while not self._busy and not self.transport.disconnecting:
+                delim = b"\r\n" if self.mode == DATA else b"\n"
+                end = buf.find(delim, pos)
+                limit = MAX_DATA_LINE if self.mode == DATA else MAX_COMMAND_LINE
+                if end < 0:
+                    if len(buf) - pos > limit:
+                        if not self._skipping:
+                            self._lineTooLong()
+                            self._skipping = True
+                        pos = len(buf) - 1  # keep a CR that may start CRLF
+                    break
+                line = buf[pos:end]
+                pos = end + len(delim)
+                if self._skipping:  # the tail of an over-long line
+                    self._skipping = False
+                    continue
+                if self.mode != DATA and line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) > limit:
+                    self._lineTooLong()
+                    continue
+                result = self.lineReceived(line)
+                if isinstance(result, defer.Deferred):
+                    self._busy = True
+                    self.transport.pauseProducing()
+                    result.addBoth(self._replied)
+            self._buf = buf[pos:]
+        finally:
+            self._draining = False
+
+    def _replied(self, result):
+        self._busy = False
+        if self.transport.disconnecting:
+            return None
+        self.transport.resumeProducing()
+        self._drain()
+        return None
+
+    def _lineTooLong(self):
+        """Once per over-long line: refuse it without leaving the mode."""
+        if self.mode == DATA:
+            if self._dataRefused is None:
+                self._dataRefused = reject(554, replies.DATA_LINE_TOO_LONG)
+        else:
+            self.reply(reject(500, replies.LINE_TOO_LONG, counts=False))
+
+    # -- replies ---------------------------------------------------------
+
+    def sendReply(self, code, *lines):
+        self.sendCode(code, "\n".join(lines).encode("utf-8"))
+
+    def reply(self, verdict, okCode=250, *okLines):
+        """Send the reply for a verdict; the one place verdicts become text."""
+        if isinstance(verdict, Reject):
+            if verdict.counts:
+                self.session.rejects += 1
+            self.sendReply(verdict.code, *verdict.lines)
+            if verdict.hangup:
+                self.transport.loseConnection()
+        else:
+            self.sendReply(okCode, *okLines)
+
+    def _failureReply(self, failure, what):
+        if failure.check(smtp.SMTPServerError):
+            e = failure.value
+            return reject(e.code, _text(e.resp))
+        log.failure("{what} failed", failure, what=what)
+        return reject(451, replies.LOCAL_ERROR)
+
+    # -- commands --------------------------------------------------------
+
+    def state_COMMAND(self, line):
+        try:
+            cmd = grammar.parse(line)
+        except grammar.CommandSyntaxError:
+            return self.reply(replies.syntax_error())
+        return getattr(self, "cmd_" + cmd.verb)(cmd)
+
+    def cmd_HELO(self, cmd):
+        s = self.session
+        him = cmd.arg
+        if not self.settings.quiet:
+            log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys, him=him)
+        if "." not in him and "." in s.rsys:
+            him = s.rsys
+        s.him = him
+        s.extended = cmd.verb == "EHLO"
+        s.reset()  # RFC 5321 4.1.4: a new HELO/EHLO ends any transaction
+        self._helo = (him.encode(), s.rsys.encode())
+        first = replies.HELO_OK.format(dom=self.settings.dom, him=him)
+        if not s.extended:
+            return self.sendReply(250, first)
+        self.sendReply(250, first, *self.ehloExtensions())
+
+    cmd_EHLO = cmd_HELO
+
+    def ehloExtensions(self):
+        ext = ["ENHANCEDSTATUSCODES"]
+        if self.canStartTLS and not self.startedTLS:
+            ext.append("STARTTLS")
+        if self.challengers and self.portal is not None:
+            ext.append("AUTH " + " ".join(m.decode() for m in self.challengers))
+        return ext
+
+    def cmd_MAIL(self, cmd):
+        s = self.session
+        if not s.him:
+            return self.reply(reject(503, replies.HELO_FIRST_MAIL))
+        if s.envelope.senders:
+            return self.reply(reject(503, replies.NESTED_MAIL))
+        path = cmd.arg
+        if "!" not in path and path != NULL_SENDER:
+            path = "%s!%s" % (s.him, path)
+        envelope = s.envelope
+
+        def accepted(_):
+            envelope.senders.append(path)
+            self.sendReply(250, replies.SENDER_OK.format(path=path))
+
+        d = defer.maybeDeferred(self.delivery.validateFrom, self._helo, path)
+        return d.addCallbacks(accepted, lambda f: self.reply(self._failureReply(f, "validateFrom")))
+
+    def cmd_RCPT(self, cmd):
+        s = self.session
+        if not s.him:
+            return self.reply(reject(503, replies.HELO_FIRST_RCPT))
+        if not s.envelope.senders:
+            return self.reply(reject(503, replies.RCPT_NO_MAIL))
+        verdict = relay.check_recipient(
+            cmd.arg, s.rsys, s.trusted or s.authenticated,
+            self.settings.relay_control, s.ours,
+        )
+        if not verdict.ok:
+            log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})", sender=s.envelope.sender,
+                     him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+            return self.reply(verdict)
+        path = verdict.value
+        envelope = s.envelope
+        user = Recipient(path, self, self._helo, envelope.sender)
+
+        def accepted(factory):
+            envelope.recipients.append(path)
+            envelope.factories.append(factory)
+            self.sendReply(250, replies.RECEIVER_OK.format(path=path))
+
+        d = defer.maybeDeferred(self.delivery.validateTo, user)
+        return d.addCallbacks(accepted, lambda f: self.reply(self._failureReply(f, "validateTo")))
+
+    def cmd_DATA(self, cmd):
+        s = self.session
+        env = s.envelope
+        if not env.senders:
+            return self.reply(reject(503, replies.DATA_NO_MAIL))
+        if not env.recipients:
+            return self.reply(reject(503, replies.DATA_NO_RCPT))
+        if not s.trusted and env.sender == NULL_SENDER and len(env.recipients) > 1:
+            return self.reply(reject(554, "5.7.1 " + replies.NULL_MULTI))
+        ready = getattr(self.delivery, "ready", lambda: ACCEPT)()
+        if not ready.ok:
+            return self.reply(ready)
+        messages = []
+        try:
+            for factory in env.factories:
+                m = factory()
+                if not any(m is other for other in messages):
+                    messages.append(m)
+        except Exception:
+            for m in messages:
+                m.connectionLost()
+            return self.reply(self._failureReply(Failure(), "message"))
+        self._messages = messages
+        self._dataRefused = None
+        self.mode = DATA
+        self.sendReply(354, replies.GO_AHEAD)
+
+    def state_DATA(self, line):
+        if line == b".":
+            return self._endOfData()
+        if self._dataRefused is not None:
+            return None
+        if line[:1] == b".":
+            line = line[1:]
+        pieces = line.split(b"\n") if b"\n" in line else (line,)
+        try:
+            for m in self._messages:
+                for piece in pieces:
+                    m.lineReceived(piece)
+        except Exception:
+            self._dataRefused = self._failureReply(Failure(), "lineReceived")
+
+    def _endOfData(self):
+        s = self.session
+        self.mode = COMMAND
+        messages, self._messages = self._messages, None
+        env = s.envelope
+        s.reset()
+        if self._dataRefused is not None:
+            refused, self._dataRefused = self._dataRefused, None
+            for m in messages:
+                m.connectionLost()
+            return self.reply(refused)
+        d = defer.DeferredList(
+            [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
+        )
+        return d.addCallback(self._eomResults, env, messages)
+
+    def _eomResults(self, results, env, messages):
+        s = self.session
+        verdict = ACCEPT
+        for ok, result in results:
+            if not ok:
+                v = self._failureReply(result, "eomReceived")
+            elif isinstance(result, Reject):
+                v = result
+            else:
+                continue
+            if verdict.ok:
+                verdict = v
+        if verdict.ok:
+            size = sum(getattr(m, "size", 0) for m in messages)
+            log.info("[{him}/{rsys}] {senders} sent {n} bytes to {rcpts}", him=s.him,
+                     rsys=s.rsys, senders=",".join(env.senders), n=size,
+                     rcpts=",".join(env.recipients))
+            return self.sendReply(250, replies.SENT)
+        return self.reply(verdict)
+
+    def _abortMessages(self):
+        messages, self._messages = self._messages, None
+        for m in messages or ():
+            try:
+                m.connectionLost()
+            except Exception:
+                log.failure("IMessage.connectionLost failed")
+
+    def cmd_RSET(self, cmd):
+        self.session.reset()
+        self.sendReply(250, replies.RSET_OK)
+
+    def cmd_NOOP(self, cmd):
+        self.sendReply(250, replies.NOOP_OK)
+
+    def cmd_HELP(self, cmd):
+        self.sendReply(250, replies.HELP_OK)
+
+    def cmd_QUIT(self, cmd):
+        self.sendReply(221, replies.QUIT_OK)
+        self.transport.loseConnection()
+
+    def cmd_VRFY(self, cmd):
+        self.sendReply(252, replies.VRFY_CANNOT)
+
+    cmd_EXPN = cmd_VRFY
+
+    def cmd_STARTTLS(self, cmd):
+        if self.ctx is None:
+            return self.reply(replies.syntax_error())
+        return self.reply(reject(454, "4.7.5 TLS not available"))
+
+    def cmd_AUTH(self, cmd):
+        return self.reply(reject(502, replies.NOT_AVAILABLE.format(what="AUTH"), counts=False))
+
+
+class UpasSMTPFactory(smtp.SMTPFactory):
+    """Builds one ``UpasESMTP`` per connection with everything injected."""
+
+    protocol = UpasESMTP
+
+    def __init__(self, settings, makeDelivery, clock, portal=None,
+                 challengers=None, contextFactory=None):
+        smtp.SMTPFactory.__init__(self, portal)
+        self.settings = settings
+        self.makeDelivery = makeDelivery
+        self.clock = clock
+        self.challengers = challengers
+        self.contextFactory = contextFactory
+        self.domain = settings.dom
+
+    def buildProtocol(self, addr):
+        p = self.protocol(self.settings, self.makeDelivery, self.clock,
+                          self.challengers, self.contextFactory)
+        p.factory = self
+        p.portal = self.portal
+        return p

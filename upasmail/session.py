@@ -1,0 +1,73 @@
+"""Per-connection (Session) and per-transaction (Envelope) state.
+
+upas keeps these as process globals because it runs one process per
+connection; here they are plain objects owned by one protocol instance.
+RSET, HELO/EHLO and the end of DATA replace the Envelope; the Session
+lives as long as the connection.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class Envelope:
+    senders: List[str] = field(default_factory=list)
+    recipients: List[str] = field(default_factory=list)
+    factories: List[object] = field(default_factory=list)
+    message: Optional[object] = None  # the IMessage shared by all recipients
+
+    @property
+    def sender(self):
+        """The first sender: the ``From `` line (upas)."""
+        return self.senders[0] if self.senders else None
+
+    @property
+    def last_sender(self):
+        """The last sender: the added From: header (upas)."""
+        return self.senders[-1] if self.senders else None
+
+
+@dataclass
+class Session:
+    rsys: str  # peer IP as text
+    lsys: str  # our IP as text
+    him: str = ""  # HELO argument as upas keeps it; "" before HELO
+    extended: bool = False
+    trusted: bool = False
+    authenticated: bool = False
+    rejects: int = 0
+    envelope: Envelope = field(default_factory=Envelope)
+
+    def reset(self):
+        self.envelope = Envelope()
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """What a delivery back end needs to store one accepted message."""
+
+    sender: str
+    recipients: tuple  # bang paths in RCPT order
+    local: tuple  # user names for local mailboxes
+    remote: tuple  # bang paths for the outbound queue
+    peer: str
+    helo: str
+
+
+class Recipient:
+    """The ``user`` handed to ``IMessageDelivery.validateTo``.
+
+    Carries the bang path (``path``), the address Twisted-style
+    (``dest``, ``orig``) and the protocol, as ``twisted.mail.smtp.User``.
+    """
+
+    def __init__(self, path, protocol, helo, orig):
+        self.path = path
+        self.dest = path
+        self.protocol = protocol
+        self.helo = helo
+        self.orig = orig
+
+    def __str__(self):
+        return self.path

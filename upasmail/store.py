@@ -1,0 +1,162 @@
+"""The mail root and its durable store (the embedded default delivery).
+
+Layout under ``<root>`` (upas's /mail, relocated):
+
+``tmp/``            spool files being received (removed when done)
+``box/<user>/mbox`` local mailboxes (``mbox``)
+``queue/``          outbound jobs: ``<id>.msg`` (the mailer stream) and
+                    ``<id>.env`` (JSON envelope), for the outbound queue
+
+Durability promise: a message is acknowledged (250) only after every file
+it went into, and every directory entry that was created for it, has been
+fsynced.  ``GroupCommit`` lets many messages that finish together share
+one batch of fsyncs: each caller still waits for a batch that started after
+its own write, so the promise is not weakened.
+"""
+
+import json
+import os
+import secrets
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import mbox
+from .decision import ACCEPT
+
+log = Logger(namespace="smtpd")
+
+
+def fsync_paths(paths):
+    """fsync each file or directory once (an fd on the inode is enough)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class GroupCommit:
+    """Batch fsync requests; at most one batch runs at a time.
+
+    ``run_blocking(f, *args)`` runs f off the reactor thread and returns a
+    Deferred (``deferToThreadPool`` in production, synchronous in tests).
+    """
+
+    def __init__(self, run_blocking, fsync=fsync_paths):
+        self._run = run_blocking
+        self._fsync = fsync
+        self._waiting = []
+        self._busy = False
+        self.batches = 0
+
+    def sync(self, paths):
+        d = defer.Deferred()
+        self._waiting.append((list(paths), d))
+        self._kick()
+        return d
+
+    def _kick(self):
+        if self._busy or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        paths = list(dict.fromkeys(p for ps, _ in batch for p in ps))
+        self._busy = True
+        self.batches += 1
+
+        def done(result):
+            self._busy = False
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+            self._kick()
+
+        defer.maybeDeferred(self._run, self._fsync, paths).addBoth(done)
+
+
+def new_id(clock_seconds):
+    return "%d.%s" % (int(clock_seconds), secrets.token_hex(6))
+
+
+class MailRoot:
+    """Built-in delivery into ``<root>``: local mboxes and the queue."""
+
+    def __init__(self, root, run_blocking, clock):
+        self.root = os.path.abspath(root)
+        self.tmp = os.path.join(self.root, "tmp")
+        self.boxes = os.path.join(self.root, "box")
+        self.queue = os.path.join(self.root, "queue")
+        self._run = run_blocking
+        self._clock = clock
+        self.commit = GroupCommit(run_blocking)
+
+    def prepare(self):
+        """Create the directories; a root we cannot write is a start-up error."""
+        for d in (self.root, self.tmp, self.boxes, self.queue):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        probe = os.path.join(self.tmp, ".probe.%d" % os.getpid())
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.unlink(probe)
+
+    def open_spool(self):
+        """A new spool file for a message being received: (path, file)."""
+        path = os.path.join(self.tmp, new_id(self._clock.seconds()))
+        return path, open(path, "xb")
+
+    def mailbox_path(self, user):
+        return os.path.join(self.boxes, user.lower(), "mbox")
+
+    def deliver(self, spool_path, envelope):
+        """Store the message for every recipient; fires when durable.
+
+        ``envelope`` has ``local`` (user names) and ``remote`` (bang paths),
+        ``sender``, ``peer`` and ``helo``.
+        """
+        d = self._run(self._store, spool_path, envelope)
+        d.addCallback(self.commit.sync)
+        return d.addCallback(lambda _: ACCEPT)
+
+    def ready(self):
+        return ACCEPT
+
+    def _store(self, spool_path, envelope):
+        paths = []
+        for user in dict.fromkeys(envelope.local):
+            paths.extend(mbox.append(self.mailbox_path(user), spool_path))
+        if envelope.remote:
+            paths.extend(self._enqueue(spool_path, envelope))
+        return paths
+
+    def _enqueue(self, spool_path, envelope):
+        qid = os.path.basename(spool_path)
+        msg = os.path.join(self.queue, qid + ".msg")
+        env = os.path.join(self.queue, qid + ".env")
+        os.link(spool_path, msg)
+        record = {
+            "id": qid,
+            "sender": envelope.sender,
+            "recipients": list(envelope.remote),
+            "created": self._clock.seconds(),
+            "peer": envelope.peer,
+            "helo": envelope.helo,
+        }
+        tmp = env + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # the .env file appears last and atomically: it marks a whole job
+        os.rename(tmp, env)
+        return [msg, self.queue]
+
+    def discard(self, spool_path):
+        try:
+            os.unlink(spool_path)
+        except FileNotFoundError:
+            pass
