@@ -72,10 +72,11 @@ class _MailerProcess(protocol.ProcessProtocol):
 class Mailer:
     """Deliver by running an external mailer command."""
 
-    def __init__(self, command, reactor, timeout=600.0):
+    def __init__(self, command, reactor, timeout=600.0, clock=None):
         self.command = command
         self.reactor = reactor
         self.timeout = timeout
+        self.clock = clock or reactor
 
     def ready(self):
         """Can the mailer be started now?  (checked before the 354)"""
@@ -127,7 +128,7 @@ class Mailer:
             except error.ProcessExitedAlready:
                 pass
 
-        timer = self.reactor.callLater(self.timeout, kill)
+        timer = self.clock.callLater(self.timeout, kill)
 
         def finished(result):
             if timer.active():

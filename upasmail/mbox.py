@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import time
 
 _FROM = re.compile(rb"^>*From ")
@@ -35,7 +36,8 @@ def _lock(fd, path, timeout, sleep=time.sleep):
     writers that take them in the other order cannot deadlock with us.
     """
     lock = path + ".lock"
-    tmp = "%s.%s.%d" % (lock, os.uname().nodename, os.getpid())
+    # unique per process *and* thread: deliveries run in a thread pool
+    tmp = "%s.%s.%d.%s" % (lock, os.uname().nodename, os.getpid(), secrets.token_hex(4))
     deadline = time.monotonic() + timeout
     while True:
         try:

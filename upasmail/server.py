@@ -65,6 +65,15 @@ class UpasESMTP(smtp.ESMTP):
         self._skipping = False
         self._messages = None
         self._dataRefused = None
+        self._quietWaiters = []
+
+    def whenQuiet(self):
+        """A Deferred that fires once no reply is pending (tests, shutdown)."""
+        if not self._busy:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._quietWaiters.append(d)
+        return d
 
     # -- connection ------------------------------------------------------
 
@@ -134,10 +143,13 @@ class UpasESMTP(smtp.ESMTP):
 
     def _replied(self, result):
         self._busy = False
-        if self.transport.disconnecting:
-            return None
-        self.transport.resumeProducing()
-        self._drain()
+        if not self.transport.disconnecting:
+            self.transport.resumeProducing()
+            self._drain()
+        if not self._busy:
+            waiters, self._quietWaiters = self._quietWaiters, []
+            for d in waiters:
+                d.callback(None)
         return None
 
     def _lineTooLong(self):

@@ -127,7 +127,7 @@ class MailRoot:
 
     def _store(self, spool_path, envelope):
         paths = []
-        for user in dict.fromkeys(envelope.local):
+        for user in dict.fromkeys(u.lower() for u in envelope.local):
             paths.extend(mbox.append(self.mailbox_path(user), spool_path))
         if envelope.remote:
             paths.extend(self._enqueue(spool_path, envelope))

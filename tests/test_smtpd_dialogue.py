@@ -1,0 +1,444 @@
+"""upas smtpd dialogue: checklist items of spec §3 over a StringTransport.
+
+Each test names its checklist item.  Peers 127.0.0.x other than 127.0.0.1
+are "outside" unless smtpd.conf says otherwise.
+"""
+
+import mailbox
+import os
+import shutil
+import tempfile
+
+from twisted.trial import unittest
+
+from upasmail import testing
+
+NO_RELAY = "550 5.7.1 we don't relay.  send to your-path@[] for loopback."
+SYNTAX = "500 5.5.1 illegal command or bad syntax"
+
+
+class DialogueCase(unittest.TestCase):
+    conf = ""
+    peer = "127.0.0.2"
+    extra = {}
+
+    def dialogue(self, conf=None, peer=None, **kw):
+        root = tempfile.mkdtemp(prefix="upasmail-test-")
+        self.addCleanup(shutil.rmtree, root, True)
+        opts = dict(self.extra)
+        opts.update(kw)
+        s = testing.make_settings(self.conf if conf is None else conf, root=root, **opts)
+        d = testing.Dialogue(s, peer=peer or self.peer)
+        self.addCleanup(d.close)
+        return d
+
+    def helo(self, d, name="h.example.net"):
+        self.assertEqual(d.send("HELO " + name)[0][:4], "250 ")
+        return d
+
+    def mbox(self, d, user):
+        return mailbox.mbox(os.path.join(d.root.boxes, user, "mbox"), create=False)
+
+
+class GreetingTests(DialogueCase):
+    def test_item1_greeting(self):
+        d = self.dialogue()
+        self.assertEqual(d.greeting, ["220 gnot.example.org ESMTP"])
+
+    def test_item2_h_flag(self):
+        d = self.dialogue(domain="mail.example.org")
+        self.assertEqual(d.greeting, ["220 mail.example.org ESMTP"])
+
+    def test_item3_defaultdomain_lowercased(self):
+        d = self.dialogue("defaultdomain Example.ORG\n")
+        self.assertEqual(d.greeting, ["220 example.org ESMTP"])
+
+    def test_item3_h_wins_over_defaultdomain(self):
+        d = self.dialogue("defaultdomain Example.ORG\n", domain="a.example")
+        self.assertEqual(d.greeting, ["220 a.example ESMTP"])
+
+
+class RelayConfigTests(DialogueCase):
+    def rcpt(self, d, rcpt):
+        self.helo(d)
+        d.send("MAIL FROM:<a@elsewhere.example>")
+        return d.send("RCPT TO:<%s>" % rcpt)
+
+    def test_item5_norelay_on_with_comment(self):
+        d = self.dialogue("norelay on  # comment\n")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"), [NO_RELAY])
+
+    def test_item5_norelay_off_does_not_undo_f(self):
+        d = self.dialogue("norelay off\n", norelay_flag=True)
+        self.assertEqual(self.rcpt(d, "x@foreign.example"), [NO_RELAY])
+
+    def test_relay_control_is_on_by_default(self):
+        d = self.dialogue("")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"), [NO_RELAY])
+
+    def test_item6_ournets_peer_is_trusted(self):
+        d = self.dialogue("ournets 10.0.0.0/8, 192.168.1.0/24\n", peer="192.168.1.7")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"),
+                         ["250 2.0.0 receiver is foreign.example!x"])
+
+    def test_ournets_replaces_the_loopback_default(self):
+        d = self.dialogue("ournets 10.0.0.0/8\n", peer="127.0.0.1")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"), [NO_RELAY])
+
+    def test_loopback_is_trusted_without_ournets(self):
+        d = self.dialogue("", peer="127.0.0.1")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"),
+                         ["250 2.0.0 receiver is foreign.example!x"])
+
+    def test_ipv6_loopback_is_trusted_without_ournets(self):
+        d = self.dialogue("", peer="::1")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"),
+                         ["250 2.0.0 receiver is foreign.example!x"])
+
+    def test_item7_ourdomains_wildcard(self):
+        d = self.dialogue("ourdomains *.example.com\n")
+        self.assertEqual(self.rcpt(d, "bob@example.com"),
+                         ["250 2.0.0 receiver is example.com!bob"])
+        self.assertEqual(d.send("RCPT TO:<bob@a.b.example.com>"),
+                         ["250 2.0.0 receiver is a.b.example.com!bob"])
+        self.assertEqual(d.send("RCPT TO:<bob@badexample.com>"), [NO_RELAY])
+
+    def test_item38_untrusted_foreign_refused(self):
+        d = self.dialogue("norelay on\n")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"), [NO_RELAY])
+
+    def test_item39_relay_control_off_is_open(self):
+        d = self.dialogue("norelay off\n")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"),
+                         ["250 2.0.0 receiver is foreign.example!x"])
+
+    def test_item40_ournets_may_relay(self):
+        d = self.dialogue("norelay on\nournets 127.0.0.0/24\n")
+        self.assertEqual(self.rcpt(d, "x@foreign.example"),
+                         ["250 2.0.0 receiver is foreign.example!x"])
+
+    def test_item41_ourdomains_case_insensitive(self):
+        d = self.dialogue("norelay on\nourdomains example.com\n")
+        self.assertEqual(self.rcpt(d, "bob@EXAMPLE.COM"),
+                         ["250 2.0.0 receiver is EXAMPLE.COM!bob"])
+
+    def test_item42_empty_ourdomains(self):
+        d = self.dialogue("norelay on\n")
+        self.assertEqual(self.rcpt(d, "bob@example.com"), [NO_RELAY])
+
+    def test_item43_dotless_is_ours(self):
+        d = self.dialogue("norelay on\n")
+        self.assertEqual(self.rcpt(d, "bob"), ["250 2.0.0 receiver is bob"])
+
+    def test_item44_loopback_path(self):
+        d = self.dialogue("norelay on\n", peer="198.51.100.9")
+        self.assertEqual(self.rcpt(d, "joe@[]"),
+                         ["250 2.0.0 receiver is [198.51.100.9]!joe"])
+
+    def test_our_domain_and_host_names_are_ours(self):
+        d = self.dialogue("", domain="mail.example.org")
+        self.assertEqual(self.rcpt(d, "bob@MAIL.example.org"),
+                         ["250 2.0.0 receiver is MAIL.example.org!bob"])
+        self.assertEqual(d.send("RCPT TO:<carol@gnot.example.org>"),
+                         ["250 2.0.0 receiver is gnot.example.org!carol"])
+
+    def test_our_address_literal_is_ours(self):
+        d = self.dialogue("")
+        self.assertEqual(self.rcpt(d, "bob@[127.0.0.1]"),
+                         ["250 2.0.0 receiver is [127.0.0.1]!bob"])
+
+    def test_source_route_needs_every_hop_ours(self):
+        d = self.dialogue("ourdomains example.com\n")
+        self.assertEqual(self.rcpt(d, "@example.com:bob@foreign.example"), [NO_RELAY])
+        self.assertEqual(d.send("RCPT TO:<@example.com:bob@example.com>"),
+                         ["250 2.0.0 receiver is example.com!example.com!bob"])
+
+    def test_percent_and_bang_hacks_do_not_relay(self):
+        d = self.dialogue("")
+        self.assertEqual(self.rcpt(d, "foreign.example!x@gnot.example.org"), [NO_RELAY])
+        # accepted as a local name: it is delivered to a local mailbox, never relayed
+        self.assertEqual(d.send("RCPT TO:<x%foreign.example@gnot.example.org>"),
+                         ["550 5.1.1 gnot.example.org!x%foreign.example ... user unknown"])
+
+
+class SyntaxTests(DialogueCase):
+    def test_item24_empty_line_and_unknown_verb(self):
+        d = self.dialogue()
+        self.assertEqual(d.send(""), [SYNTAX])
+        self.assertEqual(d.send("XYZZY"), [SYNTAX])
+        self.assertEqual(d.send("XHELO foo.example"), [SYNTAX])
+        self.assertEqual(d.send("NOOP"), ["250 2.0.0 Nothing to see here. Move along ..."])
+
+    def test_item25_parameters_and_brackets(self):
+        d = self.helo(self.dialogue())
+        self.assertEqual(d.send("MAIL FROM:<a@b.example> SIZE=1000"), [SYNTAX])
+        self.assertEqual(d.send("MAIL FROM:a@b.example"), [SYNTAX])
+
+    def test_item26_auth_parameter(self):
+        d = self.helo(self.dialogue())
+        self.assertEqual(d.send("MAIL FROM:<a@b.example> AUTH=<>"),
+                         ["250 2.0.0 sender is b.example!a"])
+
+    def test_item27_case(self):
+        d = self.helo(self.dialogue())
+        self.assertEqual(d.send("mail from: <Alice@B.Example>"),
+                         ["250 2.0.0 sender is B.Example!Alice"])
+
+    def test_item29_bare_lf(self):
+        d = self.dialogue()
+        self.assertEqual(d.raw(b"HELO h.example.net\nNOOP\n"),
+                         ["250 gnot.example.org you are h.example.net",
+                          "250 2.0.0 Nothing to see here. Move along ..."])
+
+    def test_helo_needs_a_domain(self):
+        d = self.dialogue()
+        self.assertEqual(d.send("EHLO"), [SYNTAX])
+        self.assertEqual(d.send("HELO two words"), [SYNTAX])
+
+    def test_ehlo_reply(self):
+        d = self.dialogue()
+        self.assertEqual(d.send("EHLO mx.example.net"),
+                         ["250-gnot.example.org you are mx.example.net",
+                          "250 ENHANCEDSTATUSCODES"])
+
+    def test_dotless_helo_becomes_peer_ip(self):
+        d = self.dialogue(peer="127.0.0.2")
+        self.assertEqual(d.send("HELO gnot"), ["250 gnot.example.org you are 127.0.0.2"])
+
+    def test_non_ascii_and_control_bytes(self):
+        d = self.dialogue()
+        self.assertEqual(d.raw(b"\xff\xfe\r\n"), [SYNTAX])
+        self.assertEqual(d.raw(b"NO\x00OP\r\n"), [SYNTAX])
+        self.assertEqual(d.send("NOOP"), ["250 2.0.0 Nothing to see here. Move along ..."])
+
+    def test_long_command_line(self):
+        d = self.dialogue()
+        self.assertEqual(d.raw(b"NOOP " + b"x" * 10000 + b"\r\n"),
+                         ["500 5.5.2 Error: command line too long"])
+        self.assertEqual(d.send("NOOP"), ["250 2.0.0 Nothing to see here. Move along ..."])
+
+    def test_long_command_line_in_pieces(self):
+        d = self.dialogue()
+        out = []
+        for _ in range(5):
+            out += d.raw(b"y" * 2000)
+        out += d.raw(b"\r\nNOOP\r\n")
+        self.assertEqual(out, ["500 5.5.2 Error: command line too long",
+                               "250 2.0.0 Nothing to see here. Move along ..."])
+
+
+class MailTests(DialogueCase):
+    def test_item30_mail_before_helo(self):
+        d = self.dialogue()
+        self.assertEqual(d.send("MAIL FROM:<a@b.example>"),
+                         ["503 Start by saying HELO, please."])
+
+    def test_item31_null_sender(self):
+        d = self.helo(self.dialogue())
+        self.assertEqual(d.send("MAIL FROM:<>"), ["250 2.0.0 sender is /dev/null"])
+
+    def test_item32_unqualified_sender_gets_helo_name(self):
+        d = self.helo(self.dialogue(), "h.example.net")
+        self.assertEqual(d.send("MAIL FROM:<alice>"),
+                         ["250 2.0.0 sender is h.example.net!alice"])
+
+    def test_item33_source_route(self):
+        d = self.helo(self.dialogue())
+        self.assertEqual(d.send("MAIL FROM:<@r1.example,@r2.example:joe@c.example>"),
+                         ["250 2.0.0 sender is r1.example!r2.example!c.example!joe"])
+
+    def test_nested_mail_refused(self):
+        d = self.helo(self.dialogue())
+        d.send("MAIL FROM:<a@b.example>")
+        self.assertEqual(d.send("MAIL FROM:<c@d.example>"),
+                         ["503 5.5.1 Error: nested MAIL command"])
+
+
+class RcptTests(DialogueCase):
+    def test_item36_rcpt_before_helo(self):
+        d = self.dialogue()
+        self.assertEqual(d.send("RCPT TO:<bob>"), ["503 Start by saying HELO, please"])
+
+    def test_item37_rcpt_without_mail_deviation(self):
+        d = self.helo(self.dialogue())
+        self.assertEqual(d.send("RCPT TO:<bob>"), ["503 5.5.1 Error: need MAIL command"])
+
+    def test_unusable_local_mailbox_name(self):
+        d = self.helo(self.dialogue())
+        d.send("MAIL FROM:<a@b.example>")
+        self.assertEqual(d.send('RCPT TO:<"../etc"@gnot.example.org>'),
+                         ['550 5.1.1 gnot.example.org!"../etc" ... user unknown'])
+        self.assertEqual(d.send("RCPT TO:<..>"), [SYNTAX])
+
+
+class DataTests(DialogueCase):
+    def transaction(self, d, sender="alice@example.org", rcpts=("bob",), helo="h.example.net"):
+        self.helo(d, helo)
+        d.send("MAIL FROM:<%s>" % sender)
+        for r in rcpts:
+            d.send("RCPT TO:<%s>" % r)
+        return d.send("DATA")
+
+    def test_item48_sequence(self):
+        d = self.helo(self.dialogue())
+        self.assertEqual(d.send("DATA"), ["503 2.5.2 Data without MAIL FROM:"])
+        d.send("MAIL FROM:<a@b.example>")
+        self.assertEqual(d.send("DATA"), ["503 2.5.2 Data without RCPT TO:"])
+
+    def test_item49_data_and_sent(self):
+        d = self.dialogue()
+        self.assertEqual(self.transaction(d), ["354 Input message; end with <CRLF>.<CRLF>"])
+        self.assertEqual(d.send("Subject: hi", "", "hello", "."), ["250 2.5.0 sent"])
+        [msg] = self.mbox(d, "bob")
+        self.assertEqual(msg.get_payload(), "hello\n")
+
+    def test_item53_unstuffing_crlf_nul(self):
+        d = self.dialogue()
+        self.transaction(d)
+        self.assertEqual(d.raw(b"Subject: x\r\n\r\n..hidden\r\na\x00b\r\n.\r\n"),
+                         ["250 2.5.0 sent"])
+        with open(os.path.join(d.root.boxes, "bob", "mbox"), "rb") as f:
+            data = f.read()
+        self.assertTrue(data.endswith(b"\n\n.hidden\nab\n\n"), data)
+        self.assertNotIn(b"\r", data)
+
+    def test_item54_55_from_and_to_added(self):
+        d = self.dialogue(peer="127.0.0.1")
+        self.transaction(d, rcpts=("bob@example.com", "carol@example.net"))
+        d.send("Subject: x", "", "body", ".")
+        [path] = os.listdir(d.root.queue)[:1] and [p for p in os.listdir(d.root.queue)
+                                                   if p.endswith(".msg")]
+        with open(os.path.join(d.root.queue, path), "rb") as f:
+            lines = f.read().split(b"\n")
+        self.assertTrue(lines[0].startswith(b"From example.org!alice "))
+        self.assertTrue(lines[0].endswith(b" remote from "))
+        self.assertTrue(lines[1].startswith(b"Received: from h.example.net ([127.0.0.1]) by gnot; "))
+        self.assertEqual(lines[2], b"From: example.org!alice")
+        self.assertEqual(lines[3], b"To: example.com!bob, example.net!carol")
+
+    def test_item56_header_address_qualified(self):
+        d = self.dialogue()
+        self.transaction(d, helo="h.example.net")
+        d.send("From: alice", "To: bob (Bob), Carol <carol>", "", "x", ".")
+        [msg] = self.mbox(d, "bob")
+        self.assertEqual(msg["From"], "alice@h.example.net")
+        self.assertEqual(msg["To"], "bob@h.example.net (Bob), Carol <carol@h.example.net>")
+
+    def test_item57_badheader(self):
+        d = self.dialogue()
+        self.transaction(d)
+        d.send("garbage without colon", "Subject: ok", "", "x", ".")
+        [msg] = self.mbox(d, "bob")
+        self.assertEqual(msg["BadHeader"], "garbage without colon")
+        self.assertEqual(msg["Subject"], "ok")
+
+    def test_item58_return_path_is_not_an_originator(self):
+        d = self.dialogue()
+        self.transaction(d)
+        d.send("Return-Path: <x@y>", "", "x", ".")
+        [msg] = self.mbox(d, "bob")
+        self.assertEqual(msg["From"], "example.org!alice")
+
+    def test_item62_illegal_header_chars(self):
+        d = self.dialogue()
+        self.transaction(d)
+        self.assertEqual(d.raw(b"Subject: caf\xe9\r\n\r\nx\r\n.\r\n"),
+                         ["554 5.7.1 mail refused: illegal header chars"])
+        self.assertFalse(os.path.exists(os.path.join(d.root.boxes, "bob", "mbox")))
+
+    def test_item66_close_before_dot(self):
+        d = self.dialogue()
+        self.transaction(d)
+        d.send("Subject: x", "", "partial")
+        d.proto.connectionLost(None)
+        self.assertFalse(os.path.exists(os.path.join(d.root.boxes, "bob", "mbox")))
+        self.assertEqual(os.listdir(d.root.tmp), [])
+
+    def test_item67_lists_cleared_after_data(self):
+        d = self.dialogue()
+        self.transaction(d)
+        d.send("x", ".")
+        self.assertEqual(d.send("DATA"), ["503 2.5.2 Data without MAIL FROM:"])
+
+    def test_item68_null_sender_many_rcpts(self):
+        d = self.dialogue()
+        self.assertEqual(self.transaction(d, sender="", rcpts=("bob", "carol")),
+                         ["554 5.7.1 rejected: /dev/null sending to multiple recipients"])
+
+    def test_null_sender_many_rcpts_trusted(self):
+        d = self.dialogue(peer="127.0.0.1")
+        self.assertEqual(self.transaction(d, sender="", rcpts=("bob", "carol")),
+                         ["354 Input message; end with <CRLF>.<CRLF>"])
+
+    def test_item83_rset(self):
+        d = self.helo(self.dialogue())
+        d.send("MAIL FROM:<a@b.example>", "RCPT TO:<bob>")
+        self.assertEqual(d.send("RSET"), ["250 2.0.0 ok"])
+        self.assertEqual(d.send("DATA"), ["503 2.5.2 Data without MAIL FROM:"])
+
+    def test_item84_noop_help_quit(self):
+        d = self.dialogue()
+        self.assertEqual(d.send("NOOP"), ["250 2.0.0 Nothing to see here. Move along ..."])
+        self.assertEqual(d.send("HELP"), ["250 2.0.0 See http://www.ietf.org/rfc/rfc2821"])
+        self.assertEqual(d.send("QUIT"), ["221 2.0.0 Successful termination"])
+        self.assertTrue(d.transport.disconnecting)
+
+    def test_one_copy_per_mailbox_and_queue(self):
+        d = self.dialogue(peer="127.0.0.1")
+        self.transaction(d, rcpts=("bob", "Bob@gnot.example.org", "x@far.example", "y@far.example"))
+        self.assertEqual(d.send("Subject: x", "", "once", "."), ["250 2.5.0 sent"])
+        self.assertEqual(len(self.mbox(d, "bob")), 1)
+        jobs = sorted(os.listdir(d.root.queue))
+        self.assertEqual([j.rsplit(".", 1)[1] for j in jobs], ["env", "msg"])
+
+    def test_second_message_is_rewritten_too(self):
+        d = self.dialogue()
+        self.transaction(d)
+        d.send("Subject: one", "", "x", ".")
+        d.send("MAIL FROM:<alice@example.org>", "RCPT TO:<bob>", "DATA")
+        d.send("Subject: two", "", "y", ".")
+        msgs = list(self.mbox(d, "bob"))
+        self.assertEqual([m["From"] for m in msgs], ["example.org!alice"] * 2)
+
+    def test_bare_lf_dot_does_not_end_data(self):
+        d = self.dialogue()
+        self.transaction(d)
+        out = d.raw(b"Subject: x\r\n\r\nbody\n.\nMAIL FROM:<evil@x.example>\r\n")
+        self.assertEqual(out, [])
+        self.assertEqual(d.raw(b".\r\n"), ["250 2.5.0 sent"])
+        [msg] = self.mbox(d, "bob")
+        self.assertEqual(msg.get_payload(), "body\n.\nMAIL FROM:<evil@x.example>\n")
+
+    def test_long_data_line_refuses_message_but_stays_in_data(self):
+        d = self.dialogue()
+        self.transaction(d)
+        out = d.raw(b"Subject: x\r\n\r\n" + b"a" * 70000 + b"\r\nMAIL FROM:<e@x.example>\r\n")
+        self.assertEqual(out, [])
+        self.assertEqual(d.raw(b".\r\n"), ["554 5.3.4 Error: message line too long"])
+        self.assertEqual(d.send("NOOP"), ["250 2.0.0 Nothing to see here. Move along ..."])
+        self.assertFalse(os.path.exists(os.path.join(d.root.boxes, "bob", "mbox")))
+
+    def test_pipelined_transaction(self):
+        d = self.dialogue()
+        out = d.raw(b"EHLO h.example.net\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob>\r\n"
+                    b"DATA\r\nSubject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        self.assertEqual([l[:4] for l in out],
+                         ["250-", "250 ", "250 ", "250 ", "354 ", "250 ", "221 "])
+
+    def test_idle_timeout(self):
+        d = self.dialogue()
+        d.clock.advance(301)
+        self.assertEqual(d.take(), ["421 4.4.2 gnot.example.org Error: timeout exceeded"])
+        self.assertTrue(d.transport.disconnecting)
+
+    def test_store_failure_gives_451_and_no_partial_entry(self):
+        d = self.dialogue()
+        self.transaction(d)
+        box = os.path.join(d.root.boxes, "bob")
+        os.makedirs(box)
+        os.mkdir(os.path.join(box, "mbox"))  # cannot be opened as a file
+        self.assertEqual(d.send("x", "."),
+                         ["451 4.3.0 Error: message not stored; try again later"])
+        self.assertEqual(os.listdir(d.root.tmp), [])
+        self.assertEqual(d.send("NOOP")[0][:3], "250")
+        self.assertEqual(len(self.flushLoggedErrors(IsADirectoryError)), 1)
