@@ -88,17 +88,17 @@ class Options(usage.Options):
             try:
                 config = smtpdconf.load(self["conf"])
             except smtpdconf.ConfigError as e:
-                raise usage.UsageError(str(e))
+                raise SystemExit("upas-smtpd: %s" % e)
         if config.verifysenderdom:
             wanted.append("smtpd.conf verifysenderdom on")
         if config.saveblockedmsg:
             wanted.append("smtpd.conf saveblockedmsg on")
         if wanted:
-            raise usage.UsageError("not yet supported: " + ", ".join(wanted))
+            raise SystemExit("upas-smtpd: not yet supported: " + ", ".join(wanted))
         if self["resolver"]:
             self["resolverAddress"] = parse_hostport(self["resolver"])
         if self["mailer"] and resolve_mailer(self["mailer"]) is None:
-            raise usage.UsageError("-m %s: no such executable" % self["mailer"])
+            raise SystemExit("upas-smtpd: -m %s: no such executable" % self["mailer"])
         if self["idle-timeout"] <= 0 or self["mailer-timeout"] <= 0:
             raise usage.UsageError("timeouts must be positive")
         self["settings"] = settings.merge(

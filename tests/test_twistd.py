@@ -1,0 +1,178 @@
+"""The product from outside: a real ``twistd upas-smtpd`` and real clients."""
+
+import mailbox
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+TWISTD = [sys.executable, "-c",
+          "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+
+
+def twistd(*args, **kw):
+    return subprocess.run([*TWISTD, *args], env=env(),
+                          capture_output=True, text=True, timeout=60, **kw)
+
+
+class Server:
+    """``twistd -n upas-smtpd`` on an ephemeral loopback port."""
+
+    def __init__(self, tmp_path, *args):
+        self.root = str(tmp_path / "mail")
+        self.log = open(tmp_path / "twistd.log", "w+")
+        self.proc = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "upas-smtpd",
+             "--listen", "tcp:0:interface=127.0.0.1", "--root", self.root,
+             "--sysname", "gnot.example.org", *args],
+            env=env(), stdout=self.log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+        self.port = self._port()
+
+    def _port(self):
+        # waiting for a child process to start is not a timed test: poll its log
+        for _ in range(600):
+            self.log.seek(0)
+            m = re.search(r"starting on (\d+)", self.log.read())
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.log.seek(0)
+        raise AssertionError("server did not start:\n" + self.log.read())
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    servers = []
+
+    def start(*args):
+        s = Server(tmp_path, *args)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def test_plugins_listed():
+    out = twistd("--help").stdout
+    assert "upas-smtpd" in out and "upas-smtp" in out
+
+
+BODY = (b"Subject: real client\r\nFrom: Alice <alice@example.org>\r\n\r\n"
+        b"line one\r\n.starts with a dot\r\nFrom the start\r\n\tindented\r\n"
+        b"8bit \xc3\xa9\r\nlast\r\n")
+
+
+def test_smtplib_to_local_mbox(server):
+    s = server()
+    with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.example.net") as c:
+        code, banner = c.ehlo()
+        assert code == 250 and banner.startswith(b"gnot.example.org you are")
+        refused = c.sendmail("alice@example.org", ["bob", "Carol@gnot.example.org"], BODY)
+        assert refused == {}
+    for user in ("bob", "carol"):
+        [msg] = mailbox.mbox(os.path.join(s.root, "box", user, "mbox"))
+        assert msg.get_from().startswith("example.org!alice ")
+        assert msg["Received"].startswith("from client.example.net ([127.0.0.1]) by gnot;")
+        with open(os.path.join(s.root, "box", user, "mbox"), "rb") as f:
+            data = f.read()
+        # the body byte for byte: CRLF -> LF, dots unstuffed, From_ escaped (mboxrd)
+        assert data.endswith(b"\n\nline one\n.starts with a dot\n>From the start\n"
+                             b"\tindented\n8bit \xc3\xa9\nlast\n\n")
+
+
+def test_relay_refused_from_outside(server):
+    s = server()
+    with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0)) as c:
+        c.ehlo("client.example.net")
+        c.mail("alice@example.org")
+        code, text = c.rcpt("x@foreign.example")
+    assert (code, text) == (550, b"5.7.1 we don't relay.  send to your-path@[] for loopback.")
+
+
+def test_relay_from_loopback_is_queued(server):
+    s = server()
+    with smtplib.SMTP("127.0.0.1", s.port) as c:
+        assert c.sendmail("alice@example.org", ["x@foreign.example"], b"Subject: q\r\n\r\nq\r\n") == {}
+    jobs = os.listdir(os.path.join(s.root, "queue"))
+    assert sorted(j.rsplit(".", 1)[1] for j in jobs) == ["env", "msg"]
+
+
+def test_kill_9_after_250_keeps_the_message(server):
+    s = server()
+    c = smtplib.SMTP("127.0.0.1", s.port)
+    c.ehlo("client.example.net")
+    c.mail("alice@example.org")
+    c.rcpt("bob")
+    code, _ = c.data(b"Subject: durable\r\n\r\n" + (b"x" * 998 + b"\r\n") * 100 + b"end\r\n")
+    assert code == 250
+    s.proc.kill()
+    s.proc.wait(30)
+    [msg] = mailbox.mbox(os.path.join(s.root, "box", "bob", "mbox"))
+    assert msg["Subject"] == "durable"
+    assert msg.get_payload() == ("x" * 998 + "\n") * 100 + "end\n"
+    c.close()
+
+
+def test_mailer_flag(server, tmp_path):
+    out = tmp_path / "got"
+    script = tmp_path / "mailer"
+    script.write_text("#!/bin/sh\necho \"$@\" > %s.argv\ncat > %s\n" % (out, out))
+    script.chmod(0o755)
+    s = server("-m", str(script))
+    with smtplib.SMTP("127.0.0.1", s.port) as c:
+        assert c.sendmail("alice@example.org", ["bob@example.com"], b"Subject: m\r\n\r\nm\r\n") == {}
+    assert (tmp_path / "got.argv").read_text() == "-r example.com!bob\n"
+    assert out.read_bytes().startswith(b"From example.org!alice ")
+
+
+def test_bad_config_stops_startup(tmp_path):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text("norelay on\nournets 10.0.0.300/8\n")
+    r = twistd("-n", "--pidfile=", "upas-smtpd", "--conf", str(conf), "--root", str(tmp_path))
+    assert r.returncode != 0
+    assert "%s:2: bad address or CIDR '10.0.0.300/8'" % conf in r.stdout + r.stderr
+
+
+def test_missing_config_is_an_error(tmp_path):
+    r = twistd("-n", "--pidfile=", "upas-smtpd", "--conf", str(tmp_path / "none.conf"))
+    assert r.returncode != 0
+    assert "none.conf: cannot read" in r.stdout + r.stderr
+
+
+def test_later_flags_say_not_yet_supported(tmp_path):
+    r = twistd("-n", "--pidfile=", "upas-smtpd", "-g", "-k", "192.0.2.0/24")
+    assert r.returncode != 0
+    assert "not yet supported: -g (greylisting), -k (banned peers)" in r.stdout + r.stderr
+
+
+def test_open_relay_warning(server):
+    s = server("--conf", "/dev/null")  # empty conf: relay control stays on
+    assert "OPEN RELAY" not in s.output()
