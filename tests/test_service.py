@@ -1,0 +1,83 @@
+"""The embedding API and the twistd Options, without listening."""
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
+
+from upasmail import service, tap_smtpd, testing
+
+
+@pytest.mark.parametrize("desc,loopback", [
+    ("tcp:2525:interface=127.0.0.1", True),
+    ("tcp:2525:interface=127.0.0.5", True),
+    ("tcp6:2525:interface=\\:\\:1", True),
+    ("tcp:25", False),
+    ("tcp:25:interface=0.0.0.0", False),
+    ("tcp:25:interface=192.0.2.1", False),
+    ("unix:/tmp/smtp.sock", True),
+])
+def test_listens_on_loopback_only(desc, loopback):
+    assert service.listens_on_loopback_only(desc) is loopback
+
+
+def test_open_relay_warning_when_exposed(tmp_path):
+    s = testing.make_settings("norelay off\n", root=str(tmp_path / "mail"))
+    with capturedLogs() as events:
+        service.makeSmtpdService(s, "tcp:25", reactor=MemoryReactorClock())
+    assert any("OPEN RELAY" in e.get("log_format", "") for e in events)
+
+
+def test_no_warning_on_loopback_or_with_relay_control(tmp_path):
+    for conf, listen in (("norelay off\n", "tcp:2525:interface=127.0.0.1"), ("", "tcp:25")):
+        s = testing.make_settings(conf, root=str(tmp_path / "mail"))
+        with capturedLogs() as events:
+            svc = service.makeSmtpdService(s, listen, reactor=MemoryReactorClock())
+        assert not any("OPEN RELAY" in e.get("log_format", "") for e in events)
+        assert svc.factory.settings is s
+
+
+def test_service_listens_where_told(tmp_path):
+    reactor = MemoryReactorClock()
+    s = testing.make_settings("", root=str(tmp_path / "mail"))
+    svc = service.makeSmtpdService(s, "tcp:2626:interface=127.0.0.1", reactor=reactor)
+    svc.startService()
+    [(port, factory, backlog, iface)] = reactor.tcpServers
+    assert (port, iface) == (2626, "127.0.0.1")
+    assert factory is svc.factory
+    assert (tmp_path / "mail" / "box").is_dir()
+
+
+def test_options_defaults_and_flags(tmp_path):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text("defaultdomain Example.ORG\nnorelay off\nourdomains *.example.org\n")
+    o = tap_smtpd.Options()
+    o.parseOptions(["--conf", str(conf), "--sysname", "gnot", "-f", "-q",
+                    "--root", str(tmp_path / "m")])
+    s = o["settings"]
+    assert (s.dom, s.me, s.relay_control, s.quiet) == ("example.org", "gnot", True, True)
+    assert s.ourdomains == ("*.example.org",)
+    o = tap_smtpd.Options()
+    o.parseOptions(["-h", "mail.example.net", "--sysname", "gnot"])
+    assert o["settings"].dom == "mail.example.net"
+    assert o["listen"] == "tcp:2525:interface=127.0.0.1"
+    assert o["settings"].root.endswith("/mail")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["-d"], "not yet supported: -d (protocol trace)"),
+    (["-c", "cert.pem"], "not yet supported: -c (STARTTLS)"),
+    (["-a", "-p"], "not yet supported: -a (require AUTH), -p (plaintext AUTH)"),
+    (["-m", "/nonexistent/mailer"], "-m /nonexistent/mailer: no such executable"),
+])
+def test_options_refuse_clearly(argv, msg):
+    with pytest.raises(SystemExit) as e:
+        tap_smtpd.Options().parseOptions(argv)
+    assert msg in str(e.value)
+
+
+def test_options_usage_errors():
+    from twisted.python import usage
+    with pytest.raises(usage.UsageError):
+        tap_smtpd.Options().parseOptions(["-k", "not-an-ip"])
+    with pytest.raises(usage.UsageError):
+        tap_smtpd.Options().parseOptions(["--resolver", "nocolon"])
