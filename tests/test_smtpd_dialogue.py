@@ -442,3 +442,48 @@ class DataTests(DialogueCase):
         self.assertEqual(os.listdir(d.root.tmp), [])
         self.assertEqual(d.send("NOOP")[0][:3], "250")
         self.assertEqual(len(self.flushLoggedErrors(IsADirectoryError)), 1)
+
+
+class RobustnessTests(DialogueCase):
+    def test_a_bug_costs_one_reply_not_the_connection(self):
+        d = self.dialogue()
+
+        def broken(cmd):
+            raise RuntimeError("bug")
+
+        d.proto.cmd_NOOP = broken
+        self.assertEqual(d.send("NOOP"),
+                         ["451 4.3.0 Error: local error in processing; try again later"])
+        self.assertEqual(d.send("HELP"), ["250 2.0.0 See http://www.ietf.org/rfc/rfc2821"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_failing_validator_gets_451(self):
+        d = self.helo(self.dialogue())
+
+        def broken(helo, origin):
+            raise ValueError("backend down")
+
+        d.proto.delivery.validateFrom = broken
+        self.assertEqual(d.send("MAIL FROM:<a@b.example>"),
+                         ["451 4.3.0 Error: local error in processing; try again later"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_validator_refusal_with_bytes_or_str_text(self):
+        from twisted.mail import smtp
+
+        d = self.helo(self.dialogue())
+        d.send("MAIL FROM:<a@b.example>")
+        for resp in ("5.1.1 no such user", b"5.1.1 no such user"):
+            def refuse(user, resp=resp):
+                raise smtp.SMTPBadRcpt(user, 550, resp)
+
+            d.proto.delivery.validateTo = refuse
+            self.assertEqual(d.send("RCPT TO:<bob>"), ["550 5.1.1 no such user"])
+
+    def test_stale_spool_files_removed_at_start(self):
+        root = tempfile.mkdtemp(prefix="upasmail-test-")
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, "tmp"))
+        open(os.path.join(root, "tmp", "123.abc"), "w").close()
+        testing.Dialogue(testing.make_settings("", root=root)).close()
+        self.assertEqual(os.listdir(os.path.join(root, "tmp")), [])

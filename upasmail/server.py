@@ -132,7 +132,18 @@ class UpasESMTP(smtp.ESMTP):
                 if len(line) > limit:
                     self._lineTooLong()
                     continue
-                result = self.lineReceived(line)
+                try:
+                    result = self.lineReceived(line)
+                except Exception:
+                    # a bug must cost one reply, never the connection
+                    log.failure("command failed")
+                    if self.mode not in (COMMAND, DATA):
+                        self.mode = COMMAND
+                    result = None
+                    if self.mode == DATA:
+                        self._dataRefused = reject(451, replies.LOCAL_ERROR)
+                    else:
+                        self.reply(reject(451, replies.LOCAL_ERROR))
                 if isinstance(result, defer.Deferred):
                     self._busy = True
                     self.transport.pauseProducing()

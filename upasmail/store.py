@@ -96,9 +96,18 @@ class MailRoot:
         self.commit = GroupCommit(run_blocking)
 
     def prepare(self):
-        """Create the directories; a root we cannot write is a start-up error."""
+        """Create the directories; a root we cannot write is a start-up error.
+
+        Spool files left in ``tmp/`` by a crash were never acknowledged
+        (the client got no 250 and will send again), so they go.
+        """
         for d in (self.root, self.tmp, self.boxes, self.queue):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.tmp):
+            try:
+                os.unlink(os.path.join(self.tmp, name))
+            except OSError as e:
+                log.warn("cannot remove stale spool file {name}: {err}", name=name, err=e)
         probe = os.path.join(self.tmp, ".probe.%d" % os.getpid())
         with open(probe, "wb") as f:
             f.write(b"x")
@@ -138,6 +147,8 @@ class MailRoot:
         msg = os.path.join(self.queue, qid + ".msg")
         env = os.path.join(self.queue, qid + ".env")
         os.link(spool_path, msg)
+        # the message must be on disk before the .env file makes it a job
+        fsync_paths([msg])
         record = {
             "id": qid,
             "sender": envelope.sender,
@@ -153,7 +164,7 @@ class MailRoot:
             os.fsync(f.fileno())
         # the .env file appears last and atomically: it marks a whole job
         os.rename(tmp, env)
-        return [msg, self.queue]
+        return [self.queue]
 
     def discard(self, spool_path):
         try:
