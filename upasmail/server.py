@@ -37,7 +37,7 @@ from .session import Recipient, Session
 
 log = Logger(namespace="smtpd")
 
-COMMAND, DATA = "COMMAND", "DATA"
+COMMAND, DATA = smtp.COMMAND, smtp.DATA
 MAX_COMMAND_LINE = 4096  # RFC 5321 asks for 512; AUTH lines need more
 MAX_DATA_LINE = 64 * 1024  # RFC 5321 says 1000; be lenient, but bounded
 
