@@ -263,6 +263,13 @@ class RcptTests(DialogueCase):
         d = self.helo(self.dialogue())
         self.assertEqual(d.send("RCPT TO:<bob>"), ["503 5.5.1 Error: need MAIL command"])
 
+    def test_recipient_limit(self):
+        d = self.helo(self.dialogue())
+        d.send("MAIL FROM:<a@b.example>")
+        out = d.send(*["RCPT TO:<u%d>" % i for i in range(1001)])
+        self.assertEqual(out[999], "250 2.0.0 receiver is u999")
+        self.assertEqual(out[1000], "452 4.5.3 Error: too many recipients")
+
     def test_unusable_local_mailbox_name(self):
         d = self.helo(self.dialogue())
         d.send("MAIL FROM:<a@b.example>")

@@ -35,6 +35,7 @@ AUTH_REQUIRED = "5.7.0 Authentication required"
 # ours (not in upas); see docs/deviations.rst
 NESTED_MAIL = "5.5.1 Error: nested MAIL command"
 RCPT_NO_MAIL = "5.5.1 Error: need MAIL command"
+TOO_MANY_RCPTS = "4.5.3 Error: too many recipients"
 LINE_TOO_LONG = "5.5.2 Error: command line too long"
 DATA_LINE_TOO_LONG = "5.3.4 Error: message line too long"
 LOCAL_ERROR = "4.3.0 Error: local error in processing; try again later"

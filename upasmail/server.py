@@ -20,7 +20,8 @@ Check order per command (upas smtpd.c):
 
 HELO/EHLO  syntax → reply (``him`` = peer IP when dotless)
 MAIL       HELO given → no open transaction (ours) → syntax → validateFrom
-RCPT       HELO given → MAIL given (ours) → syntax → relay → validateTo
+RCPT       HELO given → MAIL given (ours) → recipient limit (ours) → syntax
+           → relay → validateTo
 DATA       MAIL → RCPT → null sender to many (untrusted) → mailer ready → 354
 """
 
@@ -40,6 +41,7 @@ log = Logger(namespace="smtpd")
 COMMAND, DATA = smtp.COMMAND, smtp.DATA
 MAX_COMMAND_LINE = 4096  # RFC 5321 asks for 512; AUTH lines need more
 MAX_DATA_LINE = 64 * 1024  # RFC 5321 says 1000; be lenient, but bounded
+MAX_RECIPIENTS = 1000  # RFC 5321 asks for at least 100; upas has no limit
 
 
 def _text(resp):
@@ -253,6 +255,8 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(reject(503, replies.HELO_FIRST_RCPT))
         if not s.envelope.senders:
             return self.reply(reject(503, replies.RCPT_NO_MAIL))
+        if len(s.envelope.recipients) >= MAX_RECIPIENTS:
+            return self.reply(reject(452, replies.TOO_MANY_RCPTS, counts=False))
         verdict = relay.check_recipient(
             cmd.arg, s.rsys, s.trusted or s.authenticated,
             self.settings.relay_control, s.ours,
