@@ -78,7 +78,8 @@ class Ours:
     def __init__(self, names=(), ourdomains=(), local_ips=()):
         self.names = frozenset(n.lower() for n in names if n)
         self.ourdomains = tuple(ourdomains)
-        self.literals = frozenset(literal_of(ip) for ip in local_ips)
+        self.local_ips = tuple(local_ips)
+        self.literals = frozenset(literal_of(ip) for ip in self.local_ips)
 
     def is_ours(self, component):
         c = component.lower()
@@ -89,10 +90,8 @@ class Ours:
         return any(domain_matches(c, p) for p in self.ourdomains)
 
     def with_local_ip(self, ip):
-        clone = Ours.__new__(Ours)
-        clone.names, clone.ourdomains = self.names, self.ourdomains
-        clone.literals = self.literals | {literal_of(ip)}
-        return clone
+        """The same, plus the address a connection came in on."""
+        return Ours(self.names, self.ourdomains, self.local_ips + (ip,))
 
 
 def loopback_rewrite(path, peer_ip):

@@ -178,16 +178,13 @@ class UpasESMTP(smtp.ESMTP):
     def sendReply(self, code, *lines):
         self.sendCode(code, "\n".join(lines).encode("utf-8"))
 
-    def reply(self, verdict, okCode=250, *okLines):
-        """Send the reply for a verdict; the one place verdicts become text."""
-        if isinstance(verdict, Reject):
-            if verdict.counts:
-                self.session.rejects += 1
-            self.sendReply(verdict.code, *verdict.lines)
-            if verdict.hangup:
-                self.transport.loseConnection()
-        else:
-            self.sendReply(okCode, *okLines)
+    def reply(self, verdict):
+        """Send the reply for a refusal; the one place verdicts become text."""
+        if verdict.counts:
+            self.session.rejects += 1
+        self.sendReply(verdict.code, *verdict.lines)
+        if verdict.hangup:
+            self.transport.loseConnection()
 
     def _failureReply(self, failure, what):
         if failure.check(smtp.SMTPServerError):
