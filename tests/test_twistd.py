@@ -176,3 +176,46 @@ def test_later_flags_say_not_yet_supported(tmp_path):
 def test_open_relay_warning(server):
     s = server("--conf", "/dev/null")  # empty conf: relay control stays on
     assert "OPEN RELAY" not in s.output()
+
+
+def test_kill_9_after_250_keeps_the_queue_job(server):
+    s = server()
+    c = smtplib.SMTP("127.0.0.1", s.port)
+    assert c.sendmail("alice@example.org", ["x@far.example"],
+                      b"Subject: queued\r\n\r\n" + b"q" * 50000 + b"\r\n") == {}
+    s.proc.kill()
+    s.proc.wait(30)
+    queue = os.path.join(s.root, "queue")
+    [env] = [j for j in os.listdir(queue) if j.endswith(".env")]
+    with open(os.path.join(queue, env[:-4] + ".msg"), "rb") as f:
+        data = f.read()
+    assert data.startswith(b"From example.org!alice ")
+    assert data.endswith(b"\nSubject: queued\n\n" + b"q" * 50000 + b"\n")
+    c.close()
+
+
+def test_concurrent_clients_all_stored(server):
+    import threading
+
+    s = server()
+    errors = []
+
+    def client(n):
+        try:
+            with smtplib.SMTP("127.0.0.1", s.port) as c:
+                for i in range(10):
+                    c.sendmail("c%d@example.org" % n, ["bob", "carol"],
+                               b"Subject: c%d m%d\r\n\r\nbody\r\n" % (n, i))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for user in ("bob", "carol"):
+        subjects = sorted(m["Subject"] for m in
+                          mailbox.mbox(os.path.join(s.root, "box", user, "mbox")))
+        assert subjects == sorted("c%d m%d" % (n, i) for n in range(6) for i in range(10))
