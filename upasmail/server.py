@@ -139,12 +139,11 @@ class UpasESMTP(smtp.ESMTP):
                 except Exception:
                     # a bug must cost one reply, never the connection
                     log.failure("command failed")
-                    if self.mode not in (COMMAND, DATA):
-                        self.mode = COMMAND
                     result = None
                     if self.mode == DATA:
                         self._dataRefused = reject(451, replies.LOCAL_ERROR)
                     else:
+                        self.mode = COMMAND  # e.g. out of a broken AUTH exchange
                         self.reply(reject(451, replies.LOCAL_ERROR))
                 if isinstance(result, defer.Deferred):
                     self._busy = True

@@ -38,17 +38,27 @@ def threadRunner(reactor):
 
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
-                     challengers=None, contextFactory=None):
+                     challengers=None, contextFactory=None, clock=None):
+    """The protocol factory; ``factory.root`` is its MailRoot.
+
+    ``reactor`` starts mailer processes; ``clock`` (default: the reactor)
+    times sessions, dates messages and limits the mailer.
+    """
     reactor = _reactor(reactor)
-    root = MailRoot(settings.root, run_blocking or threadRunner(reactor), reactor)
+    clock = clock or reactor
+    root = MailRoot(settings.root, run_blocking or threadRunner(reactor), clock)
     root.prepare()
-    backend = Mailer(settings.mailer, reactor, settings.mailer_timeout) if settings.mailer else root
+    backend = root
+    if settings.mailer:
+        backend = Mailer(settings.mailer, reactor, settings.mailer_timeout, clock)
 
     def makeDelivery(session):
-        return UpasDelivery(session, settings, root, backend, reactor)
+        return UpasDelivery(session, settings, root, backend, clock)
 
-    return UpasSMTPFactory(settings, makeDelivery, reactor, portal=portal,
-                           challengers=challengers, contextFactory=contextFactory)
+    factory = UpasSMTPFactory(settings, makeDelivery, clock, portal=portal,
+                              challengers=challengers, contextFactory=contextFactory)
+    factory.root = root
+    return factory
 
 
 def listens_on_loopback_only(description):

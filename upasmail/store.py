@@ -165,9 +165,3 @@ class MailRoot:
         # the .env file appears last and atomically: it marks a whole job
         os.rename(tmp, env)
         return [self.queue]
-
-    def discard(self, spool_path):
-        try:
-            os.unlink(spool_path)
-        except FileNotFoundError:
-            pass

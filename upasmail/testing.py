@@ -9,10 +9,7 @@ from twisted.internet.testing import StringTransport
 
 from . import conf as smtpdconf
 from . import settings as smtpdsettings
-from .delivery import UpasDelivery
-from .mailer import Mailer
-from .server import UpasSMTPFactory
-from .store import MailRoot
+from .service import makeSmtpdFactory
 
 
 def run_now(f, *args):
@@ -31,6 +28,10 @@ def make_settings(conf_text="", root="mail", sysname="gnot.example.org", **kw):
     return smtpdsettings.merge(config, sysname=sysname, root=root, **kw)
 
 
+def _wire(lines):
+    return b"".join((l if isinstance(l, bytes) else l.encode()) + b"\r\n" for l in lines)
+
+
 class Dialogue:
     """One SMTP connection over a StringTransport.
 
@@ -41,16 +42,9 @@ class Dialogue:
     def __init__(self, settings, peer="127.0.0.2", local="127.0.0.1", clock=None,
                  reactor=None, run_blocking=run_now):
         self.clock = clock or task.Clock()
-        self.root = MailRoot(settings.root, run_blocking, self.clock)
-        self.root.prepare()
-        backend = self.root
-        if settings.mailer:
-            backend = Mailer(settings.mailer, reactor or self.clock, settings.mailer_timeout)
-
-        def makeDelivery(session):
-            return UpasDelivery(session, settings, self.root, backend, self.clock)
-
-        self.factory = UpasSMTPFactory(settings, makeDelivery, self.clock)
+        self.factory = makeSmtpdFactory(settings, reactor=reactor or self.clock,
+                                        run_blocking=run_blocking, clock=self.clock)
+        self.root = self.factory.root
         self.proto = self.factory.buildProtocol(address(peer, 4321))
         self.transport = StringTransport(
             peerAddress=address(peer, 4321), hostAddress=address(local, 25)
@@ -68,13 +62,11 @@ class Dialogue:
         return self.take()
 
     def send(self, *lines):
-        return self.raw(b"".join(
-            (l if isinstance(l, bytes) else l.encode()) + b"\r\n" for l in lines))
+        return self.raw(_wire(lines))
 
     def sendAndWait(self, *lines):
         """Send, then wait (really) for pending replies; fires with them."""
-        self.raw(b"".join(
-            (l if isinstance(l, bytes) else l.encode()) + b"\r\n" for l in lines))
+        self.raw(_wire(lines))
         return self.proto.whenQuiet().addCallback(lambda _: self.take())
 
     def close(self):
