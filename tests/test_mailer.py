@@ -37,7 +37,7 @@ class MailerTests(unittest.TestCase):
         s = testing.make_settings("", root=os.path.join(self.dir, "root"), mailer=mailer_path)
         d = testing.Dialogue(s, peer=peer, reactor=reactor)
         self.addCleanup(d.close)
-        d.send("HELO h.example.net", "MAIL FROM:<alice@example.org>",
+        d.send("HELO h.sender.net", "MAIL FROM:<alice@example.org>",
                "RCPT TO:<bob@example.com>", "RCPT TO:<carol@example.net>")
         return d
 
@@ -57,7 +57,7 @@ class MailerTests(unittest.TestCase):
                          r"^From example\.org!alice \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d "
                          r"[+-]\d{4} \d{4} remote from $")
         self.assertRegex(lines[1].decode(),
-                         r"^Received: from h\.example\.net \(\[127\.0\.0\.1\]\) by gnot; "
+                         r"^Received: from h\.sender\.net \(\[127\.0\.0\.1\]\) by gnot; "
                          r"\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d [+-]\d{4} \d{4}$")
         self.assertEqual(lines[2:], [b"From: example.org!alice",
                                      b"To: example.com!bob, example.net!carol",

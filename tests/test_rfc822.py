@@ -77,7 +77,7 @@ def stream(lines, **kw):
 
 def test_stream_order():
     s, data = stream([b"Subject: x", b"", b"body"],
-                     warnings=["suspect envelope domain"])
+                     forgery=lambda sender, fields: ["suspect envelope domain"])
     assert data == (b"From example.org!alice Wed Mar  7 23:47:45 -0400 2024 remote from \n"
                     b"Received: from h.example ([192.0.2.1]) by gnot; "
                     b"Wed Mar  7 23:47:45 -0400 2024\n"

@@ -23,7 +23,8 @@ def test_listens_on_loopback_only(desc, loopback):
 def test_open_relay_warning_when_exposed(tmp_path):
     s = testing.make_settings("norelay off\n", root=str(tmp_path / "mail"))
     with capturedLogs() as events:
-        service.makeSmtpdService(s, "tcp:25", reactor=MemoryReactorClock())
+        service.makeSmtpdService(s, "tcp:25", reactor=MemoryReactorClock(),
+                                 resolver=testing.FakeResolver())
     assert any("OPEN RELAY" in e.get("log_format", "") for e in events)
 
 
@@ -31,7 +32,8 @@ def test_no_warning_on_loopback_or_with_relay_control(tmp_path):
     for conf, listen in (("norelay off\n", "tcp:2525:interface=127.0.0.1"), ("", "tcp:25")):
         s = testing.make_settings(conf, root=str(tmp_path / "mail"))
         with capturedLogs() as events:
-            svc = service.makeSmtpdService(s, listen, reactor=MemoryReactorClock())
+            svc = service.makeSmtpdService(s, listen, reactor=MemoryReactorClock(),
+                                           resolver=testing.FakeResolver())
         assert not any("OPEN RELAY" in e.get("log_format", "") for e in events)
         assert svc.factory.settings is s
 
@@ -39,7 +41,8 @@ def test_no_warning_on_loopback_or_with_relay_control(tmp_path):
 def test_service_listens_where_told(tmp_path):
     reactor = MemoryReactorClock()
     s = testing.make_settings("", root=str(tmp_path / "mail"))
-    svc = service.makeSmtpdService(s, "tcp:2626:interface=127.0.0.1", reactor=reactor)
+    svc = service.makeSmtpdService(s, "tcp:2626:interface=127.0.0.1", reactor=reactor,
+                                   resolver=testing.FakeResolver())
     svc.startService()
     [(port, factory, backlog, iface)] = reactor.tcpServers
     assert (port, iface) == (2626, "127.0.0.1")
@@ -64,7 +67,6 @@ def test_options_defaults_and_flags(tmp_path):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["-d"], "not yet supported: -d (protocol trace)"),
     (["-c", "cert.pem"], "not yet supported: -c (STARTTLS)"),
     (["-a", "-p"], "not yet supported: -a (require AUTH), -p (plaintext AUTH)"),
     (["-m", "/nonexistent/mailer"], "-m /nonexistent/mailer: no such executable"),
@@ -73,6 +75,36 @@ def test_options_refuse_clearly(argv, msg):
     with pytest.raises(SystemExit) as e:
         tap_smtpd.Options().parseOptions(argv)
     assert msg in str(e.value)
+
+
+def test_options_anti_abuse_flags(tmp_path):
+    o = tap_smtpd.Options()
+    o.parseOptions(["-d", "-r", "-s", "-g", "-e", "-E", "-D", "-k", "192.0.2.0/24",
+                    "-k", "2001:db8::/32", "--tarpit-unit", "0", "--root", str(tmp_path),
+                    "--lib", str(tmp_path / "etc")])
+    s = o["settings"]
+    assert (s.debug, s.verify_sender, s.save_blocked, s.greylist) == (True,) * 4
+    assert (s.relax_helo, s.helo_lie_auth, s.helo_delay) == (True,) * 3
+    assert [str(n) for n in s.evil] == ["192.0.2.0/24", "2001:db8::/32"]
+    assert s.tarpit_unit == 0
+    assert s.path("blocked") == str(tmp_path / "etc" / "blocked")
+    assert s.path("grey") == str(tmp_path / "grey")
+
+
+def test_conf_switches_on_r_and_s(tmp_path):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text("verifysenderdom on\nsaveblockedmsg on\n")
+    o = tap_smtpd.Options()
+    o.parseOptions(["--conf", str(conf), "--root", str(tmp_path)])
+    assert o["settings"].verify_sender and o["settings"].save_blocked
+
+
+def test_broken_blocked_file_stops_startup(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "blocked").write_text("block 10.0.0.1\nblokc 10.0.0.2\n")
+    with pytest.raises(SystemExit) as e:
+        tap_smtpd.Options().parseOptions(["--root", str(tmp_path)])
+    assert "blocked:2: unknown verb 'blokc'" in str(e.value)
 
 
 def test_options_usage_errors():

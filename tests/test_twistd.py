@@ -1,5 +1,6 @@
 """The product from outside: a real ``twistd upas-smtpd`` and real clients."""
 
+import json
 import mailbox
 import os
 import re
@@ -66,12 +67,35 @@ class Server:
         self.log.close()
 
 
+ZONE = {
+    "client.sender.net": [["A", "127.0.0.2"]],
+    "sender.net": [["MX", "10 client.sender.net"]],
+    "example.org": [["MX", "10 mx.example.org"]],
+    "2.0.0.127.in-addr.arpa": [["PTR", "ptr-only.sender.net"]],
+    "servfail": ["broken.sender.net"],
+}
+
+
+@pytest.fixture(scope="module")
+def dns_port(tmp_path_factory):
+    """A twisted.names server on 127.0.0.1 serving ZONE, in a subprocess."""
+    path = tmp_path_factory.mktemp("dns") / "zone.json"
+    path.write_text(json.dumps(ZONE))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "dnsserver.py"),
+                             str(path)], env=env(), stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("port "), line
+    yield int(line.split()[1])
+    proc.terminate()
+    proc.wait(30)
+
+
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, dns_port):
     servers = []
 
     def start(*args):
-        s = Server(tmp_path, *args)
+        s = Server(tmp_path, "--resolver", "127.0.0.1:%d" % dns_port, *args)
         servers.append(s)
         return s
 
@@ -111,7 +135,7 @@ def test_smtplib_to_local_mbox(server):
 def test_relay_refused_from_outside(server):
     s = server()
     with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0)) as c:
-        c.ehlo("client.example.net")
+        c.ehlo("client.sender.net")
         c.mail("alice@example.org")
         code, text = c.rcpt("x@foreign.example")
     assert (code, text) == (550, b"5.7.1 we don't relay.  send to your-path@[] for loopback.")
@@ -168,9 +192,9 @@ def test_missing_config_is_an_error(tmp_path):
 
 
 def test_later_flags_say_not_yet_supported(tmp_path):
-    r = twistd("-n", "--pidfile=", "upas-smtpd", "-g", "-k", "192.0.2.0/24")
+    r = twistd("-n", "--pidfile=", "upas-smtpd", "-a", "-p")
     assert r.returncode != 0
-    assert "not yet supported: -g (greylisting), -k (banned peers)" in r.stdout + r.stderr
+    assert "not yet supported: -a (require AUTH), -p (plaintext AUTH)" in r.stdout + r.stderr
 
 
 def test_open_relay_warning(server):
@@ -219,3 +243,65 @@ def test_concurrent_clients_all_stored(server):
         subjects = sorted(m["Subject"] for m in
                           mailbox.mbox(os.path.join(s.root, "box", user, "mbox")))
         assert subjects == sorted("c%d m%d" % (n, i) for n in range(6) for i in range(10))
+
+
+def test_k_banned_peer_sees_no_bytes(server):
+    import socket
+
+    s = server("-k", "127.0.0.2/32")
+    with socket.create_connection(("127.0.0.1", s.port), source_address=("127.0.0.2", 0)) as c:
+        c.settimeout(30)
+        assert c.recv(100) == b""
+    with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.3", 0),
+                      local_hostname="client.sender.net") as c:
+        assert c.noop()[0] == 250
+    assert "127.0.0.2" not in s.output()
+
+
+def test_helo_checks_use_the_resolver(server):
+    s = server()
+    for name, code in (("client.sender.net", 250), ("ptr-only.sender.net", 250),
+                       ("nowhere.sender.net", 554), ("broken.sender.net", 250)):
+        with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
+                          local_hostname=name) as c:
+            assert c.ehlo()[0] == code, name
+    assert "ptr only from 127.0.0.2 as ptr-only.sender.net" in s.output()
+    assert "Hung up on 127.0.0.2; claimed to be nowhere.sender.net" in s.output()
+
+
+def test_ratify_file_reloaded_and_d_trace(server, tmp_path):
+    s = server("-d", "--tarpit-unit", "0")
+    lib = os.path.join(s.root, "lib")
+    os.makedirs(lib, exist_ok=True)
+
+    def attempt():
+        with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
+                          local_hostname="client.sender.net") as c:
+            c.ehlo()
+            c.mail("alice@example.org")
+            c.rcpt("bob")
+            return c.data(b"Subject: x\r\n\r\nhi\r\n")
+
+    assert attempt()[0] == 250
+    with open(os.path.join(lib, "blocked"), "w") as f:
+        f.write("*block example.org!alice\n")
+    assert attempt() == (554, b"5.7.1 we believe this is spam.")
+    with open(os.path.join(lib, "blocked"), "w") as f:
+        f.write("*block example.org!alice\nnonsense here\n")
+    assert attempt()[0] == 554  # the last good version stays in force
+    assert "blocked:2: unknown verb 'nonsense'" in s.output()
+    traces = os.listdir(os.path.join(s.root, "log", "smtpdb"))
+    assert len(traces) == 3
+    with open(os.path.join(s.root, "log", "smtpdb", sorted(traces)[0])) as f:
+        assert "FROM:<alice@example.org>" in f.read()
+
+
+def test_greylisting_in_a_real_server(server):
+    s = server("-g")
+    with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
+                      local_hostname="client.sender.net") as c:
+        c.ehlo()
+        c.mail("alice@example.org")
+        c.rcpt("bob")
+        assert c.docmd("DATA") == (451, b"please try again soon from the same IP.")
+    assert os.path.exists(os.path.join(s.root, "grey", "tmp", "127.0.0.1", "127.0.0.2", "bob"))

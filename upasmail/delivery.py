@@ -10,6 +10,12 @@ the final dot, hands it to the back end:
 * ``store.MailRoot``: local mboxes and the outbound queue (the default);
 * ``mailer.Mailer``: the ``-m`` command.
 
+A message whose transaction the ratify lists block or delay is read but
+never delivered: with ``-s`` it is kept under ``queue.dump``, and the
+reply is ``554 5.7.1 we believe this is spam.`` or ``450 4.3.0 There will
+be a delay in delivery of this message.``.  With relay control on, mail
+from untrusted peers that claims our domains gets ``X-warning:`` lines.
+
 ``eomReceived`` fires with a verdict (never fails for an outcome): Accept
 means "250 2.5.0 sent"; the reply for a refusal rides in a Reject.
 Any failure to store turns into ``451 4.3.0`` and no mailbox keeps a
@@ -24,7 +30,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
-from . import pipemsg, relay, replies
+from . import pipemsg, relay, replies, spam
 from .decision import ACCEPT, reject
 from .session import Transaction
 
@@ -101,12 +107,21 @@ class UpasMessage:
         self.tx = delivery.transaction(envelope)
         self.failure = None
         self.size = 0
+        self.action = envelope.action
         self.spool_path, self._file = self.root.open_spool()
         s = delivery.session
+        settings = delivery.settings
         date = pipemsg.plan9_date(delivery.clock.seconds())
+        forgery = None
+        if settings.relay_control and not (s.trusted or s.authenticated):
+            ours = s.ours
+
+            def forgery(sender, fields):
+                return relay.forgery_warnings(sender, fields, s.him, ours)
+
         self.stream = pipemsg.MailerStream(
             self._write, envelope.sender, envelope.last_sender,
-            list(envelope.recipients), s.him, s.rsys, delivery.settings.me, date,
+            list(envelope.recipients), s.him, s.rsys, settings.me, date, forgery,
         )
 
     def _write(self, data):
@@ -140,6 +155,8 @@ class UpasMessage:
             self.failure = self.failure or reject(451, replies.STORE_FAILED)
         if self.failure is None and self.stream.error is not None:
             self.failure = reject(554, "5.7.1 " + str(self.stream.error))
+        if self.action != "deliver":
+            return self._blocked()
         if self.failure is not None:
             self._discard()
             return defer.succeed(self.failure)
@@ -147,6 +164,31 @@ class UpasMessage:
         d.addErrback(self._storeFailed)
         d.addBoth(self._cleanup)
         return d
+
+    def _blocked(self):
+        """Block or delay: keep the stream with -s, never deliver it."""
+        s = self.delivery.session
+        if self.action == "delay":
+            verdict = reject(450, spam.DELAYED)
+        else:
+            why = str(self.stream.error) if self.stream.error is not None else None
+            if self.failure is not None:
+                why = self.failure.text().split(" ", 1)[-1]
+            verdict = reject(554, "5.7.1 " + (why or replies.SPAM)[:127])
+            log.info("++[{him}/{rsys}] blocked: {why}", him=s.him, rsys=s.rsys,
+                     why=why or replies.SPAM)
+        if not self.delivery.settings.save_blocked or self.failure is not None:
+            self._discard()
+            return defer.succeed(verdict)
+
+        def saved(path):
+            log.info("saved blocked message from {sender} as {path}", sender=self.tx.sender,
+                     path=path)
+
+        d = self.root.dump(self.spool_path, self.tx.sender)
+        d.addCallbacks(saved, lambda f: log.failure("saving blocked message failed", f))
+        d.addBoth(self._cleanup)
+        return d.addCallback(lambda _: verdict)
 
     def _storeFailed(self, failure):
         log.failure("storing message failed", failure)

@@ -16,25 +16,14 @@ A mailer that runs longer than ``timeout`` seconds is killed and the
 message gets the 450 reply, so a hung mailer never hangs the session.
 """
 
-import os
-import shutil
-
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import replies
+from . import process, replies
 from .decision import ACCEPT, reject
+from .process import resolve
 
-STDERR_LIMIT = 64 * 1024
 log = Logger(namespace="smtpd")
-
-
-def resolve(mailer):
-    """Absolute path of the mailer, or None when it cannot be run."""
-    path = mailer if os.sep in mailer else shutil.which(mailer)
-    if path and os.path.isfile(path) and os.access(path, os.X_OK):
-        return os.path.abspath(path)
-    return None
 
 
 def verdict(exited_ok, stderr, timed_out=False):
@@ -51,22 +40,6 @@ def verdict(exited_ok, stderr, timed_out=False):
     return reject(
         450, *(["4.0.0 " + line for line in complete] + [replies.MAILER_FAILED])
     )
-
-
-class _MailerProcess(protocol.ProcessProtocol):
-    def __init__(self, done):
-        self.done = done
-        self.stderr = []
-        self.size = 0
-
-    def childDataReceived(self, fd, data):
-        if fd == 2 and self.size < STDERR_LIMIT:
-            self.stderr.append(data[: STDERR_LIMIT - self.size])
-            self.size += len(data)
-
-    def processEnded(self, reason):
-        self.done.callback((reason.check(error.ProcessDone) is not None,
-                            b"".join(self.stderr)))
 
 
 class Mailer:
@@ -102,38 +75,16 @@ class Mailer:
         return self.run(stream_path, tx.recipients).addCallback(logged)
 
     def run(self, stream_path, recipients):
-        """Run the mailer on the stream; fires with a verdict."""
+        """Run the mailer on the stream; fires with (verdict, stderr)."""
         path = resolve(self.command)
         if path is None:
-            return defer.succeed(reject(450, replies.BUSY))
+            return defer.succeed((reject(450, replies.BUSY), b""))
         argv = [path, "-r"] + list(recipients)
-        done = defer.Deferred()
-        proto = _MailerProcess(done)
-        fd = os.open(stream_path, os.O_RDONLY)
-        try:
-            transport = self.reactor.spawnProcess(
-                proto, path, argv, env=dict(os.environ),
-                childFDs={0: fd, 1: "r", 2: "r"},
-            )
-        except OSError:
-            return defer.succeed(reject(450, replies.BUSY))
-        finally:
-            os.close(fd)
-        state = {"timed_out": False}
 
-        def kill():
-            state["timed_out"] = True
-            try:
-                transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
+        def finished(outcome):
+            if not outcome.started:
+                return reject(450, replies.BUSY), b""
+            return verdict(outcome.ok, outcome.stderr, outcome.timed_out), outcome.stderr
 
-        timer = self.clock.callLater(self.timeout, kill)
-
-        def finished(result):
-            if timer.active():
-                timer.cancel()
-            ok, stderr = result
-            return verdict(ok, stderr, state["timed_out"]), stderr
-
-        return done.addCallback(finished)
+        d = process.run(self.reactor, self.clock, argv, self.timeout, stream_path)
+        return d.addCallback(finished)

@@ -4,7 +4,8 @@ In order (spec upas-behaviour.md §1.10.3):
 
 1. ``From <first sender> <date> remote from `` (empty system name, as upas)
 2. ``Received: from <him> ([<rsys>]) by <me>; <date>``
-3. any ``X-warning:`` lines (forgery tagging, anti-abuse issue)
+3. any ``X-warning:`` lines (forgery tagging: ``forgery(sender, fields)``
+   is called once the header is parsed)
 4. ``From: <last sender>`` when the header has no originator field
 5. ``To: <r1>, <r2>`` when it has no destination field
 6. the header, rewritten by ``rfc822.parse`` (``@him`` qualification,
@@ -24,7 +25,7 @@ from . import rfc822
 
 HEADER_LIMIT = 16 * 1024
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -35,7 +36,7 @@ def plan9_date(seconds):
     sign = "-" if off < 0 else "+"
     off = abs(off)
     return "%s %s %2d %02d:%02d:%02d %s%02d%02d %d" % (
-        _DAYS[t.tm_wday], _MONTHS[t.tm_mon - 1], t.tm_mday,
+        _DAYS[t.tm_wday], MONTHS[t.tm_mon - 1], t.tm_mday,
         t.tm_hour, t.tm_min, t.tm_sec, sign, off // 60, off % 60, t.tm_year,
     )
 
@@ -60,7 +61,7 @@ class MailerStream:
     """
 
     def __init__(self, write, sender, last_sender, recipients, him, rsys, me,
-                 date, warnings=()):
+                 date, forgery=None):
         self._write = write
         self._him = him
         self._last_sender = last_sender
@@ -68,12 +69,11 @@ class MailerStream:
         self._header = []
         self._header_size = 0
         self._in_header = True
+        self._forgery = forgery
         self.error = None
         self.size = 0
         self._emit(envelope_line(sender, date).encode())
         self._emit(received_line(him, rsys, me, date).encode())
-        for w in warnings:
-            self._emit(("X-warning: %s\n" % w).encode())
 
     def _emit(self, data):
         self.size += len(data)
@@ -100,6 +100,9 @@ class MailerStream:
     def _flush_header(self):
         self._in_header = False
         header = rfc822.parse(self._header, self._him)
+        if self._forgery is not None:
+            for w in self._forgery(self._last_sender, header.fields):
+                self._emit(("X-warning: %s\n" % w).encode())
         if not header.has_originator:
             self._emit(("From: %s\n" % self._last_sender).encode())
         if not header.has_destination:

@@ -25,6 +25,7 @@ import ipaddress
 
 from . import replies
 from .decision import Accept
+from .rfc822 import tokenize as header_tokens
 
 DEFAULT_OURNETS = (
     ipaddress.ip_network("127.0.0.1/32"),
@@ -134,3 +135,57 @@ def route(path, ours):
     if len(parts) == 1:
         return ("local", parts[0])
     return ("remote", "!".join(parts))
+
+
+def first_address(value):
+    """The first address in a header field value (rough, as upas's grammar)."""
+    tokens = [(k, t) for k, t in header_tokens(value) if k not in ("ws", "comment")]
+    texts = [t for _, t in tokens]
+    if "<" in texts:
+        start = texts.index("<") + 1
+        end = texts.index(">", start) if ">" in texts[start:] else len(texts)
+        return "".join(texts[start:end])
+    out = []
+    for k, t in tokens:
+        if k == "special" and t in ",;:":
+            if t == ":":  # a group name; the address follows
+                out = []
+                continue
+            break
+        out.append(t)
+    return "".join(out)
+
+
+def address_domain(addr, him):
+    """upas masquerade: after the last ``@``, else the first bang component, else him."""
+    if "@" in addr:
+        return addr.rsplit("@", 1)[1]
+    if "!" in addr:
+        return addr.split("!", 1)[0]
+    return him
+
+
+def forgery_warnings(sender, fields, him, ours):
+    """The ``X-warning:`` texts for an untrusted peer (spam.c masquerade).
+
+    ``sender`` is the last MAIL sender (bang form), ``fields`` the parsed
+    header fields as (lowercased name, value).  Mail from outside that
+    claims to come from one of our domains is tagged, unless a ``Sender:``
+    that is not ours shows it came through a mailing list.
+    """
+    warnings = []
+    if sender and sender != "/dev/null" and ours.is_ours(sender.split("!", 1)[0]):
+        warnings.append("suspect envelope domain")
+    check_from = True
+    for name, value in fields:
+        if name == "sender":
+            if ours.is_ours(address_domain(first_address(value), him)):
+                warnings.append("suspect Sender: domain")
+            else:
+                check_from = False
+                break
+    if check_from:
+        for name, value in fields:
+            if name == "from" and ours.is_ours(address_domain(first_address(value), him)):
+                warnings.append("suspect From: domain")
+    return warnings

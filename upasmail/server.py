@@ -16,22 +16,27 @@ twisted-notes.md §5 shows to be unsafe:
 * Replies use upas's texts (``replies``); validators' exceptions never
   drop the connection.
 
-Check order per command (upas smtpd.c):
+Check order per command (upas smtpd.c); every command marked * first
+passes the tarpit (``tarpit``: wait, too many errors, dial hard reject):
 
-HELO/EHLO  syntax → reply (``him`` = peer IP when dotless)
-MAIL       HELO given → no open transaction (ours) → syntax → validateFrom
-RCPT       HELO given → MAIL given (ours) → recipient limit (ours) → syntax
-           → relay → validateTo
-DATA       MAIL → RCPT → null sender to many (untrusted) → mailer ready → 354
+connect    -k banned → no protocol at all (factory); trusted? ratify IP action
+HELO/EHLO* syntax → lie checks (untrusted; ``helo``) → -D wait → reply
+MAIL*      AUTH required (-a, -E) → HELO given → no open transaction (ours)
+           → filterstate (ratify) → -r sender domain → validateFrom
+RCPT*      HELO given → MAIL given (ours) → recipient limit (ours)
+           → validateaddress, names.blocked → senders → relay → validateTo
+DATA*      MAIL → RCPT → (untrusted) null sender to many, validatesender
+           → filterstate action (dial, deny, block, delay; nospamfiltering)
+           → greylist (-g, untrusted) → mailer ready → 354
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from . import grammar, relay, replies
+from . import grammar, helo, ratify, relay, replies, spam, tarpit
 from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
 from .session import Recipient, Session
@@ -52,9 +57,10 @@ def _text(resp):
 
 class UpasESMTP(smtp.ESMTP):
     def __init__(self, settings, makeDelivery, clock, challengers=None,
-                 contextFactory=None):
+                 contextFactory=None, spamfilter=None):
         smtp.ESMTP.__init__(self, challengers or {}, contextFactory)
         self.settings = settings
+        self.spam = spamfilter
         self.makeDelivery = makeDelivery
         self.clock = clock
         self.callLater = clock.callLater  # TimeoutMixin schedules with this
@@ -68,6 +74,8 @@ class UpasESMTP(smtp.ESMTP):
         self._messages = None
         self._dataRefused = None
         self._quietWaiters = []
+        self._phaseTimer = None
+        self._lost = False
 
     def whenQuiet(self):
         """A Deferred that fires once no reply is pending (tests, shutdown)."""
@@ -83,18 +91,37 @@ class UpasESMTP(smtp.ESMTP):
         peer, host = self.transport.getPeer(), self.transport.getHost()
         rsys = relay.normalize_ip(getattr(peer, "host", str(peer)))
         lsys = relay.normalize_ip(getattr(host, "host", str(host)))
-        self.session = Session(rsys=rsys, lsys=lsys)
-        self.session.trusted = relay.is_trusted(rsys, self.settings.ournets)
-        self.session.ours = self.settings.ours.with_local_ip(lsys)
+        self.session = s = Session(rsys=rsys, lsys=lsys)
+        s.trusted, s.hisaction = self.spam.peer(rsys)
+        s.auth_required = self.settings.require_auth
+        s.ours = self.settings.ours.with_local_ip(lsys)
         self.delivery = self.makeDelivery(self.session)
         self._helo = (None, rsys)
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
         self.sendReply(220, replies.GREETING.format(dom=self.settings.dom))
         self.setTimeout(self.timeout)
+        # upas: one alarm for the whole command phase, until DATA starts
+        self._setPhaseTimer(self.settings.session_timeout)
 
     def connectionLost(self, reason):
+        self._lost = True
+        self._setPhaseTimer(None)
         self._abortMessages()
         smtp.ESMTP.connectionLost(self, reason)
+
+    def _setPhaseTimer(self, seconds):
+        if self._phaseTimer is not None and self._phaseTimer.active():
+            self._phaseTimer.cancel()
+        self._phaseTimer = None
+        if seconds:
+            self._phaseTimer = self.clock.callLater(seconds, self._phaseExpired)
+
+    def _phaseExpired(self):
+        """upas's alarm: the session ends with no reply at all."""
+        self._phaseTimer = None
+        log.info("session limit reached for {rsys}; closing", rsys=self.session.rsys)
+        self._abortMessages()
+        self.transport.loseConnection()
 
     def timeoutConnection(self):
         self.sendReply(421, replies.TIMEOUT.format(dom=self.settings.dom))
@@ -147,15 +174,22 @@ class UpasESMTP(smtp.ESMTP):
                         self.reply(reject(451, replies.LOCAL_ERROR))
                 if isinstance(result, defer.Deferred):
                     self._busy = True
-                    self.transport.pauseProducing()
+                    if not self.transport.disconnecting:
+                        self.transport.pauseProducing()
+                        self.setTimeout(None)  # the client is waiting for us
                     result.addBoth(self._replied)
             self._buf = buf[pos:]
         finally:
             self._draining = False
 
     def _replied(self, result):
+        if isinstance(result, Failure):
+            log.failure("command failed", result)
+            if not self._lost:
+                self.reply(reject(451, replies.LOCAL_ERROR))
         self._busy = False
-        if not self.transport.disconnecting:
+        if not self.transport.disconnecting and not self._lost:
+            self.setTimeout(self.timeout)
             self.transport.resumeProducing()
             self._drain()
         if not self._busy:
@@ -199,23 +233,66 @@ class UpasESMTP(smtp.ESMTP):
             cmd = grammar.parse(line)
         except grammar.CommandSyntaxError:
             return self.reply(replies.syntax_error())
-        return getattr(self, "cmd_" + cmd.verb)(cmd)
+        handler = getattr(self, "cmd_" + cmd.verb)
+        if cmd.verb not in tarpit.CHECKED:
+            return handler(cmd)
+        wait = tarpit.delay(self.session.rejects, self.settings.tarpit_unit,
+                            self.settings.tarpit_max)
+        if wait:
+            return task.deferLater(self.clock, wait, self._rejectchecked, handler, cmd)
+        return self._rejectchecked(handler, cmd)
+
+    def _rejectchecked(self, handler, cmd):
+        if self._lost:
+            return None
+        s = self.session
+        verdict = tarpit.rejectcheck(s.rejects, s.hardreject)
+        if not verdict.ok:
+            if verdict.hangup:
+                log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys)
+            return self.reply(verdict)
+        return handler(cmd)
+
+    def _later(self, units, f, *args):
+        """Run f after ``units`` tarpit units on our clock (-D)."""
+        wait = units * self.settings.tarpit_unit
+        if wait > 0:
+            return task.deferLater(self.clock, wait, f, *args)
+        return f(*args)
 
     def cmd_HELO(self, cmd):
         s = self.session
         him = cmd.arg
         if not self.settings.quiet:
             log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys, him=him)
+        if s.trusted or s.authenticated:
+            return self._hello(ACCEPT, cmd, him)
+        d = self.spam.helo_verdict(s, him)
+        return d.addCallback(self._hello, cmd, him)
+
+    def _hello(self, verdict, cmd, him):
+        s, settings = self.session, self.settings
+        delay = spam.HELO_DELAY if settings.helo_delay and not s.trusted else 0
+        prefix = []
+        if not verdict.ok:
+            if not settings.helo_lie_auth:
+                if not settings.quiet:
+                    log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=him)
+                return self._later(delay, self.reply, verdict)
+            prefix = [helo.YOU_LIE]
+            s.auth_required = True
         if "." not in him and "." in s.rsys:
             him = s.rsys
+        if settings.quiet:
+            log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys, him=him)
         s.him = him
         s.extended = cmd.verb == "EHLO"
         s.reset()  # RFC 5321 4.1.4: a new HELO/EHLO ends any transaction
         self._helo = (him.encode(), s.rsys.encode())
-        first = replies.HELO_OK.format(dom=self.settings.dom, him=him)
-        if not s.extended:
-            return self.sendReply(250, first)
-        self.sendReply(250, first, *self.ehloExtensions())
+        lines = prefix + [replies.HELO_OK.format(dom=settings.dom, him=him)]
+        if s.extended:
+            lines += self.ehloExtensions()
+        return self._later(delay, self.sendReply, 250, *lines)
 
     cmd_EHLO = cmd_HELO
 
@@ -229,6 +306,8 @@ class UpasESMTP(smtp.ESMTP):
 
     def cmd_MAIL(self, cmd):
         s = self.session
+        if s.auth_required and not s.authenticated:
+            return self.reply(reject(530, replies.AUTH_REQUIRED))
         if not s.him:
             return self.reply(reject(503, replies.HELO_FIRST_MAIL))
         if s.envelope.senders:
@@ -237,12 +316,26 @@ class UpasESMTP(smtp.ESMTP):
         if "!" not in path and path != NULL_SENDER:
             path = "%s!%s" % (s.him, path)
         envelope = s.envelope
+        state = self.spam.filterstate(s, path)
+        domain = path.split("!", 1)[0]
+        if state == ratify.ACCEPT and self.settings.verify_sender and path != NULL_SENDER:
+            if domain in s.refused_domains:
+                return self.reply(reject(554, spam.NO_SUCH_DOMAIN_MAIL.format(sender=path)))
+            d = self.spam.sender_domain(path)
+        else:
+            d = defer.succeed(state)
+
+        def decided(state):
+            if state == ratify.REFUSED:
+                s.refused_domains.add(domain)
+            envelope.filterstate = state
+            return self.delivery.validateFrom(self._helo, path)
 
         def accepted(_):
             envelope.senders.append(path)
             self.sendReply(250, replies.SENDER_OK.format(path=path))
 
-        d = defer.maybeDeferred(self.delivery.validateFrom, self._helo, path)
+        d.addCallback(decided)
         return d.addCallbacks(accepted, lambda f: self.reply(self._failureReply(f, "validateFrom")))
 
     def cmd_RCPT(self, cmd):
@@ -253,25 +346,46 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(reject(503, replies.RCPT_NO_MAIL))
         if len(s.envelope.recipients) >= MAX_RECIPIENTS:
             return self.reply(reject(452, replies.TOO_MANY_RCPTS, counts=False))
-        verdict = relay.check_recipient(
-            cmd.arg, s.rsys, s.trusted or s.authenticated,
-            self.settings.relay_control, s.ours,
-        )
-        if not verdict.ok:
-            log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})", sender=s.envelope.sender,
-                     him=s.him, rsys=s.rsys, rcpt=cmd.arg)
-            return self.reply(verdict)
-        path = verdict.value
         envelope = s.envelope
-        user = Recipient(path, self, self._helo, envelope.sender)
+        validators = self.spam.validators
+        d = validators.recipok(cmd.arg)
 
-        def accepted(factory):
+        def recipok(verdict):
+            if not verdict.ok:
+                if verdict.code == 550:
+                    log.info("Disallowed {sender} ({him}/{rsys}) to blocked name {rcpt}",
+                             sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                return verdict
+            return validators.senderok(cmd.arg, s.rsys).addCallback(senderok)
+
+        def senderok(verdict):
+            if not verdict.ok:
+                log.info("Disallowed sending IP of {sender} ({him}/{rsys}) to {rcpt}",
+                         sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                return verdict
+            # upas checks relaying only for ACCEPT: other states are refused at DATA
+            exempt = s.authenticated or envelope.filterstate != ratify.ACCEPT
+            verdict = relay.check_recipient(cmd.arg, s.rsys, exempt,
+                                            self.settings.relay_control, s.ours)
+            if not verdict.ok:
+                log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})", sender=envelope.sender,
+                         him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                return verdict
+            path = verdict.value
+            user = Recipient(path, self, self._helo, envelope.sender)
+            d = defer.maybeDeferred(self.delivery.validateTo, user)
+            return d.addCallback(lambda factory: (path, factory))
+
+        def done(result):
+            if isinstance(result, Reject):
+                return self.reply(result)
+            path, factory = result
             envelope.recipients.append(path)
             envelope.factories.append(factory)
             self.sendReply(250, replies.RECEIVER_OK.format(path=path))
 
-        d = defer.maybeDeferred(self.delivery.validateTo, user)
-        return d.addCallbacks(accepted, lambda f: self.reply(self._failureReply(f, "validateTo")))
+        d.addCallback(recipok)
+        return d.addCallbacks(done, lambda f: self.reply(self._failureReply(f, "validateTo")))
 
     def cmd_DATA(self, cmd):
         s = self.session
@@ -280,11 +394,53 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(reject(503, replies.DATA_NO_MAIL))
         if not env.recipients:
             return self.reply(reject(503, replies.DATA_NO_RCPT))
-        if not s.trusted and env.sender == NULL_SENDER and len(env.recipients) > 1:
+        if s.trusted or s.authenticated:
+            return self._startcmd(ACCEPT)
+        if env.sender == NULL_SENDER and len(env.recipients) > 1:
             return self.reply(reject(554, "5.7.1 " + replies.NULL_MULTI))
-        ready = getattr(self.delivery, "ready", lambda: ACCEPT)()
-        if not ready.ok:
-            return self.reply(ready)
+        d = self.spam.validators.sendermxcheck(env.sender, s.him, s.rsys)
+        return d.addCallback(self._startcmd)
+
+    def _startcmd(self, verdict):
+        """After sendermxcheck: the filterstate action, greylist, then 354."""
+        s = self.session
+        env = s.envelope
+        if not verdict.ok:
+            for rcpt in env.recipients:
+                log.info("[{him}/{rsys}] {sender} -> {rcpt} sendercheck: {err}", him=s.him,
+                         rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=verdict.text()[6:])
+            return self.reply(verdict)
+        state = env.filterstate
+        if state not in (ratify.ACCEPT, ratify.TRUSTED) and self.spam.opted_out(
+                env.recipients, s.ours):
+            state = ratify.ACCEPT
+        verdict, action = spam.startcmd(state, env.last_sender, self.settings.dom)
+        if state in spam.LOG_WORD:
+            for rcpt in env.recipients:
+                log.info("{what} {sender} ({him}/{rsys}) ({rcpt})", what=spam.LOG_WORD[state],
+                         sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt)
+        if not verdict.ok:
+            if state == "dial":
+                s.hardreject = True
+            return self.reply(verdict)
+        if action != "deliver":
+            s.rejects += 1  # upas counts the block before reading the message
+            return self._beginData(action)
+        if self.settings.greylist and not (s.trusted or s.authenticated):
+            d = self.spam.greylist_verdict(s)
+            return d.addCallback(lambda v: self._beginData(action) if v.ok else self.reply(v))
+        return self._beginData(action)
+
+    def _beginData(self, action):
+        if self._lost:
+            return None
+        s = self.session
+        env = s.envelope
+        if action == "deliver":
+            ready = getattr(self.delivery, "ready", lambda: ACCEPT)()
+            if not ready.ok:
+                return self.reply(ready)
+        env.action = action
         messages = []
         try:
             for factory in env.factories:
@@ -298,6 +454,8 @@ class UpasESMTP(smtp.ESMTP):
         self._messages = messages
         self._dataRefused = None
         self.mode = DATA
+        # upas: the command-phase alarm ends here; one DATA transfer has its own
+        self._setPhaseTimer(self.settings.data_timeout)
         self.sendReply(354, replies.GO_AHEAD)
 
     def state_DATA(self, line):
@@ -318,6 +476,7 @@ class UpasESMTP(smtp.ESMTP):
     def _endOfData(self):
         s = self.session
         self.mode = COMMAND
+        self._setPhaseTimer(None)  # upas: no session alarm after the first DATA
         messages, self._messages = self._messages, None
         env = s.envelope
         s.reset()
@@ -393,8 +552,9 @@ class UpasSMTPFactory(smtp.SMTPFactory):
     protocol = UpasESMTP
 
     def __init__(self, settings, makeDelivery, clock, portal=None,
-                 challengers=None, contextFactory=None):
+                 challengers=None, contextFactory=None, spamfilter=None):
         smtp.SMTPFactory.__init__(self, portal)
+        self.spam = spamfilter
         self.settings = settings
         self.makeDelivery = makeDelivery
         self.clock = clock
@@ -403,8 +563,12 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         self.domain = settings.dom
 
     def buildProtocol(self, addr):
+        # -k: a banned peer gets no protocol: the connection is closed
+        # before a byte is written, and nothing is logged (upas)
+        if self.spam.banned(relay.normalize_ip(getattr(addr, "host", ""))):
+            return None
         p = self.protocol(self.settings, self.makeDelivery, self.clock,
-                          self.challengers, self.contextFactory)
+                          self.challengers, self.contextFactory, self.spam)
         p.factory = self
         p.portal = self.portal
         return p

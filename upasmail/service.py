@@ -7,7 +7,8 @@
 ``makeSmtpdFactory`` gives just the protocol factory, for callers that do
 their own listening.  Everything with effects (reactor/clock, thread pool
 runner, mailer) is injectable; nothing here imports the global reactor
-unless no reactor is given.
+unless no reactor is given.  The DNS resolver (any ``twisted.names``
+IResolver) defaults to ``client.createResolver``, i.e. resolv.conf.
 """
 
 import re
@@ -19,7 +20,9 @@ from twisted.logger import Logger
 from .delivery import UpasDelivery
 from .mailer import Mailer
 from .server import UpasSMTPFactory
+from .spam import SpamFilter
 from .store import MailRoot
+from .trace import TraceFactory
 
 log = Logger(namespace="smtpd")
 
@@ -37,15 +40,26 @@ def threadRunner(reactor):
     return lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
 
+def makeResolver(reactor, address=None):
+    """A twisted.names resolver: resolv.conf, or the server at (host, port)."""
+    from twisted.names import client
+
+    if address is not None:
+        return client.Resolver(servers=[address], reactor=reactor)
+    return client.createResolver()  # resolv.conf and /etc/hosts, global reactor
+
+
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
-                     challengers=None, contextFactory=None, clock=None):
+                     challengers=None, contextFactory=None, clock=None, resolver=None):
     """The protocol factory; ``factory.root`` is its MailRoot.
 
-    ``reactor`` starts mailer processes; ``clock`` (default: the reactor)
-    times sessions, dates messages and limits the mailer.
+    ``reactor`` starts mailer and validator processes; ``clock`` (default:
+    the reactor) times sessions, tarpits, dates messages and limits
+    helper programs; ``resolver`` answers every DNS question.
     """
     reactor = _reactor(reactor)
     clock = clock or reactor
+    resolver = resolver or makeResolver(reactor)
     root = MailRoot(settings.root, run_blocking or threadRunner(reactor), clock)
     root.prepare()
     backend = root
@@ -55,8 +69,10 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     def makeDelivery(session):
         return UpasDelivery(session, settings, root, backend, clock)
 
+    spamfilter = SpamFilter(settings, resolver, reactor, clock)
     factory = UpasSMTPFactory(settings, makeDelivery, clock, portal=portal,
-                              challengers=challengers, contextFactory=contextFactory)
+                              challengers=challengers, contextFactory=contextFactory,
+                              spamfilter=spamfilter)
     factory.root = root
     return factory
 
@@ -80,8 +96,11 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
             listen=listen,
         )
     top = service.MultiService()
+    listening = factory
+    if settings.debug:
+        listening = TraceFactory(factory, settings.path("log_dir"), kw.get("clock") or reactor)
     server = internet.StreamServerEndpointService(
-        endpoints.serverFromString(reactor, listen), factory
+        endpoints.serverFromString(reactor, listen), listening
     )
     server._raiseSynchronously = True  # a port we cannot bind stops start-up
     server.setServiceParent(top)

@@ -16,6 +16,8 @@ class Envelope:
     recipients: List[str] = field(default_factory=list)
     factories: List[object] = field(default_factory=list)
     message: Optional[object] = None  # the IMessage shared by all recipients
+    filterstate: str = "accept"  # upas filterstate, set at MAIL (ratify)
+    action: str = "deliver"  # at DATA: deliver, block or delay (dump it)
 
     @property
     def sender(self):
@@ -37,6 +39,10 @@ class Session:
     trusted: bool = False
     authenticated: bool = False
     rejects: int = 0
+    hisaction: str = "accept"  # ratify action for the peer IP, at connect
+    hardreject: bool = False  # after a dial refusal: refuse every command
+    auth_required: bool = False  # -a, or -E after a HELO lie
+    refused_domains: set = field(default_factory=set)  # -r: NXDOMAIN senders
     envelope: Envelope = field(default_factory=Envelope)
 
     def reset(self):

@@ -13,6 +13,7 @@ Flags win over smtpd.conf as upas does: the file can switch ``-f`` on but
 never off.  Relay control itself is on unless ``norelay off``.
 """
 
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -56,6 +57,38 @@ class Settings:
     message_limit: int = 128 * 1024 * 1024
     quiet: bool = False
     conf: SmtpdConf = field(default_factory=SmtpdConf)
+    # anti-abuse (spec §1.7, §1.9-1.17); see docs/configuration.rst
+    relax_helo: bool = False  # -e
+    helo_lie_auth: bool = False  # -E
+    helo_delay: bool = False  # -D: 15 tarpit units before HELO replies
+    verify_sender: bool = False  # -r or verifysenderdom on
+    greylist: bool = False  # -g
+    save_blocked: bool = False  # -s or saveblockedmsg on
+    require_auth: bool = False  # -a
+    evil: Tuple[object, ...] = ()  # -k networks
+    debug: bool = False  # -d
+    lib: Optional[str] = None  # upas /mail/lib; default <root>/lib
+    blocked: Optional[str] = None  # ratify file; default <lib>/blocked
+    trusted_dir: Optional[str] = None  # grants; default <lib>/trusted.d
+    log_dir: Optional[str] = None  # -d traces; default <root>/log
+    tarpit_unit: float = 1.0  # seconds per upas tarpit second
+    tarpit_max: float = 300.0  # longest single tarpit wait
+    session_timeout: float = 45 * 60.0  # upas: command phase until first DATA
+    data_timeout: float = 145 * 60.0  # upas: one DATA transfer
+    validator_timeout: float = 60.0
+    dns_timeout: float = 20.0
+
+    def path(self, name):
+        """Where a file lives: the explicit setting, else upas's place."""
+        lib = self.lib or os.path.join(self.root, "lib")
+        defaults = {
+            "lib": lib,
+            "blocked": self.blocked or os.path.join(lib, "blocked"),
+            "trusted_dir": self.trusted_dir or os.path.join(lib, "trusted.d"),
+            "log_dir": self.log_dir or os.path.join(self.root, "log"),
+            "grey": os.path.join(self.root, "grey"),
+        }
+        return defaults[name]
 
     @property
     def dom(self):
@@ -74,6 +107,9 @@ def merge(conf, *, sysname=None, domain=None, norelay_flag=False, fqdn=None, **r
     """Build Settings from smtpd.conf and flags (flags win)."""
     ident = identity(sysname, domain, conf.defaultdomain, fqdn)
     relay_control = True if norelay_flag else (conf.norelay is not False)
+    # the file may switch these on, never off (upas)
+    rest["verify_sender"] = rest.get("verify_sender", False) or conf.verifysenderdom
+    rest["save_blocked"] = rest.get("save_blocked", False) or conf.saveblockedmsg
     return Settings(
         identity=ident,
         relay_control=relay_control,

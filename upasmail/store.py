@@ -6,6 +6,8 @@ Layout under ``<root>`` (upas's /mail, relocated):
 ``box/<user>/mbox`` local mailboxes (``mbox``)
 ``queue/``          outbound jobs: ``<id>.msg`` (the mailer stream) and
                     ``<id>.env`` (JSON envelope), for the outbound queue
+``queue.dump/<MonD>/<n>``  blocked messages kept with ``-s`` (upas [4E]
+                    directory names such as ``Mar7``; ``n`` a decimal number)
 
 Durability promise: a message is acknowledged (250) only after every file
 it went into, and every directory entry that was created for it, has been
@@ -24,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import mbox
+from .pipemsg import MONTHS
 from .decision import ACCEPT
 
 log = Logger(namespace="smtpd")
@@ -77,6 +80,20 @@ class GroupCommit:
             self._kick()
 
         defer.maybeDeferred(self._run, self._fsync, paths).addBoth(done)
+
+
+def dump_dir_name(seconds):
+    """upas [4E] dump directory: month and unpadded day, e.g. ``Mar7``."""
+    t = time.localtime(seconds)
+    return "%s%d" % (MONTHS[t.tm_mon - 1], t.tm_mday)
+
+
+def dump_number(sender, attempt):
+    """upas dumpfile: a hash of the sender plus a random number."""
+    h = 0
+    for b in sender.encode("utf-8", "replace"):
+        h = (h * 257 + b) & 0xFFFFFFFF
+    return str((h + secrets.randbelow(1 << 31) + attempt) & 0x7FFFFFFF)
 
 
 def new_id(clock_seconds):
@@ -133,6 +150,23 @@ class MailRoot:
 
     def ready(self):
         return ACCEPT
+
+    def dump(self, spool_path, sender):
+        """Keep a blocked message under queue.dump (``-s``); fires with its path."""
+        return self._run(self._dump, spool_path, sender)
+
+    def _dump(self, spool_path, sender):
+        d = os.path.join(self.root, "queue.dump", dump_dir_name(self._clock.seconds()))
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        for attempt in range(50):
+            path = os.path.join(d, dump_number(sender, attempt))
+            try:
+                os.link(spool_path, path)
+            except FileExistsError:
+                continue
+            fsync_paths([path, d])
+            return path
+        raise OSError("no free name in %s" % d)
 
     def _store(self, spool_path, envelope):
         paths = []

@@ -12,17 +12,10 @@ import sys
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import service, settings
+from . import ratify, service, settings
 from .mailer import resolve as resolve_mailer
 
 NOT_YET = {
-    "debug": "-d (protocol trace)",
-    "verify-sender-domain": "-r (sender DNS check)",
-    "save-blocked": "-s (save blocked messages)",
-    "greylist": "-g (greylisting)",
-    "relax-helo": "-e (relaxed HELO checks)",
-    "helo-lie-auth": "-E (HELO lie requires AUTH)",
-    "delay": "-D (tarpit delay)",
     "require-auth": "-a (require AUTH)",
     "clear-passwords": "-p (plaintext AUTH)",
 }
@@ -36,15 +29,16 @@ class Options(usage.Options):
                 "to <root>/queue/, or everything to the -m mailer.")
 
     optFlags = [
-        ["debug", "d", "protocol trace of every connection (not yet supported)"],
-        ["verify-sender-domain", "r", "check the sender's domain in DNS (not yet supported)"],
+        ["debug", "d", "trace every byte of every connection to <log-dir>/smtpdb/"],
+        ["verify-sender-domain", "r", "refuse senders whose domain does not exist in DNS "
+                                      "(upas's historic check)"],
         ["norelay", "f", "refuse relaying for untrusted peers (the default here; "
                          "also overrides 'norelay off' in smtpd.conf)"],
-        ["save-blocked", "s", "save blocked messages under <root>/queue.dump (not yet supported)"],
-        ["greylist", "g", "greylist untrusted peers (not yet supported)"],
-        ["relax-helo", "e", "relaxed HELO checks (not yet supported)"],
-        ["helo-lie-auth", "E", "a HELO lie requires AUTH instead of a hang-up (not yet supported)"],
-        ["delay", "D", "tarpit delay before HELO replies (not yet supported)"],
+        ["save-blocked", "s", "save blocked messages under <root>/queue.dump/<MonD>/"],
+        ["greylist", "g", "greylist untrusted peers (state in <root>/grey/)"],
+        ["relax-helo", "e", "skip the extra HELO checks (reserved names, literals, DNS)"],
+        ["helo-lie-auth", "E", "a HELO lie requires AUTH instead of a hang-up"],
+        ["delay", "D", "wait 15 tarpit units before HELO replies to untrusted peers"],
         ["require-auth", "a", "require AUTH before MAIL (not yet supported)"],
         ["clear-passwords", "p", "allow PLAIN/LOGIN without TLS (not yet supported)"],
         ["quiet", "q", "log HELO only after it passes"],
@@ -60,8 +54,22 @@ class Options(usage.Options):
         ["root", None, "mail", "mail root directory"],
         ["sysname", None, None, "our host name (upas $site); default: the machine's"],
         ["resolver", None, None, "DNS server HOST:PORT for every lookup (default: resolv.conf)"],
+        ["lib", None, None, "upas /mail/lib: blocked, validateaddress, validatesender, "
+                            "names.blocked, senders (default: <root>/lib)"],
+        ["blocked", None, None, "ratify list file (default: <lib>/blocked)"],
+        ["trusted-dir", None, None, "temporary trusted grants, one file per IP "
+                                    "(default: <lib>/trusted.d)"],
+        ["log-dir", None, None, "directory for -d traces (default: <root>/log)"],
+        ["tarpit-unit", None, 1.0, "seconds per upas tarpit second (0 turns waits off)", float],
+        ["tarpit-max", None, 300.0, "longest single tarpit wait, in seconds", float],
         ["mailer-timeout", None, 600.0, "seconds a -m mailer may run", float],
+        ["validator-timeout", None, 60.0, "seconds a validator hook may run", float],
+        ["dns-timeout", None, 20.0, "seconds a DNS check may take", float],
         ["idle-timeout", None, 300.0, "seconds a client may stay silent", float],
+        ["session-timeout", None, 2700.0, "seconds from connect until DATA must have "
+                                          "started (upas: 45 min)", float],
+        ["data-timeout", None, 8700.0, "seconds one DATA transfer may take "
+                                       "(upas: 145 min)", float],
     ]
 
     def __init__(self):
@@ -69,7 +77,7 @@ class Options(usage.Options):
         self["evil"] = []
 
     def opt_k(self, value):
-        """banned peer IP or CIDR; may be repeated (not yet supported)"""
+        """banned peer IP or CIDR, dropped at connect; may be repeated"""
         try:
             self["evil"].append(smtpdconf.parse_network(value))
         except ValueError as e:
@@ -79,8 +87,6 @@ class Options(usage.Options):
 
     def postOptions(self):
         wanted = [NOT_YET[k] for k in NOT_YET if self[k]]
-        if self["evil"]:
-            wanted.append("-k (banned peers)")
         if self["cert"]:
             wanted.append("-c (STARTTLS)")
         config = smtpdconf.SmtpdConf()
@@ -89,29 +95,56 @@ class Options(usage.Options):
                 config = smtpdconf.load(self["conf"])
             except smtpdconf.ConfigError as e:
                 raise SystemExit("upas-smtpd: %s" % e)
-        if config.verifysenderdom:
-            wanted.append("smtpd.conf verifysenderdom on")
-        if config.saveblockedmsg:
-            wanted.append("smtpd.conf saveblockedmsg on")
         if wanted:
             raise SystemExit("upas-smtpd: not yet supported: " + ", ".join(wanted))
         if self["resolver"]:
             self["resolverAddress"] = parse_hostport(self["resolver"])
         if self["mailer"] and resolve_mailer(self["mailer"]) is None:
             raise SystemExit("upas-smtpd: -m %s: no such executable" % self["mailer"])
-        if self["idle-timeout"] <= 0 or self["mailer-timeout"] <= 0:
-            raise usage.UsageError("timeouts must be positive")
-        self["settings"] = settings.merge(
+        for name in ("idle-timeout", "mailer-timeout", "validator-timeout", "dns-timeout",
+                     "session-timeout", "data-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError("--%s must be positive" % name)
+        if self["tarpit-unit"] < 0 or self["tarpit-max"] < 0:
+            raise usage.UsageError("tarpit settings cannot be negative")
+        root = os.path.abspath(self["root"])
+        paths = {k: os.path.abspath(self[o]) if self[o] else None
+                 for k, o in (("lib", "lib"), ("blocked", "blocked"),
+                              ("trusted_dir", "trusted-dir"), ("log_dir", "log-dir"))}
+        self["settings"] = s = settings.merge(
             config,
             sysname=self["sysname"],
             domain=self["domain"],
             norelay_flag=self["norelay"],
-            root=os.path.abspath(self["root"]),
+            root=root,
             mailer=self["mailer"],
             mailer_timeout=self["mailer-timeout"],
             idle_timeout=self["idle-timeout"],
             quiet=self["quiet"],
+            relax_helo=self["relax-helo"],
+            helo_lie_auth=self["helo-lie-auth"],
+            helo_delay=self["delay"],
+            verify_sender=self["verify-sender-domain"],
+            greylist=self["greylist"],
+            save_blocked=self["save-blocked"],
+            evil=tuple(self["evil"]),
+            debug=self["debug"],
+            tarpit_unit=self["tarpit-unit"],
+            tarpit_max=self["tarpit-max"],
+            validator_timeout=self["validator-timeout"],
+            dns_timeout=self["dns-timeout"],
+            session_timeout=self["session-timeout"],
+            data_timeout=self["data-timeout"],
+            **paths,
         )
+        # a broken ratify file stops start-up; later edits that break it are
+        # logged and the last good version stays in force
+        if os.path.exists(s.path("blocked")):
+            try:
+                with open(s.path("blocked"), encoding="utf-8") as f:
+                    ratify.parse(f.read(), s.path("blocked"))
+            except (smtpdconf.ConfigError, OSError, UnicodeDecodeError) as e:
+                raise SystemExit("upas-smtpd: %s" % e)
 
 
 def parse_hostport(text):
@@ -126,8 +159,11 @@ def makeService(options):
     if options["netdir"]:
         print("upas-smtpd: -n %s ignored: the peer address comes from the connection"
               % options["netdir"], file=sys.stderr)
+    from twisted.internet import reactor
+
+    resolver = service.makeResolver(reactor, options.get("resolverAddress"))
     try:
-        return service.makeSmtpdService(s, options["listen"])
+        return service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
     except OSError as e:
         raise SystemExit("upas-smtpd: mail root %s: %s" % (s.root, e.strerror or e))
 

@@ -6,6 +6,7 @@ Importable by users' own tests too.
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
+from twisted.names import common, dns, error
 
 from . import conf as smtpdconf
 from . import settings as smtpdsettings
@@ -25,7 +26,86 @@ def address(ip, port):
 def make_settings(conf_text="", root="mail", sysname="gnot.example.org", **kw):
     config = smtpdconf.parse(conf_text, "smtpd.conf")
     kw.setdefault("fqdn", sysname)
+    kw.setdefault("tarpit_unit", 0.0)  # spec §3: tarpit sleeps are 0 unless tested
     return smtpdsettings.merge(config, sysname=sysname, root=root, **kw)
+
+
+class FakeResolver(common.ResolverBase):
+    """An IResolver from a dict: ``{"name": [dns.Record_A("192.0.2.1"), ...]}``.
+
+    Names not in the dict are NXDOMAIN, unless ``everything_exists``
+    (then they have the A record 192.0.2.1).  Names in ``failing`` get a
+    server failure; names in ``hanging`` never answer.  ``queries``
+    records (name, type) in order.
+    """
+
+    def __init__(self, records=None, everything_exists=False, failing=(), hanging=()):
+        common.ResolverBase.__init__(self)
+        self.records = {self._key(k): list(v) for k, v in (records or {}).items()}
+        self.everything_exists = everything_exists
+        self.failing = {self._key(n) for n in failing}
+        self.hanging = {self._key(n) for n in hanging}
+        self.queries = []
+
+    @staticmethod
+    def _key(name):
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        return name.lower().rstrip(".")
+
+    def _lookup(self, name, cls, type, timeout):
+        key = self._key(name)
+        self.queries.append((key, type))
+        if key in self.hanging:
+            return defer.Deferred()
+        if key in self.failing:
+            return defer.fail(error.DNSServerError(key))
+        if key not in self.records:
+            if not self.everything_exists:
+                return defer.fail(error.DNSNameError(key))
+            payloads = [dns.Record_A("192.0.2.1")]
+        else:
+            payloads = self.records[key]
+        answers = [dns.RRHeader(key, p.TYPE, dns.IN, 60, p) for p in payloads
+                   if type in (dns.ALL_RECORDS, p.TYPE)]
+        return defer.succeed((answers, [], []))
+
+
+def serveDNS(reactor, resolver, interface="127.0.0.1", port=0):
+    """Serve ``resolver`` as an authoritative DNS server (UDP and TCP).
+
+    Returns the UDP port (its ``tcpPort`` attribute is the TCP one); answers
+    NXDOMAIN for DNSNameError and SERVFAIL for DNSServerError.
+    """
+    from twisted.names import server
+
+    class Factory(server.DNSServerFactory):
+        def gotResolverError(self, failure, protocol, message, address):
+            if failure.check(error.DNSServerError):  # Twisted would say NXDOMAIN
+                response = self._responseFromMessage(message=message, rCode=dns.ESERVER)
+                return self.sendReply(protocol, response, address)
+            return server.DNSServerFactory.gotResolverError(
+                self, failure, protocol, message, address)
+
+    factory = Factory(authorities=[resolver])
+    udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=interface)
+    tcp = reactor.listenTCP(udp.getHost().port, factory, interface=interface)
+    udp.tcpPort = tcp
+    return udp
+
+
+def zone_from_json(data):
+    """{"name": [["A", "192.0.2.1"], ["MX", "10 mx.example"]], ...} -> records."""
+    records = {}
+    for name, rrs in data.items():
+        out = records.setdefault(name, [])
+        for rtype, value in rrs:
+            if rtype == "MX":
+                pref, host = value.split()
+                out.append(dns.Record_MX(int(pref), host))
+            else:
+                out.append(getattr(dns, "Record_" + rtype)(value))
+    return records
 
 
 def _wire(lines):
@@ -40,12 +120,18 @@ class Dialogue:
     """
 
     def __init__(self, settings, peer="127.0.0.2", local="127.0.0.1", clock=None,
-                 reactor=None, run_blocking=run_now):
+                 reactor=None, run_blocking=run_now, resolver=None):
         self.clock = clock or task.Clock()
+        self.resolver = resolver or FakeResolver(everything_exists=True)
         self.factory = makeSmtpdFactory(settings, reactor=reactor or self.clock,
-                                        run_blocking=run_blocking, clock=self.clock)
+                                        run_blocking=run_blocking, clock=self.clock,
+                                        resolver=self.resolver)
         self.root = self.factory.root
         self.proto = self.factory.buildProtocol(address(peer, 4321))
+        if self.proto is None:  # -k: refused before any byte
+            self.transport = StringTransport()
+            self.greeting = []
+            return
         self.transport = StringTransport(
             peerAddress=address(peer, 4321), hostAddress=address(local, 25)
         )
@@ -70,6 +156,8 @@ class Dialogue:
         return self.proto.whenQuiet().addCallback(lambda _: self.take())
 
     def close(self):
+        if self.proto is None:
+            return
         if not self.transport.disconnecting:
             self.proto.connectionLost(None)
         self.proto.setTimeout(None)

@@ -1,0 +1,120 @@
+"""Greylisting (``-g``; upas greylist.c ``vfysenderhostok``).
+
+Spec upas-behaviour.md §1.10.2.  State lives in files, so it survives a
+restart, in upas's layout under the mail root:
+
+``grey/whitelist``                  one IP or CIDR per line (first token),
+                                    ``#`` comments; a bare IP is that host
+``grey/tmp/<lsys>/<rsys>/<user>``   one file per (our IP, peer IP,
+                                    recipient user); its mtime is the time
+                                    of the last attempt
+
+At DATA, a peer that is not whitelisted passes when, for some recipient,
+its previous attempt was between 5 minutes and 14 hours ago; every
+attempt (passing or not) refreshes the mtime, so an impatient retry
+restarts the 5 minutes.  A peer that passes is appended to the whitelist
+as ``<rsys> <ptr name>``.  Otherwise: ``451 please try again soon from
+the same IP.`` and the connection is closed.
+
+Times come from the injected clock (the mtime is set with ``os.utime``),
+so tests need no real waiting.  Trusted and authenticated peers are not
+greylisted (upas [9F] greylists trusted peers too; see deviations).
+"""
+
+import errno
+import os
+
+from twisted.logger import Logger
+
+from .conf import ConfigError, parse_network, tokenize
+from .decision import ACCEPT, Accept, reject
+from .relay import in_nets
+from .ratify import WatchedFile
+
+log = Logger(namespace="smtpd")
+
+MIN_AGE = 5 * 60
+MAX_AGE = 14 * 60 * 60
+NEWLY_WHITE = "newly white"
+TRY_AGAIN = "please try again soon from the same IP."
+
+
+def parse_whitelist(text, filename="whitelist"):
+    nets = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        tokens = tokenize(raw.split(None, 1)[0] if raw.strip() else "")
+        if not tokens:
+            continue
+        try:
+            nets.append(parse_network(tokens[0]))
+        except ValueError as e:
+            raise ConfigError("%s:%d: %s" % (filename, lineno, e)) from None
+    return tuple(nets)
+
+
+def user_of(rcpt):
+    """The greylist file name for a recipient, or None to skip it."""
+    user = rcpt.rsplit("!", 1)[-1]
+    if not user or "/" in user or user in (".", "..") or "\0" in user:
+        return None
+    return user
+
+
+def is_recent(age):
+    return MIN_AGE <= age <= MAX_AGE
+
+
+class Greylist:
+    def __init__(self, directory, clock):
+        self.directory = directory
+        self.tmp = os.path.join(directory, "tmp")
+        self.whitelist_path = os.path.join(directory, "whitelist")
+        self.clock = clock
+        self._whitelist = WatchedFile(self.whitelist_path, parse_whitelist, ())
+
+    def whitelisted(self, rsys):
+        return in_nets(rsys, self._whitelist.current())
+
+    def check(self, lsys, rsys, recipients):
+        """Record this attempt; True when some recipient's earlier one was recent."""
+        now = self.clock.seconds()
+        recent = False
+        for rcpt in recipients:
+            user = user_of(rcpt)
+            if user is None:
+                continue
+            d = os.path.join(self.tmp, lsys, rsys)
+            path = os.path.join(d, user)
+            os.makedirs(d, exist_ok=True)
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                log.info("no call registered for {rsys}/{rcpt}; registering",
+                         rsys=rsys, rcpt=rcpt)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                age = now - os.stat(path).st_mtime
+                if is_recent(age):
+                    log.info("{rsys}/{rcpt} was grey; adding IP to white", rsys=rsys, rcpt=rcpt)
+                    recent = True
+                else:
+                    log.info("call for {rsys}/{rcpt} was just minutes ago or long ago",
+                             rsys=rsys, rcpt=rcpt)
+            os.utime(path, (now, now))
+        return recent
+
+    def whitelist(self, rsys, name=None):
+        os.makedirs(self.directory, exist_ok=True)
+        with open(self.whitelist_path, "a") as f:
+            f.write("%s %s\n" % (rsys, name) if name else "%s\n" % rsys)
+
+    def verdict(self, lsys, rsys, recipients):
+        """ACCEPT, the 451 hang-up, or ``Accept(NEWLY_WHITE)``: pass and
+        append the peer to the whitelist."""
+        if self.whitelisted(rsys):
+            return ACCEPT
+        if self.check(lsys, rsys, recipients):
+            return Accept(NEWLY_WHITE)
+        log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
+                 rsys=rsys)
+        return reject(451, TRY_AGAIN, hangup=True)

@@ -1,0 +1,159 @@
+"""The optional validator hooks in ``<lib>`` (upas /mail/lib), spam.c.
+
+Spec upas-behaviour.md §1.9 (items 45-47) and §1.10.1:
+
+``validateaddress``  executable; run as ``validateaddress <rcpt>`` at RCPT.
+                     Non-zero exit: ``550 5.1.1 <rcpt> ... user unknown``.
+``names.blocked``    lines whose first token (ends at a blank or ``#``) is
+                     a recipient path refused like an unknown user; any case.
+``senders``          lines ``<rcpt> <ip-or-name>``: mail to that recipient
+                     (bang path, exact case) must come from one of the
+                     listed IPs, or from an A/AAAA record of a listed name;
+                     else ``550 5.7.1 <rcpt> ... sending system not allowed``.
+``validatesender``   executable; run at DATA for untrusted peers as
+                     ``validatesender -n /net <domain> <user> <rsys> <him>``.
+                     Exit 0 passes; otherwise the last line of its stderr
+                     (or stdout) is the status: ``rejected: ...`` gives
+                     ``554 5.7.1 <status>``, anything else ``450 4.7.0 <status>``.
+
+The files are re-read when they change.  Programs run under
+``process.run`` with a timeout: a hung or unstartable validator gives a
+temporary (4xx) refusal, never a hung session.
+"""
+
+import ipaddress
+import os
+import re
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from . import dnscheck, process
+from .address import NULL_SENDER
+from .decision import ACCEPT, reject
+from .ratify import WatchedFile
+
+log = Logger(namespace="smtpd")
+
+USER_UNKNOWN = "5.1.1 {path} ... user unknown"
+NOT_ALLOWED = "5.7.1 {path} ... sending system not allowed"
+CHECK_LATER = "4.3.0 {path} ... cannot check this address now; try again later"
+_RC_PREFIX = re.compile(r"^validatesender(?: \d+)?: ")
+
+
+def parse_names_blocked(text, filename="names.blocked"):
+    names = set()
+    for raw in text.splitlines():
+        token = re.split(r"[ \t#]", raw.lstrip(" \t"), 1)[0]
+        if token:
+            names.add(token.lower())
+    return frozenset(names)
+
+
+def parse_senders(text, filename="senders"):
+    table = {}
+    for raw in text.splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        tokens = raw.split()
+        if len(tokens) == 2:
+            table.setdefault(tokens[0], []).append(tokens[1])
+    return table
+
+
+def _ip_equal(a, b):
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def sender_status(outcome):
+    """The verdict for validatesender's outcome (pure)."""
+    if outcome.ok:
+        return ACCEPT
+    if not outcome.started:
+        text = "deferred: fork: cannot start validatesender"
+    elif outcome.timed_out:
+        text = "deferred: validatesender timed out"
+    else:
+        text = _RC_PREFIX.sub("", outcome.status())
+    if text.startswith("rejected:"):
+        return reject(554, "5.7.1 " + text)
+    return reject(450, "4.7.0 " + text)
+
+
+class Validators:
+    def __init__(self, lib, reactor, clock, resolver, timeout=60.0):
+        self.lib = lib
+        self.reactor = reactor
+        self.clock = clock
+        self.resolver = resolver
+        self.timeout = timeout
+        self.validateaddress = os.path.join(lib, "validateaddress")
+        self.validatesender = os.path.join(lib, "validatesender")
+        self._names_blocked = WatchedFile(os.path.join(lib, "names.blocked"),
+                                          parse_names_blocked, frozenset())
+        self._senders = WatchedFile(os.path.join(lib, "senders"), parse_senders, {})
+
+    def _program(self, path):
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+    @defer.inlineCallbacks
+    def recipok(self, rcpt):
+        """validateaddress, then names.blocked; fires with a verdict."""
+        if "\r" in rcpt or "\n" in rcpt:
+            log.info("shellchars in user name")
+            return reject(550, USER_UNKNOWN.format(path=rcpt))
+        program = self._program(self.validateaddress)
+        if program:
+            outcome = yield process.run(self.reactor, self.clock, [program, rcpt], self.timeout)
+            if not outcome.started or outcome.timed_out:
+                log.warn("validateaddress {rcpt}: {why}", rcpt=rcpt,
+                         why="timed out" if outcome.timed_out else "cannot start")
+                return reject(450, CHECK_LATER.format(path=rcpt))
+            if not outcome.ok:
+                return reject(550, USER_UNKNOWN.format(path=rcpt))
+        if rcpt.lower() in self._names_blocked.current():
+            log.info("names.blocked blocks {rcpt}", rcpt=rcpt)
+            return reject(550, USER_UNKNOWN.format(path=rcpt))
+        return ACCEPT
+
+    @defer.inlineCallbacks
+    def senderok(self, rcpt, rsys):
+        """The ``senders`` file: may ``rsys`` send to ``rcpt``?"""
+        allowed = self._senders.current().get(rcpt)
+        if not allowed:
+            return ACCEPT
+        tempfail = False
+        for value in allowed:
+            if _ip_equal(value, rsys):
+                return ACCEPT
+            try:
+                ipaddress.ip_address(value)
+                continue
+            except ValueError:
+                pass
+            status, ips = yield dnscheck.addresses(self.resolver, value, self.clock)
+            if any(_ip_equal(ip, rsys) for ip in ips):
+                return ACCEPT
+            tempfail = tempfail or status == dnscheck.TEMPFAIL
+        if tempfail:
+            return reject(450, CHECK_LATER.format(path=rcpt))
+        return reject(550, NOT_ALLOWED.format(path=rcpt))
+
+    @defer.inlineCallbacks
+    def sendermxcheck(self, sender, him, rsys):
+        """validatesender for the first MAIL sender (untrusted peers)."""
+        program = self._program(self.validatesender)
+        if program is None:
+            return ACCEPT
+        who = "%s!postmaster" % him if sender == NULL_SENDER else sender
+        if "!" not in who:
+            return reject(554, "5.7.1 rejected: domainless sender %s" % who)
+        domain, user = who.split("!", 1)
+        if any(c in s for s in (domain, user, him) for c in "\r\n"):
+            return reject(554, "5.7.1 rejected: evil sender/domain/helo")
+        argv = [program, "-n", "/net", domain, user, rsys, him]
+        outcome = yield process.run(self.reactor, self.clock, argv, self.timeout)
+        return sender_status(outcome)
