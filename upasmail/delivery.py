@@ -22,6 +22,7 @@ Any failure to store turns into ``451 4.3.0`` and no mailbox keeps a
 partial message.
 """
 
+import functools
 import os
 import re
 
@@ -31,7 +32,7 @@ from twisted.mail import smtp
 from zope.interface import implementer
 
 from . import pipemsg, relay, replies, spam
-from .decision import ACCEPT, reject
+from .decision import reject
 from .session import Transaction
 
 log = Logger(namespace="smtpd")
@@ -114,11 +115,8 @@ class UpasMessage:
         date = pipemsg.plan9_date(delivery.clock.seconds())
         forgery = None
         if settings.relay_control and not (s.trusted or s.authenticated):
-            ours = s.ours
-
-            def forgery(sender, fields):
-                return relay.forgery_warnings(sender, fields, s.him, ours)
-
+            # upas tags forgeries only when it controls relaying (-f)
+            forgery = functools.partial(relay.forgery_warnings, him=s.him, ours=s.ours)
         self.stream = pipemsg.MailerStream(
             self._write, envelope.sender, envelope.last_sender,
             list(envelope.recipients), s.him, s.rsys, settings.me, date, forgery,
