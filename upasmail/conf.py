@@ -127,16 +127,21 @@ def parse(text, filename="smtpd.conf"):
     )
 
 
-def load(path):
-    """Read and parse a file; unreadable or undecodable files are errors."""
+def read_text(path):
+    """A policy file's text; unreadable or undecodable files are ConfigErrors."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError("%s: cannot read: %s" % (path, e.strerror or e)) from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ConfigError("%s:%d: not UTF-8 text" % (path, line)) from None
+
+
+def load(path):
+    """Read and parse smtpd.conf; raise ConfigError."""
+    text = read_text(path)
     return parse(text, path)

@@ -32,7 +32,7 @@ from typing import Dict, Tuple
 
 from twisted.logger import Logger
 
-from .conf import ConfigError, parse_network, tokenize
+from .conf import ConfigError, parse_network, read_text, tokenize
 from .relay import domain_matches, in_nets, normalize_ip
 
 log = Logger(namespace="smtpd")
@@ -144,6 +144,11 @@ def parse(text, filename="blocked"):
     )
 
 
+def load(path):
+    """Read and parse a ``blocked`` file; raise ConfigError."""
+    return parse(read_text(path), path)
+
+
 class WatchedFile:
     """A parsed file that is re-read when it changes, as ratfs does.
 
@@ -176,14 +181,7 @@ class WatchedFile:
             return self._value
         self._stamp = stamp
         try:
-            with open(self.path, "rb") as f:
-                text = f.read().decode("utf-8")
-            self._value = self._parse(text, self.path)
-        except UnicodeDecodeError:
-            log.error("{path}: not UTF-8 text; keeping the previous version", path=self.path)
-        except OSError as e:
-            log.error("{path}: cannot read: {err}; keeping the previous version",
-                      path=self.path, err=e.strerror or e)
+            self._value = self._parse(read_text(self.path), self.path)
         except ConfigError as e:
             log.error("{err}; keeping the previous version", err=e)
         return self._value

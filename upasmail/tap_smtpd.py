@@ -141,9 +141,8 @@ class Options(usage.Options):
         # logged and the last good version stays in force
         if os.path.exists(s.path("blocked")):
             try:
-                with open(s.path("blocked"), encoding="utf-8") as f:
-                    ratify.parse(f.read(), s.path("blocked"))
-            except (smtpdconf.ConfigError, OSError, UnicodeDecodeError) as e:
+                ratify.load(s.path("blocked"))
+            except smtpdconf.ConfigError as e:
                 raise SystemExit("upas-smtpd: %s" % e)
 
 
