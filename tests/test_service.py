@@ -3,6 +3,7 @@
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
+from twisted.python import usage
 
 from upasmail import service, tap_smtpd, testing
 
@@ -67,12 +68,24 @@ def test_options_defaults_and_flags(tmp_path):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["-c", "cert.pem"], "not yet supported: -c (STARTTLS)"),
-    (["-a", "-p"], "not yet supported: -a (require AUTH), -p (plaintext AUTH)"),
+    (["-c", "nonexistent.pem"], "nonexistent.pem: cannot read: No such file or directory"),
+    (["-a"], "mail/lib/passwd: cannot read: No such file or directory"),
+    (["--passwd", "pw"], "pw: cannot read: No such file or directory"),
     (["-m", "/nonexistent/mailer"], "-m /nonexistent/mailer: no such executable"),
 ])
 def test_options_refuse_clearly(argv, msg):
     with pytest.raises(SystemExit) as e:
+        tap_smtpd.Options().parseOptions(argv)
+    assert msg in str(e.value)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--smtps"], "--smtps needs a certificate (-c)"),
+    (["--key", "k.pem"], "--key needs -c"),
+    (["--auth-max-failures", "0"], "--auth-max-failures must be at least 1"),
+])
+def test_tls_and_auth_usage_errors(argv, msg):
+    with pytest.raises(usage.UsageError) as e:
         tap_smtpd.Options().parseOptions(argv)
     assert msg in str(e.value)
 

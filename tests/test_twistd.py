@@ -1,5 +1,6 @@
 """The product from outside: a real ``twistd upas-smtpd`` and real clients."""
 
+import base64
 import json
 import mailbox
 import os
@@ -191,10 +192,10 @@ def test_missing_config_is_an_error(tmp_path):
     assert "none.conf: cannot read" in r.stdout + r.stderr
 
 
-def test_later_flags_say_not_yet_supported(tmp_path):
-    r = twistd("-n", "--pidfile=", "upas-smtpd", "-a", "-p")
+def test_require_auth_without_password_file_stops_startup(tmp_path):
+    r = twistd("-n", "--pidfile=", "upas-smtpd", "-a", "-p", "--root", str(tmp_path))
     assert r.returncode != 0
-    assert "not yet supported: -a (require AUTH), -p (plaintext AUTH)" in r.stdout + r.stderr
+    assert "%s: cannot read: No such file" % (tmp_path / "lib" / "passwd") in r.stdout + r.stderr
 
 
 def test_open_relay_warning(server):
@@ -305,3 +306,131 @@ def test_greylisting_in_a_real_server(server):
         c.rcpt("bob")
         assert c.docmd("DATA") == (451, b"please try again soon from the same IP.")
     assert os.path.exists(os.path.join(s.root, "grey", "tmp", "127.0.0.1", "127.0.0.2", "bob"))
+
+
+# -- AUTH and TLS (issue 5) ------------------------------------------------
+
+PASSWORD = "correct horse 9"
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A self-signed certificate for 127.0.0.1, made for this test, and a password file."""
+    from upasmail import testing
+
+    cert, key = testing.self_signed_pem("localhost")
+    (tmp_path / "cert.pem").write_text(cert)
+    (tmp_path / "key.pem").write_text(key)
+    (tmp_path / "both.pem").write_text(cert + key)
+    pw = tmp_path / "passwd"
+    pw.write_text("alice:%s\n" % PASSWORD)
+    pw.chmod(0o600)
+    return tmp_path
+
+
+def client_context(tls_files):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(tls_files / "cert.pem"))
+    return ctx  # verifies the chain and the name (127.0.0.1 is in the certificate)
+
+
+def assert_no_password(s):
+    assert PASSWORD not in s.output()
+    secrets = (PASSWORD.encode(), base64.b64encode(b"\0alice\0" + PASSWORD.encode()),
+               base64.b64encode(PASSWORD.encode()))
+    trace_dir = os.path.join(s.root, "log", "smtpdb")
+    for name in os.listdir(trace_dir) if os.path.isdir(trace_dir) else ():
+        with open(os.path.join(trace_dir, name), "rb") as f:
+            data = f.read()
+        assert not any(x in data for x in secrets), name
+
+
+def test_starttls_then_plain_login_with_smtplib(server, tls_files):
+    s = server("-c", str(tls_files / "both.pem"), "-a", "--passwd", str(tls_files / "passwd"),
+               "-d", "-f", "--tarpit-unit", "0")  # the 530 below would tarpit 8 s per command
+    with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
+                      local_hostname="client.sender.net") as c:
+        c.ehlo()
+        assert c.has_extn("starttls") and c.esmtp_features["auth"] == " CRAM-MD5"
+        assert c.mail("alice@example.org")[0] == 530
+        c.rset()
+        c.starttls(context=client_context(tls_files))
+        c.ehlo()
+        assert not c.has_extn("starttls")
+        assert c.esmtp_features["auth"].split() == ["CRAM-MD5", "PLAIN", "LOGIN"]
+        c.user, c.password = "alice", PASSWORD
+        assert c.auth("PLAIN", c.auth_plain) == (235, b"2.0.0 Authentication successful")
+        refused = c.sendmail("alice@example.org", ["bob", "x@foreign.example"],
+                             b"Subject: submitted\r\n\r\nhello over TLS\r\n")
+        assert refused == {}
+    [msg] = mailbox.mbox(os.path.join(s.root, "box", "bob", "mbox"))
+    received = " ".join(msg["Received"].split())
+    assert re.match(r"from client\.sender\.net \(\[127\.0\.0\.2\]\) \(using TLSv1\.[23] with "
+                    r"cipher \S+ \(\d+/\d+ bits\)\) \(Authenticated sender: alice\) by gnot "
+                    r"with ESMTPSA; ", received), received
+    assert len(os.listdir(os.path.join(s.root, "queue"))) == 2  # relayed: authenticated
+    assert "started TLS with 127.0.0.2" in s.output()
+    assert_no_password(s)
+
+
+def test_login_and_cram_md5_and_failures(server, tls_files):
+    s = server("-c", str(tls_files / "cert.pem"), "--key", str(tls_files / "key.pem"),
+               "--passwd", str(tls_files / "passwd"), "-d", "--auth-fail-delay", "0", "--tarpit-unit", "0")
+    with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.sender.net") as c:
+        c.ehlo()
+        assert c.login("alice", PASSWORD)[0] == 235  # CRAM-MD5, in the clear
+    with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.sender.net") as c:
+        c.starttls(context=client_context(tls_files))
+        c.ehlo()
+        c.user, c.password = "alice", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            c.auth("LOGIN", c.auth_login, initial_response_ok=False)
+        c.user, c.password = "alice", PASSWORD
+        assert c.auth("LOGIN", c.auth_login, initial_response_ok=False)[0] == 235
+    assert "authentication failed: alice from 127.0.0.1 (LOGIN, failure 1)" in s.output()
+    assert_no_password(s)
+
+
+def test_implicit_tls_listener(server, tls_files):
+    s = server("-c", str(tls_files / "both.pem"), "--smtps", "--passwd",
+               str(tls_files / "passwd"), "-k", "127.0.0.3")
+    with smtplib.SMTP_SSL("127.0.0.1", s.port, context=client_context(tls_files),
+                          local_hostname="client.sender.net") as c:
+        c.ehlo()
+        assert not c.has_extn("starttls")
+        assert c.esmtp_features["auth"].split() == ["CRAM-MD5", "PLAIN", "LOGIN"]
+        c.user, c.password = "alice", PASSWORD
+        assert c.auth("PLAIN", c.auth_plain)[0] == 235
+        assert c.docmd("STARTTLS") == (503, b"5.5.1 Error: TLS already active")
+    import socket
+    with socket.create_connection(("127.0.0.1", s.port), source_address=("127.0.0.3", 0)) as c:
+        c.settimeout(30)
+        assert c.recv(100) == b""  # -k still applies behind TLS
+
+
+def test_ssl_endpoint_counts_as_encrypted(server, tls_files):
+    listen = "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (
+        tls_files / "key.pem", tls_files / "cert.pem")
+    s = server("--listen", listen, "--passwd", str(tls_files / "passwd"), "-k", "127.0.0.3")
+    import socket
+    with socket.create_connection(("127.0.0.1", s.port), source_address=("127.0.0.3", 0)) as c:
+        c.settimeout(30)
+        with pytest.raises(ConnectionResetError):
+            c.recv(100)  # -k: dropped at once, not a byte
+    with smtplib.SMTP_SSL("127.0.0.1", s.port, context=client_context(tls_files),
+                          local_hostname="client.sender.net") as c:
+        c.ehlo()
+        assert c.esmtp_features["auth"].split() == ["CRAM-MD5", "PLAIN", "LOGIN"]
+        c.user, c.password = "alice", PASSWORD
+        assert c.auth("PLAIN", c.auth_plain)[0] == 235
+    assert "127.0.0.3" not in s.output() and "Traceback" not in s.output()
+
+
+def test_bad_certificate_stops_startup(tmp_path, tls_files):
+    other, _ = __import__("upasmail.testing").testing.self_signed_pem("other")
+    (tmp_path / "mismatch.pem").write_text(other + (tls_files / "key.pem").read_text())
+    r = twistd("-n", "--pidfile=", "upas-smtpd", "-c", str(tmp_path / "mismatch.pem"),
+               "--root", str(tmp_path / "m"))
+    assert r.returncode != 0
+    assert "mismatch.pem: the private key does not belong to the certificate" in r.stderr + r.stdout

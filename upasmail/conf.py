@@ -19,8 +19,13 @@ such as ``10.1.2`` are refused rather than guessed.
 """
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
+
+from twisted.logger import Logger
+
+log = Logger(namespace="smtpd")
 
 
 class ConfigError(Exception):
@@ -145,3 +150,41 @@ def load(path):
     """Read and parse smtpd.conf; raise ConfigError."""
     text = read_text(path)
     return parse(text, path)
+
+
+class WatchedFile:
+    """A parsed file that is re-read when it changes, as ratfs does.
+
+    ``current()`` stats the file and re-parses it when its mtime, size or
+    inode changed.  A missing file gives ``empty``.  A file that cannot be
+    read or parsed is logged with the reason (``FILE:LINE: ...``) and the
+    last good version stays in force.
+    """
+
+    def __init__(self, path, parse, empty):
+        self.path = path
+        self._parse = parse
+        self._value = empty
+        self._empty = empty
+        self._stamp = None
+
+    def current(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._stamp is not None:
+                log.info("{path} removed; its entries no longer apply", path=self.path)
+            self._stamp, self._value = None, self._empty
+            return self._value
+        except OSError as e:
+            log.error("{path}: cannot stat: {err}", path=self.path, err=e.strerror or e)
+            return self._value
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return self._value
+        self._stamp = stamp
+        try:
+            self._value = self._parse(read_text(self.path), self.path)
+        except ConfigError as e:
+            log.error("{err}; keeping the previous version", err=e)
+        return self._value

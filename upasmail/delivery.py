@@ -59,7 +59,8 @@ class UpasDelivery:
     def receivedHeader(self, helo, origin, recipients):
         date = pipemsg.plan9_date(self.clock.seconds())
         s = self.session
-        return pipemsg.received_line(s.him, s.rsys, self.settings.me, date).encode()
+        return pipemsg.received_line(s.him, s.rsys, self.settings.me, date,
+                                     s.tls, s.user).encode()
 
     def validateFrom(self, helo, origin):
         return origin
@@ -120,6 +121,7 @@ class UpasMessage:
         self.stream = pipemsg.MailerStream(
             self._write, envelope.sender, envelope.last_sender,
             list(envelope.recipients), s.him, s.rsys, settings.me, date, forgery,
+            tls=s.tls, user=s.user,
         )
 
     def _write(self, data):

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from .conf import ConfigError, parse_network, tokenize
 from .decision import ACCEPT, Accept, reject
 from .relay import in_nets
-from .ratify import WatchedFile
+from .conf import WatchedFile
 
 log = Logger(namespace="smtpd")
 

@@ -3,7 +3,9 @@
 In order (spec upas-behaviour.md §1.10.3):
 
 1. ``From <first sender> <date> remote from `` (empty system name, as upas)
-2. ``Received: from <him> ([<rsys>]) by <me>; <date>``
+2. ``Received: from <him> ([<rsys>]) by <me>; <date>``; with TLS or AUTH,
+   Postfix's comments and an RFC 3848 ``with`` keyword are added
+   (``received_line``)
 3. any ``X-warning:`` lines (forgery tagging: ``forgery(sender, fields)``
    is called once the header is parsed)
 4. ``From: <last sender>`` when the header has no originator field
@@ -45,8 +47,26 @@ def envelope_line(sender, date):
     return "From %s %s remote from \n" % (sender, date)
 
 
-def received_line(him, rsys, me, date):
-    return "Received: from %s ([%s]) by %s; %s\n" % (him, rsys, me, date)
+def received_line(him, rsys, me, date, tls=None, user=None):
+    """upas's line; with ``tls`` (a summary) or ``user``, Postfix's form::
+
+        Received: from <him> ([<rsys>])
+        \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))
+        \t(Authenticated sender: <user>)
+        \tby <me> with ESMTPSA; <date>
+
+    ``with`` is ESMTPS (TLS), ESMTPA (AUTH) or ESMTPSA (both), RFC 3848.
+    """
+    if tls is None and user is None:
+        return "Received: from %s ([%s]) by %s; %s\n" % (him, rsys, me, date)
+    lines = ["Received: from %s ([%s])" % (him, rsys)]
+    if tls is not None:
+        lines.append("\t(using %s)" % tls)
+    if user is not None:
+        lines.append("\t(Authenticated sender: %s)" % user)
+    protocol = "ESMTP" + ("S" if tls is not None else "") + ("A" if user is not None else "")
+    lines.append("\tby %s with %s; %s" % (me, protocol, date))
+    return "\n".join(lines) + "\n"
 
 
 class MessageRefused(Exception):
@@ -61,7 +81,7 @@ class MailerStream:
     """
 
     def __init__(self, write, sender, last_sender, recipients, him, rsys, me,
-                 date, forgery=None):
+                 date, forgery=None, tls=None, user=None):
         self._write = write
         self._him = him
         self._last_sender = last_sender
@@ -73,7 +93,7 @@ class MailerStream:
         self.error = None
         self.size = 0
         self._emit(envelope_line(sender, date).encode())
-        self._emit(received_line(him, rsys, me, date).encode())
+        self._emit(received_line(him, rsys, me, date, tls, user).encode())
 
     def _emit(self, data):
         self.size += len(data)

@@ -18,7 +18,7 @@ Precedence is fixed by action, not by line order: allow > block > deny >
 dial > delay.  Unknown verbs, bad addresses and patterns that would match
 everything (``*``, ``!``, ``*!``, ``!*``, ``*!*``) are errors naming the
 file and line; the file is then not used, and the last good version stays
-in force (``WatchedFile``).
+in force (``conf.WatchedFile``).
 
 Temporary trusted grants (POP/IMAP-before-SMTP, ratfs ``trusted/<ip>#32``)
 are files in a directory (``<root>/lib/trusted.d``) named by IP or CIDR;
@@ -147,44 +147,6 @@ def parse(text, filename="blocked"):
 def load(path):
     """Read and parse a ``blocked`` file; raise ConfigError."""
     return parse(read_text(path), path)
-
-
-class WatchedFile:
-    """A parsed file that is re-read when it changes, as ratfs does.
-
-    ``current()`` stats the file and re-parses it when its mtime, size or
-    inode changed.  A missing file gives ``empty``.  A file that cannot be
-    read or parsed is logged with the reason (``FILE:LINE: ...``) and the
-    last good version stays in force.
-    """
-
-    def __init__(self, path, parse, empty):
-        self.path = path
-        self._parse = parse
-        self._value = empty
-        self._empty = empty
-        self._stamp = None
-
-    def current(self):
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            if self._stamp is not None:
-                log.info("{path} removed; its entries no longer apply", path=self.path)
-            self._stamp, self._value = None, self._empty
-            return self._value
-        except OSError as e:
-            log.error("{path}: cannot stat: {err}", path=self.path, err=e.strerror or e)
-            return self._value
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp == self._stamp:
-            return self._value
-        self._stamp = stamp
-        try:
-            self._value = self._parse(read_text(self.path), self.path)
-        except ConfigError as e:
-            log.error("{err}; keeping the previous version", err=e)
-        return self._value
 
 
 class TrustedGrants:

@@ -31,6 +31,8 @@ NOOP_OK = "2.0.0 Nothing to see here. Move along ..."
 HELP_OK = "2.0.0 See http://www.ietf.org/rfc/rfc2821"
 QUIT_OK = "2.0.0 Successful termination"
 AUTH_REQUIRED = "5.7.0 Authentication required"
+TLS_GO_AHEAD = "2.0.0 Go ahead make my day"
+TLS_NOT_AVAILABLE = "4.7.5 TLS not available"
 
 # ours (not in upas); see docs/deviations.rst
 NESTED_MAIL = "5.5.1 Error: nested MAIL command"
@@ -41,9 +43,9 @@ DATA_LINE_TOO_LONG = "5.3.4 Error: message line too long"
 LOCAL_ERROR = "4.3.0 Error: local error in processing; try again later"
 STORE_FAILED = "4.3.0 Error: message not stored; try again later"
 TIMEOUT = "4.4.2 {dom} Error: timeout exceeded"
-NOT_AVAILABLE = "5.5.1 Error: {what} not available on this server"
 VRFY_CANNOT = "2.5.2 Cannot VRFY user; try RCPT to attempt delivery"
 BAD_USER = "5.1.3 {path} ... bad destination mailbox address"
+TLS_ACTIVE = "5.5.1 Error: TLS already active"
 SHUTDOWN = "4.3.2 {dom} Error: service shutting down"
 
 

@@ -15,6 +15,12 @@ twisted-notes.md §5 shows to be unsafe:
   Deferred, no further input is read.
 * Replies use upas's texts (``replies``); validators' exceptions never
   drop the connection.
+* AUTH is ours too (``auth``): PLAIN and LOGIN only when encrypted (or
+  ``-p``), malformed input gets a 5xx and the session goes on, failures
+  are delayed and counted, and a ``twisted.cred`` portal checks the
+  credentials.  STARTTLS drops any plaintext pipelined behind it, forgets
+  HELO, envelope and AUTH, and is not offered again; an implicit-TLS
+  listener counts as encrypted from the start.
 
 Check order per command (upas smtpd.c); every command marked * first
 passes the tarpit (``tarpit``: wait, too many errors, dial hard reject):
@@ -28,22 +34,30 @@ RCPT*      HELO given → MAIL given (ours) → recipient limit (ours)
 DATA*      MAIL → RCPT → (untrusted) null sender to many, validatesender
            → filterstate action (dial, deny, block, delay; nospamfiltering)
            → greylist (-g, untrusted) → mailer ready → 354
+AUTH*      checker present → not yet authenticated → HELO given → no open
+           transaction (ours) → encryption for PLAIN/LOGIN → mechanism
+           offered → exchange → portal; a failure waits (throttle), the
+           --auth-max-failures'th closes the connection
+STARTTLS   -c given → not yet encrypted → 220, then TLS
 """
 
+from twisted.cred import credentials, error
 from twisted.internet import defer, task
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from . import grammar, helo, ratify, relay, replies, spam, tarpit
+from . import auth, grammar, helo, ratify, relay, replies, spam, tarpit
+from .tls import describe as describe_tls
 from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
 from .session import Recipient, Session
 
 log = Logger(namespace="smtpd")
 
-COMMAND, DATA = smtp.COMMAND, smtp.DATA
+COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
 MAX_COMMAND_LINE = 4096  # RFC 5321 asks for 512; AUTH lines need more
 MAX_DATA_LINE = 64 * 1024  # RFC 5321 says 1000; be lenient, but bounded
 MAX_RECIPIENTS = 1000  # RFC 5321 asks for at least 100; upas has no limit
@@ -55,12 +69,14 @@ def _text(resp):
     return str(resp)
 
 
+@implementer(IHandshakeListener)
 class UpasESMTP(smtp.ESMTP):
-    def __init__(self, settings, makeDelivery, clock, challengers=None,
-                 contextFactory=None, spamfilter=None):
-        smtp.ESMTP.__init__(self, challengers or {}, contextFactory)
+    def __init__(self, settings, makeDelivery, clock, contextFactory=None,
+                 spamfilter=None, throttle=None):
+        smtp.ESMTP.__init__(self, {}, contextFactory)
         self.settings = settings
         self.spam = spamfilter
+        self.throttle = throttle or auth.Throttle(clock, settings.auth_fail_delay)
         self.makeDelivery = makeDelivery
         self.clock = clock
         self.callLater = clock.callLater  # TimeoutMixin schedules with this
@@ -76,6 +92,10 @@ class UpasESMTP(smtp.ESMTP):
         self._quietWaiters = []
         self._phaseTimer = None
         self._lost = False
+        self._exchange = None  # the AUTH exchange under way
+        self._authFailures = 0
+        self._dropPlaintext = False
+        self._handshakeDone = False
 
     def whenQuiet(self):
         """A Deferred that fires once no reply is pending (tests, shutdown)."""
@@ -95,15 +115,23 @@ class UpasESMTP(smtp.ESMTP):
         s.trusted, s.hisaction = self.spam.peer(rsys)
         s.auth_required = self.settings.require_auth
         s.ours = self.settings.ours.with_local_ip(lsys)
+        s.encrypted = ISSLTransport.providedBy(self.transport)  # implicit TLS
         self.delivery = self.makeDelivery(self.session)
         self._helo = (None, rsys)
-        self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        self.canStartTLS = (ITLSTransport.providedBy(self.transport)
+                            and self.ctx is not None and not s.encrypted)
         self.sendReply(220, replies.GREETING.format(dom=self.settings.dom))
         self.setTimeout(self.timeout)
         # upas: one alarm for the whole command phase, until DATA starts
         self._setPhaseTimer(self.settings.session_timeout)
 
+    def handshakeCompleted(self):
+        self._handshakeDone = True
+        log.info("started TLS with {rsys}", rsys=self.session.rsys)
+
     def connectionLost(self, reason):
+        if self.session.encrypted and not self._handshakeDone:
+            log.info("TLS start-up failed with {rsys}", rsys=self.session.rsys)
         self._lost = True
         self._setPhaseTimer(None)
         self._abortMessages()
@@ -172,6 +200,14 @@ class UpasESMTP(smtp.ESMTP):
                     else:
                         self.mode = COMMAND  # e.g. out of a broken AUTH exchange
                         self.reply(reject(451, replies.LOCAL_ERROR))
+                if self._dropPlaintext:
+                    # CVE-2011-0411: bytes behind STARTTLS were sent in the
+                    # clear and may be an attacker's; the client must resend
+                    self._dropPlaintext = False
+                    if pos < len(buf):
+                        log.info("discarded {n} bytes pipelined after STARTTLS from {rsys}",
+                                 n=len(buf) - pos, rsys=self.session.rsys)
+                    pos = len(buf)
                 if isinstance(result, defer.Deferred):
                     self._busy = True
                     if not self.transport.disconnecting:
@@ -203,8 +239,10 @@ class UpasESMTP(smtp.ESMTP):
         if self.mode == DATA:
             if self._dataRefused is None:
                 self._dataRefused = reject(554, replies.DATA_LINE_TOO_LONG)
-        else:
-            self.reply(reject(500, replies.LINE_TOO_LONG, counts=False))
+            return
+        if self.mode == AUTH:  # the exchange ends: the next line is a command
+            self.mode, self._exchange = COMMAND, None
+        self.reply(reject(500, replies.LINE_TOO_LONG, counts=False))
 
     # -- replies ---------------------------------------------------------
 
@@ -255,9 +293,11 @@ class UpasESMTP(smtp.ESMTP):
 
     def _later(self, units, f, *args):
         """Run f after ``units`` tarpit units on our clock (-D)."""
-        wait = units * self.settings.tarpit_unit
-        if wait > 0:
-            return task.deferLater(self.clock, wait, f, *args)
+        return self._after(units * self.settings.tarpit_unit, f, *args)
+
+    def _after(self, seconds, f, *args):
+        if seconds > 0:
+            return task.deferLater(self.clock, seconds, f, *args)
         return f(*args)
 
     def cmd_HELO(self, cmd):
@@ -298,10 +338,11 @@ class UpasESMTP(smtp.ESMTP):
 
     def ehloExtensions(self):
         ext = ["ENHANCEDSTATUSCODES"]
-        if self.canStartTLS and not self.startedTLS:
+        if self.canStartTLS and not self.session.encrypted:
             ext.append("STARTTLS")
-        if self.challengers and self.portal is not None:
-            ext.append("AUTH " + " ".join(m.decode() for m in self.challengers))
+        _, mechanisms = self._authMechanisms()
+        if mechanisms:
+            ext.append("AUTH " + " ".join(mechanisms))
         return ext
 
     def cmd_MAIL(self, cmd):
@@ -441,6 +482,8 @@ class UpasESMTP(smtp.ESMTP):
             if not ready.ok:
                 return self.reply(ready)
         env.action = action
+        if s.encrypted and s.tls is None:
+            s.tls = describe_tls(self.transport) or "TLS"
         messages = []
         try:
             for factory in env.factories:
@@ -538,12 +581,108 @@ class UpasESMTP(smtp.ESMTP):
     cmd_EXPN = cmd_VRFY
 
     def cmd_STARTTLS(self, cmd):
+        s = self.session
         if self.ctx is None:
             return self.reply(replies.syntax_error())
-        return self.reply(reject(454, "4.7.5 TLS not available"))
+        if s.encrypted:
+            return self.reply(reject(503, replies.TLS_ACTIVE))
+        try:
+            if not self.canStartTLS:
+                raise RuntimeError("the transport cannot start TLS")
+            self.ctx.getContext()
+        except Exception as e:
+            log.error("TLS not available for {rsys}: {err}", rsys=s.rsys, err=e)
+            return self.reply(reject(454, replies.TLS_NOT_AVAILABLE, counts=False))
+        self.sendReply(220, replies.TLS_GO_AHEAD)
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+        self._dropPlaintext = True
+        s.encrypted = True
+        s.forget_client(self.settings.require_auth)
+        self._helo = (None, s.rsys)
+        self._authFailures = 0
+
+    # -- AUTH ------------------------------------------------------------
+
+    def _authMechanisms(self):
+        """(a checker exists, the mechanisms this session may use)."""
+        portal = self.portal
+        if portal is None:
+            return False, []
+
+        def usable(checker):
+            return checker is not None and getattr(checker, "available", lambda: True)()
+
+        clear = portal.checkers.get(credentials.IUsernamePassword)
+        hashed = portal.checkers.get(credentials.IUsernameHashedPassword)
+        clear_ok, cram_ok = usable(clear), usable(hashed)
+        if not (clear_ok or cram_ok):
+            return False, []
+        cram_ok = cram_ok and getattr(hashed, "cram_md5_ok", lambda: True)()
+        mechanisms = auth.offered(self.session.encrypted, self.settings.clear_passwords,
+                                  cram_ok)
+        if not clear_ok:
+            mechanisms = [m for m in mechanisms if m not in auth.CLEARTEXT]
+        return True, mechanisms
 
     def cmd_AUTH(self, cmd):
-        return self.reply(reject(502, replies.NOT_AVAILABLE.format(what="AUTH"), counts=False))
+        s = self.session
+        available, mechanisms = self._authMechanisms()
+        verdict = auth.start_verdict(cmd.arg, s, available, mechanisms, s.encrypted,
+                                     self.settings.clear_passwords)
+        if not verdict.ok:
+            return self.reply(verdict)
+        log.info("auth({mech}, (protected)) from {him}", mech=cmd.arg, him=s.him)
+        self._exchange = auth.Exchange(cmd.arg, cmd.extra, self.settings.dom,
+                                       self.clock.seconds())
+        return self._authStep(self._exchange.start())
+
+    def state_AUTH(self, line):
+        return self._authStep(self._exchange.respond(line))
+
+    def _authStep(self, step):
+        if isinstance(step, auth.Prompt):
+            self.mode = AUTH
+            return self.sendReply(334, step.text)
+        self.mode = COMMAND
+        exchange, self._exchange = self._exchange, None
+        if not step.ok:
+            return self.reply(step)
+        creds = step.value
+        user = auth.printable_user(creds.username)
+        d = self.portal.login(creds, None, smtp.IMessageDelivery)
+        return d.addCallbacks(self._authenticated, self._authFailed,
+                              callbackArgs=(user,), errbackArgs=(user, exchange.mech))
+
+    def _authenticated(self, result, user):
+        _, avatar, logout = result
+        s = self.session
+        if self._lost:
+            logout()
+            return None
+        if avatar is not None:  # an embedder's realm may deliver per user
+            self.delivery = avatar
+        self._onLogout = logout
+        s.authenticated = True
+        s.user = user
+        self.throttle.succeeded(s.rsys)
+        log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys)
+        self.sendReply(235, auth.OK)
+
+    def _authFailed(self, failure, user, mech):
+        s = self.session
+        if not failure.check(error.LoginFailed):
+            log.error("temporary authentication failure for {user} from {rsys}: {err}",
+                      user=user, rsys=s.rsys, err=failure.getErrorMessage())
+            return self.reply(reject(454, auth.TEMPORARY))
+        self._authFailures += 1
+        wait = self.throttle.failed(s.rsys)
+        log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
+                 user=user, rsys=s.rsys, mech=mech, n=self._authFailures)
+        verdict = reject(535, auth.FAILED)
+        if self._authFailures >= self.settings.auth_max_failures:
+            verdict = reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True)
+        return self._after(wait, self.reply, verdict)
 
 
 class UpasSMTPFactory(smtp.SMTPFactory):
@@ -552,15 +691,16 @@ class UpasSMTPFactory(smtp.SMTPFactory):
     protocol = UpasESMTP
 
     def __init__(self, settings, makeDelivery, clock, portal=None,
-                 challengers=None, contextFactory=None, spamfilter=None):
+                 contextFactory=None, spamfilter=None):
         smtp.SMTPFactory.__init__(self, portal)
         self.spam = spamfilter
         self.settings = settings
         self.makeDelivery = makeDelivery
         self.clock = clock
-        self.challengers = challengers
         self.contextFactory = contextFactory
         self.domain = settings.dom
+        # failures per peer IP outlive one connection
+        self.throttle = auth.Throttle(clock, settings.auth_fail_delay)
 
     def buildProtocol(self, addr):
         # -k: a banned peer gets no protocol: the connection is closed
@@ -568,7 +708,7 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         if self.spam.banned(relay.normalize_ip(getattr(addr, "host", ""))):
             return None
         p = self.protocol(self.settings, self.makeDelivery, self.clock,
-                          self.challengers, self.contextFactory, self.spam)
+                          self.contextFactory, self.spam, self.throttle)
         p.factory = self
         p.portal = self.portal
         return p

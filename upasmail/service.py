@@ -9,19 +9,28 @@ their own listening.  Everything with effects (reactor/clock, thread pool
 runner, mailer) is injectable; nothing here imports the global reactor
 unless no reactor is given.  The DNS resolver (any ``twisted.names``
 IResolver) defaults to ``client.createResolver``, i.e. resolv.conf.
+
+AUTH: pass a ``twisted.cred`` ``checker`` (or a whole ``portal``) or get
+``passwd.PasswordFile`` on ``settings.path("passwd")``.  TLS: pass a
+server ``contextFactory`` or set ``settings.cert`` (``tls.CertificateFile``).
 """
 
 import re
 
 from twisted.application import internet, service
-from twisted.internet import endpoints, threads
+from twisted.cred.portal import Portal
+from twisted.internet import endpoints, protocol, threads
 from twisted.logger import Logger
 
+from .auth import SessionRealm
+from .conf import ConfigError
 from .delivery import UpasDelivery
 from .mailer import Mailer
 from .server import UpasSMTPFactory
 from .spam import SpamFilter
+from .passwd import PasswordFile
 from .store import MailRoot
+from .tls import CertificateFile, ImplicitTLSFactory
 from .trace import TraceFactory
 
 log = Logger(namespace="smtpd")
@@ -50,17 +59,25 @@ def makeResolver(reactor, address=None):
 
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
-                     challengers=None, contextFactory=None, clock=None, resolver=None):
+                     contextFactory=None, clock=None, resolver=None, checker=None):
     """The protocol factory; ``factory.root`` is its MailRoot.
 
     ``reactor`` starts mailer and validator processes; ``clock`` (default:
-    the reactor) times sessions, tarpits, dates messages and limits
-    helper programs; ``resolver`` answers every DNS question.
+    the reactor) times sessions, tarpits, AUTH failures, dates messages and
+    limits helper programs; ``resolver`` answers every DNS question.
+    A ``settings.cert`` that cannot be used raises ConfigError.
     """
     reactor = _reactor(reactor)
     clock = clock or reactor
     resolver = resolver or makeResolver(reactor)
-    root = MailRoot(settings.root, run_blocking or threadRunner(reactor), clock)
+    run_blocking = run_blocking or threadRunner(reactor)
+    if portal is None:
+        checker = checker or PasswordFile(settings.path("passwd"), run_blocking)
+        portal = Portal(SessionRealm(), [checker])
+    if contextFactory is None and settings.cert:
+        contextFactory = CertificateFile(settings.cert, settings.key)
+        contextFactory.load()
+    root = MailRoot(settings.root, run_blocking, clock)
     root.prepare()
     backend = root
     if settings.mailer:
@@ -71,10 +88,37 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
 
     spamfilter = SpamFilter(settings, resolver, reactor, clock)
     factory = UpasSMTPFactory(settings, makeDelivery, clock, portal=portal,
-                              challengers=challengers, contextFactory=contextFactory,
-                              spamfilter=spamfilter)
+                              contextFactory=contextFactory, spamfilter=spamfilter)
     factory.root = root
     return factory
+
+
+class _Refused(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.abortConnection()
+
+
+class RefusalsClose:
+    """For endpoints that wrap the factory themselves (``ssl:``, ``tls:``).
+
+    They cannot take None from ``buildProtocol`` (a -k refusal), so a
+    refused peer gets a protocol that drops the connection at once: no
+    byte, no log line.
+    """
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def buildProtocol(self, addr):
+        p = self.factory.buildProtocol(addr)
+        return p if p is not None else _Refused()
+
+    def __getattr__(self, name):
+        return getattr(self.factory, name)
+
+
+def wraps_its_factory(description):
+    return description.split(":", 1)[0].lower() in ("ssl", "tls")
 
 
 def listens_on_loopback_only(description):
@@ -99,6 +143,13 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
     listening = factory
     if settings.debug:
         listening = TraceFactory(factory, settings.path("log_dir"), kw.get("clock") or reactor)
+    if settings.smtps:
+        if factory.contextFactory is None:
+            raise ConfigError("--smtps needs a certificate (-c)")
+        # the trace sits inside TLS, so it records the clear text
+        listening = ImplicitTLSFactory(factory.contextFactory, listening)
+    if wraps_its_factory(listen):
+        listening = RefusalsClose(listening)
     server = internet.StreamServerEndpointService(
         endpoints.serverFromString(reactor, listen), listening
     )

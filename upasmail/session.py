@@ -42,11 +42,27 @@ class Session:
     hisaction: str = "accept"  # ratify action for the peer IP, at connect
     hardreject: bool = False  # after a dial refusal: refuse every command
     auth_required: bool = False  # -a, or -E after a HELO lie
+    user: Optional[str] = None  # the authenticated user, printable
+    encrypted: bool = False  # STARTTLS done, or an implicit-TLS listener
+    tls: Optional[str] = None  # the TLS summary for Received:, once known
     refused_domains: set = field(default_factory=set)  # -r: NXDOMAIN senders
     envelope: Envelope = field(default_factory=Envelope)
 
     def reset(self):
         self.envelope = Envelope()
+
+    def forget_client(self, require_auth):
+        """After STARTTLS (RFC 3207 4.2): nothing the client said before counts.
+
+        What we learnt ourselves (peer trust, ratify action, reject count,
+        hard reject) stays.
+        """
+        self.him = ""
+        self.extended = False
+        self.authenticated = False
+        self.user = None
+        self.auth_required = require_auth
+        self.reset()
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,13 @@ class Settings:
     greylist: bool = False  # -g
     save_blocked: bool = False  # -s or saveblockedmsg on
     require_auth: bool = False  # -a
+    clear_passwords: bool = False  # -p: PLAIN and LOGIN without TLS
+    passwd: Optional[str] = None  # password file; default <lib>/passwd
+    cert: Optional[str] = None  # -c: PEM certificate (and key)
+    key: Optional[str] = None  # --key: a separate PEM key
+    smtps: bool = False  # --smtps: the listener is TLS from the first byte
+    auth_fail_delay: float = 1.0  # first failed AUTH waits this, doubling
+    auth_max_failures: int = 3  # failed AUTHs before the connection closes
     evil: Tuple[object, ...] = ()  # -k networks
     debug: bool = False  # -d
     lib: Optional[str] = None  # upas /mail/lib; default <root>/lib
@@ -84,6 +91,7 @@ class Settings:
         defaults = {
             "lib": lib,
             "blocked": self.blocked or os.path.join(lib, "blocked"),
+            "passwd": self.passwd or os.path.join(lib, "passwd"),
             "trusted_dir": self.trusted_dir or os.path.join(lib, "trusted.d"),
             "log_dir": self.log_dir or os.path.join(self.root, "log"),
             "grey": os.path.join(self.root, "grey"),

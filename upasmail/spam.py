@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import dnscheck, helo, ratify, relay
+from .conf import WatchedFile
 from .decision import ACCEPT, reject
 from .greylist import NEWLY_WHITE, Greylist
 from .validators import Validators
@@ -76,7 +77,7 @@ class SpamFilter:
         self.settings = settings
         self.resolver = resolver
         self.clock = clock
-        self.ratify = ratify.WatchedFile(settings.path("blocked"), ratify.parse, ratify.EMPTY)
+        self.ratify = WatchedFile(settings.path("blocked"), ratify.parse, ratify.EMPTY)
         self.grants = ratify.TrustedGrants(settings.path("trusted_dir"), clock)
         self.greylist = Greylist(settings.path("grey"), clock)
         self.validators = Validators(settings.path("lib"), reactor, clock, resolver,

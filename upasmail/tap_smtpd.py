@@ -1,9 +1,10 @@
 """``twistd upas-smtpd``: options and service wiring.
 
 Every flag of upas smtpd (seed smtp.8 and spec §1.2) is accepted, with a
-long name.  Flags whose behaviour a later release brings are refused at
-start-up with a clear "not yet supported" message instead of being
-silently ignored.
+long name.  Files the server cannot work without (smtpd.conf, the ratify
+list, the certificate, the password file when AUTH is required or the
+file is named) are read once at start-up: a problem stops ``twistd`` with
+``upas-smtpd: FILE:LINE: reason`` instead of surfacing in a session.
 """
 
 import os
@@ -12,18 +13,14 @@ import sys
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import ratify, service, settings
+from . import passwd, ratify, service, settings, tls
 from .mailer import resolve as resolve_mailer
-
-NOT_YET = {
-    "require-auth": "-a (require AUTH)",
-    "clear-passwords": "-p (plaintext AUTH)",
-}
 
 
 class Options(usage.Options):
     synopsis = ("[-dDeEafgpqrs] [-c cert] [-h mydom] [-k ip] [-m mailer] [-n netdir] "
-                "[--conf smtpd.conf] [--listen ENDPOINT] [--root DIR]")
+                "[--conf smtpd.conf] [--listen ENDPOINT] [--root DIR] [--passwd FILE] "
+                "[--key key.pem] [--smtps]")
     longdesc = ("Plan 9 upas smtpd: an ESMTP server with upas's relay rules. "
                 "Mail for local users goes to <root>/box/<user>/mbox, relayed mail "
                 "to <root>/queue/, or everything to the -m mailer.")
@@ -39,15 +36,21 @@ class Options(usage.Options):
         ["relax-helo", "e", "skip the extra HELO checks (reserved names, literals, DNS)"],
         ["helo-lie-auth", "E", "a HELO lie requires AUTH instead of a hang-up"],
         ["delay", "D", "wait 15 tarpit units before HELO replies to untrusted peers"],
-        ["require-auth", "a", "require AUTH before MAIL (not yet supported)"],
-        ["clear-passwords", "p", "allow PLAIN/LOGIN without TLS (not yet supported)"],
+        ["require-auth", "a", "require AUTH before MAIL (530 until then)"],
+        ["clear-passwords", "p", "offer and accept PLAIN/LOGIN without TLS"],
+        ["smtps", None, "implicit TLS: the listener speaks TLS from the first byte "
+                        "(port 465 style), with the -c certificate"],
         ["quiet", "q", "log HELO only after it passes"],
     ]
     optParameters = [
         ["domain", "h", None, "our mail domain (greeting, HELO replies)"],
         ["netdir", "n", None, "upas network directory; accepted and ignored: the peer "
                               "address comes from the connection"],
-        ["cert", "c", None, "TLS certificate (not yet supported)"],
+        ["cert", "c", None, "PEM certificate (chain, and the key unless --key) for "
+                            "STARTTLS; STARTTLS is offered only with -c"],
+        ["key", None, None, "PEM private key, when -c holds only certificates"],
+        ["passwd", None, None, "AUTH password file, user:secret lines "
+                               "(default: <lib>/passwd)"],
         ["mailer", "m", None, "deliver by running MAILER -r rcpt... instead of the mail root"],
         ["conf", None, None, "upas smtpd.conf file (default: built-in defaults)"],
         ["listen", None, service.DEFAULT_LISTEN, "Twisted server endpoint to listen on"],
@@ -65,6 +68,9 @@ class Options(usage.Options):
         ["mailer-timeout", None, 600.0, "seconds a -m mailer may run", float],
         ["validator-timeout", None, 60.0, "seconds a validator hook may run", float],
         ["dns-timeout", None, 20.0, "seconds a DNS check may take", float],
+        ["auth-fail-delay", None, 1.0, "seconds the first failed AUTH waits, doubling "
+                                       "per recent failure of the peer (at most 30)", float],
+        ["auth-max-failures", None, 3, "failed AUTHs before the connection is closed", int],
         ["idle-timeout", None, 300.0, "seconds a client may stay silent", float],
         ["session-timeout", None, 2700.0, "seconds from connect until DATA must have "
                                           "started (upas: 45 min)", float],
@@ -86,17 +92,19 @@ class Options(usage.Options):
     opt_evil = opt_k
 
     def postOptions(self):
-        wanted = [NOT_YET[k] for k in NOT_YET if self[k]]
-        if self["cert"]:
-            wanted.append("-c (STARTTLS)")
         config = smtpdconf.SmtpdConf()
         if self["conf"]:
             try:
                 config = smtpdconf.load(self["conf"])
             except smtpdconf.ConfigError as e:
                 raise SystemExit("upas-smtpd: %s" % e)
-        if wanted:
-            raise SystemExit("upas-smtpd: not yet supported: " + ", ".join(wanted))
+        if self["key"] and not self["cert"]:
+            raise usage.UsageError("--key needs -c")
+        if self["smtps"] and not self["cert"]:
+            raise usage.UsageError("--smtps needs a certificate (-c)")
+        if self["auth-fail-delay"] < 0 or self["auth-max-failures"] < 1:
+            raise usage.UsageError("--auth-fail-delay cannot be negative and "
+                                   "--auth-max-failures must be at least 1")
         if self["resolver"]:
             self["resolverAddress"] = parse_hostport(self["resolver"])
         if self["mailer"] and resolve_mailer(self["mailer"]) is None:
@@ -110,7 +118,8 @@ class Options(usage.Options):
         root = os.path.abspath(self["root"])
         paths = {k: os.path.abspath(self[o]) if self[o] else None
                  for k, o in (("lib", "lib"), ("blocked", "blocked"),
-                              ("trusted_dir", "trusted-dir"), ("log_dir", "log-dir"))}
+                              ("trusted_dir", "trusted-dir"), ("log_dir", "log-dir"),
+                              ("passwd", "passwd"), ("cert", "cert"), ("key", "key"))}
         self["settings"] = s = settings.merge(
             config,
             sysname=self["sysname"],
@@ -135,15 +144,26 @@ class Options(usage.Options):
             dns_timeout=self["dns-timeout"],
             session_timeout=self["session-timeout"],
             data_timeout=self["data-timeout"],
+            require_auth=self["require-auth"],
+            clear_passwords=self["clear-passwords"],
+            smtps=self["smtps"],
+            auth_fail_delay=self["auth-fail-delay"],
+            auth_max_failures=self["auth-max-failures"],
             **paths,
         )
         # a broken ratify file stops start-up; later edits that break it are
         # logged and the last good version stays in force
-        if os.path.exists(s.path("blocked")):
-            try:
+        try:
+            if os.path.exists(s.path("blocked")):
                 ratify.load(s.path("blocked"))
-            except smtpdconf.ConfigError as e:
-                raise SystemExit("upas-smtpd: %s" % e)
+            # AUTH that cannot work is a start-up error when asked for
+            if self["require-auth"] or self["passwd"] or os.path.exists(s.path("passwd")):
+                if not passwd.load(s.path("passwd")):
+                    raise smtpdconf.ConfigError("%s: no users" % s.path("passwd"))
+            if s.cert:
+                tls.CertificateFile(s.cert, s.key).load()
+        except smtpdconf.ConfigError as e:
+            raise SystemExit("upas-smtpd: %s" % e)
 
 
 def parse_hostport(text):

@@ -5,8 +5,10 @@ Importable by users' own tests too.
 
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.names import common, dns, error
+from zope.interface import alsoProvides, implementer
 
 from . import conf as smtpdconf
 from . import settings as smtpdsettings
@@ -27,6 +29,7 @@ def make_settings(conf_text="", root="mail", sysname="gnot.example.org", **kw):
     config = smtpdconf.parse(conf_text, "smtpd.conf")
     kw.setdefault("fqdn", sysname)
     kw.setdefault("tarpit_unit", 0.0)  # spec §3: tarpit sleeps are 0 unless tested
+    kw.setdefault("auth_fail_delay", 0.0)
     return smtpdsettings.merge(config, sysname=sysname, root=root, **kw)
 
 
@@ -108,6 +111,19 @@ def zone_from_json(data):
     return records
 
 
+@implementer(ITLSTransport)
+class FakeTLSTransport(StringTransport):
+    """A StringTransport that can "start TLS": it records the context and
+    from then on provides ISSLTransport; bytes stay clear for the test."""
+
+    tlsContext = None
+
+    def startTLS(self, contextFactory):
+        self.tlsContext = contextFactory
+        self.clearBeforeTLS = self.value()
+        alsoProvides(self, ISSLTransport)
+
+
 def _wire(lines):
     return b"".join((l if isinstance(l, bytes) else l.encode()) + b"\r\n" for l in lines)
 
@@ -120,21 +136,25 @@ class Dialogue:
     """
 
     def __init__(self, settings, peer="127.0.0.2", local="127.0.0.1", clock=None,
-                 reactor=None, run_blocking=run_now, resolver=None):
+                 reactor=None, run_blocking=run_now, resolver=None, checker=None,
+                 contextFactory=None, implicit_tls=False):
         self.clock = clock or task.Clock()
         self.resolver = resolver or FakeResolver(everything_exists=True)
         self.factory = makeSmtpdFactory(settings, reactor=reactor or self.clock,
                                         run_blocking=run_blocking, clock=self.clock,
-                                        resolver=self.resolver)
+                                        resolver=self.resolver, checker=checker,
+                                        contextFactory=contextFactory)
         self.root = self.factory.root
         self.proto = self.factory.buildProtocol(address(peer, 4321))
         if self.proto is None:  # -k: refused before any byte
             self.transport = StringTransport()
             self.greeting = []
             return
-        self.transport = StringTransport(
+        self.transport = FakeTLSTransport(
             peerAddress=address(peer, 4321), hostAddress=address(local, 25)
         )
+        if implicit_tls:
+            alsoProvides(self.transport, ISSLTransport)
         self.proto.makeConnection(self.transport)
         self.greeting = self.take()
 
@@ -161,3 +181,30 @@ class Dialogue:
         if not self.transport.disconnecting:
             self.proto.connectionLost(None)
         self.proto.setTimeout(None)
+
+
+def self_signed_pem(hostname="localhost", days=2):
+    """A fresh self-signed certificate and key for ``hostname``: (cert, key) PEM text."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt = [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode("ascii")
+    return cert_pem, key_pem

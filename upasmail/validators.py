@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from . import dnscheck, process
 from .address import NULL_SENDER
 from .decision import ACCEPT, reject
-from .ratify import WatchedFile
+from .conf import WatchedFile
 
 log = Logger(namespace="smtpd")
 
