@@ -79,6 +79,19 @@ def test_options_refuse_clearly(argv, msg):
     assert msg in str(e.value)
 
 
+def test_password_file_checked_at_startup(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("# nobody yet\n")
+    tap_smtpd.Options().parseOptions(["--passwd", str(pw), "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        tap_smtpd.Options().parseOptions(["--passwd", str(pw), "-a"])
+    assert "pw: no users, so -a would refuse all mail" in str(e.value)
+    pw.write_text("alice\n")
+    with pytest.raises(SystemExit) as e:
+        tap_smtpd.Options().parseOptions(["--passwd", str(pw)])
+    assert "pw:1: expected user:secret" in str(e.value)
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--smtps"], "--smtps needs a certificate (-c)"),
     (["--key", "k.pem"], "--key needs -c"),

@@ -158,8 +158,10 @@ class Options(usage.Options):
                 ratify.load(s.path("blocked"))
             # AUTH that cannot work is a start-up error when asked for
             if self["require-auth"] or self["passwd"] or os.path.exists(s.path("passwd")):
-                if not passwd.load(s.path("passwd")):
-                    raise smtpdconf.ConfigError("%s: no users" % s.path("passwd"))
+                users = passwd.load(s.path("passwd"))
+                if self["require-auth"] and not users:
+                    raise smtpdconf.ConfigError("%s: no users, so -a would refuse all mail"
+                                                % s.path("passwd"))
             if s.cert:
                 tls.CertificateFile(s.cert, s.key).load()
         except smtpdconf.ConfigError as e:
