@@ -73,6 +73,8 @@ ZONE = {
     "sender.net": [["MX", "10 client.sender.net"]],
     "example.org": [["MX", "10 mx.example.org"]],
     "2.0.0.127.in-addr.arpa": [["PTR", "ptr-only.sender.net"]],
+    "example.test": [["MX", "10 mx.example.test"]],
+    "mx.example.test": [["A", "127.0.0.2"]],
     "servfail": ["broken.sender.net"],
 }
 
@@ -434,3 +436,66 @@ def test_bad_certificate_stops_startup(tmp_path, tls_files):
                "--root", str(tmp_path / "m"))
     assert r.returncode != 0
     assert "mismatch.pem: the private key does not belong to the certificate" in r.stderr + r.stdout
+
+
+# -- upas-smtp (issue 6) ----------------------------------------------------
+
+UPAS_SMTP = [sys.executable, "-c", "from upasmail.tap_smtp import main; main()"]
+
+
+def upas_smtp(*args, stdin=b"", **kw):
+    return subprocess.run([*UPAS_SMTP, *args], input=stdin, env=env(), capture_output=True,
+                          timeout=60, **kw)
+
+
+def test_upas_smtp_delivers_through_mx_to_a_real_smtpd(server, dns_port):
+    s = server("--listen", "tcp:0:interface=127.0.0.2", "-h", "example.test")
+    message = (b"From alice Wed Mar  7 23:47:45 -0400 2024 remote from gnot\n"
+               b"Subject: end to end\n\n.a dot line\nFrom the body\nlast\n")
+    r = upas_smtp("--resolver", "127.0.0.1:%d" % dns_port, "--sysname", "gnot",
+                  ".example.org", "tcp!example.test!%d" % s.port, "alice", "bob",
+                  stdin=message)
+    assert (r.returncode, r.stderr) == (0, b"")
+    [msg] = mailbox.mbox(os.path.join(s.root, "box", "bob", "mbox"))
+    assert msg.get_from().startswith("gnot.example.org!alice ")
+    assert msg["Date"] == "Wed, 7 Mar 2024 23:47:45 -0400"
+    assert msg["To"] == "bob@example.test"
+    assert re.match(r"<[0-9A-F]{32}@gnot\.example\.org>$", msg["Message-ID"])
+    # unstuffed by smtpd; ">From" is the mbox's own (mboxrd) escape
+    assert msg.get_payload() == ".a dot line\n>From the body\nlast\n"
+
+
+def test_upas_smtp_exit_statuses(tmp_path):
+    r = upas_smtp("-z", "x")
+    assert r.returncode == 64
+    assert r.stderr.decode().splitlines()[-2:] == [
+        "usage: upas-smtp [-aAdfipst] [-b busted-mx] [-g gw] [-h host] [-u user] "
+        "[.domain] destaddr sender rcpt-list", "Permanent Failure"]
+    r = upas_smtp("tcp!127.0.0.2!1", "alice", "bob", stdin=b"x\n")  # nothing listens there
+    assert r.returncode == 75
+    assert r.stderr.decode().splitlines()[-1] == "Retry, Temporary Failure"
+    r = upas_smtp("net![192.0.2.1]", "alice", "bob", stdin=b"x\n")
+    assert r.returncode == 69
+    assert r.stderr.decode().splitlines()[-1] == "Permanent Failure"
+
+
+def test_upas_smtp_filter_mode_touches_no_network():
+    data = os.path.join(ROOT, "tests", "data")
+    with open(os.path.join(data, "filter-in.txt"), "rb") as f:
+        r = upas_smtp("-f", "--resolver", "127.0.0.1:1", "--sysname", "gnot", ".example.com",
+                      "net!nowhere.invalid", "alice", stdin=f.read())
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(data, "filter-out.txt"), "rb") as f:
+        expected = f.read()
+    assert r.stdout.split(b"\r\n", 1)[1] == expected.split(b"\r\n", 1)[1]
+
+
+def test_twistd_one_shot_exit_status(server, dns_port):
+    s = server("--listen", "tcp:0:interface=127.0.0.2", "-h", "example.test")
+    args = ["--resolver", "127.0.0.1:%d" % dns_port, "--sysname", "gnot",
+            "tcp!example.test!%d" % s.port, "alice", "bob"]
+    r = twistd("-n", "--pidfile=", "upas-smtp", *args, input="Subject: one shot\n\nhi\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = twistd("-n", "--pidfile=", "upas-smtp", "tcp!127.0.0.2!1", "alice", "bob", input="x\n")
+    assert r.returncode == 75
+    assert "Retry, Temporary Failure" in r.stderr

@@ -24,7 +24,7 @@ _PERMANENT_REFUSALS = (error.DNSQueryRefusedError, error.DNSNotImplementedError,
                        error.DNSFormatError)
 
 
-def _query(resolver, method, name, clock, timeout):
+def query(resolver, method, name, clock, timeout):
     """Fire with (status, answers); never fails."""
     try:
         d = getattr(resolver, method)(name)
@@ -48,11 +48,11 @@ def _query(resolver, method, name, clock, timeout):
 
 @defer.inlineCallbacks
 def name_status(resolver, name, clock, timeout=DNS_TIMEOUT):
-    status, answers = yield _query(resolver, "lookupAllRecords", name, clock, timeout)
+    status, answers = yield query(resolver, "lookupAllRecords", name, clock, timeout)
     if status in (EXISTS, NXDOMAIN, TEMPFAIL):
         return status
     results = yield defer.gatherResults([
-        _query(resolver, m, name, clock, timeout)
+        query(resolver, m, name, clock, timeout)
         for m in ("lookupAddress", "lookupIPV6Address", "lookupMailExchange")
     ])
     statuses = [s for s, _ in results]
@@ -79,7 +79,7 @@ def ptr_names(resolver, ip, clock, timeout=DNS_TIMEOUT):
         rev = ipaddress.ip_address(ip).reverse_pointer
     except ValueError:
         return defer.succeed([])
-    d = _query(resolver, "lookupPointer", rev, clock, timeout)
+    d = query(resolver, "lookupPointer", rev, clock, timeout)
     return d.addCallback(lambda r: _names_of(r[1], dns.PTR))
 
 
@@ -87,7 +87,7 @@ def ptr_names(resolver, ip, clock, timeout=DNS_TIMEOUT):
 def addresses(resolver, name, clock, timeout=DNS_TIMEOUT):
     """Fire with (status, [ip text]) from the A and AAAA records of ``name``."""
     results = yield defer.gatherResults([
-        _query(resolver, m, name, clock, timeout)
+        query(resolver, m, name, clock, timeout)
         for m in ("lookupAddress", "lookupIPV6Address")
     ])
     ips = []

@@ -1,8 +1,9 @@
 """RFC 822 header handling as upas's rfc822.y does it, token by token.
 
-Used by smtpd when it writes a message for the mailer (pipemsg) and, later,
-by the smtp client.  Whitespace and comments are kept exactly; only address
-tokens change.
+Used by smtpd when it writes a message for the mailer (pipemsg), and by
+the smtp client (``convert``), which passes its own rewriting of a bare
+address (``bangtoat``, then ``@hostdomain``).  Whitespace and comments are
+kept exactly; only address tokens change.
 
 * Field names are case-insensitive.  ``Return-Path`` is an ordinary field
   (upas spells its key ``return_path``, so it is not an originator: a
@@ -93,10 +94,22 @@ def _significant(tokens, indices):
     return [i for i in indices if tokens[i][0] not in ("ws", "comment")]
 
 
-def qualify(value, him):
-    """Append ``@him`` to every address in an address-list value."""
+def qualify(value, him, rewrite=None):
+    """Append ``@him`` to every address without ``@`` in an address-list value.
+
+    ``rewrite(word, bracketed)``, when given, replaces an address that is
+    one word without ``@`` (the smtp client's bang-to-at conversion)
+    instead; ``bracketed`` says whether it stands inside ``<>``.
+    """
     tokens = tokenize(value)
     after = {}  # token index -> text to insert after it
+    replace = {}  # token index -> text to put in its place
+
+    def bare(indices, bracketed):
+        if rewrite is not None and len(indices) == 1 and tokens[indices[0]][0] == "atom":
+            replace[indices[0]] = rewrite(tokens[indices[0]][1], bracketed)
+        else:
+            after[indices[-1]] = "@" + him
 
     def finish(indices):
         sig = _significant(tokens, indices)
@@ -117,13 +130,13 @@ def qualify(value, him):
             if not inner:
                 after[lt] = "pOsTmAsTeR@" + him
             elif not any(tokens[i] == ("special", "@") for i in inner):
-                after[inner[-1]] = "@" + him
+                bare(inner, True)
             return
         words = [i for i in sig if tokens[i][0] != "special" or tokens[i][1] == "@"]
         if any(tokens[i][0] == "special" and tokens[i][1] != "@" for i in sig):
             raise HeaderSyntaxError("stray special character")
         if not any(tokens[i] == ("special", "@") for i in words):
-            after[words[-1]] = "@" + him
+            bare(words, False)
 
     depth = 0
     item = []
@@ -150,7 +163,8 @@ def qualify(value, him):
     if depth != 0:
         raise HeaderSyntaxError("unbalanced angle brackets")
     finish(item)
-    return "".join(text + after.get(i, "") for i, (_, text) in enumerate(tokens))
+    return "".join(replace.get(i, text) + after.get(i, "")
+                   for i, (_, text) in enumerate(tokens))
 
 
 class Header:
@@ -192,7 +206,7 @@ def _split_fields(lines):
     return items
 
 
-def parse(lines, him):
+def parse(lines, him, rewrite=None):
     """Parse header lines (str, each ending in newline) and rewrite them."""
     header = Header()
     for kind, group in _split_fields(lines):
@@ -209,7 +223,7 @@ def parse(lines, him):
         lname = name.lower()
         if lname in ADDRESS_FIELDS:
             try:
-                value = qualify(value, him)
+                value = qualify(value, him, rewrite)
             except HeaderSyntaxError:
                 header.lines.append("BadHeader: " + text)
                 continue

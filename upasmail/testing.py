@@ -8,6 +8,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.names import common, dns, error
+from twisted.protocols import basic
 from zope.interface import alsoProvides, implementer
 
 from . import conf as smtpdconf
@@ -208,3 +209,126 @@ def self_signed_pem(hostname="localhost", days=2):
                                 serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode("ascii")
     return cert_pem, key_pem
+
+
+class ScriptedSMTPServer:
+    """A fake SMTP server for client tests: answers from a table, records all.
+
+    ``replies`` maps an exact command line (``"RCPT TO:<eve@x.org>"``) or a
+    verb (``"RCPT"``, ``"."`` for the end of DATA) to the reply text (lines
+    joined with CRLF).  ``greeting=None`` sends none; verbs in ``silent``
+    get no answer at all.  ``tls`` (a server context factory) lets STARTTLS
+    succeed; ``after_starttls`` is written in the clear behind its 220.
+    ``sessions`` holds, per connection, the command lines and the raw
+    DATA bytes; ``seen(verb)`` fires when a command with that verb arrives.
+    """
+
+    DEFAULTS = {"EHLO": "250-fake.example you are there\r\n250 8BITMIME", "HELO": "250 ok",
+                "MAIL": "250 ok", "RCPT": "250 ok", "DATA": "354 go ahead", ".": "250 ok",
+                "NOOP": "250 ok", "RSET": "250 ok", "QUIT": "221 bye",
+                "STARTTLS": "220 ready", "AUTH": "235 ok"}
+
+    def __init__(self, replies=None, greeting="220 fake.example ESMTP", silent=(), tls=None,
+                 after_starttls=b""):
+        self.replies = dict(self.DEFAULTS)
+        self.replies.update(replies or {})
+        self.greeting = greeting
+        self.silent = set(silent)
+        self.tls = tls
+        self.after_starttls = after_starttls
+        self.sessions = []
+        self._waiters = {}
+
+    def seen(self, verb):
+        d = defer.Deferred()
+        self._waiters.setdefault(verb, []).append(d)
+        return d
+
+    def _saw(self, verb):
+        for d in self._waiters.pop(verb, []):
+            d.callback(None)
+
+    def reply_for(self, line):
+        if line in self.replies:
+            return self.replies[line]
+        return self.replies.get(line.split(" ", 1)[0].split(":", 1)[0].upper(), "500 what?")
+
+    def factory(self):
+        from twisted.internet import protocol
+
+        f = protocol.Factory.forProtocol(_ScriptedSMTP)
+        f.script = self
+        return f
+
+    def listen(self, reactor, interface="127.0.0.1", port=0):
+        return reactor.listenTCP(port, self.factory(), interface=interface)
+
+
+class _ScriptedSession:
+    def __init__(self):
+        self.commands = []
+        self.data = b""
+        self.auth = []  # the AUTH exchange lines, as sent
+        self.closed = defer.Deferred()  # fires when the connection is gone
+
+
+class _ScriptedSMTP(basic.LineOnlyReceiver):
+    delimiter = b"\r\n"
+    MAX_LENGTH = 1 << 20
+
+    def connectionMade(self):
+        self.script = self.factory.script
+        self.session = _ScriptedSession()
+        self.script.sessions.append(self.session)
+        self.in_data = False
+        self.auth_steps = []
+        if self.script.greeting is not None:
+            self.send(self.script.greeting)
+
+    def send(self, text):
+        self.transport.write(text.encode() + b"\r\n")
+
+    def lineReceived(self, line):
+        if self.in_data:
+            if line == b".":
+                self.in_data = False
+                self.script._saw(".")
+                if "." not in self.script.silent:
+                    self.send(self.script.reply_for("."))
+            else:
+                self.session.data += line + b"\r\n"
+            return
+        if self.auth_steps:
+            self.session.auth.append(line.decode())
+            self.send(self.auth_steps.pop(0))
+            return
+        text = line.decode("utf-8", "replace")
+        self.session.commands.append(text)
+        verb = text.split(" ", 1)[0].split(":", 1)[0].upper()
+        self.script._saw(verb)
+        if verb in self.script.silent:
+            return
+        reply = self.script.reply_for(text)
+        if verb == "AUTH":
+            self.session.auth.append(text)
+            mech = text.split()[1].upper() if len(text.split()) > 1 else ""
+            if mech == "LOGIN" and len(text.split()) == 2:
+                self.send("334 VXNlcm5hbWU6")
+                self.auth_steps = ["334 UGFzc3dvcmQ6", reply]
+                return
+            if mech == "CRAM-MD5":
+                self.send("334 PDEyMzQ1QGZha2UuZXhhbXBsZT4=")  # <12345@fake.example>
+                self.auth_steps = [reply]
+                return
+        if verb == "STARTTLS" and reply.startswith("220") and self.script.tls is not None:
+            self.transport.write(reply.encode() + b"\r\n" + self.script.after_starttls)
+            self.transport.startTLS(self.script.tls)
+            return
+        self.send(reply)
+        if verb == "DATA" and reply.startswith("354"):
+            self.in_data = True
+        elif verb == "QUIT":
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None):
+        self.session.closed.callback(None)

@@ -1,0 +1,684 @@
+"""upas smtp: deliver one message to one destination (smtp.c), on Twisted.
+
+``deliver(...)`` is the library API used by the ``upas-smtp`` command and
+the outbound queue.  It fires (never fails) with a ``Result``: upas's
+status string (``""`` delivered, ``Retry, Temporary Failure``,
+``Permanent Failure`` or another text upas would exit with), one
+``RecipientResult`` per recipient (delivered / temporary / permanent,
+with the server's reply), and the lines upas would print on stderr.
+
+The conversation follows spec upas-behaviour.md §2.5-2.8: optional
+implicit TLS (``-t``) or NOOP first (``-A``); greeting; EHLO, HELO when
+EHLO gets a 5xx; STARTTLS when offered and ``-s`` (no plaintext fallback
+once started: any failure is permanent; with thumbprints, only listed
+certificates pass); AUTH (``-a``: only encrypted, or with ``-i``;
+CRAM-MD5, else LOGIN, else PLAIN); MAIL; every RCPT; DATA only when some
+recipient was accepted and no failure was temporary-only; QUIT.  Each
+phase has upas's time limit (units of 60 s, or 10 s with ``-p``) on the
+injected clock.
+
+Why not ``twisted.mail.smtp.ESMTPSender``: it stuffs dots per 16 KiB chunk
+(a line at a chunk boundary is not stuffed: message smuggling), reads
+replies injected after a STARTTLS 220 as the post-TLS EHLO reply, prefers
+CRAM-MD5 > LOGIN > PLAIN with its own PLAIN retry, fails the whole
+transaction when some recipients are refused, has no per-phase timeouts,
+no HELO-after-EHLO-5xx rule, no ``-A``/``-p``, and retries by itself
+(twisted-notes.md §2.2, §5.13-16).  So the wire is a ``LineOnlyReceiver``
+here, the message is converted once for the whole stream
+(``convert.Transparency``), and connections use ``connectTCP``/
+``connectSSL`` by IP after our own MX lookup (``mxdial``).
+"""
+
+import base64
+import hashlib
+import hmac
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+from twisted.internet import defer, error, protocol, ssl
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.logger import Logger
+from twisted.protocols import basic
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import convert, mxdial
+from .factotum import NoCredentials
+from .pipemsg import plan9_date
+
+log = Logger(namespace="smtp")
+faillog = Logger(namespace="smtp.fail")
+
+RETRY = "Retry, Temporary Failure"
+PERMANENT = "Permanent Failure"
+EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 64, 69, 75
+DELIVERED, TEMPORARY, PERMANENT_FAILURE, ACCEPTED, NOT_SENT = (
+    "delivered", "temporary", "permanent", "accepted", "not sent")
+
+
+def exit_code(status):
+    """Unix exit code for a upas status string (0, 75, else 69)."""
+    if not status:
+        return EX_OK
+    return EX_TEMPFAIL if "Retry" in status else EX_UNAVAILABLE
+
+
+@dataclass
+class ClientOptions:
+    """The seed's flags and what upas takes from the system."""
+
+    sysname: str
+    host: Optional[str] = None  # -h: names addresses; default sysname
+    domain: str = ""  # .domain, else the system's first dotted name
+    starttls: bool = False  # -s
+    implicit_tls: bool = False  # -t
+    auth: bool = False  # -a (implies -s)
+    auth_in_clear: bool = False  # -i
+    avoidant: bool = False  # -A: NOOP before the greeting
+    ping: bool = False  # -p
+    busted: tuple = ()  # -b MX hosts to skip
+    gateway: Optional[str] = None  # -g dial string
+    user: Optional[str] = None  # -u
+    credentials: Optional[Callable] = None  # (server, user) -> (user, password)
+    thumbprints: Optional[object] = None  # thumbprint.Thumbprints: pin TLS servers
+    ipv6: bool = False  # also dial AAAA addresses
+    ours: tuple = ()  # our own addresses: never a mail server
+    debug: Optional[Callable] = None  # -d: gets one text line at a time
+    full_name: Optional[Callable] = None  # user -> full name for an added From:
+    connect_timeout: float = 10.0
+    dns_timeout: float = 60.0
+    tls_options: Optional[object] = None  # client TLS context factory
+
+    @property
+    def hostdomain(self):
+        return convert.domainify(self.host or self.sysname, self.domain)
+
+    @property
+    def hellodomain(self):
+        return convert.domainify(self.sysname, self.domain)
+
+    @property
+    def unit(self):
+        return 10.0 if self.ping else 60.0
+
+    @property
+    def try_tls(self):
+        return self.starttls or self.auth
+
+
+@dataclass
+class RecipientResult:
+    address: str  # as given
+    rcpt: str = ""  # as sent in RCPT TO
+    status: str = NOT_SENT
+    reply: str = ""
+
+
+@dataclass
+class Result:
+    status: str
+    recipients: List[RecipientResult]
+    report: List[str] = field(default_factory=list)  # upas's stderr lines
+    phase: str = ""
+    target: Optional[object] = None
+
+    @property
+    def exit_code(self):
+        return exit_code(self.status)
+
+
+@dataclass
+class Reply:
+    code: int  # -1: not a reply (garbage, EOF)
+    lines: List[str]  # as received, codes included
+
+    @property
+    def kind(self):
+        return self.code // 100 if self.code > 0 else -1
+
+    @property
+    def texts(self):
+        return [line[4:] for line in self.lines]
+
+    def __str__(self):
+        return "\n".join(self.lines)
+
+
+class Closed(Exception):
+    def __init__(self, timed_out):
+        Exception.__init__(self, "timed out" if timed_out else "connection closed")
+        self.timed_out = timed_out
+
+
+class Failed(Exception):
+    """Ends the conversation with upas's status and the reply that caused it."""
+
+    def __init__(self, status, reply=None, note=None):
+        Exception.__init__(self, status)
+        self.status = status
+        self.reply = reply
+        self.note = note
+
+
+@implementer(IHandshakeListener)
+class Wire(basic.LineOnlyReceiver):
+    """Reads replies (CRLF or LF, upas getreply) and writes commands."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 16384
+    MAX_LINES = 1000
+
+    def __init__(self, clock, debug=None):
+        self.clock = clock
+        self.debug = debug
+        self._lines = []
+        self._replies = deque()
+        self._waiting = None
+        self._timer = None
+        self._discarding = False
+        self.timed_out = False
+        self.closed = False
+        self._handshaken = False
+        self._handshake_waiters = []
+        self._close_waiters = []
+        self.connected_d = None
+
+    def connectionMade(self):
+        if self.connected_d is not None:
+            d, self.connected_d = self.connected_d, None
+            d.callback(self)
+
+    def dataReceived(self, data):
+        try:
+            basic.LineOnlyReceiver.dataReceived(self, data)
+        finally:
+            self._discarding = False
+
+    def lineReceived(self, line):
+        if self._discarding:
+            return
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        if self.debug:
+            self.debug("<- " + text)
+        self._lines.append(text)
+        if len(text) >= 3 and text[:3].isdigit() and text[3:4] in ("", " ", "-"):
+            if text[3:4] == "-" and len(self._lines) < self.MAX_LINES:
+                return
+            code = int(text[:3])
+        else:
+            code = -1
+        reply, self._lines = Reply(code, self._lines), []
+        self._deliver(reply)
+
+    def lineLengthExceeded(self, line):
+        self._lines = []
+        self._deliver(Reply(-1, ["(reply line too long)"]))
+        self.transport.loseConnection()
+
+    def _deliver(self, reply):
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.callback(reply)
+        else:
+            self._replies.append(reply)
+
+    def read(self):
+        if self._replies:
+            return defer.succeed(self._replies.popleft())
+        if self.closed:
+            return defer.fail(Closed(self.timed_out))
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+    def send(self, line, shown=None):
+        if self.debug:
+            self.debug("-> " + (shown if shown is not None else line))
+        self.transport.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def command(self, line, shown=None):
+        self.send(line, shown)
+        return self.read()
+
+    def flush_input(self):
+        """After STARTTLS's 220: whatever else came in the clear is dropped."""
+        self._replies.clear()
+        self._lines = []
+        self._buffer = b""
+        self._discarding = True
+
+    def arm(self, seconds):
+        self.disarm()
+        self._timer = self.clock.callLater(seconds, self._expired)
+
+    def disarm(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _expired(self):
+        self._timer = None
+        self.timed_out = True
+        self.transport.abortConnection()
+
+    def handshake(self):
+        """Fires when the TLS handshake is done; fails if the connection ends first."""
+        if self._handshaken:
+            return defer.succeed(None)
+        if self.closed:
+            return defer.fail(Closed(self.timed_out))
+        d = defer.Deferred()
+        self._handshake_waiters.append(d)
+        return d
+
+    def handshakeCompleted(self):
+        self._handshaken = True
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def whenClosed(self):
+        if self.closed:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._close_waiters.append(d)
+        return d
+
+    def connectionLost(self, reason=None):
+        self.closed = True
+        self.disarm()
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.errback(Closed(self.timed_out))
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        for d in waiters:
+            d.errback(Closed(self.timed_out))
+
+
+class _Connector(protocol.ClientFactory):
+    def __init__(self, clock, debug, d):
+        self.clock = clock
+        self.debug = debug
+        self.d = d
+
+    def buildProtocol(self, addr):
+        p = Wire(self.clock, self.debug)
+        p.factory = self
+        p.connected_d = self.d
+        return p
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.d.called:
+            self.d.errback(reason)
+
+
+def connect(reactor, clock, target, timeout, tls_options=None, debug=None):
+    """Fire with a connected Wire (TLS from the start when ``tls_options``)."""
+    d = defer.Deferred()
+    factory = _Connector(clock, debug, d)
+    if tls_options is not None:
+        reactor.connectSSL(target.ip, target.port, factory, tls_options, timeout=timeout)
+    else:
+        reactor.connectTCP(target.ip, target.port, factory, timeout=timeout)
+    return d
+
+
+@implementer(IPullProducer)
+class _Body:
+    """Writes the converted message chunk by chunk; each chunk rearms the timer."""
+
+    def __init__(self, wire, chunks, seconds):
+        self.wire = wire
+        self.chunks = chunks
+        self.seconds = seconds
+        self.done = defer.Deferred()
+        self.size = 0
+
+    def resumeProducing(self):
+        try:
+            chunk = next(self.chunks)
+        except StopIteration:
+            self.wire.transport.unregisterProducer()
+            self.done.callback(self.size)
+            return
+        except Exception:
+            self.wire.transport.unregisterProducer()
+            self.done.errback()
+            return
+        self.wire.arm(self.seconds)
+        self.size += len(chunk)
+        self.wire.transport.write(chunk)
+
+    def stopProducing(self):
+        if not self.done.called:
+            self.done.errback(Closed(self.wire.timed_out))
+
+
+def _peer_der(transport):
+    cert = transport.getPeerCertificate()
+    if cert is None:
+        return None
+    from OpenSSL import crypto
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+
+class Conversation:
+    """One SMTP conversation on a connected Wire (smtp.c main after dial)."""
+
+    def __init__(self, wire, options, message, sender, results, destaddr, server, ddomain,
+                 target, clock):
+        self.wire = wire
+        self.o = options
+        self.message = message
+        self.sender = sender
+        self.results = results
+        self.destaddr = destaddr
+        self.server = server  # the credentials key: the host of the destination
+        self.ddomain = ddomain
+        self.target = target
+        self.clock = clock
+        self.encrypted = False
+        self.phase = "hello"
+        self.report = []
+
+    # -- helpers ---------------------------------------------------------
+
+    def _expect(self, reply, want):
+        if reply.kind == want:
+            return reply
+        raise Failed(PERMANENT if reply.kind == 5 else RETRY, reply)
+
+    def _auth_step(self, reply, want):
+        """upas: any failed AUTH exchange is worth a retry."""
+        if reply.kind == want:
+            return reply
+        raise Failed(RETRY, reply)
+
+    @defer.inlineCallbacks
+    def _tls(self, start):
+        """Start TLS (STARTTLS or implicit), wait for the handshake, check pins."""
+        if start:
+            self.wire.transport.startTLS(self.o.tls_options or ssl.CertificateOptions())
+        try:
+            yield self.wire.handshake()
+        except Exception as e:
+            log.info("tlsClient to {d}: {err}", d=self.ddomain or self.server, err=e)
+            raise Failed(PERMANENT, note="tlsClient to %s: %s" % (self.ddomain or self.server,
+                                                                   e))
+        if self.o.thumbprints is not None:
+            der = _peer_der(self.wire.transport)
+            if der is None or not self.o.thumbprints.accepts(der):
+                note = "cert for %s not recognized: sha256=%s" % (
+                    self.ddomain or self.server,
+                    base64.b64encode(hashlib.sha256(der or b"").digest()).decode())
+                log.info("{note}", note=note)
+                raise Failed(PERMANENT, note=note)
+        self.encrypted = True
+        log.info("started TLS to {d}", d=self.ddomain or self.server)
+
+    @defer.inlineCallbacks
+    def _hello(self):
+        w, o = self.wire, self.o
+        reply = yield w.command("EHLO " + o.hellodomain)
+        if reply.kind == 5:
+            self._expect((yield w.command("HELO " + o.hellodomain)), 2)
+            return []
+        return self._expect(reply, 2).texts[1:]
+
+    @defer.inlineCallbacks
+    def _auth(self, methods):
+        w = self.wire
+        if "CRAM-MD5" in methods:
+            user, password = self._credentials()
+            challenge = self._auth_step((yield w.command("AUTH CRAM-MD5")), 3)
+            try:
+                text = base64.b64decode(challenge.texts[0].strip(), validate=True)
+            except (ValueError, IndexError):
+                raise Failed(RETRY, challenge)
+            digest = hmac.new(password.encode(), text, hashlib.md5).hexdigest()
+            answer = base64.b64encode(("%s %s" % (user, digest)).encode()).decode()
+            self._auth_step((yield w.command(answer, "<removed>")), 2)
+            return
+        user, password = self._credentials()
+        if "LOGIN" in methods:
+            self._auth_step((yield w.command("AUTH LOGIN")), 3)
+            self._auth_step((yield w.command(base64.b64encode(user.encode()).decode(),
+                                          "<removed>")), 3)
+            self._auth_step((yield w.command(base64.b64encode(password.encode()).decode(),
+                                          "<removed>")), 2)
+        elif "PLAIN" in methods:
+            blob = base64.b64encode(("\0%s\0%s" % (user, password)).encode()).decode()
+            self._auth_step((yield w.command("AUTH PLAIN " + blob, "AUTH PLAIN <removed>")), 2)
+        else:
+            raise Failed("No supported AUTH method")
+
+    def _credentials(self):
+        try:
+            if self.o.credentials is None:
+                raise NoCredentials("failed to get userpasswd: no credentials configured")
+            return self.o.credentials(self.server, self.o.user)
+        except NoCredentials as e:
+            faillog.info("{err}", err=e)
+            raise Failed(PERMANENT, note=str(e))
+
+    # -- the conversation ------------------------------------------------
+
+    @defer.inlineCallbacks
+    def run(self):
+        """Fire with the upas status; per-recipient results in self.results."""
+        w, o = self.wire, self.o
+        w.arm(10 * o.unit)  # greeting, EHLO, STARTTLS and AUTH together
+        if o.implicit_tls:
+            yield self._tls(start=False)
+        if o.avoidant:
+            w.send("NOOP")
+            yield w.read()
+        self._expect((yield w.read()), 2)
+        while True:
+            extensions = yield self._hello()
+            restart = False
+            for ext in extensions:
+                word = ext.strip().upper()
+                if word == "STARTTLS" and not self.encrypted and o.try_tls:
+                    reply = yield w.command("STARTTLS")
+                    if reply.kind != 2:
+                        raise Failed(PERMANENT, reply)
+                    w.flush_input()  # CVE-2011-0411, client side
+                    yield self._tls(start=True)
+                    restart = True
+                    break
+                if (word.startswith("AUTH ") or word.startswith("AUTH=")) and o.auth and (
+                        self.encrypted or o.auth_in_clear):
+                    yield self._auth(word[5:].split())
+                    break
+            if not restart:
+                break
+        self.phase = "mailfrom"
+        w.arm(10 * o.unit)
+        self._expect((yield w.command("MAIL FROM:" + convert.mail_from(self.sender,
+                                                                          o.hostdomain))), 2)
+        self.phase = "rcptto"
+        worst = ""
+        for r in self.results:
+            w.arm(10 * o.unit)
+            r.rcpt = convert.rcpt_to(r.address, self.ddomain)
+            reply = yield w.command("RCPT TO:<%s>" % r.rcpt)
+            r.reply = str(reply)
+            if reply.kind == 2:
+                r.status = ACCEPTED
+            else:
+                r.status = PERMANENT_FAILURE if reply.kind == 5 else TEMPORARY
+                worst = PERMANENT if reply.kind == 5 or worst == PERMANENT else RETRY
+        accepted = [r for r in self.results if r.status == ACCEPTED]
+        if not accepted or worst == RETRY:
+            if not self.results:
+                return ""  # upas: nothing to send is success
+            failed = [r for r in self.results if r.status != ACCEPTED]
+            raise Failed(worst or RETRY, Reply(0, [failed[-1].reply]) if failed else None)
+        if o.ping:
+            return ""
+        self.phase = "data"
+        toline = ", ".join(r.rcpt for r in self.results)
+        w.arm(20 * o.unit)
+        self._expect((yield w.command("DATA")), 3)
+        body = _Body(w, self.message.wire(toline), 10 * o.unit)
+        w.transport.registerProducer(body, False)
+        size = yield body.done
+        w.arm(10 * o.unit)
+        self._expect((yield w.read()), 2)
+        for r in accepted:
+            r.status = DELIVERED
+        log.info("{sender} sent {n} bytes to {toline} {mx}", sender=self.sender, n=size,
+                 toline=toline, mx=self.target.describe())
+        if worst:
+            self.report.append("%s connect to %s: %s %s:" % (
+                plan9_date(self.clock.seconds()), self.destaddr, self.target.describe(),
+                self.phase))
+            for r in self.results:
+                if r.status != DELIVERED:
+                    self.report.append("  mail to %s failed: %s" % (r.rcpt, r.reply))
+                    faillog.info("delivery to {rcpt} at {addr} {mx} rcptto, failed: {reply}",
+                                 rcpt=r.rcpt, addr=self.destaddr, mx=self.target.describe(),
+                                 reply=r.reply)
+            return PERMANENT
+        return ""
+
+    @defer.inlineCallbacks
+    def quit(self):
+        w = self.wire
+        if w.closed:
+            return
+        try:
+            w.arm(60 * self.o.unit)
+            yield w.command("QUIT")
+        except Exception:
+            pass
+        w.arm(60 * self.o.unit)  # a peer that never lets go is cut off
+        w.transport.loseConnection()
+        yield w.whenClosed()
+
+
+def _failure_report(conv, status, reply, note, destaddr, clock):
+    kind = "ping" if conv.o.ping else "delivery"
+    lines = []
+    if note:
+        lines.append(note)
+    text = str(reply) if reply is not None else ""
+    lines.append("%s connect to %s %s %s:" % (plan9_date(clock.seconds()), destaddr,
+                                               conv.target.describe(), conv.phase))
+    if text:
+        lines.append(text)
+    faillog.info("{kind} to {rcpts} at {addr} {mx} {phase} failed: {reply}", kind=kind,
+                 rcpts=",".join(r.rcpt or r.address for r in conv.results), addr=destaddr,
+                 mx=conv.target.describe(), phase=conv.phase, reply=text or note or status)
+    return lines
+
+
+@defer.inlineCallbacks
+def _dial(reactor, clock, targets, options, errors):
+    tls_options = (options.tls_options or ssl.CertificateOptions()) if options.implicit_tls \
+        else None
+    for target in targets:
+        if options.debug:
+            options.debug("dialing %s" % target.describe())
+        try:
+            wire = yield connect(reactor, clock, target, options.connect_timeout, tls_options,
+                                 options.debug)
+            return target, wire
+        except Exception as e:
+            errors.append("%s %s" % (_error_text(e), target.describe()))
+    return None, None
+
+
+def _error_text(e):
+    if isinstance(e, Failure):
+        e = e.value
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.TimeoutError):
+        return "connect timed out"
+    return str(e) or e.__class__.__name__
+
+
+@defer.inlineCallbacks
+def deliver(source, destaddr, sender, recipients, options, reactor, resolver, clock=None):
+    """Send the message in the binary file ``source`` to ``destaddr``; fire with a Result."""
+    clock = clock or reactor
+    recipients = list(recipients)
+    results = [RecipientResult(r) for r in recipients]
+    default_service = "465" if options.implicit_tls else "smtp"
+    kind = "ping" if options.ping else "delivery"
+    try:
+        dial = mxdial.parse_dial(destaddr, default_service)
+        message = convert.OutboundMessage(source, sender, options.hostdomain,
+                                          options.full_name)
+        ddomain, targets = "", []
+        errors = []
+        try:
+            ddomain, targets = yield mxdial.plan(resolver, clock, dial, options.busted,
+                                                 options.ipv6, options.ours,
+                                                 options.dns_timeout)
+        except mxdial.DialError as e:
+            if not options.gateway or "illegal" in e.text:
+                raise
+            errors.append(e.text)
+        target, wire = yield _dial(reactor, clock, targets, options, errors)
+        if wire is None and options.gateway:
+            gw = mxdial.parse_dial(options.gateway)
+            try:
+                gw_targets = yield mxdial.gateway_targets(resolver, clock, gw, options.ipv6,
+                                                          options.dns_timeout)
+                target, wire = yield _dial(reactor, clock, gw_targets, options, errors)
+            except mxdial.DialError as e:
+                errors.append(e.text)
+        if wire is None:
+            raise mxdial.DialError(errors[-1] if errors else "no address to dial", False)
+    except mxdial.DialError as e:
+        permanent = e.permanent or any(w in e.text for w in ("illegal", "unknown",
+                                                             "can't translate"))
+        faillog.info("{kind} {err} ({addr})", kind=kind, err=e.text, addr=destaddr)
+        status = PERMANENT if permanent else RETRY
+        report = ["smtp: %s (%s)" % (e.text, destaddr)]
+        _settle(results, status, report)
+        return Result(status, results, report, phase="dial")
+    conv = Conversation(wire, options, message, sender, results, destaddr, dial.host,
+                        ddomain, target, clock)
+    report = []
+    try:
+        status = yield conv.run()
+    except Failed as f:
+        status = f.status
+        report = _failure_report(conv, f.status, f.reply, f.note, destaddr, clock)
+    except Closed as c:
+        status = RETRY
+        if c.timed_out:
+            report = ["smtp timeout: connection to %s timed out" % destaddr]
+            faillog.info("{kind} interrupt: {addr}: alarm {mx}", kind=kind, addr=destaddr,
+                         mx=target.describe())
+        else:
+            report = _failure_report(conv, status, Reply(-1, ["connection closed"]), None,
+                                     destaddr, clock)
+    yield conv.quit()
+    _settle(results, status, report)
+    return Result(status, results, conv.report + report, conv.phase, target)
+
+
+def _settle(results, status, report):
+    """Give every recipient without its own outcome the transaction's."""
+    if status == "":
+        return
+    failed = TEMPORARY if exit_code(status) == EX_TEMPFAIL else PERMANENT_FAILURE
+    why = report[-1] if report else status
+    for r in results:
+        if r.status in (ACCEPTED, NOT_SENT):
+            r.status, r.reply = failed, why
+
+
+def filter_message(source, sender, options, out):
+    """``-f``: write the converted message (CRLF, stuffed, no final dot) to ``out``."""
+    message = convert.OutboundMessage(source, sender, options.hostdomain, options.full_name)
+    for chunk in message.wire("", final_dot=False):
+        out.write(chunk)
