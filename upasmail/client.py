@@ -445,10 +445,9 @@ class Conversation:
         user, password = self._credentials()
         if "LOGIN" in methods:
             self._auth_step((yield w.command("AUTH LOGIN")), 3)
-            self._auth_step((yield w.command(base64.b64encode(user.encode()).decode(),
-                                          "<removed>")), 3)
-            self._auth_step((yield w.command(base64.b64encode(password.encode()).decode(),
-                                          "<removed>")), 2)
+            for secret, want in ((user, 3), (password, 2)):
+                line = base64.b64encode(secret.encode()).decode()
+                self._auth_step((yield w.command(line, "<removed>")), want)
         elif "PLAIN" in methods:
             blob = base64.b64encode(("\0%s\0%s" % (user, password)).encode()).decode()
             self._auth_step((yield w.command("AUTH PLAIN " + blob, "AUTH PLAIN <removed>")), 2)
@@ -613,8 +612,11 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
     kind = "ping" if options.ping else "delivery"
     try:
         dial = mxdial.parse_dial(destaddr, default_service)
-        message = convert.OutboundMessage(source, sender, options.hostdomain,
-                                          options.full_name)
+        try:
+            message = convert.OutboundMessage(source, sender, options.hostdomain,
+                                              options.full_name)
+        except OSError as e:
+            raise mxdial.DialError("reading the message: %s" % e, False)
         ddomain, targets = "", []
         errors = []
         try:
@@ -661,6 +663,9 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
         else:
             report = _failure_report(conv, status, Reply(-1, ["connection closed"]), None,
                                      destaddr, clock)
+    except Exception as e:  # a bug here must cost a retry, never the message
+        log.failure("delivery to {addr} failed", addr=destaddr)
+        status, report = RETRY, ["smtp: local error: %s (%s)" % (e, destaddr)]
     yield conv.quit()
     _settle(results, status, report)
     return Result(status, results, conv.report + report, conv.phase, target)
