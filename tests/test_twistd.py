@@ -74,6 +74,8 @@ ZONE = {
     "example.org": [["MX", "10 mx.example.org"]],
     "2.0.0.127.in-addr.arpa": [["PTR", "ptr-only.sender.net"]],
     "example.test": [["MX", "10 mx.example.test"]],
+    "far.example": [["MX", "10 mx.far.example"]],
+    "mx.far.example": [["A", "127.0.0.2"]],
     "mx.example.test": [["A", "127.0.0.2"]],
     "servfail": ["broken.sender.net"],
 }
@@ -97,8 +99,11 @@ def dns_port(tmp_path_factory):
 def server(tmp_path, dns_port):
     servers = []
 
-    def start(*args):
-        s = Server(tmp_path, "--resolver", "127.0.0.1:%d" % dns_port, *args)
+    def start(*args, where=None):
+        if where is not None:
+            os.makedirs(tmp_path / where, exist_ok=True)
+        s = Server(tmp_path / where if where else tmp_path,
+                   "--resolver", "127.0.0.1:%d" % dns_port, *args)
         servers.append(s)
         return s
 
@@ -145,7 +150,7 @@ def test_relay_refused_from_outside(server):
 
 
 def test_relay_from_loopback_is_queued(server):
-    s = server()
+    s = server("--no-queue-runner")
     with smtplib.SMTP("127.0.0.1", s.port) as c:
         assert c.sendmail("alice@example.org", ["x@foreign.example"], b"Subject: q\r\n\r\nq\r\n") == {}
     jobs = os.listdir(os.path.join(s.root, "queue"))
@@ -206,7 +211,7 @@ def test_open_relay_warning(server):
 
 
 def test_kill_9_after_250_keeps_the_queue_job(server):
-    s = server()
+    s = server("--no-queue-runner")
     c = smtplib.SMTP("127.0.0.1", s.port)
     assert c.sendmail("alice@example.org", ["x@far.example"],
                       b"Subject: queued\r\n\r\n" + b"q" * 50000 + b"\r\n") == {}
@@ -350,7 +355,8 @@ def assert_no_password(s):
 
 def test_starttls_then_plain_login_with_smtplib(server, tls_files):
     s = server("-c", str(tls_files / "both.pem"), "-a", "--passwd", str(tls_files / "passwd"),
-               "-d", "-f", "--tarpit-unit", "0")  # the 530 below would tarpit 8 s per command
+               "-d", "-f", "--tarpit-unit", "0",  # the 530 below would tarpit 8 s per command
+               "--no-queue-runner")
     with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
                       local_hostname="client.sender.net") as c:
         c.ehlo()
@@ -499,3 +505,28 @@ def test_twistd_one_shot_exit_status(server, dns_port):
     r = twistd("-n", "--pidfile=", "upas-smtp", "tcp!127.0.0.2!1", "alice", "bob", input="x\n")
     assert r.returncode == 75
     assert "Retry, Temporary Failure" in r.stderr
+
+
+# -- the outbound queue (issue 7) ---------------------------------------------
+
+def test_relayed_mail_reaches_the_destination_mx(server):
+    """smtplib -> upas-smtpd (trusted peer, foreign recipient) -> queue -> upas-smtp
+    -> a second upas-smtpd, found by MX lookup, as the destination."""
+    far = server("--listen", "tcp:0:interface=127.0.0.2", "-h", "far.example",
+                 "--no-queue-runner", where="far")
+    near = server("--mx-port", str(far.port), "--queue-scan", "1", where="near")
+    body = b"Subject: across\r\n\r\nline one\r\n.dotted\r\n" + b"z" * 3000 + b"\r\nend\r\n"
+    with smtplib.SMTP("127.0.0.1", near.port) as c:
+        assert c.sendmail("alice@example.org", ["bob@far.example"], body) == {}
+    mbox_path = os.path.join(far.root, "box", "bob", "mbox")
+    for _ in range(600):  # waiting on two child processes: poll the result
+        if os.path.exists(mbox_path) and not os.listdir(os.path.join(near.root, "queue")):
+            break
+        time.sleep(0.05)
+    [msg] = mailbox.mbox(mbox_path)
+    assert msg["Subject"] == "across"
+    assert msg.get_payload() == "line one\n.dotted\n" + "z" * 3000 + "\nend\n"
+    assert msg.get_from().startswith("example.org!alice ")
+    assert os.listdir(os.path.join(near.root, "queue")) == []
+    assert re.search(r"to=far.example!bob relay=\(mx.far.example:127.0.0.2\) status=sent",
+                     near.output())

@@ -603,8 +603,13 @@ def _error_text(e):
 
 
 @defer.inlineCallbacks
-def deliver(source, destaddr, sender, recipients, options, reactor, resolver, clock=None):
-    """Send the message in the binary file ``source`` to ``destaddr``; fire with a Result."""
+def deliver(source, destaddr, sender, recipients, options, reactor, resolver, clock=None,
+            watch=None):
+    """Send the message in the binary file ``source`` to ``destaddr``; fire with a Result.
+
+    ``watch(wire)``, if given, is called once connected (the queue uses it
+    to cut connections at shutdown with ``wire.transport.abortConnection``).
+    """
     clock = clock or reactor
     recipients = list(recipients)
     results = [RecipientResult(r) for r in recipients]
@@ -646,6 +651,8 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
         report = ["smtp: %s (%s)" % (e.text, destaddr)]
         _settle(results, status, report)
         return Result(status, results, report, phase="dial")
+    if watch is not None:
+        watch(wire)
     conv = Conversation(wire, options, message, sender, results, destaddr, dial.host,
                         ddomain, target, clock)
     report = []

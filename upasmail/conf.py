@@ -12,6 +12,7 @@ Keywords (spec upas-behaviour.md §1.3):
 ``saveblockedmsg on|off``   the ``-s`` dump (anti-abuse issue)
 ``ournets CIDR ...``        trusted networks; values add up across lines
 ``ourdomains PAT ...``      our mail domains; ``*.dom`` is dom and below
+``smarthost DIALSTRING``    send all outbound mail through this relay (ours)
 
 Deviations: unknown keywords, bad values and unreadable files are errors
 that name the file and line (upas ignores them silently); short IPv4 forms
@@ -40,6 +41,7 @@ class SmtpdConf:
     saveblockedmsg: bool = False
     ournets: Optional[Tuple[object, ...]] = None  # None: never given
     ourdomains: Tuple[str, ...] = ()
+    smarthost: Optional[str] = None
 
 
 def tokenize(line):
@@ -110,6 +112,15 @@ def parse(text, filename="smtpd.conf"):
                 if not valid_domain_pattern(values[0]) or values[0].startswith("*."):
                     raise ValueError("bad domain %r" % values[0])
                 fields.setdefault("defaultdomain", values[0])
+            elif keyword == "smarthost":
+                if len(values) != 1:
+                    raise ValueError("expected one dial string, e.g. tcp!relay.example.net!587")
+                from .mxdial import DialError, parse_dial
+                try:
+                    parse_dial(values[0])
+                except DialError as e:
+                    raise ValueError(e.text) from None
+                fields["smarthost"] = values[0]
             elif keyword == "ournets":
                 if not values:
                     raise ValueError("missing networks")

@@ -73,6 +73,15 @@ class Target:
         return "(%s:%s)" % (self.mx or self.ip, self.ip)
 
 
+def local_addresses():
+    """Our own addresses, as the machine's name resolves (best effort)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None)
+    except OSError:
+        return ()
+    return tuple(sorted({info[4][0].split("%")[0] for info in infos}))
+
+
 def service_port(service):
     if service.isdigit() and 0 < int(service) < 65536:
         return int(service)

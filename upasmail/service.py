@@ -28,7 +28,9 @@ from .delivery import UpasDelivery
 from .mailer import Mailer
 from .server import UpasSMTPFactory
 from .spam import SpamFilter
+from .mxdial import local_addresses
 from .passwd import PasswordFile
+from .queue import QueueRunner
 from .store import MailRoot
 from .tls import CertificateFile, ImplicitTLSFactory
 from .trace import TraceFactory
@@ -131,7 +133,10 @@ def listens_on_loopback_only(description):
 
 
 def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
+    """The listener plus, unless ``settings.queue_runner`` is off, the queue
+    runner (``top.queue``) on the same mail root, resolver and clock."""
     reactor = _reactor(reactor)
+    kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
     factory = makeSmtpdFactory(settings, reactor, **kw)
     if not settings.relay_control and not listens_on_loopback_only(listen):
         log.warn(
@@ -156,4 +161,9 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
     server._raiseSynchronously = True  # a port we cannot bind stops start-up
     server.setServiceParent(top)
     top.factory = factory
+    top.queue = None
+    if settings.queue_runner:
+        top.queue = QueueRunner(factory.root, settings, reactor, kw["resolver"],
+                                kw.get("clock") or reactor, ours=local_addresses())
+        top.queue.setServiceParent(top)
     return top

@@ -72,6 +72,20 @@ class Settings:
     smtps: bool = False  # --smtps: the listener is TLS from the first byte
     auth_fail_delay: float = 1.0  # first failed AUTH waits this, doubling
     auth_max_failures: int = 3  # failed AUTHs before the connection closes
+    # the outbound queue (upas runq + remotemail); see docs/configuration.rst
+    queue_runner: bool = True  # run the queue inside upas-smtpd
+    smarthost: Optional[str] = None  # dial string for all outbound mail
+    relay_user: Optional[str] = None  # AUTH user at the smarthost
+    relay_auth_file: Optional[str] = None  # "server user password" lines
+    outbound_tls: bool = True  # STARTTLS when offered (upas smtp -s)
+    mx_port: int = 25  # port MX hosts are dialled on (labs and tests change it)
+    ipv6: bool = False  # also dial AAAA addresses
+    max_deliveries: int = 20  # concurrent deliveries in all
+    max_per_destination: int = 4  # concurrent deliveries to one domain
+    retry_min: float = 300.0  # first retry after a temporary failure
+    retry_max: float = 3600.0  # longest wait between retries
+    max_queue_age: float = 2 * 86400.0  # then the message is returned (upas runq)
+    queue_scan: float = 60.0  # how often the queue is looked at
     evil: Tuple[object, ...] = ()  # -k networks
     debug: bool = False  # -d
     lib: Optional[str] = None  # upas /mail/lib; default <root>/lib
@@ -118,6 +132,7 @@ def merge(conf, *, sysname=None, domain=None, norelay_flag=False, fqdn=None, **r
     # the file may switch these on, never off (upas)
     rest["verify_sender"] = rest.get("verify_sender", False) or conf.verifysenderdom
     rest["save_blocked"] = rest.get("save_blocked", False) or conf.saveblockedmsg
+    rest["smarthost"] = rest.get("smarthost") or conf.smarthost
     return Settings(
         identity=ident,
         relay_control=relay_control,

@@ -82,6 +82,19 @@ class GroupCommit:
         defer.maybeDeferred(self._run, self._fsync, paths).addBoth(done)
 
 
+def write_envelope(path, record):
+    """JSON into ``path`` all at once: a temp file, fsync, an atomic rename.
+
+    The caller fsyncs the directory (the new name) when it needs to.
+    """
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
 def dump_dir_name(seconds):
     """upas [4E] dump directory: month and unpadded day, e.g. ``Mar7``."""
     t = time.localtime(seconds)
@@ -108,9 +121,10 @@ class MailRoot:
         self.tmp = os.path.join(self.root, "tmp")
         self.boxes = os.path.join(self.root, "box")
         self.queue = os.path.join(self.root, "queue")
-        self._run = run_blocking
+        self._run = self.run_blocking = run_blocking
         self._clock = clock
         self.commit = GroupCommit(run_blocking)
+        self.enqueued = []  # callables(queue id): the queue runner wakes up
 
     def prepare(self):
         """Create the directories; a root we cannot write is a start-up error.
@@ -146,7 +160,17 @@ class MailRoot:
         """
         d = self._run(self._store, spool_path, envelope)
         d.addCallback(self.commit.sync)
+        if envelope.remote:
+            d.addCallback(self._wake, os.path.basename(spool_path))
         return d.addCallback(lambda _: ACCEPT)
+
+    def _wake(self, result, qid):
+        for hook in list(self.enqueued):
+            try:
+                hook(qid)
+            except Exception:
+                log.failure("queue wake-up failed")
+        return result
 
     def ready(self):
         return ACCEPT
@@ -191,11 +215,6 @@ class MailRoot:
             "peer": envelope.peer,
             "helo": envelope.helo,
         }
-        tmp = env + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
         # the .env file appears last and atomically: it marks a whole job
-        os.rename(tmp, env)
+        write_envelope(env, record)
         return [self.queue]

@@ -22,7 +22,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.python import usage
 
-from . import client, factotum, thumbprint
+from . import client, factotum, mxdial, thumbprint
 from .conf import ConfigError
 
 USAGE = ("usage: upas-smtp [-aAdfipst] [-b busted-mx] [-g gw] [-h host] [-u user] "
@@ -98,14 +98,6 @@ def _dotted_names(sysname):
     return [n for n in names if "." in n]
 
 
-def _our_addresses():
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None)
-    except OSError:
-        return ()
-    return tuple({info[4][0].split("%")[0] for info in infos})
-
-
 def _full_name(user):
     try:
         name = pwd.getpwnam(user).pw_gecos.split(",")[0].strip()
@@ -137,7 +129,7 @@ def client_options(o, stderr):
         implicit_tls=o["tls"], auth=o["auth"], auth_in_clear=o["insecure"],
         avoidant=o["avoidant"], ping=o["ping"], busted=tuple(o["busted"]),
         gateway=o["gateway"], user=o["user"], credentials=credentials, thumbprints=pins,
-        ipv6=o["ipv6"], ours=_our_addresses(), debug=debug if o["debug"] else None,
+        ipv6=o["ipv6"], ours=mxdial.local_addresses(), debug=debug if o["debug"] else None,
         full_name=_full_name,
     )
 

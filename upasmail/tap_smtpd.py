@@ -15,6 +15,7 @@ from twisted.python import usage
 from . import conf as smtpdconf
 from . import passwd, ratify, service, settings, tls
 from .mailer import resolve as resolve_mailer
+from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
 
 
 class Options(usage.Options):
@@ -41,7 +42,9 @@ class Options(usage.Options):
         ["smtps", None, "implicit TLS: the listener speaks TLS from the first byte "
                         "(port 465 style), with the -c certificate"],
         ["quiet", "q", "log HELO only after it passes"],
-    ]
+        ["no-queue-runner", None, "do not deliver the outbound queue in this process "
+                                  "(use upas-runq)"],
+    ] + QUEUE_FLAGS
     optParameters = [
         ["domain", "h", None, "our mail domain (greeting, HELO replies)"],
         ["netdir", "n", None, "upas network directory; accepted and ignored: the peer "
@@ -76,7 +79,7 @@ class Options(usage.Options):
                                           "started (upas: 45 min)", float],
         ["data-timeout", None, 8700.0, "seconds one DATA transfer may take "
                                        "(upas: 145 min)", float],
-    ]
+    ] + QUEUE_PARAMETERS
 
     def __init__(self):
         usage.Options.__init__(self)
@@ -149,6 +152,8 @@ class Options(usage.Options):
             smtps=self["smtps"],
             auth_fail_delay=self["auth-fail-delay"],
             auth_max_failures=self["auth-max-failures"],
+            queue_runner=not self["no-queue-runner"],
+            **queue_settings(self),
             **paths,
         )
         # a broken ratify file stops start-up; later edits that break it are

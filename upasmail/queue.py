@@ -1,0 +1,655 @@
+"""The outbound queue: upas runq and remotemail, as a Twisted service.
+
+smtpd puts mail for other hosts into ``<root>/queue/`` (``store``): one
+job per message, ``<id>.msg`` (the mailer stream) and ``<id>.env`` (JSON
+envelope, written last with fsync and an atomic rename).  ``QueueRunner``
+delivers them:
+
+* the recipients of a job are grouped by destination domain (the first
+  hop of the bang path), so one connection carries all recipients of a
+  domain, as upas remotemail does; with a smarthost, one group;
+* each group goes through ``client.deliver`` (MX lookup, STARTTLS when
+  offered, AUTH at a smarthost); the result of every recipient is written
+  back to ``<id>.env`` (fsync, rename) as soon as it is known, so a crash
+  or restart retries only recipients that have not had their 250;
+* temporary failures wait ``retry_min``·2^(attempts-1) seconds, at most
+  ``retry_max``; a job older than ``max_queue_age`` (2 days, upas runq)
+  gives up; permanent failures and give-ups are returned to the sender
+  as an RFC 3464 DSN (``bounce``), never to ``<>``: a bounce that cannot
+  be delivered is dropped with a log line;
+* at most ``max_deliveries`` deliveries at once, ``max_per_destination``
+  per domain; a job being delivered is ``flock``\\ed, so two runners (the
+  service and ``upas-runq``) never send the same job twice at once;
+* a job file that cannot be read or parsed is moved to
+  ``<root>/queue/corrupt/`` with a log line; ``.msg`` files left without an
+  ``.env`` for an hour (a crash while queueing, never acknowledged) too;
+* ``upas-mailq --flush`` creates ``queue/.flush``; the runner looks for it
+  every few seconds and then retries everything at once.
+
+Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=<mx> status=sent|
+deferred|bounced (<reply>)``, plus queueing, bouncing and quarantine.
+"""
+
+import copy
+import errno
+import fcntl
+import json
+import os
+import time
+from collections import Counter
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from . import bounce, client, convert, factotum, relay
+from .session import Transaction
+from .store import fsync_paths, write_envelope
+
+log = Logger(namespace="queue")
+
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+CORRUPT = "corrupt"
+FLUSH = ".flush"
+FLUSH_POLL = 5.0
+ORPHAN_AGE = 3600.0
+NULL_SENDER = "/dev/null"
+
+
+class CorruptJob(Exception):
+    pass
+
+
+# -- decisions (pure) -----------------------------------------------------
+
+def destination(path):
+    """The next hop of a bang path: where the recipient's group goes."""
+    return path.split("!", 1)[0].lower() if "!" in path else ""
+
+
+def backoff(attempts, minimum, maximum):
+    """Seconds before the next try after ``attempts`` temporary failures."""
+    if attempts <= 0:
+        return 0.0
+    return min(minimum * 2.0 ** min(attempts - 1, 32), maximum)
+
+
+def due_groups(record, now, smarthost=None):
+    """{destination: [pending recipients]} whose next try has come."""
+    groups = {}
+    for rcpt in record["recipients"]:
+        if record["state"][rcpt]["status"] != PENDING:
+            continue
+        dest = "smarthost" if smarthost else destination(rcpt)
+        groups.setdefault(dest, []).append(rcpt)
+    return {d: rs for d, rs in groups.items() if record["next"].get(d, 0) <= now}
+
+
+def next_due(record, smarthost=None, busy=()):
+    """When the earliest pending group not in ``busy`` is due; None if there is none."""
+    times = []
+    for rcpt in record["recipients"]:
+        if record["state"][rcpt]["status"] == PENDING:
+            dest = "smarthost" if smarthost else destination(rcpt)
+            if dest not in busy:
+                times.append(record["next"].get(dest, 0))
+    return min(times) if times else None
+
+
+def normalize(record, qid):
+    """Check a loaded envelope and fill in the runner's fields; CorruptJob if bad."""
+    try:
+        sender = record["sender"]
+        recipients = list(record["recipients"])
+        created = float(record["created"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptJob("bad envelope: %s" % e) from None
+    if not isinstance(sender, str) or not recipients or not all(
+            isinstance(r, str) for r in recipients):
+        raise CorruptJob("bad envelope: sender or recipients")
+    record["id"] = qid
+    record["created"] = created
+    record["recipients"] = recipients
+    state = record.setdefault("state", {})
+    if not isinstance(state, dict):
+        raise CorruptJob("bad envelope: state")
+    for r in recipients:
+        st = state.setdefault(r, {})
+        st.setdefault("status", PENDING)
+        if st["status"] not in (PENDING, DELIVERED, FAILED):
+            raise CorruptJob("bad envelope: status %r" % st["status"])
+    record.setdefault("next", {})
+    record.setdefault("attempts", {})
+    record.setdefault("last_error", "")
+    return record
+
+
+# -- files ----------------------------------------------------------------
+
+class Queue:
+    """The queue directory: listing, loading, saving, quarantine, deletion."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.corrupt_dir = os.path.join(directory, CORRUPT)
+
+    def paths(self, qid):
+        return os.path.join(self.dir, qid + ".msg"), os.path.join(self.dir, qid + ".env")
+
+    def ids(self):
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-4] for n in names if n.endswith(".env"))
+
+    def load(self, qid):
+        msg, env = self.paths(qid)
+        try:
+            with open(env, "rb") as f:
+                record = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:
+            raise CorruptJob("unreadable envelope: %s" % e) from None
+        if not isinstance(record, dict):
+            raise CorruptJob("bad envelope: not an object")
+        if not os.path.exists(msg):
+            raise CorruptJob("message file missing")
+        return normalize(record, qid)
+
+    def save(self, record):
+        """Write the envelope durably: temp file, fsync, rename, fsync the directory."""
+        _, env = self.paths(record["id"])
+        write_envelope(env, record)
+        fsync_paths([self.dir])
+
+    def remove(self, qid):
+        msg, env = self.paths(qid)
+        # the envelope goes first: a crash in between leaves an orphan
+        # message (quarantined later), never a job without its message
+        for path in (env, msg):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        fsync_paths([self.dir])
+
+    def quarantine(self, qid, why):
+        os.makedirs(self.corrupt_dir, mode=0o700, exist_ok=True)
+        for path in self.paths(qid):
+            try:
+                os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
+            except FileNotFoundError:
+                pass
+        log.error("{id}: corrupt job moved to queue/corrupt: {why}", id=qid, why=why)
+
+    def tidy(self, now):
+        """Start-up: drop half-written envelopes; quarantine old orphan messages."""
+        try:
+            names = set(os.listdir(self.dir))
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self.dir, name)
+            if name.endswith(".env.tmp"):
+                os.unlink(path)
+            elif name.endswith(".msg") and name[:-4] + ".env" not in names:
+                try:
+                    if now - os.stat(path).st_mtime > ORPHAN_AGE:
+                        self.quarantine(name[:-4], "message without envelope")
+                except FileNotFoundError:
+                    pass
+
+    def lock(self, qid):
+        """An exclusive flock on the job's message, or None if someone holds it."""
+        msg, _ = self.paths(qid)
+        try:
+            fd = os.open(msg, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        return fd
+
+    def flush_requested(self):
+        path = os.path.join(self.dir, FLUSH)
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def request_flush(self):
+        with open(os.path.join(self.dir, FLUSH), "w"):
+            pass
+
+
+# -- the runner -------------------------------------------------------------
+
+class QueueRunner(service.Service):
+    """Delivers queued jobs; ``once=True`` makes one pass and then stops."""
+
+    name = "queue"
+
+    def __init__(self, root, settings, reactor, resolver, clock=None, deliver=None,
+                 ours=(), once=False, flush=False):
+        self.root = root
+        self.queue = Queue(root.queue)
+        self.settings = settings
+        self.reactor = reactor
+        self.resolver = resolver
+        self.clock = clock or reactor
+        self.deliver = deliver or client.deliver
+        self.ours = tuple(ours)
+        self.once = once
+        self.flush_all = flush
+        self.jobs = {}  # qid -> live record while deliveries are under way
+        self.locks = {}  # qid -> fd holding the job's flock
+        self.inflight = {}  # (qid, dest) -> Deferred
+        self.per_dest = Counter()
+        self.wires = set()
+        self.stopping = False
+        self.done = defer.Deferred()  # once=True: fires after the pass
+        self._scan_call = None
+        self._poll_call = None
+        self._saving = set()  # envelope writes under way
+        self._idle_waiters = []
+        self._save_locks = {}  # qid -> DeferredLock
+
+    # -- service ---------------------------------------------------------
+
+    def startService(self):
+        service.Service.startService(self)
+        self.stopping = False
+        self.queue.tidy(self.clock.seconds())
+        root_hooks = getattr(self.root, "enqueued", None)
+        if root_hooks is not None and self.wake not in root_hooks:
+            root_hooks.append(self.wake)
+        self._schedule(0)
+        if not self.once:
+            self._poll_call = self.clock.callLater(FLUSH_POLL, self._poll)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self.stopping = True
+        for call in (self._scan_call, self._poll_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._scan_call = self._poll_call = None
+        for wire in list(self.wires):
+            wire.transport.abortConnection()  # their recipients stay pending
+        hooks = getattr(self.root, "enqueued", None)
+        if hooks is not None and self.wake in hooks:
+            hooks.remove(self.wake)
+        return defer.DeferredList(list(self.inflight.values())).addCallback(
+            lambda _: defer.DeferredList(list(self._saving)))
+
+    def whenIdle(self):
+        """Fires once no delivery is under way (now, if none is)."""
+        if not self.inflight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def wake(self, qid=None):
+        """New mail (or a flush): look at the queue now."""
+        if not self.stopping:
+            self._schedule(0)
+
+    def flush(self):
+        """Retry everything now (``upas-mailq --flush``)."""
+        self.flush_all = True
+        self.wake()
+
+    def _poll(self):
+        self._poll_call = None
+        if self.stopping:
+            return
+        if self.queue.flush_requested():
+            log.info("flush requested: retrying every queued message now")
+            self.flush()
+        self._poll_call = self.clock.callLater(FLUSH_POLL, self._poll)
+
+    def _schedule(self, delay):
+        if self.stopping:
+            return
+        if self._scan_call is not None and self._scan_call.active():
+            if self._scan_call.getTime() <= self.clock.seconds() + delay:
+                return
+            self._scan_call.cancel()
+        self._scan_call = self.clock.callLater(delay, self.scan)
+
+    # -- scanning --------------------------------------------------------
+
+    def scan(self):
+        self._scan_call = None
+        if self.stopping:
+            return
+        now = self.clock.seconds()
+        flush, self.flush_all = self.flush_all, False
+        earliest = None
+        for qid in self.queue.ids():
+            if self._full():
+                break  # a delivery that ends frees a slot and scans again
+            try:
+                when = self._consider(qid, now, flush)
+            except FileNotFoundError:
+                continue  # deleted meanwhile (upas-mailq --delete)
+            except CorruptJob as e:
+                self._quarantine(qid, str(e))
+                continue
+            except Exception:
+                log.failure("{id}: cannot handle this job", id=qid)
+                continue
+            if when is not None and (earliest is None or when < earliest):
+                earliest = when
+        if self.once:
+            if not self.inflight:
+                self._finish_pass()
+            return
+        wait = self.settings.queue_scan
+        if earliest is not None:
+            wait = min(wait, max(earliest - now, 0))
+        self._schedule(wait)
+
+    def _full(self):
+        return len(self.inflight) >= self.settings.max_deliveries
+
+    def _consider(self, qid, now, flush):
+        """Start what is due in one job; return when it next wants attention."""
+        record = self.jobs.get(qid)
+        if record is None:
+            record = self.queue.load(qid)
+        smarthost = self.settings.smarthost
+        if now - record["created"] > self.settings.max_queue_age and not any(
+                k[0] == qid for k in self.inflight):
+            self._expire(record, now)
+            return None
+        if flush:
+            record["next"] = {}
+        for dest, rcpts in due_groups(record, now, smarthost).items():
+            if (qid, dest) in self.inflight:
+                continue
+            if self._full() or self.per_dest[dest] >= self.settings.max_per_destination:
+                continue  # a delivery that ends scans again
+            if qid not in self.locks:
+                fd = self.queue.lock(qid)
+                if fd is None:
+                    return None  # another runner has it
+                self.locks[qid] = fd
+                self.jobs[qid] = record
+            self._start(record, dest, rcpts)
+        busy = {dest for (q, dest) in self.inflight if q == qid}
+        when = next_due(record, smarthost, busy)
+        return when if when is not None and when > now else None
+
+    def _quarantine(self, qid, why):
+        self._unlock(qid)
+        self.queue.quarantine(qid, why)
+
+    def _unlock(self, qid):
+        fd = self.locks.pop(qid, None)
+        self.jobs.pop(qid, None)
+        if fd is not None:
+            os.close(fd)
+
+    # -- delivering ------------------------------------------------------
+
+    def client_options(self):
+        s = self.settings
+        auth = bool(s.smarthost and (s.relay_user or s.relay_auth_file))
+
+        def credentials(server, user):
+            return factotum.lookup(server, user or s.relay_user, s.relay_auth_file)
+
+        return client.ClientOptions(
+            sysname=s.identity.sysname, domain=s.dom, starttls=s.outbound_tls, auth=auth,
+            user=s.relay_user, credentials=credentials, ipv6=s.ipv6, ours=self.ours)
+
+    def dial_string(self, dest):
+        if self.settings.smarthost:
+            return self.settings.smarthost
+        return "net!%s!%d" % (dest, self.settings.mx_port)
+
+    def _start(self, record, dest, rcpts):
+        self._track(record["id"], dest, defer.maybeDeferred(self._attempt, record, dest, rcpts))
+
+    def _track(self, qid, dest, d):
+        """Count a delivery (or a give-up) as under way until ``d`` fires."""
+        self.per_dest[dest] += 1
+        self.inflight[(qid, dest)] = d
+
+        def finished(result):
+            self.inflight.pop((qid, dest), None)
+            self.per_dest[dest] -= 1
+            if not self.per_dest[dest]:
+                del self.per_dest[dest]
+            if not any(k[0] == qid for k in self.inflight):
+                self._unlock(qid)
+            self._schedule(0)  # a slot is free: see what else is due
+            if not self.inflight:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for w in waiters:
+                    w.callback(None)
+            return None
+
+        d.addErrback(lambda f: log.failure("{id}: {dest} failed", f, id=qid,
+                                           dest=dest or "giving up"))
+        d.addBoth(finished)
+
+    @defer.inlineCallbacks
+    def _attempt(self, record, dest, rcpts):
+        qid = record["id"]
+        msg, _ = self.queue.paths(qid)
+        with open(msg, "rb") as source:
+            result = yield self.deliver(source, self.dial_string(dest), record["sender"],
+                                        rcpts, self.client_options(), self.reactor,
+                                        self.resolver, self.clock, watch=self._watch)
+        if qid not in self.jobs:
+            return  # deleted while we were away
+        now = self.clock.seconds()
+        relay_name = result.target.describe() if result.target is not None else dest
+        deferred = False
+        for r in result.recipients:
+            st = record["state"][r.address]
+            st["relay"] = relay_name
+            if r.status == client.DELIVERED:
+                st["status"], st["error"] = DELIVERED, ""
+                word = "sent"
+            elif r.status == client.PERMANENT_FAILURE:
+                st["status"], st["error"] = FAILED, r.reply or result.status
+                st["dsn"] = bounce.status_of(r.reply, permanent=True)
+                word = "bounced"
+            else:
+                st["status"], st["error"] = PENDING, r.reply or result.status
+                word = "deferred"
+                deferred = True
+            log.info("{id}: to={rcpt} relay={relay} status={word} ({reply})", id=qid,
+                     rcpt=r.address, relay=relay_name, word=word,
+                     reply=" ".join((r.reply or result.status or "ok").split()))
+        if deferred and not self.stopping:  # cut off by our own shutdown: no penalty
+            attempts = record["attempts"].get(dest, 0) + 1
+            record["attempts"][dest] = attempts
+            record["next"][dest] = now + backoff(attempts, self.settings.retry_min,
+                                                 self.settings.retry_max)
+            record["last_error"] = " ".join((result.report[-1] if result.report
+                                             else result.status).split())
+        if all(record["state"][r]["status"] != PENDING for r in record["recipients"]):
+            yield self._complete(record)
+        else:
+            yield self._save(record)
+            yield self._return_failures(record)  # now, not when the others are done
+
+    def _watch(self, wire):
+        self.wires.add(wire)
+        wire.whenClosed().addCallback(lambda _: self.wires.discard(wire))
+
+    def _save(self, record):
+        """Write a snapshot of the envelope; writes of one job never overlap."""
+        qid = record["id"]
+        lock = self._save_locks.setdefault(qid, defer.DeferredLock())
+        snapshot = copy.deepcopy(record)
+        d = lock.run(self.root.run_blocking, self.queue.save, snapshot)
+        self._saving.add(d)
+
+        def done(result):
+            self._saving.discard(d)
+            if not lock.locked and not lock.waiting:
+                self._save_locks.pop(qid, None)
+            return result
+
+        return d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _return_failures(self, record):
+        """Return the failed recipients not yet returned; then remember that."""
+        qid = record["id"]
+        failed = [r for r in record["recipients"] if record["state"][r]["status"] == FAILED
+                  and not record["state"][r].get("returned")]
+        if not failed:
+            return
+        if record["sender"] == NULL_SENDER:
+            log.warn("{id}: undeliverable message from <> (a bounce?) dropped: {rcpts}",
+                     id=qid, rcpts=", ".join(failed))
+        else:
+            yield self._bounce(record, failed)  # durable before it is marked
+        for r in failed:
+            record["state"][r]["returned"] = True
+        yield self._save(record)
+
+    @defer.inlineCallbacks
+    def _complete(self, record):
+        """Every recipient is done: return the failures, then remove the job."""
+        qid = record["id"]
+        yield self._return_failures(record)
+        yield self._save(record)  # wait for earlier writes before removing
+        yield self.root.run_blocking(self.queue.remove, qid)
+        log.info("{id}: removed from the queue", id=qid)
+
+    def _expire(self, record, now):
+        qid = record["id"]
+        for r in record["recipients"]:
+            st = record["state"][r]
+            if st["status"] == PENDING:
+                last = st.get("error") or record.get("last_error") or "no answer"
+                st["status"] = FAILED
+                st["error"] = "4.4.7 gave up after %d days: %s" % (
+                    round(self.settings.max_queue_age / 86400), last)
+                st["dsn"] = "4.4.7"
+                log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=r,
+                         why=" ".join(last.split()))
+        fd = self.queue.lock(qid)
+        if fd is None:
+            return
+        self.locks[qid] = fd
+        self.jobs[qid] = record
+        self._track(qid, "", defer.maybeDeferred(self._complete, record))
+
+    def _bounce(self, record, failed):
+        """Queue (or store) the DSN to the sender; fires once it is durable."""
+        s = self.settings
+        msg, _ = self.queue.paths(record["id"])
+        with open(msg, "rb") as f:
+            head = f.read(256 * 1024)
+        sender = record["sender"]
+        failures = [(convert.bangtoat(r), record["state"][r].get("dsn", "5.0.0"),
+                     _mx_name(record["state"][r].get("relay", "")),
+                     record["state"][r].get("error", "")) for r in failed]
+        data = bounce.dsn(failures, convert.to_at(sender, s.dom), bounce.original_header(head),
+                          s.dom, record["created"], self.clock.seconds(), record["id"])
+        path, spool = self.root.open_spool()
+        with spool:
+            spool.write(data)
+        kind, where = relay.route(sender, s.ours)
+        tx = Transaction(sender=NULL_SENDER, recipients=(sender,),
+                         local=(where,) if kind == "local" else (),
+                         remote=(sender,) if kind == "remote" else (), peer="", helo="")
+        d = self.root.deliver(path, tx)
+
+        def done(result):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            log.info("{id}: returned to {sender} ({n} recipients failed)", id=record["id"],
+                     sender=sender, n=len(failed))
+            return result
+
+        return d.addBoth(done)
+
+    def _finish_pass(self):
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def _mx_name(relay_text):
+    """``(mx.example.net:192.0.2.1)`` → ``mx.example.net``."""
+    return relay_text.strip("()").split(":", 1)[0] if relay_text else ""
+
+
+# -- inspection (upas-mailq) -------------------------------------------------
+
+def _age(seconds):
+    seconds = int(max(seconds, 0))
+    if seconds < 3600:
+        return "%dm" % (seconds // 60)
+    if seconds < 86400:
+        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
+
+
+def listing(queue, now):
+    """``mailq``-style text for the queue (one block per job)."""
+    blocks, total = [], 0
+    for qid in queue.ids():
+        msg, _ = queue.paths(qid)
+        try:
+            record = queue.load(qid)
+            size = os.path.getsize(msg)
+        except FileNotFoundError:
+            continue
+        except CorruptJob as e:
+            blocks.append("%s  (corrupt: %s)" % (qid, e))
+            continue
+        total += 1
+        lines = ["%-24s %8d  %-7s %s" % (qid, size, _age(now - record["created"]),
+                                         record["sender"])]
+        for r in record["recipients"]:
+            st = record["state"][r]
+            if st["status"] != PENDING:
+                continue
+            err = " ".join(st.get("error", "").split())
+            lines.append("%35s %s%s" % ("", r, "  (%s)" % err if err else ""))
+        blocks.append("\n".join(lines))
+    if not blocks:
+        return "Mail queue is empty\n"
+    head = "%-24s %8s  %-7s %s" % ("Queue ID", "Size", "Age", "Sender/Recipient (last error)")
+    return "\n".join([head] + blocks + ["-- %d message%s in the queue" % (
+        total, "" if total == 1 else "s")]) + "\n"
+
+
+def delete(queue, qid):
+    """Remove one job; False if it is not there; OSError if it is being delivered."""
+    msg, env = queue.paths(qid)
+    if not os.path.exists(env):
+        return False
+    fd = queue.lock(qid)
+    if fd is None:
+        raise OSError(errno.EBUSY, "the message is being delivered right now; try again")
+    try:
+        queue.remove(qid)
+    finally:
+        os.close(fd)
+    log.info("{id}: deleted by the administrator", id=qid)
+    return True
+
+
+def now():
+    return time.time()

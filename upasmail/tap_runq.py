@@ -1,0 +1,173 @@
+"""``upas-mailq`` and ``upas-runq``: look at the outbound queue, run it once.
+
+``upas-mailq [--root DIR]`` lists the queue like ``mailq``;
+``--flush`` asks the running server to retry everything now;
+``--delete ID`` removes one message.
+
+``upas-runq [options]`` makes one pass over the queue without a server
+(upas runq): every message that is due (every message with ``--flush``)
+is tried once, then it exits.  It takes the server's queue options, so
+``upas-runq --root DIR --conf smtpd.conf --smarthost ...`` behaves like the
+runner inside ``twistd upas-smtpd``.  Two runners never deliver the same
+message at once (each holds a lock on the message it is sending).
+"""
+
+import os
+import sys
+
+from twisted.internet import defer, task
+from twisted.python import usage
+
+from . import conf as smtpdconf
+from . import mxdial, queue, settings
+from .store import MailRoot
+
+# shared with twistd upas-smtpd
+QUEUE_FLAGS = [
+    ["no-outbound-tls", None, "do not use STARTTLS when sending (default: when offered)"],
+    ["ipv6", None, "also send to the IPv6 addresses of mail servers"],
+]
+QUEUE_PARAMETERS = [
+    ["smarthost", None, None, "send all outbound mail through this relay, a dial string "
+                              "such as tcp!relay.example.net!587 (also smtpd.conf smarthost)"],
+    ["smarthost-user", None, None, "AUTH user name at the smarthost"],
+    ["relay-auth-file", None, None, "file of 'server user password' lines (mode 0600) for "
+                                    "AUTH at the smarthost"],
+    ["mx-port", None, 25, "port mail servers are dialled on (labs and tests only)", int],
+    ["max-deliveries", None, 20, "deliveries at once", int],
+    ["max-per-destination", None, 4, "deliveries at once to one domain", int],
+    ["retry-min", None, 300.0, "first retry after a temporary failure, seconds", float],
+    ["retry-max", None, 3600.0, "longest wait between retries, seconds", float],
+    ["max-queue-age", None, 172800.0, "seconds before an undeliverable message is returned "
+                                      "(upas: 2 days)", float],
+    ["queue-scan", None, 60.0, "seconds between looks at the queue", float],
+]
+
+
+def queue_settings(o):
+    """Settings keywords from parsed queue options; UsageError for nonsense."""
+    for name in ("max-deliveries", "max-per-destination", "retry-min", "retry-max",
+                 "max-queue-age", "queue-scan"):
+        if o[name] <= 0:
+            raise usage.UsageError("--%s must be positive" % name)
+    if not 0 < o["mx-port"] < 65536:
+        raise usage.UsageError("--mx-port must be a port number")
+    if o["smarthost"]:
+        try:
+            mxdial.parse_dial(o["smarthost"])
+        except mxdial.DialError as e:
+            raise usage.UsageError("--smarthost: %s" % e.text)
+    auth_file = os.path.abspath(o["relay-auth-file"]) if o["relay-auth-file"] else None
+    return dict(smarthost=o["smarthost"], relay_user=o["smarthost-user"],
+                relay_auth_file=auth_file, outbound_tls=not o["no-outbound-tls"],
+                ipv6=o["ipv6"], mx_port=o["mx-port"], max_deliveries=o["max-deliveries"],
+                max_per_destination=o["max-per-destination"], retry_min=o["retry-min"],
+                retry_max=o["retry-max"], max_queue_age=o["max-queue-age"],
+                queue_scan=o["queue-scan"])
+
+
+class MailqOptions(usage.Options):
+    synopsis = "[--root DIR] [--flush | --delete ID]"
+    optFlags = [["flush", None, "ask the running queue to retry every message now"]]
+    optParameters = [["root", None, "mail", "mail root directory"],
+                     ["delete", None, None, "remove this message from the queue"]]
+
+
+def mailq(argv=None, out=None, err=None, now=None):
+    out, err = out or sys.stdout, err or sys.stderr
+    o = MailqOptions()
+    try:
+        o.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        err.write("upas-mailq: %s\n%s\n" % (e, o))
+        return 64
+    q = queue.Queue(os.path.join(os.path.abspath(o["root"]), "queue"))
+    if not os.path.isdir(q.dir):
+        err.write("upas-mailq: no queue at %s\n" % q.dir)
+        return 66
+    if o["delete"]:
+        try:
+            if not queue.delete(q, o["delete"]):
+                err.write("upas-mailq: %s: no such message\n" % o["delete"])
+                return 1
+        except OSError as e:
+            err.write("upas-mailq: %s: %s\n" % (o["delete"], e.strerror or e))
+            return 75
+        out.write("%s: deleted\n" % o["delete"])
+        return 0
+    if o["flush"]:
+        q.request_flush()
+        out.write("flush requested: the running queue retries every message within "
+                  "%d seconds\n" % queue.FLUSH_POLL)
+        return 0
+    out.write(queue.listing(q, queue.now() if now is None else now))
+    return 0
+
+
+def mailq_main():
+    sys.exit(mailq())
+
+
+class RunqOptions(usage.Options):
+    synopsis = "[--root DIR] [--conf smtpd.conf] [--flush] [queue options]"
+    optFlags = [["flush", None, "try every message now, not only those that are due"]] + \
+        QUEUE_FLAGS
+    optParameters = [
+        ["root", None, "mail", "mail root directory"],
+        ["conf", None, None, "upas smtpd.conf (defaultdomain, ourdomains, smarthost)"],
+        ["sysname", None, None, "our host name (default: the machine's)"],
+        ["domain", "h", None, "our mail domain (bounces come from MAILER-DAEMON@it)"],
+        ["resolver", None, None, "DNS server HOST:PORT (default: resolv.conf)"],
+    ] + QUEUE_PARAMETERS
+
+    def postOptions(self):
+        config = smtpdconf.SmtpdConf()
+        if self["conf"]:
+            try:
+                config = smtpdconf.load(self["conf"])
+            except smtpdconf.ConfigError as e:
+                raise usage.UsageError(str(e))
+        if self["resolver"]:
+            from .tap_smtpd import parse_hostport
+            self["resolverAddress"] = parse_hostport(self["resolver"])
+        self["settings"] = settings.merge(config, sysname=self["sysname"],
+                                          domain=self["domain"],
+                                          root=os.path.abspath(self["root"]),
+                                          **queue_settings(self))
+
+
+@defer.inlineCallbacks
+def runq(reactor, argv, err=None, resolver=None, clock=None, deliver=None):
+    """One pass over the queue; fires with the exit status."""
+    err = err or sys.stderr
+    o = RunqOptions()
+    try:
+        o.parseOptions(argv)
+    except usage.UsageError as e:
+        err.write("upas-runq: %s\n" % e)
+        return 64
+    s = o["settings"]
+    from .service import makeResolver, threadRunner
+    root = MailRoot(s.root, threadRunner(reactor), clock or reactor)
+    if not os.path.isdir(root.queue):
+        err.write("upas-runq: no queue at %s\n" % root.queue)
+        return 66
+    resolver = resolver or makeResolver(reactor, o.get("resolverAddress"))
+    runner = queue.QueueRunner(root, s, reactor, resolver, clock, deliver=deliver,
+                               ours=mxdial.local_addresses(), once=True, flush=o["flush"])
+    runner.startService()
+    yield runner.done
+    yield runner.stopService()
+    return 0
+
+
+def runq_main():
+    def start(reactor):
+        return runq(reactor, sys.argv[1:]).addCallback(
+            lambda code: _exit(code) if code else None)
+
+    task.react(start)
+
+
+def _exit(code):
+    raise SystemExit(code)
