@@ -189,7 +189,8 @@ class HeloTests(Case):
         self.assertEqual(d.send("EHLO foo.invalid"),
                          ["250-you lie.  authentication required.",
                           "250-gnot.example.org you are foo.invalid",
-                          "250 ENHANCEDSTATUSCODES"])
+                          "250-ENHANCEDSTATUSCODES", "250-SIZE 134217728", "250-8BITMIME",
+                          "250-PIPELINING", "250 SMTPUTF8"])
         self.assertEqual(d.send("MAIL FROM:<a@b.example>"),
                          ["530 5.7.0 Authentication required"])
         self.assertFalse(d.transport.disconnecting)
@@ -610,7 +611,7 @@ class TarpitTests(Case):
         self.assertTrue(d.transport.disconnecting)
 
     def test_item97_started_data_is_not_cut_at_45_minutes(self):
-        d = self.dialogue(idle_timeout=3600.0)
+        d = self.dialogue(idle_timeout=3600.0, data_block_timeout=3600.0)
         self.transaction(d)
         d.send("DATA", "Subject: slow")
         d.clock.advance(50 * 60)

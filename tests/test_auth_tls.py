@@ -31,6 +31,7 @@ from upasmail import auth, passwd, pipemsg, testing, tls, trace
 SECRET = "s3cret-Pa55"
 HASHED = bcrypt.hashpw(b"hashed-pw", bcrypt.gensalt(rounds=4)).decode()
 NOOP_OK = ["250 2.0.0 Nothing to see here. Move along ..."]
+OURS = ["250-SIZE 134217728", "250-8BITMIME", "250-PIPELINING", "250-SMTPUTF8"]
 ZONE = {"h.sender.net": [dns.Record_A("127.0.0.2")]}
 
 
@@ -112,7 +113,7 @@ class AdvertisingTests(Case):
         d = self.dialogue()
         self.assertEqual(d.send("EHLO h.sender.net"),
                          ["250-gnot.example.org you are h.sender.net",
-                          "250-ENHANCEDSTATUSCODES", "250 AUTH CRAM-MD5"])
+                          "250-ENHANCEDSTATUSCODES"] + OURS + ["250 AUTH CRAM-MD5"])
         d = self.dialogue()
         self.assertEqual(d.send("HELO h.sender.net"),
                          ["250 gnot.example.org you are h.sender.net"])
@@ -121,7 +122,8 @@ class AdvertisingTests(Case):
         d = self.dialogue(cert=True)
         self.assertEqual(d.send("EHLO h.sender.net"),
                          ["250-gnot.example.org you are h.sender.net",
-                          "250-ENHANCEDSTATUSCODES", "250-STARTTLS", "250 AUTH CRAM-MD5"])
+                          "250-ENHANCEDSTATUSCODES"] + OURS +
+                         ["250-STARTTLS", "250 AUTH CRAM-MD5"])
 
     def test_item12_p_offers_plain_and_login(self):
         d = self.dialogue(clear_passwords=True)
@@ -371,7 +373,7 @@ class StartTLSTests(Case):
         self.assertEqual(d.send("RCPT TO:<bob>"), ["503 Start by saying HELO, please"])
         self.assertEqual(d.send("EHLO h.sender.net", "MAIL FROM:<a@h.sender.net>"),
                          ["250-gnot.example.org you are h.sender.net",
-                          "250-ENHANCEDSTATUSCODES", "250 AUTH CRAM-MD5 PLAIN LOGIN",
+                          "250-ENHANCEDSTATUSCODES"] + OURS + ["250 AUTH CRAM-MD5 PLAIN LOGIN",
                           "250 2.0.0 sender is h.sender.net!a"])
         self.assertEqual(d.send("DATA"), ["503 2.5.2 Data without RCPT TO:"])
 
@@ -396,7 +398,7 @@ class StartTLSTests(Case):
     def test_implicit_tls_counts_as_encrypted(self):
         d = self.dialogue(cert=True, implicit_tls=True)
         self.assertEqual(d.send("EHLO h.sender.net")[1:],
-                         ["250-ENHANCEDSTATUSCODES", "250 AUTH CRAM-MD5 PLAIN LOGIN"])
+                         ["250-ENHANCEDSTATUSCODES"] + OURS + ["250 AUTH CRAM-MD5 PLAIN LOGIN"])
         self.login(d)
         d.send("MAIL FROM:<a@h.sender.net>", "RCPT TO:<bob>", "DATA", "Subject: x", "", "b", ".")
         [msg] = self.mbox("bob")

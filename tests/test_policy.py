@@ -55,7 +55,7 @@ def test_grammar_verbs_and_values():
 
 @pytest.mark.parametrize("line", [
     b"", b"XYZZY", b"RCPT TO:<a@b.example> NOTIFY=NEVER", b"DATA now", b"VRFY john.doe",
-    b"MAIL FROM:<a@b.example> SIZE=10", b"MAIL FROM:<a@b.example> AUTH=<> AUTH=<>",
+    b"MAIL FROM:<a@b.example> SIZE=ten", b"MAIL FROM:<a@b.example> AUTH=<> AUTH=<>",
     b"MAIL FROM:<a@b.example>junk", b"AUTH", b"HELO", b"\xc3\xa9HLO x.example",
 ])
 def test_grammar_errors(line):

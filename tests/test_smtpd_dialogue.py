@@ -170,8 +170,10 @@ class SyntaxTests(DialogueCase):
         self.assertEqual(d.send("NOOP"), ["250 2.0.0 Nothing to see here. Move along ..."])
 
     def test_item25_parameters_and_brackets(self):
+        # upas takes no parameter but AUTH=; SIZE, BODY and SMTPUTF8 are ours
         d = self.helo(self.dialogue())
-        self.assertEqual(d.send("MAIL FROM:<a@b.example> SIZE=1000"), [SYNTAX])
+        self.assertEqual(d.send("MAIL FROM:<a@b.example> FOO=1"),
+                         ["555 5.5.4 Unsupported parameter FOO"])
         self.assertEqual(d.send("MAIL FROM:a@b.example"), [SYNTAX])
 
     def test_item26_auth_parameter(self):
@@ -199,7 +201,8 @@ class SyntaxTests(DialogueCase):
         d = self.dialogue()
         self.assertEqual(d.send("EHLO mx.sender.net"),
                          ["250-gnot.example.org you are mx.sender.net",
-                          "250 ENHANCEDSTATUSCODES"])
+                          "250-ENHANCEDSTATUSCODES", "250-SIZE 134217728", "250-8BITMIME",
+                          "250-PIPELINING", "250 SMTPUTF8"])
 
     def test_dotless_helo_becomes_peer_ip(self):
         d = self.dialogue(peer="127.0.0.2", relax_helo=True)  # -e lets a dotless name pass
@@ -412,9 +415,10 @@ class DataTests(DialogueCase):
         self.transaction(d)
         out = d.raw(b"Subject: x\r\n\r\nbody\n.\nMAIL FROM:<evil@x.example>\r\n")
         self.assertEqual(out, [])
-        self.assertEqual(d.raw(b".\r\n"), ["250 2.5.0 sent"])
-        [msg] = self.mbox(d, "bob")
-        self.assertEqual(msg.get_payload(), "body\n.\nMAIL FROM:<evil@x.example>\n")
+        # every smuggling variant is in test_limits.py
+        self.assertEqual(d.raw(b".\r\n"), ["554 5.5.2 Error: bare <CR> or <LF> in the "
+                                           "message; send CRLF line ends"])
+        self.assertFalse(os.path.exists(os.path.join(d.root.boxes, "bob", "mbox")))
 
     def test_long_data_line_refuses_message_but_stays_in_data(self):
         d = self.dialogue()
@@ -429,8 +433,8 @@ class DataTests(DialogueCase):
         d = self.dialogue()
         out = d.raw(b"EHLO h.sender.net\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob>\r\n"
                     b"DATA\r\nSubject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
-        self.assertEqual([l[:4] for l in out],
-                         ["250-", "250 ", "250 ", "250 ", "354 ", "250 ", "221 "])
+        self.assertEqual([l[:4] for l in out if l[3] == " "],
+                         ["250 ", "250 ", "250 ", "354 ", "250 ", "221 "])
 
     def test_idle_timeout(self):
         d = self.dialogue()

@@ -16,8 +16,11 @@ NULL_SENDER = "/dev/null"
 
 # dot-string characters of smtpd.y (letters, digits and these)
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?\[\]^_`{|}~"
-_DOTSTRING_CHAR = re.compile("[%s]" % _ATEXT)
-_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?\Z")
+_UTF8 = "\u0080-\U0010ffff"  # RFC 6531 UTF8-non-ascii; the grammar admits it only
+# in MAIL and RCPT paths, and the protocol only with SMTPUTF8
+_DOTSTRING_CHAR = re.compile("[%s%s]" % (_ATEXT, _UTF8))
+_LD = "A-Za-z0-9" + _UTF8
+_NAME = re.compile(r"[%s](?:[%s_-]*[%s])?\Z" % (_LD, _LD, _LD))
 _SNUM = re.compile(r"#[0-9]+\Z")
 
 

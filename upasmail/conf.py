@@ -179,6 +179,10 @@ class WatchedFile:
         self._empty = empty
         self._stamp = None
 
+    def reread(self):
+        """Read the file again at the next ``current()``, changed or not (SIGHUP)."""
+        self._stamp = None
+
     def current(self):
         try:
             st = os.stat(self.path)

@@ -128,9 +128,6 @@ class UpasMessage:
         if self.failure is not None:
             return
         self.size += len(data)
-        if self.size > self.delivery.settings.message_limit:
-            self.failure = reject(552, "5.3.4 Error: message too big")
-            return
         try:
             self._file.write(data)
         except OSError as e:

@@ -4,8 +4,15 @@
 ``Command`` or raises ``CommandSyntaxError``, which the protocol answers
 with ``500 5.5.1 illegal command or bad syntax`` (spec upas-behaviour.md
 §1.5).  Verbs are case-insensitive; values keep their case; a lone CR
-counts as white space; paths need angle brackets; MAIL takes only the
-``AUTH=`` parameter (ignored, as upas).
+counts as white space; paths need angle brackets.
+
+ESMTP parameters (ours; upas knows only ``AUTH=``): MAIL takes ``AUTH=``
+(ignored, as upas), ``SIZE=<digits>``, ``BODY=7BIT|8BITMIME`` and
+``SMTPUTF8``; RCPT takes none.  An unknown parameter raises
+``ParameterError`` with ``555 5.5.4``, a bad value or a repeated one
+``501 5.5.4``.  Commands are UTF-8; characters beyond ASCII are allowed
+only inside MAIL and RCPT paths (``Command.utf8`` says so; the protocol
+wants SMTPUTF8 for them).
 
 Unlike yacc's error recovery, a bad line never re-synchronises on a
 verb inside it (quirk Q15): the whole line is one syntax error.
@@ -23,11 +30,32 @@ _MECH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 
 BARE = frozenset(["DATA", "RSET", "QUIT", "STARTTLS"])
 MAIL_VERBS = frozenset(["MAIL", "SEND", "SOML", "SAML"])
-MAIL_PARAMS = frozenset(["AUTH"])
+MAIL_PARAMS = frozenset(["AUTH", "SIZE", "BODY", "SMTPUTF8"])
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+
+
+def _check_param(name, value):
+    if name == "SIZE" and not (value and value.isdigit() and len(value) <= 20):
+        raise ParameterError(501, "5.5.4 Bad SIZE= value")
+    if name == "BODY" and (value or "").upper() not in ("7BIT", "8BITMIME"):
+        raise ParameterError(501, "5.5.4 BODY= takes 7BIT or 8BITMIME")
+    if name == "SMTPUTF8" and value is not None:
+        raise ParameterError(501, "5.5.4 SMTPUTF8 takes no value")
+    if name == "AUTH" and value is None:
+        raise ParameterError(501, "5.5.4 AUTH= needs a value")
 
 
 class CommandSyntaxError(ValueError):
     pass
+
+
+class ParameterError(CommandSyntaxError):
+    """A MAIL/RCPT parameter we do not take: its own reply, not a 500."""
+
+    def __init__(self, code, text):
+        CommandSyntaxError.__init__(self, text)
+        self.code = code
+        self.text = text
 
 
 @dataclass(frozen=True)
@@ -36,6 +64,7 @@ class Command:
     arg: Optional[str] = None  # domain, bang path, string or mechanism
     extra: Optional[str] = None  # AUTH initial response
     params: Dict[str, str] = field(default_factory=dict)
+    utf8: bool = False  # the path has characters beyond ASCII
 
 
 def _split_path(rest):
@@ -66,25 +95,30 @@ def _path_command(verb, rest, keyword, allowed):
         raise CommandSyntaxError("junk after path")
     # upas allows blanks after "AUTH=": glue "AUTH= <x>" back together
     words = re.sub(r"(?i)(\bAUTH=)[ \t]+", r"\1", tail).split()
-    for word in words:
-        name, eq, value = word.partition("=")
-        name = name.upper()
-        if not eq or name not in allowed or name in params:
-            raise CommandSyntaxError("parameter not allowed: " + word)
-        params[name] = value
     try:
         bang = parse_path(path)
     except AddressError as e:
         raise CommandSyntaxError(str(e))
-    return Command(verb, bang, params=params)
+    for word in words:
+        name, eq, value = word.partition("=")
+        name = name.upper()
+        if not _KEYWORD.match(name) or not word.isascii():
+            raise CommandSyntaxError("bad parameter " + word)
+        if name not in allowed:
+            raise ParameterError(555, "5.5.4 Unsupported parameter " + name)
+        if name in params:
+            raise ParameterError(501, "5.5.4 Parameter given twice: " + name)
+        _check_param(name, value if eq else None)
+        params[name] = value if eq else None
+    return Command(verb, bang, params=params, utf8=not path.isascii())
 
 
 def parse(line):
     try:
-        text = line.decode("ascii")
+        text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise CommandSyntaxError("non-ASCII command")
-    if any(ord(c) < 32 and c not in " \t\r" or ord(c) == 127 for c in text):
+        raise CommandSyntaxError("not UTF-8")
+    if any(ord(c) < 32 and c not in " \t\r" or 127 <= ord(c) < 160 for c in text):
         raise CommandSyntaxError("control character")
     text = text.replace("\r", " ").strip(" \t")
     if not text:
@@ -92,6 +126,8 @@ def parse(line):
     parts = _WS.split(text, 1)
     verb = parts[0].upper()
     rest = parts[1] if len(parts) > 1 else ""
+    if not text.isascii() and verb not in MAIL_VERBS and verb != "RCPT":
+        raise CommandSyntaxError("characters beyond ASCII outside a path")
     if verb in ("HELO", "EHLO"):
         if not rest or _WS.search(rest):
             raise CommandSyntaxError("HELO needs one domain")

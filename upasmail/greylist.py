@@ -72,6 +72,9 @@ class Greylist:
         self.clock = clock
         self._whitelist = WatchedFile(self.whitelist_path, parse_whitelist, ())
 
+    def reread(self):
+        self._whitelist.reread()
+
     def whitelisted(self, rsys):
         return in_nets(rsys, self._whitelist.current())
 

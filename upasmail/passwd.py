@@ -143,6 +143,9 @@ class PasswordFile(checkers.FilePasswordDB):
             raise PasswordFileUnavailable("%s: no usable password file" % self.filename)
         return table
 
+    def reread(self):
+        self._file.reread()
+
     def available(self):
         try:
             return bool(self.entries())

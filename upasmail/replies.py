@@ -46,6 +46,12 @@ TIMEOUT = "4.4.2 {dom} Error: timeout exceeded"
 VRFY_CANNOT = "2.5.2 Cannot VRFY user; try RCPT to attempt delivery"
 BAD_USER = "5.1.3 {path} ... bad destination mailbox address"
 TLS_ACTIVE = "5.5.1 Error: TLS already active"
+MESSAGE_TOO_BIG = "5.3.4 Error: message file too big"
+SIZE_EXCEEDED = "5.3.4 Error: message size exceeds the fixed limit"
+NEED_SMTPUTF8 = "5.6.7 Error: a non-ASCII address needs SMTPUTF8"
+BARE_LINE_END = "5.5.2 Error: bare <CR> or <LF> in the message; send CRLF line ends"
+TOO_MANY_CONNECTIONS = "4.3.2 {dom} Error: too many connections; try again later"
+TOO_MANY_FROM_PEER = "4.7.0 {dom} Error: too many connections from {ip}"
 SHUTDOWN = "4.3.2 {dom} Error: service shutting down"
 
 

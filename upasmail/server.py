@@ -41,8 +41,10 @@ AUTH*      checker present → not yet authenticated → HELO given → no open
 STARTTLS   -c given → not yet encrypted → 220, then TLS
 """
 
+from collections import Counter
+
 from twisted.cred import credentials, error
-from twisted.internet import defer, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -58,9 +60,6 @@ from .session import Recipient, Session
 log = Logger(namespace="smtpd")
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
-MAX_COMMAND_LINE = 4096  # RFC 5321 asks for 512; AUTH lines need more
-MAX_DATA_LINE = 64 * 1024  # RFC 5321 says 1000; be lenient, but bounded
-MAX_RECIPIENTS = 1000  # RFC 5321 asks for at least 100; upas has no limit
 
 
 def _text(resp):
@@ -96,6 +95,8 @@ class UpasESMTP(smtp.ESMTP):
         self._authFailures = 0
         self._dropPlaintext = False
         self._handshakeDone = False
+        self._closing = False  # the server is shutting down
+        self._closeWaiters = []
 
     def whenQuiet(self):
         """A Deferred that fires once no reply is pending (tests, shutdown)."""
@@ -136,6 +137,43 @@ class UpasESMTP(smtp.ESMTP):
         self._setPhaseTimer(None)
         self._abortMessages()
         smtp.ESMTP.connectionLost(self, reason)
+        gone = getattr(self.factory, "connectionGone", None)
+        if gone is not None:
+            gone(self)
+        waiters, self._closeWaiters = self._closeWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- shutdown ----------------------------------------------------------
+
+    def closeGracefully(self):
+        """Say 421 and close, once the transaction under way (DATA) is answered.
+
+        Fires when the connection is gone.
+        """
+        d = defer.Deferred()
+        if self._lost:
+            d.callback(None)
+            return d
+        self._closeWaiters.append(d)
+        self._closing = True
+        self._closeIfIdle()
+        return d
+
+    def _closeIfIdle(self):
+        if self._closing and not self._busy and self.mode == COMMAND and not self._lost \
+                and not self.transport.disconnecting:
+            self.sendReply(421, replies.SHUTDOWN.format(dom=self.settings.dom))
+            self.transport.loseConnection()
+
+    def closeNow(self):
+        """The grace period is over: 421, drop any message in DATA, close."""
+        if self._lost:
+            return
+        self._abortMessages()
+        if not self.transport.disconnecting:
+            self.sendReply(421, replies.SHUTDOWN.format(dom=self.settings.dom))
+            self.transport.loseConnection()
 
     def _setPhaseTimer(self, seconds):
         if self._phaseTimer is not None and self._phaseTimer.active():
@@ -171,7 +209,8 @@ class UpasESMTP(smtp.ESMTP):
             while not self._busy and not self.transport.disconnecting:
                 delim = b"\r\n" if self.mode == DATA else b"\n"
                 end = buf.find(delim, pos)
-                limit = MAX_DATA_LINE if self.mode == DATA else MAX_COMMAND_LINE
+                limit = (self.settings.max_data_line if self.mode == DATA
+                         else self.settings.max_command_line)
                 if end < 0:
                     if len(buf) - pos > limit:
                         if not self._skipping:
@@ -225,20 +264,25 @@ class UpasESMTP(smtp.ESMTP):
                 self.reply(reject(451, replies.LOCAL_ERROR))
         self._busy = False
         if not self.transport.disconnecting and not self._lost:
-            self.setTimeout(self.timeout)
+            self.setTimeout(self._idleLimit())
             self.transport.resumeProducing()
             self._drain()
         if not self._busy:
             waiters, self._quietWaiters = self._quietWaiters, []
             for d in waiters:
                 d.callback(None)
+            self._closeIfIdle()
         return None
+
+    def _idleLimit(self):
+        """RFC 5321 4.5.3.2: how long the client may be silent now."""
+        return self.settings.data_block_timeout if self.mode == DATA else self.timeout
 
     def _lineTooLong(self):
         """Once per over-long line: refuse it without leaving the mode."""
         if self.mode == DATA:
             if self._dataRefused is None:
-                self._dataRefused = reject(554, replies.DATA_LINE_TOO_LONG)
+                self._refuseData(reject(554, replies.DATA_LINE_TOO_LONG))
             return
         if self.mode == AUTH:  # the exchange ends: the next line is a command
             self.mode, self._exchange = COMMAND, None
@@ -269,6 +313,8 @@ class UpasESMTP(smtp.ESMTP):
     def state_COMMAND(self, line):
         try:
             cmd = grammar.parse(line)
+        except grammar.ParameterError as e:
+            return self.reply(reject(e.code, e.text))
         except grammar.CommandSyntaxError:
             return self.reply(replies.syntax_error())
         handler = getattr(self, "cmd_" + cmd.verb)
@@ -337,7 +383,9 @@ class UpasESMTP(smtp.ESMTP):
     cmd_EHLO = cmd_HELO
 
     def ehloExtensions(self):
-        ext = ["ENHANCEDSTATUSCODES"]
+        # upas's first and last lines stay where upas puts them
+        ext = ["ENHANCEDSTATUSCODES", "SIZE %d" % self.settings.message_limit, "8BITMIME",
+               "PIPELINING", "SMTPUTF8"]
         if self.canStartTLS and not self.session.encrypted:
             ext.append("STARTTLS")
         _, mechanisms = self._authMechanisms()
@@ -353,6 +401,11 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(reject(503, replies.HELO_FIRST_MAIL))
         if s.envelope.senders:
             return self.reply(reject(503, replies.NESTED_MAIL))
+        size = cmd.params.get("SIZE")
+        if size is not None and int(size) > self.settings.message_limit:
+            return self.reply(reject(552, replies.SIZE_EXCEEDED))
+        if cmd.utf8 and "SMTPUTF8" not in cmd.params:
+            return self.reply(reject(553, replies.NEED_SMTPUTF8))
         path = cmd.arg
         if "!" not in path and path != NULL_SENDER:
             path = "%s!%s" % (s.him, path)
@@ -373,6 +426,7 @@ class UpasESMTP(smtp.ESMTP):
             return self.delivery.validateFrom(self._helo, path)
 
         def accepted(_):
+            envelope.smtputf8 = "SMTPUTF8" in cmd.params
             envelope.senders.append(path)
             self.sendReply(250, replies.SENDER_OK.format(path=path))
 
@@ -385,8 +439,10 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(reject(503, replies.HELO_FIRST_RCPT))
         if not s.envelope.senders:
             return self.reply(reject(503, replies.RCPT_NO_MAIL))
-        if len(s.envelope.recipients) >= MAX_RECIPIENTS:
+        if len(s.envelope.recipients) >= self.settings.max_recipients:
             return self.reply(reject(452, replies.TOO_MANY_RCPTS, counts=False))
+        if cmd.utf8 and not s.envelope.smtputf8:
+            return self.reply(reject(553, replies.NEED_SMTPUTF8))
         envelope = s.envelope
         validators = self.spam.validators
         d = validators.recipok(cmd.arg)
@@ -496,7 +552,9 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(self._failureReply(Failure(), "message"))
         self._messages = messages
         self._dataRefused = None
+        self._dataSize = 0
         self.mode = DATA
+        self.setTimeout(self._idleLimit())
         # upas: the command-phase alarm ends here; one DATA transfer has its own
         self._setPhaseTimer(self.settings.data_timeout)
         self.sendReply(354, replies.GO_AHEAD)
@@ -506,19 +564,31 @@ class UpasESMTP(smtp.ESMTP):
             return self._endOfData()
         if self._dataRefused is not None:
             return None
+        self._dataSize += len(line) + 2
+        if self._dataSize > self.settings.message_limit:
+            return self._refuseData(reject(552, replies.MESSAGE_TOO_BIG))
+        if b"\n" in line or b"\r" in line:
+            # a bare CR or LF: the CVE-2023-51764 family; never store it as a
+            # line end a later hop could read as the end of the message
+            return self._refuseData(reject(554, replies.BARE_LINE_END))
         if line[:1] == b".":
             line = line[1:]
-        pieces = line.split(b"\n") if b"\n" in line else (line,)
         try:
             for m in self._messages:
-                for piece in pieces:
-                    m.lineReceived(piece)
+                m.lineReceived(line)
         except Exception:
             self._dataRefused = self._failureReply(Failure(), "lineReceived")
+
+    def _refuseData(self, verdict):
+        """The message is refused at the dot; stop writing it now."""
+        self._dataRefused = verdict
+        for m in self._messages or ():
+            getattr(m, "refuse", lambda v: None)(verdict)
 
     def _endOfData(self):
         s = self.session
         self.mode = COMMAND
+        self.setTimeout(self._idleLimit())
         self._setPhaseTimer(None)  # upas: no session alarm after the first DATA
         messages, self._messages = self._messages, None
         env = s.envelope
@@ -685,8 +755,24 @@ class UpasESMTP(smtp.ESMTP):
         return self._after(wait, self.reply, verdict)
 
 
+class _Busy(protocol.Protocol):
+    """Over a connection limit: one 421, then the connection closes."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def connectionMade(self):
+        self.transport.write(b"421 " + self.text.encode() + b"\r\n")
+        self.transport.loseConnection()
+
+
 class UpasSMTPFactory(smtp.SMTPFactory):
-    """Builds one ``UpasESMTP`` per connection with everything injected."""
+    """Builds one ``UpasESMTP`` per connection with everything injected.
+
+    It counts connections (in all, and per untrusted peer address: over a
+    limit the peer gets ``421`` and is closed), and can reload its settings
+    (SIGHUP) and shut down gracefully (SIGTERM).
+    """
 
     protocol = UpasESMTP
 
@@ -701,14 +787,80 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         self.domain = settings.dom
         # failures per peer IP outlive one connection
         self.throttle = auth.Throttle(clock, settings.auth_fail_delay)
+        self.connections = set()
+        self.perPeer = Counter()
+        self.fdCap = None  # what the open-file limit allows; set at start-up
+        self.closing = False
+
+    @property
+    def maxConnections(self):
+        limit = self.settings.max_connections
+        return limit if self.fdCap is None else min(limit, self.fdCap)
 
     def buildProtocol(self, addr):
+        ip = relay.normalize_ip(getattr(addr, "host", ""))
         # -k: a banned peer gets no protocol: the connection is closed
         # before a byte is written, and nothing is logged (upas)
-        if self.spam.banned(relay.normalize_ip(getattr(addr, "host", ""))):
+        if self.spam.banned(ip):
             return None
-        p = self.protocol(self.settings, self.makeDelivery, self.clock,
+        s = self.settings
+        if self.closing:
+            return _Busy(replies.SHUTDOWN.format(dom=s.dom))
+        if len(self.connections) >= self.maxConnections:
+            log.warn("too many connections ({n}); refusing {ip}", n=len(self.connections), ip=ip)
+            return _Busy(replies.TOO_MANY_CONNECTIONS.format(dom=s.dom))
+        if self.perPeer[ip] >= s.max_connections_per_peer and not self.spam.peer(ip)[0]:
+            log.info("too many connections from {ip}", ip=ip)
+            return _Busy(replies.TOO_MANY_FROM_PEER.format(dom=s.dom, ip=ip))
+        p = self.protocol(s, self.makeDelivery, self.clock,
                           self.contextFactory, self.spam, self.throttle)
         p.factory = self
         p.portal = self.portal
+        p.peerIP = ip
+        self.connections.add(p)
+        self.perPeer[ip] += 1
         return p
+
+    def connectionGone(self, p):
+        if p in self.connections:
+            self.connections.discard(p)
+            self.perPeer[p.peerIP] -= 1
+            if self.perPeer[p.peerIP] <= 0:
+                del self.perPeer[p.peerIP]
+
+    def reload(self, settings):
+        """New settings for new connections (SIGHUP); sessions under way keep theirs.
+
+        The ratify lists, the helper files and the password file are read
+        again at once, changed or not.
+        """
+        self.settings = settings
+        self.spam.settings = settings
+        self.domain = settings.dom
+        self.spam.reread()
+        for checker in set((self.portal.checkers if self.portal else {}).values()):
+            getattr(checker, "reread", lambda: None)()
+
+    def shutdown(self, grace):
+        """Close every session: those in DATA get up to ``grace`` seconds to finish.
+
+        Fires once every connection is gone.
+        """
+        self.closing = True
+        waits = [p.closeGracefully() for p in list(self.connections)]
+        done = defer.DeferredList(waits)
+        if not waits:
+            return done
+
+        def overdue():
+            for p in list(self.connections):
+                p.closeNow()
+
+        timer = self.clock.callLater(grace, overdue)
+
+        def finished(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(finished)

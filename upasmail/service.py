@@ -86,7 +86,8 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
         backend = Mailer(settings.mailer, reactor, settings.mailer_timeout, clock)
 
     def makeDelivery(session):
-        return UpasDelivery(session, settings, root, backend, clock)
+        # factory.settings, not settings: SIGHUP may have replaced them
+        return UpasDelivery(session, factory.settings, root, backend, clock)
 
     spamfilter = SpamFilter(settings, resolver, reactor, clock)
     factory = UpasSMTPFactory(settings, makeDelivery, clock, portal=portal,
@@ -123,6 +124,57 @@ def wraps_its_factory(description):
     return description.split(":", 1)[0].lower() in ("ssl", "tls")
 
 
+FD_RESERVE = 64  # open files kept for mailboxes, the queue, DNS, helpers
+
+
+def raise_fd_limit():
+    """Raise the soft open-file limit as far as the hard one allows; (soft, hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def fd_cap():
+    """How many connections the current open-file limit leaves room for."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - FD_RESERVE, 1)
+
+
+class SessionDrain(service.Service):
+    """Stopping (SIGTERM): sessions in DATA may finish within the grace
+    period (``settings.shutdown_grace``), the others get ``421`` at once."""
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return self.factory.shutdown(self.factory.settings.shutdown_grace)
+
+
+class SmtpdService(service.MultiService):
+    """The queue runner, the session drain and the listener, stopped in
+    reverse: listening ends first, then sessions, then the queue."""
+
+    def reload(self, settings):
+        """SIGHUP: new settings (smtpd.conf) for new sessions and the queue."""
+        self.factory.reload(settings)
+        if self.queue is not None:
+            self.queue.settings = settings
+        log.info("settings reloaded")
+
+
 def listens_on_loopback_only(description):
     """Does an endpoint string bind only to a loopback interface?"""
     m = re.search(r"(?:^|:)interface=([^:]+)", description.replace("\\:", "\0"))
@@ -144,7 +196,15 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
             "loopback-only: this server is an OPEN RELAY for anyone who can reach it",
             listen=listen,
         )
-    top = service.MultiService()
+    factory.fdCap = fd_cap()
+    top = SmtpdService()
+    top.factory = factory
+    top.queue = None
+    if settings.queue_runner:
+        top.queue = QueueRunner(factory.root, settings, reactor, kw["resolver"],
+                                kw.get("clock") or reactor, ours=local_addresses())
+        top.queue.setServiceParent(top)
+    SessionDrain(factory).setServiceParent(top)
     listening = factory
     if settings.debug:
         listening = TraceFactory(factory, settings.path("log_dir"), kw.get("clock") or reactor)
@@ -160,10 +220,4 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
     )
     server._raiseSynchronously = True  # a port we cannot bind stops start-up
     server.setServiceParent(top)
-    top.factory = factory
-    top.queue = None
-    if settings.queue_runner:
-        top.queue = QueueRunner(factory.root, settings, reactor, kw["resolver"],
-                                kw.get("clock") or reactor, ours=local_addresses())
-        top.queue.setServiceParent(top)
     return top

@@ -18,6 +18,7 @@ class Envelope:
     message: Optional[object] = None  # the IMessage shared by all recipients
     filterstate: str = "accept"  # upas filterstate, set at MAIL (ratify)
     action: str = "deliver"  # at DATA: deliver, block or delay (dump it)
+    smtputf8: bool = False  # MAIL said SMTPUTF8
 
     @property
     def sender(self):

@@ -54,7 +54,14 @@ class Settings:
     mailer: Optional[str] = None
     mailer_timeout: float = 600.0
     idle_timeout: float = 300.0
-    message_limit: int = 128 * 1024 * 1024
+    message_limit: int = 128 * 1024 * 1024  # SIZE; upas send's MSGLIMIT
+    max_command_line: int = 4096  # RFC 5321: at least 512; AUTH needs more
+    max_data_line: int = 64 * 1024  # RFC 5321 asks senders for 1000
+    max_recipients: int = 1000  # RFC 5321: at least 100
+    max_connections: int = 20000  # in all (also bounded by the fd limit)
+    max_connections_per_peer: int = 50  # per untrusted peer address
+    data_block_timeout: float = 300.0  # silence allowed inside DATA
+    shutdown_grace: float = 60.0  # SIGTERM: how long DATA may go on
     quiet: bool = False
     conf: SmtpdConf = field(default_factory=SmtpdConf)
     # anti-abuse (spec §1.7, §1.9-1.17); see docs/configuration.rst

@@ -83,6 +83,12 @@ class SpamFilter:
         self.validators = Validators(settings.path("lib"), reactor, clock, resolver,
                                      settings.validator_timeout)
 
+    def reread(self):
+        """SIGHUP: every watched policy file is read again."""
+        self.ratify.reread()
+        self.validators.reread()
+        self.greylist.reread()
+
     # -- connect ---------------------------------------------------------
 
     def banned(self, ip):

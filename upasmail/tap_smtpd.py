@@ -8,14 +8,18 @@ file is named) are read once at start-up: a problem stops ``twistd`` with
 """
 
 import os
+import signal
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from . import conf as smtpdconf
 from . import passwd, ratify, service, settings, tls
 from .mailer import resolve as resolve_mailer
 from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
+
+log = Logger(namespace="smtpd")
 
 
 class Options(usage.Options):
@@ -79,6 +83,19 @@ class Options(usage.Options):
                                           "started (upas: 45 min)", float],
         ["data-timeout", None, 8700.0, "seconds one DATA transfer may take "
                                        "(upas: 145 min)", float],
+        ["data-block-timeout", None, 300.0, "seconds a client may be silent inside DATA",
+         float],
+        ["message-size-limit", None, 128 * 1024 * 1024, "largest message in bytes "
+                                                        "(advertised as SIZE)", int],
+        ["max-command-line", None, 4096, "longest command line (at least 512)", int],
+        ["max-data-line", None, 65536, "longest line inside a message", int],
+        ["max-recipients", None, 1000, "recipients per message (at least 100)", int],
+        ["max-connections", None, 20000, "connections at once, in all (also bounded by "
+                                         "the open-file limit)", int],
+        ["max-connections-per-peer", None, 50, "connections at once from one untrusted "
+                                               "address", int],
+        ["shutdown-grace", None, 60.0, "SIGTERM: seconds a message in DATA may take to "
+                                       "finish", float],
     ] + QUEUE_PARAMETERS
 
     def __init__(self):
@@ -105,6 +122,15 @@ class Options(usage.Options):
             raise usage.UsageError("--key needs -c")
         if self["smtps"] and not self["cert"]:
             raise usage.UsageError("--smtps needs a certificate (-c)")
+        if self["max-command-line"] < 512 or self["max-recipients"] < 100:
+            raise usage.UsageError("--max-command-line must be at least 512 and "
+                                   "--max-recipients at least 100 (RFC 5321 4.5.3.1)")
+        for name in ("message-size-limit", "max-data-line", "max-connections",
+                     "max-connections-per-peer", "data-block-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError("--%s must be positive" % name)
+        if self["shutdown-grace"] < 0:
+            raise usage.UsageError("--shutdown-grace cannot be negative")
         if self["auth-fail-delay"] < 0 or self["auth-max-failures"] < 1:
             raise usage.UsageError("--auth-fail-delay cannot be negative and "
                                    "--auth-max-failures must be at least 1")
@@ -123,8 +149,7 @@ class Options(usage.Options):
                  for k, o in (("lib", "lib"), ("blocked", "blocked"),
                               ("trusted_dir", "trusted-dir"), ("log_dir", "log-dir"),
                               ("passwd", "passwd"), ("cert", "cert"), ("key", "key"))}
-        self["settings"] = s = settings.merge(
-            config,
+        self["mergeArgs"] = dict(
             sysname=self["sysname"],
             domain=self["domain"],
             norelay_flag=self["norelay"],
@@ -153,9 +178,18 @@ class Options(usage.Options):
             auth_fail_delay=self["auth-fail-delay"],
             auth_max_failures=self["auth-max-failures"],
             queue_runner=not self["no-queue-runner"],
+            data_block_timeout=self["data-block-timeout"],
+            message_limit=self["message-size-limit"],
+            max_command_line=self["max-command-line"],
+            max_data_line=self["max-data-line"],
+            max_recipients=self["max-recipients"],
+            max_connections=self["max-connections"],
+            max_connections_per_peer=self["max-connections-per-peer"],
+            shutdown_grace=self["shutdown-grace"],
             **queue_settings(self),
             **paths,
         )
+        self["settings"] = s = settings.merge(config, **self["mergeArgs"])
         # a broken ratify file stops start-up; later edits that break it are
         # logged and the last good version stays in force
         try:
@@ -180,6 +214,12 @@ def parse_hostport(text):
     return host.strip("[]"), int(port)
 
 
+def reloaded_settings(options):
+    """Settings with smtpd.conf read again (SIGHUP); ConfigError if it is broken."""
+    config = smtpdconf.load(options["conf"]) if options["conf"] else smtpdconf.SmtpdConf()
+    return settings.merge(config, **options["mergeArgs"])
+
+
 def makeService(options):
     s = options["settings"]
     if options["netdir"]:
@@ -187,9 +227,22 @@ def makeService(options):
               % options["netdir"], file=sys.stderr)
     from twisted.internet import reactor
 
+    soft, hard = service.raise_fd_limit()
     resolver = service.makeResolver(reactor, options.get("resolverAddress"))
     try:
-        return service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
+        top = service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
     except OSError as e:
         raise SystemExit("upas-smtpd: mail root %s: %s" % (s.root, e.strerror or e))
+    log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
+             soft=soft, hard=hard, n=top.factory.maxConnections)
+
+    def reload():
+        try:
+            top.reload(reloaded_settings(options))
+        except smtpdconf.ConfigError as e:
+            log.error("SIGHUP: {err}; keeping the running settings", err=e)
+
+    # twistd leaves SIGHUP alone; the handler only hands over to the reactor
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    return top
 

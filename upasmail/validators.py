@@ -96,6 +96,10 @@ class Validators:
                                           parse_names_blocked, frozenset())
         self._senders = WatchedFile(os.path.join(lib, "senders"), parse_senders, {})
 
+    def reread(self):
+        self._names_blocked.reread()
+        self._senders.reread()
+
     def _program(self, path):
         return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
