@@ -30,6 +30,7 @@ from twisted.mail.smtp import IMessageDelivery
 from zope.interface import implementer
 
 from .decision import ACCEPT, Accept, reject
+from .tarpit import doubling
 
 CRAM_MD5, PLAIN, LOGIN = "CRAM-MD5", "PLAIN", "LOGIN"
 CLEARTEXT = (PLAIN, LOGIN)
@@ -205,9 +206,7 @@ class Throttle:
             if len(self._failures) >= self.size:  # still full: forget the oldest
                 del self._failures[min(self._failures, key=lambda k: self._failures[k][1])]
         self._failures[ip] = (count, now)
-        if self.unit <= 0:
-            return 0.0
-        return min(self.unit * 2.0 ** min(count - 1, 32), self.cap)
+        return doubling(count, self.unit, self.cap)
 
     def succeeded(self, ip):
         self._failures.pop(ip, None)

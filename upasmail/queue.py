@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from . import bounce, client, convert, factotum, relay
 from .session import Transaction
 from .store import fsync_paths, write_envelope
+from .tarpit import doubling
 
 log = Logger(namespace="queue")
 
@@ -69,9 +70,7 @@ def destination(path):
 
 def backoff(attempts, minimum, maximum):
     """Seconds before the next try after ``attempts`` temporary failures."""
-    if attempts <= 0:
-        return 0.0
-    return min(minimum * 2.0 ** min(attempts - 1, 32), maximum)
+    return doubling(attempts, minimum, maximum)
 
 
 def due_groups(record, now, smarthost=None):

@@ -25,12 +25,23 @@ TOO_MANY = "5.5.0 too many errors.  transaction failed."
 DIALUP = "5.7.1 We don't accept mail from dial-up ports."
 
 
-def delay(rejects, unit, maximum):
-    """Seconds to wait before running the next checked command."""
-    if rejects <= 0 or unit <= 0:
+def doubling(n, base, cap):
+    """``base``·2^(n-1) for the n-th time, at most ``cap``; 0 before the first.
+
+    The one growth rule for waits after failures: the tarpit here, AUTH
+    failures (``auth.Throttle``) and queue retries (``queue.backoff``).
+    """
+    if n <= 0 or base <= 0:
         return 0.0
-    # 4·2^n grows past any cap quickly; stop computing once it has
-    return min(4.0 * 2.0 ** min(rejects, 64) * unit, maximum)
+    # the power grows past any cap quickly; stop computing once it has
+    return min(base * 2.0 ** min(n - 1, 64), cap)
+
+
+def delay(rejects, unit, maximum):
+    """Seconds to wait before running the next checked command: 4·2^n units."""
+    if rejects <= 0:
+        return 0.0
+    return doubling(rejects + 3, unit, maximum)
 
 
 def rejectcheck(rejects, hardreject):
