@@ -14,7 +14,6 @@ and exits with the same status (twistd itself would always exit 0).
 import getpass
 import os
 import pwd
-import socket
 import sys
 import tempfile
 
@@ -22,7 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.python import usage
 
-from . import client, factotum, mxdial, thumbprint
+from . import client, factotum, mxdial, settings, thumbprint
 from .conf import ConfigError
 
 USAGE = ("usage: upas-smtp [-aAdfipst] [-b busted-mx] [-g gw] [-h host] [-u user] "
@@ -89,15 +88,6 @@ class Options(usage.Options):
             self["resolverAddress"] = parse_hostport(self["resolver"])
 
 
-def _dotted_names(sysname):
-    names = [sysname]
-    try:
-        names.append(socket.getfqdn(sysname))
-    except OSError:
-        pass
-    return [n for n in names if "." in n]
-
-
 def _full_name(user):
     try:
         name = pwd.getpwnam(user).pw_gecos.split(",")[0].strip()
@@ -108,11 +98,11 @@ def _full_name(user):
 
 def client_options(o, stderr):
     """ClientOptions from the parsed command line; ConfigError for bad files."""
-    sysname = o["sysname"] or socket.gethostname()
+    ident = settings.identity(o["sysname"])  # the server's rule for our names
+    sysname = ident.sysname
     domain = o["domain"]
     if domain is None:
-        dotted = _dotted_names(sysname)
-        domain = dotted[0] if dotted else ""
+        domain = ident.dom if "." in ident.dom else ""
     pins = None
     if o["thumbprints"]:
         pins = thumbprint.Thumbprints.load(o["thumbprints"], o["thumbprints-exclude"])
