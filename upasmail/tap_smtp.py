@@ -101,8 +101,8 @@ def client_options(o, stderr):
     ident = settings.identity(o["sysname"])  # the server's rule for our names
     sysname = ident.sysname
     domain = o["domain"]
-    if domain is None:
-        domain = ident.dom if "." in ident.dom else ""
+    if domain is None:  # upas: the machine's FQDN from its first dot on
+        domain = ident.dom[ident.dom.find("."):] if "." in ident.dom else ""
     pins = None
     if o["thumbprints"]:
         pins = thumbprint.Thumbprints.load(o["thumbprints"], o["thumbprints-exclude"])
