@@ -73,6 +73,42 @@ class BareRecipientTests(Case):
         self.assertEqual(rcpts(s), ["RCPT TO:<bob@example.com>"])
 
 
+class HostsFileTests(Case):
+    """Item 13: a name in the hosts file is dialled although DNS says NXDOMAIN."""
+
+    def dns_server(self):
+        udp = testing.serveDNS(reactor, testing.FakeResolver({}))  # NXDOMAIN for all
+        self.addCleanup(udp.tcpPort.stopListening)
+        self.addCleanup(udp.stopListening)
+        return udp.getHost().port
+
+    def hosts_file(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    @defer.inlineCallbacks
+    def test_item13_localhost_from_the_hosts_file(self):
+        s = self.serve(interface="127.0.0.1")
+        hosts = self.hosts_file("127.0.0.1\tlocalhost\n")
+        code, _, err = yield self.upas_smtp(
+            "-d", "--resolver", "127.0.0.1:%d" % self.dns_server(), "--sysname", "gnot",
+            ".example.org", "tcp!localhost!%d" % self.port, "alice", "bob", hosts=hosts)
+        self.assertEqual(code, 0, err)
+        self.assertIn("dialing (127.0.0.1:127.0.0.1)", err)
+        self.assertEqual(rcpts(s), ["RCPT TO:<bob@example.org>"])
+
+    @defer.inlineCallbacks
+    def test_item13_a_name_nowhere_is_still_permanent(self):
+        hosts = self.hosts_file("127.0.0.1\tlocalhost\n")
+        code, _, err = yield self.upas_smtp(
+            "--resolver", "127.0.0.1:%d" % self.dns_server(), "--sysname", "gnot",
+            "tcp!nowhere.example!2", "alice", "bob", hosts=hosts)
+        self.assertEqual(code, client.EX_UNAVAILABLE)
+        self.assertIn("can't translate nowhere.example: no such domain", err)
+
+
 def readme_snippet(after, section="Sending: upas-smtp\n"):
     """The indented block after ``after``, in the README's ``section``."""
     with open(os.path.join(ROOT, "README.rst"), encoding="utf-8") as f:

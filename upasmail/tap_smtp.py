@@ -27,6 +27,7 @@ from .conf import ConfigError
 USAGE = ("usage: upas-smtp [-aAdfipst] [-b busted-mx] [-g gw] [-h host] [-u user] "
          "[.domain] destaddr sender rcpt-list")
 MAX_BUSTED = 100
+HOSTS = "/etc/hosts"
 
 
 class Options(usage.Options):
@@ -137,8 +138,12 @@ def spool_stdin(stdin):
 
 
 @defer.inlineCallbacks
-def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None):
-    """The whole command; fires with the exit status."""
+def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None, hosts=HOSTS):
+    """The whole command; fires with the exit status.
+
+    Names in ``hosts`` are found even with ``--resolver`` (upas asks ndb,
+    its local database, before DNS).
+    """
     o = Options()
     try:
         o.parseOptions(argv)
@@ -157,7 +162,7 @@ def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None):
         return client.EX_OK
     if resolver is None:
         from .service import makeResolver
-        resolver = makeResolver(reactor, o.get("resolverAddress"))
+        resolver = makeResolver(reactor, o.get("resolverAddress"), hosts)
     result = yield client.deliver(message, o["destaddr"], o["sender"], o["rcpts"], opts,
                                   reactor, resolver, clock)
     for line in result.report:
