@@ -166,3 +166,30 @@ class DomainTests(Case):
         for call in reactor.getDelayedCalls():
             if isinstance(getattr(call.func, "__self__", None), names_client.Resolver):
                 call.cancel()
+
+
+class FilterTests(Case):
+    """Item 15: what ``-f`` adds, as upas (spec §2.7 4 and 8)."""
+
+    def head(self, out):
+        return out.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+
+    @defer.inlineCallbacks
+    def test_item15_filter_adds_no_to_even_with_recipients(self):
+        code, out, _ = yield self.upas_smtp("-f", "--sysname", "gnot", ".example.org",
+                                            "net!nowhere.invalid", "alice", "bob", "carol")
+        self.assertEqual(code, 0)
+        self.assertEqual([line.split(":")[0] for line in self.head(out)],
+                         ["Message-ID", "From", "Subject"])
+
+    @defer.inlineCallbacks
+    def test_item15_date_only_from_the_from_line(self):
+        _, out, _ = yield self.upas_smtp("-f", "--sysname", "gnot", ".example.org",
+                                         "net!nowhere.invalid", "alice", stdin=FROM_LINE + MSG)
+        self.assertIn("Date: Wed, 7 Mar 2024 23:47:45 -0400", self.head(out))
+        self.assertNotIn(b"From alice", out)
+
+    def test_item15_readme_says_what_filter_adds(self):
+        text = readme_snippet("``-f``\n").replace("\n", " ")
+        self.assertIn("no ``To:``", text)
+        self.assertIn("``Date:`` only from", text)

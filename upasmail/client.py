@@ -715,7 +715,10 @@ def _settle(results, status, report):
 
 
 def filter_message(source, sender, options, out):
-    """``-f``: write the converted message (CRLF, stuffed, no final dot) to ``out``."""
+    """``-f``: write the converted message (CRLF, stuffed, no final dot) to ``out``.
+
+    No ``To:`` is added: upas builds it from the RCPTs sent, and ``-f`` sends none.
+    """
     message = convert.OutboundMessage(source, sender, options.hostdomain, options.full_name)
     for chunk in message.wire("", final_dot=False):
         out.write(chunk)
