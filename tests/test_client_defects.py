@@ -193,3 +193,37 @@ class FilterTests(Case):
         text = readme_snippet("``-f``\n").replace("\n", " ")
         self.assertIn("no ``To:``", text)
         self.assertIn("``Date:`` only from", text)
+
+
+class NetrcTests(Case):
+    """Item 17: without ``-u`` the netrc entry for the host names the user."""
+
+    def setUp(self):
+        Case.setUp(self)
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        self.netrc = os.path.join(home, ".netrc")
+        with open(self.netrc, "w") as f:
+            f.write("machine mail.example.org login alice password Secret\n"
+                    "machine 127.0.0.2 login carol password Hush\n")
+        os.chmod(self.netrc, 0o600)
+        self.patch(os, "environ", dict(os.environ, HOME=home))
+
+    def test_item17_netrc_user_without_u_must_match_with_u(self):
+        self.assertEqual(factotum.lookup("mail.example.org", None, netrc_path=self.netrc),
+                         ("alice", "Secret"))
+        self.assertEqual(factotum.lookup("mail.example.org", "alice", netrc_path=self.netrc),
+                         ("alice", "Secret"))
+        with self.assertRaises(factotum.NoCredentials):
+            factotum.lookup("mail.example.org", "bob", netrc_path=self.netrc)
+
+    @defer.inlineCallbacks
+    def test_item17_upas_smtp_authenticates_with_the_netrc_login(self):
+        s = self.serve(replies={"EHLO": "250-fake.example\r\n250 AUTH PLAIN"})
+        code, _, err = yield self.upas_smtp("-a", "-i", "--sysname", "gnot",
+                                            "tcp!127.0.0.2!%d" % self.port, "alice",
+                                            "bob@example.net", resolver=testing.FakeResolver())
+        self.assertEqual(code, 0, err)
+        [auth] = s.sessions[0].auth
+        self.assertTrue(re.match(r"AUTH PLAIN \S+$", auth))
+        self.assertEqual(base64.b64decode(auth.split()[2]), b"\0carol\0Hush")

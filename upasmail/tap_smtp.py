@@ -11,7 +11,6 @@ Temporary Failure`` or ``Permanent Failure``) for a Plan 9 style runq.
 and exits with the same status (twistd itself would always exit 0).
 """
 
-import getpass
 import os
 import pwd
 import sys
@@ -109,7 +108,7 @@ def client_options(o, stderr):
         pins = thumbprint.Thumbprints.load(o["thumbprints"], o["thumbprints-exclude"])
 
     def credentials(server, user):
-        return factotum.lookup(server, user or getpass.getuser(), o["auth-file"])
+        return factotum.lookup(server, user, o["auth-file"])
 
     def debug(line):
         stderr.write(line + "\n")
