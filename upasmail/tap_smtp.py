@@ -47,8 +47,10 @@ class Options(usage.Options):
         ["gateway", "g", None, "dial this when the destination has no MX or address, "
                                "or none answers"],
         ["host", "h", None, "our system name for addresses (default: the sysname)"],
-        ["user", "u", None, "user name for AUTH (default: the login name)"],
-        ["resolver", None, None, "DNS server HOST:PORT (default: resolv.conf)"],
+        ["user", "u", None, "user name for AUTH (default: the ~/.netrc entry's, "
+                            "else the login name)"],
+        ["resolver", None, None, "DNS server HOST:PORT (default: resolv.conf); "
+                                 "/etc/hosts is read first either way"],
         ["sysname", None, None, "our host name, also the EHLO name (default: the machine's)"],
         ["auth-file", None, None, "file of 'server user password' lines, mode 0600 "
                                   "(then ~/.netrc)"],
