@@ -66,11 +66,22 @@ def exit_code(status):
 
 @dataclass
 class ClientOptions:
-    """The seed's flags and what upas takes from the system."""
+    """The seed's flags and what upas takes from the system.
+
+    ``domain`` is our mail domain, ``example.org``: an undotted sysname or
+    host ``gnot`` becomes ``gnot.example.org`` (EHLO, MAIL FROM, header
+    addresses), and a bare recipient ``bob@example.org`` when DNS gave no
+    destination domain.  upas's ``.example.org`` (the command line's form)
+    means the same.  Any other value gets a dot prepended (``org``:
+    ``gnot.org``), except the machine's FQDN, upas's default: a domain
+    that starts with the sysname's first label and a dot
+    (``gnot.example.org``) counts from its first dot, as in upas.  upas's
+    ``domainify`` itself would make ``example.org`` into ``gnot.org``.
+    """
 
     sysname: str
     host: Optional[str] = None  # -h: names addresses; default sysname
-    domain: str = ""  # .domain, else the system's first dotted name
+    domain: str = ""  # our mail domain; see the class docstring
     starttls: bool = False  # -s
     implicit_tls: bool = False  # -t
     auth: bool = False  # -a (implies -s)
@@ -91,12 +102,26 @@ class ClientOptions:
     tls_options: Optional[object] = None  # client TLS context factory
 
     @property
+    def dotdomain(self):
+        """``domain`` in upas's ``.example.org`` form, for ``convert.domainify``."""
+        domain = self.domain
+        me = self.sysname.split(".")[0].lower()
+        if domain.lower().startswith(me + "."):  # our FQDN, upas's default
+            domain = domain[len(me):]
+        return domain if not domain or domain.startswith(".") else "." + domain
+
+    @property
+    def maildomain(self):
+        """What a bare recipient gets without a destination domain from DNS."""
+        return self.dotdomain[1:] or self.hostdomain
+
+    @property
     def hostdomain(self):
-        return convert.domainify(self.host or self.sysname, self.domain)
+        return convert.domainify(self.host or self.sysname, self.dotdomain)
 
     @property
     def hellodomain(self):
-        return convert.domainify(self.sysname, self.domain)
+        return convert.domainify(self.sysname, self.dotdomain)
 
     @property
     def unit(self):
@@ -503,7 +528,7 @@ class Conversation:
         worst = ""
         for r in self.results:
             w.arm(10 * o.unit)
-            r.rcpt = convert.rcpt_to(r.address, self.ddomain)
+            r.rcpt = convert.rcpt_to(r.address, self.ddomain or o.maildomain)
             reply = yield w.command("RCPT TO:<%s>" % r.rcpt)
             r.reply = str(reply)
             if reply.kind == 2:
@@ -690,7 +715,10 @@ def _settle(results, status, report):
 
 
 def filter_message(source, sender, options, out):
-    """``-f``: write the converted message (CRLF, stuffed, no final dot) to ``out``."""
+    """``-f``: write the converted message (CRLF, stuffed, no final dot) to ``out``.
+
+    No ``To:`` is added: upas builds it from the RCPTs sent, and ``-f`` sends none.
+    """
     message = convert.OutboundMessage(source, sender, options.hostdomain, options.full_name)
     for chunk in message.wire("", final_dot=False):
         out.write(chunk)

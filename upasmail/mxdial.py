@@ -24,7 +24,10 @@ mean permanent):
   addresses: ``illegal: domain D lists IP as mail server``, and no
   connection at all;
 * a null MX (RFC 7505, ``MX 0 .``): ``illegal: domain D accepts no mail``;
-* NXDOMAIN, or a name with neither MX nor address: ``can't translate``;
+* NXDOMAIN, or a name with neither MX nor address: ``can't translate``.
+  NXDOMAIN for the MX question still leads to the address lookup, where
+  the resolver's hosts file (``/etc/hosts``) can answer: ``localhost``
+  is dialled at its hosts address;
 * a DNS server failure or timeout: temporary.
 
 Unlike upas, a domain whose MX hosts all fail is not retried on its own A
@@ -151,11 +154,11 @@ def plan(resolver, clock, dial, busted=(), ipv6=False, ours=(), timeout=DNS_TIME
     ours = frozenset(ipaddress.ip_address(a) for a in ours)
     busted = {b.rstrip(".").lower() for b in busted}
     ddomain = host if "." in host else ""
-    status, answers = yield query(resolver, "lookupMailExchange", host, clock, timeout)
-    if status == TEMPFAIL:
+    mx_status, answers = yield query(resolver, "lookupMailExchange", host, clock, timeout)
+    if mx_status == TEMPFAIL:
         raise DialError("dns failure looking up MX for %s" % host, False)
-    if status == NXDOMAIN:
-        raise DialError("can't translate %s: no such domain" % host, True)
+    # NXDOMAIN from DNS is not the last word: a hosts file has names but no
+    # MX, so the address lookup below still gets its turn
     mxs = [rr for rr in answers if rr.type == dns.MX]
     if mxs:
         owner = str(mxs[0].name).rstrip(".")
@@ -187,7 +190,8 @@ def plan(resolver, clock, dial, busted=(), ipv6=False, ours=(), timeout=DNS_TIME
     if status == TEMPFAIL:
         raise DialError("dns failure looking up %s" % host, False)
     if not ips:
-        raise DialError("can't translate %s: no MX and no address" % host, True)
+        why = "no such domain" if NXDOMAIN in (mx_status, status) else "no MX and no address"
+        raise DialError("can't translate %s: %s" % (host, why), True)
     return ddomain, [Target(ip, port) for ip in ips]
 
 

@@ -51,13 +51,20 @@ def threadRunner(reactor):
     return lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
 
-def makeResolver(reactor, address=None):
-    """A twisted.names resolver: resolv.conf, or the server at (host, port)."""
+def makeResolver(reactor, address=None, hosts=None):
+    """A twisted.names resolver: resolv.conf, or the server at (host, port).
+
+    Without ``address``, /etc/hosts (or the ``hosts`` file) answers first;
+    with one, a ``hosts`` file answers first only when given.
+    """
     from twisted.names import client
+    from twisted.names import hosts as hostsfile
+    from twisted.names.resolve import ResolverChain
 
     if address is not None:
-        return client.Resolver(servers=[address], reactor=reactor)
-    return client.createResolver()  # resolv.conf and /etc/hosts, global reactor
+        dns = client.Resolver(servers=[address], reactor=reactor)
+        return dns if hosts is None else ResolverChain([hostsfile.Resolver(hosts), dns])
+    return client.createResolver(hosts=hosts)  # resolv.conf, global reactor
 
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,

@@ -11,7 +11,6 @@ Temporary Failure`` or ``Permanent Failure``) for a Plan 9 style runq.
 and exits with the same status (twistd itself would always exit 0).
 """
 
-import getpass
 import os
 import pwd
 import sys
@@ -27,6 +26,7 @@ from .conf import ConfigError
 USAGE = ("usage: upas-smtp [-aAdfipst] [-b busted-mx] [-g gw] [-h host] [-u user] "
          "[.domain] destaddr sender rcpt-list")
 MAX_BUSTED = 100
+HOSTS = "/etc/hosts"
 
 
 class Options(usage.Options):
@@ -47,8 +47,10 @@ class Options(usage.Options):
         ["gateway", "g", None, "dial this when the destination has no MX or address, "
                                "or none answers"],
         ["host", "h", None, "our system name for addresses (default: the sysname)"],
-        ["user", "u", None, "user name for AUTH (default: the login name)"],
-        ["resolver", None, None, "DNS server HOST:PORT (default: resolv.conf)"],
+        ["user", "u", None, "user name for AUTH (default: the ~/.netrc entry's, "
+                            "else the login name)"],
+        ["resolver", None, None, "DNS server HOST:PORT (default: resolv.conf); "
+                                 "/etc/hosts is read first either way"],
         ["sysname", None, None, "our host name, also the EHLO name (default: the machine's)"],
         ["auth-file", None, None, "file of 'server user password' lines, mode 0600 "
                                   "(then ~/.netrc)"],
@@ -101,14 +103,14 @@ def client_options(o, stderr):
     ident = settings.identity(o["sysname"])  # the server's rule for our names
     sysname = ident.sysname
     domain = o["domain"]
-    if domain is None:
-        domain = ident.dom if "." in ident.dom else ""
+    if domain is None:  # upas: the machine's FQDN from its first dot on
+        domain = ident.dom[ident.dom.find("."):] if "." in ident.dom else ""
     pins = None
     if o["thumbprints"]:
         pins = thumbprint.Thumbprints.load(o["thumbprints"], o["thumbprints-exclude"])
 
     def credentials(server, user):
-        return factotum.lookup(server, user or getpass.getuser(), o["auth-file"])
+        return factotum.lookup(server, user, o["auth-file"])
 
     def debug(line):
         stderr.write(line + "\n")
@@ -137,8 +139,12 @@ def spool_stdin(stdin):
 
 
 @defer.inlineCallbacks
-def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None):
-    """The whole command; fires with the exit status."""
+def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None, hosts=HOSTS):
+    """The whole command; fires with the exit status.
+
+    Names in ``hosts`` are found even with ``--resolver`` (upas asks ndb,
+    its local database, before DNS).
+    """
     o = Options()
     try:
         o.parseOptions(argv)
@@ -157,7 +163,7 @@ def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None):
         return client.EX_OK
     if resolver is None:
         from .service import makeResolver
-        resolver = makeResolver(reactor, o.get("resolverAddress"))
+        resolver = makeResolver(reactor, o.get("resolverAddress"), hosts)
     result = yield client.deliver(message, o["destaddr"], o["sender"], o["rcpts"], opts,
                                   reactor, resolver, clock)
     for line in result.report:
