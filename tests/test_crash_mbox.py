@@ -248,6 +248,19 @@ class HeldMailboxTests(unittest.TestCase):
         self.assertEqual(len(mailbox.mbox(self.held.path)), 20)
         self.assertEqual(self.root._mailboxes, {})
 
+    def test_directories_made_by_a_busy_try_are_synced(self):
+        os.makedirs(os.path.join(self.root.boxes, "carol"))
+        write(self.root.mailbox_path("carol") + ".lock", b"%d\n" % os.getppid())
+        synced = []
+        self.root.commit = store.GroupCommit(run_now, fsync=synced.extend)
+        d = self.deliver("carol")
+        os.unlink(self.root.mailbox_path("carol") + ".lock")
+        self.clock.advance(store.LOCK_RETRY)
+        self.successResultOf(d)
+        self.assertTrue(os.path.exists(self.root.mailbox_path("carol")))
+        # the first try made the mbox: its directory entry must reach the disk
+        self.assertIn(os.path.join(self.root.boxes, "carol"), synced)
+
     def test_gives_up_after_the_lock_timeout(self):
         first, second = self.deliver("bob"), self.deliver("bob")
         self.clock.pump([store.LOCK_RETRY_MAX] * int(store.LOCK_TIMEOUT - 1))

@@ -252,6 +252,10 @@ class MailRoot:
         notes = []
         d = self._run(mbox.append, path, spool_path, notes)
         d.addBoth(_log_notes, notes)
+        if tries > 1:
+            # an earlier try may have made the mailbox and its directory: sync their entries
+            directory = os.path.dirname(path)
+            d.addCallback(lambda paths: paths + [directory, os.path.dirname(directory)])
 
         def busy(failure):
             failure.trap(mbox.Busy)
