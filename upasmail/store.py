@@ -3,7 +3,8 @@
 Layout under ``<root>`` (upas's /mail, relocated):
 
 ``tmp/``            spool files being received (removed when done)
-``box/<user>/mbox`` local mailboxes (``mbox``)
+``box/<user>/mbox`` local mailboxes (``mbox``; ``mbox.lock`` while one is
+                    written, see ``mbox``)
 ``queue/``          outbound jobs: ``<id>.msg`` (the mailer stream) and
                     ``<id>.env`` (JSON envelope), for the outbound queue
 ``queue.dump/<MonD>/<n>``  blocked messages kept with ``-s`` (upas [4E]
@@ -14,6 +15,14 @@ it went into, and every directory entry that was created for it, has been
 fsynced.  ``GroupCommit`` lets many messages that finish together share
 one batch of fsyncs: each caller still waits for a batch that started after
 its own write, so the promise is not weakened.
+
+Mailboxes: appends to one mailbox are serialised here, in the reactor (a
+``DeferredLock`` per mailbox), so at most one pool thread works on a
+mailbox at a time.  When another program holds a mailbox, the retries are
+scheduled on the clock (``LOCK_RETRY`` doubling up to ``LOCK_RETRY_MAX``)
+and no thread waits; after ``LOCK_TIMEOUT`` seconds the message fails
+(451).  ``prepare`` breaks the mailbox locks a crash left behind and cuts
+back the partial message they record (``mbox.recover``).
 """
 
 import json
@@ -21,15 +30,20 @@ import os
 import secrets
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import mbox
 from .pipemsg import MONTHS
+from .tarpit import doubling
 from .decision import ACCEPT
 
 log = Logger(namespace="smtpd")
+
+LOCK_TIMEOUT = 30.0  # seconds a message waits for a mailbox another program holds
+LOCK_RETRY = 0.05  # first wait before trying a held mailbox again; it doubles
+LOCK_RETRY_MAX = 1.0
 
 
 def fsync_paths(paths):
@@ -109,6 +123,13 @@ def dump_number(sender, attempt):
     return str((h + secrets.randbelow(1 << 31) + attempt) & 0x7FFFFFFF)
 
 
+def _log_notes(result, notes):
+    """Log, in the reactor thread, what mbox noted in a pool thread."""
+    for note in notes:
+        log.warn("{note}", note=note)
+    return result
+
+
 def new_id(clock_seconds):
     return "%d.%s" % (int(clock_seconds), secrets.token_hex(6))
 
@@ -116,7 +137,7 @@ def new_id(clock_seconds):
 class MailRoot:
     """Built-in delivery into ``<root>``: local mboxes and the queue."""
 
-    def __init__(self, root, run_blocking, clock):
+    def __init__(self, root, run_blocking, clock, lock_timeout=LOCK_TIMEOUT):
         self.root = os.path.abspath(root)
         self.tmp = os.path.join(self.root, "tmp")
         self.boxes = os.path.join(self.root, "box")
@@ -124,13 +145,16 @@ class MailRoot:
         self._run = self.run_blocking = run_blocking
         self._clock = clock
         self.commit = GroupCommit(run_blocking)
+        self.lock_timeout = lock_timeout
+        self._mailboxes = {}  # mbox path -> DeferredLock, while in use
         self.enqueued = []  # callables(queue id): the queue runner wakes up
 
     def prepare(self):
         """Create the directories; a root we cannot write is a start-up error.
 
         Spool files left in ``tmp/`` by a crash were never acknowledged
-        (the client got no 250 and will send again), so they go.
+        (the client got no 250 and will send again), so they go, and so
+        does a partial message a crash left in a mailbox.
         """
         for d in (self.root, self.tmp, self.boxes, self.queue):
             os.makedirs(d, mode=0o700, exist_ok=True)
@@ -143,6 +167,16 @@ class MailRoot:
         with open(probe, "wb") as f:
             f.write(b"x")
         os.unlink(probe)
+        self._recover_mailboxes()
+
+    def _recover_mailboxes(self):
+        for user in sorted(os.listdir(self.boxes)):
+            notes = []
+            try:
+                mbox.recover(os.path.join(self.boxes, user, "mbox"), notes)
+            except OSError as e:
+                notes.append("cannot recover mailbox %s: %s" % (user, e))
+            _log_notes(None, notes)
 
     def open_spool(self):
         """A new spool file for a message being received: (path, file)."""
@@ -158,7 +192,7 @@ class MailRoot:
         ``envelope`` has ``local`` (user names) and ``remote`` (bang paths),
         ``sender``, ``peer`` and ``helo``.
         """
-        d = self._run(self._store, spool_path, envelope)
+        d = self._store(spool_path, envelope)
         d.addCallback(self.commit.sync)
         if envelope.remote:
             d.addCallback(self._wake, os.path.basename(spool_path))
@@ -192,13 +226,49 @@ class MailRoot:
             return path
         raise OSError("no free name in %s" % d)
 
+    @defer.inlineCallbacks
     def _store(self, spool_path, envelope):
+        deadline = self._clock.seconds() + self.lock_timeout
         paths = []
         for user in dict.fromkeys(u.lower() for u in envelope.local):
-            paths.extend(mbox.append(self.mailbox_path(user), spool_path))
+            paths.extend((yield self._append(self.mailbox_path(user), spool_path, deadline)))
         if envelope.remote:
-            paths.extend(self._enqueue(spool_path, envelope))
+            paths.extend((yield self._run(self._enqueue, spool_path, envelope)))
         return paths
+
+    def _append(self, path, spool_path, deadline):
+        """Append in turn with the other messages for this mailbox."""
+        lock = self._mailboxes.setdefault(path, defer.DeferredLock())
+        d = lock.run(self._try_append, path, spool_path, deadline, 1)
+
+        def done(result):
+            if not lock.locked and not lock.waiting:
+                self._mailboxes.pop(path, None)
+            return result
+
+        return d.addBoth(done)
+
+    def _try_append(self, path, spool_path, deadline, tries):
+        notes = []
+        d = self._run(mbox.append, path, spool_path, notes)
+        d.addBoth(_log_notes, notes)
+        if tries > 1:
+            # an earlier try may have made the mailbox and its directory: sync their entries
+            directory = os.path.dirname(path)
+            d.addCallback(lambda paths: paths + [directory, os.path.dirname(directory)])
+
+        def busy(failure):
+            failure.trap(mbox.Busy)
+            left = deadline - self._clock.seconds()
+            if left <= 0:
+                log.warn("{path}: locked by another program for {secs:.0f} s; not stored",
+                         path=path, secs=self.lock_timeout)
+                return failure
+            wait = min(doubling(tries, LOCK_RETRY, LOCK_RETRY_MAX), left)
+            return task.deferLater(self._clock, wait, self._try_append, path, spool_path,
+                                   deadline, tries + 1)
+
+        return d.addErrback(busy)
 
     def _enqueue(self, spool_path, envelope):
         qid = os.path.basename(spool_path)
