@@ -118,6 +118,10 @@ class Options(usage.Options):
                 config = smtpdconf.load(self["conf"])
             except smtpdconf.ConfigError as e:
                 raise SystemExit("upas-smtpd: %s" % e)
+        try:
+            service.refuse_proxy_listener(self["listen"])
+        except smtpdconf.ConfigError as e:
+            raise SystemExit("upas-smtpd: %s" % e)
         if self["key"] and not self["cert"]:
             raise usage.UsageError("--key needs -c")
         if self["smtps"] and not self["cert"]:
