@@ -27,10 +27,12 @@ passes the tarpit (``tarpit``: wait, too many errors, dial hard reject):
 
 connect    -k banned → no protocol at all (factory); trusted? ratify IP action
 HELO/EHLO* syntax → lie checks (untrusted; ``helo``) → -D wait → reply
-MAIL*      AUTH required (-a, -E) → HELO given → no open transaction (ours)
-           → filterstate (ratify) → -r sender domain → validateFrom
-RCPT*      HELO given → MAIL given (ours) → recipient limit (ours)
-           → validateaddress, names.blocked → senders → relay → validateTo
+MAIL*      path length (ours) → AUTH required (-a, -E) → HELO given → no open
+           transaction (ours) → filterstate (ratify) → -r sender domain
+           → validateFrom
+RCPT*      path length (ours) → HELO given → MAIL given (ours) → recipient
+           limit (ours) → validateaddress, names.blocked → senders → relay
+           → validateTo
 DATA*      MAIL → RCPT → (untrusted) null sender to many, validatesender
            → filterstate action (dial, deny, block, delay; nospamfiltering)
            → greylist (-g, untrusted) → mailer ready → 354
@@ -393,7 +395,14 @@ class UpasESMTP(smtp.ESMTP):
             ext.append("AUTH " + " ".join(mechanisms))
         return ext
 
+    def _pathTooLong(self, cmd):
+        settings = self.settings
+        return grammar.path_too_long(cmd.path, settings.max_path, settings.max_local_part,
+                                     settings.max_domain)
+
     def cmd_MAIL(self, cmd):
+        if self._pathTooLong(cmd):
+            return self.reply(reject(501, replies.SENDER_PATH_TOO_LONG))
         s = self.session
         if s.auth_required and not s.authenticated:
             return self.reply(reject(530, replies.AUTH_REQUIRED))
@@ -434,6 +443,8 @@ class UpasESMTP(smtp.ESMTP):
         return d.addCallbacks(accepted, lambda f: self.reply(self._failureReply(f, "validateFrom")))
 
     def cmd_RCPT(self, cmd):
+        if self._pathTooLong(cmd):
+            return self.reply(reject(501, replies.RECIPIENT_PATH_TOO_LONG))
         s = self.session
         if not s.him:
             return self.reply(reject(503, replies.HELO_FIRST_RCPT))

@@ -90,6 +90,10 @@ class Options(usage.Options):
         ["max-command-line", None, 4096, "longest command line (at least 512)", int],
         ["max-data-line", None, 65536, "longest line inside a message", int],
         ["max-recipients", None, 1000, "recipients per message (at least 100)", int],
+        ["max-path", None, 256, "longest MAIL/RCPT path in octets, brackets included "
+                                "(at least 256)", int],
+        ["max-local-part", None, 64, "longest local part of a path (at least 64)", int],
+        ["max-domain", None, 255, "longest domain of a path (at least 255)", int],
         ["max-connections", None, 20000, "connections at once, in all (also bounded by "
                                          "the open-file limit)", int],
         ["max-connections-per-peer", None, 50, "connections at once from one untrusted "
@@ -129,6 +133,11 @@ class Options(usage.Options):
         if self["max-command-line"] < 512 or self["max-recipients"] < 100:
             raise usage.UsageError("--max-command-line must be at least 512 and "
                                    "--max-recipients at least 100 (RFC 5321 4.5.3.1)")
+        if (self["max-path"] < 256 or self["max-local-part"] < 64
+                or self["max-domain"] < 255):
+            raise usage.UsageError("--max-path must be at least 256, --max-local-part at "
+                                   "least 64 and --max-domain at least 255 (RFC 5321 "
+                                   "4.5.3.1)")
         for name in ("message-size-limit", "max-data-line", "max-connections",
                      "max-connections-per-peer", "data-block-timeout"):
             if self[name] <= 0:
@@ -187,6 +196,9 @@ class Options(usage.Options):
             max_command_line=self["max-command-line"],
             max_data_line=self["max-data-line"],
             max_recipients=self["max-recipients"],
+            max_path=self["max-path"],
+            max_local_part=self["max-local-part"],
+            max_domain=self["max-domain"],
             max_connections=self["max-connections"],
             max_connections_per_peer=self["max-connections-per-peer"],
             shutdown_grace=self["shutdown-grace"],
