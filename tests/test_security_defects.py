@@ -58,6 +58,189 @@ class Case(unittest.TestCase):
         return d
 
 
+# -- item 6: malformed CRAM-MD5 responses -------------------------------------
+
+HEX = b"0123456789abcdef" * 2
+POORLY_FORMED = [
+    b"\0 ",  # "ACA=", the input hypothesis found: blank user, empty digest
+    b"alice ",  # empty digest
+    b" " + HEX,  # empty user
+    b"alice",  # no blank at all
+    b"alice " + HEX[:31],  # too short
+    b"alice " + HEX + b"0",  # too long
+    b"alice " + b"g" * 32,  # not hex
+    b"alice  " + HEX,  # two blanks
+    b"alice " + HEX + b" ",  # a blank after the digest
+    b"al ice " + HEX,  # a blank inside the user
+    b"alice\t" + HEX,  # a tab instead of the blank
+    b"al\0ice " + HEX,  # NUL in the user
+    b"alice " + HEX[:16] + b"\0" + HEX[17:],  # NUL in the digest
+    b"\xff\xfe " + HEX,  # a user that is not UTF-8
+    b"alice\r\n " + HEX,  # control characters
+]
+
+
+class CramTests(Case):
+    def challenge(self, d):
+        [line] = d.send("AUTH CRAM-MD5")
+        self.assertTrue(line.startswith("334 "), line)
+        return base64.b64decode(line[4:])
+
+    def test_poorly_formed_responses_get_501_and_count(self):
+        d = self.dialogue(auth_max_failures=100)
+        d.send("EHLO h.sender.net")
+        for n, blob in enumerate(POORLY_FORMED, 1):
+            self.challenge(d)
+            self.assertEqual(d.send(b64(blob)), [POOR_CRAM], blob)
+            self.assertEqual(d.proto.session.rejects, n, blob)
+            self.assertEqual(d.factory.throttle._records[self.peer].failures, n, blob)
+        self.assertEqual(d.send("NOOP"), NOOP_OK)
+        self.assertFalse(d.transport.disconnecting)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_the_reported_input(self):
+        d = self.dialogue()
+        d.send("EHLO h.sender.net", "AUTH CRAM-MD5")
+        self.assertEqual(d.send("ACA="), [POOR_CRAM])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_malformed_responses_spend_the_failure_budget(self):
+        d = self.dialogue(auth_max_failures=2)
+        d.send("EHLO h.sender.net", "AUTH CRAM-MD5")
+        self.assertEqual(d.send("ACA="), [POOR_CRAM])
+        d.send("AUTH CRAM-MD5")
+        self.assertEqual(d.send(b64(b"alice ")), [TOO_MANY])
+        self.assertTrue(d.transport.disconnecting)
+
+    def test_well_formed_responses_are_checked(self):
+        d = self.dialogue()
+        d.send("EHLO h.sender.net")
+        challenge = self.challenge(d)
+        digest = hmac.new(SECRET.encode(), challenge, hashlib.md5).hexdigest()
+        self.assertEqual(d.send(b64("bob " + digest)), [FAILED])  # a wrong user
+        challenge = self.challenge(d)
+        digest = hmac.new(SECRET.encode(), challenge, hashlib.md5).hexdigest()
+        # upper-case hex is the same digest
+        self.assertEqual(d.send(b64("alice " + digest.upper())),
+                         ["235 2.0.0 Authentication successful"])
+
+    def test_parse_cram(self):
+        for blob in POORLY_FORMED:
+            self.assertIsNone(auth.parse_cram(blob), blob)
+        self.assertEqual(auth.parse_cram(b"\xc3\xa9 " + HEX.upper()), b"\xc3\xa9 " + HEX)
+
+
+# -- item 7: the failure budget per address -----------------------------------
+
+
+class Connection:
+    """Another connection from ``peer`` to the Dialogue's factory."""
+
+    def __init__(self, d, peer, port):
+        self.proto = d.factory.buildProtocol(testing.address(peer, port))
+        self.transport = testing.FakeTLSTransport(
+            peerAddress=testing.address(peer, port), hostAddress=testing.address("127.0.0.1", 25))
+        self.proto.makeConnection(self.transport)
+        self.take()
+
+    def take(self):
+        out = self.transport.value().decode()
+        self.transport.clear()
+        return out.splitlines()
+
+    def send(self, *lines):
+        self.proto.dataReceived(b"".join(line.encode() + b"\r\n" for line in lines))
+        return self.take()
+
+    def close(self):
+        if not self.transport.disconnecting:
+            self.proto.connectionLost(None)
+        self.proto.setTimeout(None)
+
+
+class BudgetTests(Case):
+    def connections(self, d, n, peer=None):
+        conns = [Connection(d, peer or self.peer, 5000 + i) for i in range(n)]
+        for c in conns:
+            self.addCleanup(c.close)
+            c.send("EHLO h.sender.net")
+        return conns
+
+    def test_parallel_connections_are_answered_one_after_another(self):
+        d = self.dialogue(clear_passwords=True, auth_fail_delay=1.0, auth_max_failures=3)
+        c1, c2, c3, c4 = self.connections(d, 4)
+        for c in (c1, c2, c3):
+            self.assertEqual(c.send("AUTH PLAIN " + plain("guess")), [])
+        # the budget (3) is taken by the checks under way: the fourth is not
+        # checked at all, even with the right password
+        self.assertEqual(c4.send("AUTH PLAIN " + plain()), [TOO_MANY])
+        self.assertTrue(c4.transport.disconnecting)
+        answers = []
+        for t in range(8):
+            answers.append([c.take() for c in (c1, c2, c3)])
+            d.clock.advance(1)
+        # the n-th failure waits 2^(n-1) s after the previous one was answered
+        self.assertEqual(answers, [
+            [[], [], []],
+            [[FAILED], [], []],  # t=1
+            [[], [], []],
+            [[], [FAILED], []],  # t=3
+            [[], [], []], [[], [], []], [[], [], []],
+            [[], [], [TOO_MANY]],  # t=7
+        ])
+        self.assertFalse(c1.transport.disconnecting)
+        self.assertTrue(c3.transport.disconnecting)
+        # spent for every connection of the address, until it is forgotten
+        self.assertEqual(c1.send("AUTH PLAIN " + plain()), [TOO_MANY])
+        [c5] = self.connections(d, 1)
+        self.assertEqual(c5.send("AUTH PLAIN " + plain()), [TOO_MANY])
+        # another address is not affected
+        [other] = self.connections(d, 1, peer="127.0.0.3")
+        self.assertEqual(other.send("AUTH PLAIN " + plain()),
+                         ["235 2.0.0 Authentication successful"])
+        d.clock.advance(900)
+        [c6] = self.connections(d, 1)
+        self.assertEqual(c6.send("AUTH PLAIN " + plain()),
+                         ["235 2.0.0 Authentication successful"])
+
+    def test_hang_up_counts_per_address(self):
+        d = self.dialogue(clear_passwords=True, auth_max_failures=3)
+        c1, c2 = self.connections(d, 2)
+        self.assertEqual(c1.send("AUTH PLAIN " + plain("one")), [FAILED])
+        self.assertEqual(c1.send("AUTH PLAIN " + plain("two")), [FAILED])
+        self.assertEqual(c1.send("QUIT"), ["221 2.0.0 Successful termination"])
+        self.assertEqual(c2.send("AUTH PLAIN " + plain("three")), [TOO_MANY])
+        self.assertTrue(c2.transport.disconnecting)
+
+    def test_a_temporary_failure_gives_the_attempt_back(self):
+        d = self.dialogue(clear_passwords=True, auth_max_failures=1,
+                          checker=FlakyChecker())
+        [c] = self.connections(d, 1)
+        self.assertEqual(c.send("AUTH PLAIN " + plain()),
+                         ["454 4.7.0 Temporary authentication failure"])
+        self.assertEqual(c.send("AUTH PLAIN " + plain()),
+                         ["235 2.0.0 Authentication successful"])
+        self.flushLoggedErrors()
+
+
+@implementer(checkers.ICredentialsChecker)
+class FlakyChecker:
+    """Cannot check the first time, then accepts alice's password."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self):
+        self.calls = 0
+
+    def requestAvatarId(self, creds):
+        self.calls += 1
+        if self.calls == 1:
+            return defer.fail(RuntimeError("the password database is down"))
+        if creds.checkPassword(SECRET.encode()):
+            return defer.succeed(creds.username)
+        return defer.fail(error.UnauthorizedLogin())
+
+
 # -- item 8: over-long paths ----------------------------------------------------
 
 

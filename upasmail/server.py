@@ -38,8 +38,10 @@ DATA*      MAIL → RCPT → (untrusted) null sender to many, validatesender
            → greylist (-g, untrusted) → mailer ready → 354
 AUTH*      checker present → not yet authenticated → HELO given → no open
            transaction (ours) → encryption for PLAIN/LOGIN → mechanism
-           offered → exchange → portal; a failure waits (throttle), the
-           --auth-max-failures'th closes the connection
+           offered → exchange → the address's failure budget (throttle)
+           → portal; failures (malformed responses too) are answered one
+           after another per address, the --auth-max-failures'th from the
+           address closes the connection
 STARTTLS   -c given → not yet encrypted → 220, then TLS
 """
 
@@ -77,7 +79,7 @@ class UpasESMTP(smtp.ESMTP):
         smtp.ESMTP.__init__(self, {}, contextFactory)
         self.settings = settings
         self.spam = spamfilter
-        self.throttle = throttle or auth.Throttle(clock, settings.auth_fail_delay)
+        self.throttle = throttle or auth.Throttle.configured(clock, settings)
         self.makeDelivery = makeDelivery
         self.clock = clock
         self.callLater = clock.callLater  # TimeoutMixin schedules with this
@@ -94,7 +96,6 @@ class UpasESMTP(smtp.ESMTP):
         self._phaseTimer = None
         self._lost = False
         self._exchange = None  # the AUTH exchange under way
-        self._authFailures = 0
         self._dropPlaintext = False
         self._handshakeDone = False
         self._closing = False  # the server is shutting down
@@ -681,7 +682,6 @@ class UpasESMTP(smtp.ESMTP):
         s.encrypted = True
         s.forget_client(self.settings.require_auth)
         self._helo = (None, s.rsys)
-        self._authFailures = 0
 
     # -- AUTH ------------------------------------------------------------
 
@@ -727,17 +727,28 @@ class UpasESMTP(smtp.ESMTP):
             return self.sendReply(334, step.text)
         self.mode = COMMAND
         exchange, self._exchange = self._exchange, None
-        if not step.ok:
+        if not (step.ok or auth.is_failure(step)):
             return self.reply(step)
+        s = self.session
+        if not self.throttle.begin(s.rsys):
+            # the address has spent its failures: nothing more is checked
+            log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys)
+            return self.reply(self._tooManyFailures())
+        if not step.ok:
+            return self._authFailure(step, "(malformed response)", exchange.mech)
         creds = step.value
         user = auth.printable_user(creds.username)
         d = self.portal.login(creds, None, smtp.IMessageDelivery)
         return d.addCallbacks(self._authenticated, self._authFailed,
                               callbackArgs=(user,), errbackArgs=(user, exchange.mech))
 
+    def _tooManyFailures(self):
+        return reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True)
+
     def _authenticated(self, result, user):
         _, avatar, logout = result
         s = self.session
+        self.throttle.succeeded(s.rsys)
         if self._lost:
             logout()
             return None
@@ -746,24 +757,31 @@ class UpasESMTP(smtp.ESMTP):
         self._onLogout = logout
         s.authenticated = True
         s.user = user
-        self.throttle.succeeded(s.rsys)
         log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys)
         self.sendReply(235, auth.OK)
 
     def _authFailed(self, failure, user, mech):
         s = self.session
         if not failure.check(error.LoginFailed):
+            self.throttle.abandoned(s.rsys)
             log.error("temporary authentication failure for {user} from {rsys}: {err}",
                       user=user, rsys=s.rsys, err=failure.getErrorMessage())
             return self.reply(reject(454, auth.TEMPORARY))
-        self._authFailures += 1
-        wait = self.throttle.failed(s.rsys)
+        return self._authFailure(reject(535, auth.FAILED), user, mech)
+
+    def _authFailure(self, verdict, user, mech):
+        """Answer a failed attempt once the address's turn comes (``auth.Throttle``)."""
+        s = self.session
+        wait, n = self.throttle.failed(s.rsys)
         log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
-                 user=user, rsys=s.rsys, mech=mech, n=self._authFailures)
-        verdict = reject(535, auth.FAILED)
-        if self._authFailures >= self.settings.auth_max_failures:
-            verdict = reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True)
-        return self._after(wait, self.reply, verdict)
+                 user=user, rsys=s.rsys, mech=mech, n=n)
+        if n >= self.throttle.limit:
+            verdict = self._tooManyFailures()
+        return self._after(wait, self._answerFailure, verdict)
+
+    def _answerFailure(self, verdict):
+        if not self._lost:
+            self.reply(verdict)
 
 
 class _Busy(protocol.Protocol):
@@ -796,8 +814,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         self.clock = clock
         self.contextFactory = contextFactory
         self.domain = settings.dom
-        # failures per peer IP outlive one connection
-        self.throttle = auth.Throttle(clock, settings.auth_fail_delay)
+        # one failure budget per client address, shared by its connections
+        self.throttle = auth.Throttle.configured(clock, settings)
         self.connections = set()
         self.perPeer = Counter()
         self.fdCap = None  # what the open-file limit allows; set at start-up
