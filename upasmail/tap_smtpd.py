@@ -75,9 +75,11 @@ class Options(usage.Options):
         ["mailer-timeout", None, 600.0, "seconds a -m mailer may run", float],
         ["validator-timeout", None, 60.0, "seconds a validator hook may run", float],
         ["dns-timeout", None, 20.0, "seconds a DNS check may take", float],
-        ["auth-fail-delay", None, 1.0, "seconds the first failed AUTH waits, doubling "
-                                       "per recent failure of the peer (at most 30)", float],
-        ["auth-max-failures", None, 3, "failed AUTHs before the connection is closed", int],
+        ["auth-fail-delay", None, 1.0, "seconds a failed AUTH waits after the client "
+                                       "address's previous one, doubling per recent "
+                                       "failure (at most 30)", float],
+        ["auth-max-failures", None, 3, "failed AUTHs from one client address, over all "
+                                       "its connections, before it is cut off", int],
         ["idle-timeout", None, 300.0, "seconds a client may stay silent", float],
         ["session-timeout", None, 2700.0, "seconds from connect until DATA must have "
                                           "started (upas: 45 min)", float],
