@@ -231,7 +231,7 @@ class MechanismTests(Case):
         self.assertEqual(d.send("AUTH PLAIN " + plain()), ["503 5.5.2 Bad sequence of commands"])
 
     def test_cancel_empty_and_malformed_each_have_their_reply(self):
-        d = self.dialogue(clear_passwords=True)
+        d = self.dialogue(clear_passwords=True, auth_max_failures=10)
         d.send("EHLO h.sender.net")
         d.send("AUTH LOGIN")
         self.assertEqual(d.send("*"), ["501 5.7.0 Authentication cancelled"])
@@ -447,14 +447,12 @@ class BruteForceTests(Case):
 
     def test_delay_follows_the_peer_across_connections(self):
         s = testing.make_settings("", root=self.root, clear_passwords=True,
-                                  auth_fail_delay=1.0, auth_max_failures=2)
+                                  auth_fail_delay=1.0, auth_max_failures=3)
         d = testing.Dialogue(s, peer=self.peer, resolver=testing.FakeResolver(ZONE))
         d.send("EHLO h.sender.net")
         self.failing(d)
         d.clock.advance(1)
-        self.failing(d)
-        d.clock.advance(2)
-        self.assertTrue(d.transport.disconnecting)
+        self.assertEqual(d.send("QUIT")[-1], "221 2.0.0 Successful termination")
         again = d.factory.buildProtocol(testing.address(self.peer, 4322))
         t = testing.FakeTLSTransport(peerAddress=testing.address(self.peer, 4322),
                                      hostAddress=testing.address("127.0.0.1", 25))
@@ -462,14 +460,15 @@ class BruteForceTests(Case):
         again.dataReceived(b"EHLO h.sender.net\r\nAUTH PLAIN " + plain(password="x").encode()
                            + b"\r\n")
         t.clear()
-        d.clock.advance(3.99)
+        d.clock.advance(1.99)
         self.assertEqual(t.value(), b"")
         d.clock.advance(0.01)
         self.assertEqual(t.value(), b"535 5.7.1 Authentication failed\r\n")
         # a success clears the record
         again.dataReceived(b"AUTH PLAIN " + plain().encode() + b"\r\n")
         self.assertEqual(t.value().splitlines()[-1], b"235 2.0.0 Authentication successful")
-        self.assertEqual(d.factory.throttle.failed(self.peer), 1.0)
+        self.assertTrue(d.factory.throttle.begin(self.peer))
+        self.assertEqual(d.factory.throttle.failed(self.peer), (1.0, 1))
         again.connectionLost(None)
         again.setTimeout(None)
         d.close()
@@ -624,15 +623,26 @@ class PureTests(unittest.TestCase):
     def test_throttle(self):
         from twisted.internet import task
         clock = task.Clock()
-        t = auth.Throttle(clock, unit=1.0, cap=30.0, memory=900.0, size=3)
-        self.assertEqual([t.failed("a") for _ in range(7)], [1, 2, 4, 8, 16, 30, 30])
+        t = auth.Throttle(clock, unit=1.0, cap=30.0, limit=100, memory=900.0, size=3)
+        waits = []
+        for _ in range(7):
+            self.assertTrue(t.begin("a"))
+            wait, _ = t.failed("a")
+            waits.append(wait)
+            clock.advance(wait)
+        self.assertEqual(waits, [1, 2, 4, 8, 16, 30, 30])
         clock.advance(900)
-        self.assertEqual(t.failed("a"), 1)
+        t.begin("a")
+        self.assertEqual(t.failed("a"), (1, 1))
         for ip in "bcdef":
+            t.begin(ip)
             t.failed(ip)
-        self.assertLessEqual(len(t._failures), 3)
+        self.assertLessEqual(len(t._records), 3)
+        t.begin("f")
         t.succeeded("f")
-        self.assertEqual(t.failed("f"), 1)
+        clock.advance(1)  # f's failure has been answered
+        t.begin("f")
+        self.assertEqual(t.failed("f"), (1, 1))
 
     def test_printable_user(self):
         self.assertEqual(auth.printable_user(b"al(ice)\r\n\xff"), "al?ice????")

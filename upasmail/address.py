@@ -124,7 +124,7 @@ def _local_part(text):
     return value
 
 
-def _split_at(mailbox):
+def split_at(mailbox):
     """Split local@domain at the last @ outside a quoted local part."""
     if mailbox.startswith('"'):
         i = 1
@@ -149,7 +149,7 @@ def _split_at(mailbox):
 
 def parse_mailbox(text):
     """``local`` or ``local@domain`` -> bang form ``domain!local``."""
-    local, domain = _split_at(text)
+    local, domain = split_at(text)
     local = _local_part(local)
     if domain is None:
         return local

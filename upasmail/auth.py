@@ -16,13 +16,18 @@ valid, ``*`` cancels, ``=`` is an empty initial response (RFC 4954), a
 PLAIN blob needs exactly two NULs and an empty authorization identity (or
 the user's own), and CRAM-MD5 takes no initial response.
 
-``Throttle`` remembers recent failures per peer IP (across connections):
-each failure's reply waits ``unit·2^(n-1)`` seconds, at most ``cap``; the
-protocol closes the connection after ``max_failures`` failures in it.
+``Throttle`` keeps the failure budget of each client address across its
+connections: failures are answered one after another, each waiting
+``unit·2^(n-1)`` seconds (at most ``cap``) after the previous one; the
+``limit``'th closes its connection and later attempts are refused
+unchecked until the address is forgotten.  A response that is not well
+formed (bad base64, a poorly formed PLAIN or CRAM-MD5 response, a foreign
+PLAIN authorization identity) is a failure too (``is_failure``).
 """
 
 import base64
 import binascii
+import re
 import secrets
 
 from twisted.cred import credentials, portal
@@ -54,6 +59,16 @@ NO_INITIAL = "5.5.2 CRAM-MD5 takes no initial response"
 IN_TRANSACTION = "5.5.1 AUTH not permitted during a mail transaction"
 TOO_MANY = "4.7.0 {dom} Too many failed authentication attempts; closing connection"
 NOT_OFFERED = "5.5.1 Error: AUTH not available on this server"
+
+
+# refusals of a response that count as failed attempts: a client that
+# cannot form its response is treated as one that guessed wrong
+_FAILURES = frozenset([CANNOT_DECODE, POOR_PLAIN, POOR_CRAM, NOT_AUTHORIZED])
+
+
+def is_failure(verdict):
+    """Does this refusal of an exchange count against the address's AUTH budget?"""
+    return not verdict.ok and verdict.text() in _FAILURES
 
 
 def offered(encrypted, clear_ok, cram_ok):
@@ -129,6 +144,32 @@ def parse_plain(blob):
     return Accept(credentials.UsernamePassword(user, password))
 
 
+_CRAM_DIGEST = re.compile(rb"[0-9A-Fa-f]{32}\Z")
+
+
+def parse_cram(blob):
+    """``user SP digest`` (RFC 2195) → the same, digest lowercased; None if poorly formed.
+
+    Only this shape may reach ``CramMD5Credentials.setResponse``, which
+    splits at any blank and raises on anything with fewer than two words.
+    The user must be printable UTF-8 without blanks (no user name could
+    match otherwise, and a blank would move the split), and the digest
+    exactly 32 hex digits (an HMAC-MD5); any case is taken, as the check
+    compares lowercase hex.  Everything else is poorly formed, not a wrong
+    password.
+    """
+    user, space, digest = blob.partition(b" ")
+    if not space or not _CRAM_DIGEST.match(digest):
+        return None
+    try:
+        name = user.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not name or not name.isprintable() or " " in name:
+        return None
+    return user + b" " + digest.lower()
+
+
 class Exchange:
     """One AUTH exchange for ``mech`` (already checked by ``start_verdict``)."""
 
@@ -167,10 +208,10 @@ class Exchange:
                 self.user = blob
                 return Prompt(PASSWORD_PROMPT)
             return Accept(credentials.UsernamePassword(self.user, blob))
-        user, space, digest = blob.rpartition(b" ")
-        if not space or not user:
+        response = parse_cram(blob)
+        if response is None:
             return reject(501, POOR_CRAM)
-        self.cram.setResponse(user + b" " + digest)
+        self.cram.setResponse(response)
         return Accept(self.cram)
 
 
@@ -181,35 +222,86 @@ def printable_user(name, limit=64):
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-class Throttle:
-    """Recent AUTH failures per peer IP, forgotten ``memory`` seconds after the last."""
+class _Record:
+    """One address: failures remembered, checks under way, when the last reply goes out."""
 
-    def __init__(self, clock, unit=1.0, cap=30.0, memory=900.0, size=10000):
+    __slots__ = ("failures", "pending", "answered")
+
+    def __init__(self, now):
+        self.failures = 0
+        self.pending = 0
+        self.answered = now
+
+
+class Throttle:
+    """AUTH failures per client address, across all of its connections.
+
+    An address may have ``limit`` failures (checks under way count too,
+    so parallel connections cannot start more); then ``begin`` refuses
+    until the record is forgotten, ``memory`` seconds after the last
+    failure was answered, or a login from the address succeeds.  Failures
+    are answered one after another: the n-th goes out ``unit``·2^(n-1)
+    seconds (at most ``cap``) after the previous one from the address,
+    whichever connection either came on, so opening more connections
+    buys no faster answers.
+    """
+
+    def __init__(self, clock, unit=1.0, cap=30.0, limit=3, memory=900.0, size=10000):
         self.clock = clock
         self.unit = unit
         self.cap = cap
+        self.limit = limit
         self.memory = memory
         self.size = size
-        self._failures = {}  # ip -> (count, time of the last)
+        self._records = {}  # ip -> _Record
 
-    def _count(self, ip, now):
-        count, last = self._failures.get(ip, (0, now))
-        return count if now - last < self.memory else 0
+    @classmethod
+    def configured(cls, clock, settings):
+        return cls(clock, settings.auth_fail_delay, limit=settings.auth_max_failures)
+
+    def _record(self, ip):
+        now = self.clock.seconds()
+        r = self._records.get(ip)
+        if r is not None and not r.pending and now - r.answered >= self.memory:
+            r = None  # forgiven
+        if r is None:
+            if len(self._records) >= self.size:
+                self._forget_some(now)
+            r = self._records[ip] = _Record(now)
+        return r
+
+    def _forget_some(self, now):
+        self._records = {k: r for k, r in self._records.items()
+                         if r.pending or now - r.answered < self.memory}
+        if len(self._records) >= self.size:  # still full: forget the oldest
+            del self._records[min(self._records, key=lambda k: self._records[k].answered)]
+
+    def begin(self, ip):
+        """May a check for ``ip`` start?  If so it is counted until it ends."""
+        r = self._record(ip)
+        if r.failures + r.pending >= self.limit:
+            return False
+        r.pending += 1
+        return True
 
     def failed(self, ip):
-        """Record a failure; the seconds its reply should wait."""
+        """The check failed: (seconds its reply must wait, failures of ``ip`` so far)."""
+        r = self._record(ip)
+        r.pending = max(r.pending - 1, 0)
+        r.failures += 1
         now = self.clock.seconds()
-        count = self._count(ip, now) + 1
-        if len(self._failures) >= self.size and ip not in self._failures:
-            self._failures = {k: v for k, v in self._failures.items()
-                              if now - v[1] < self.memory}
-            if len(self._failures) >= self.size:  # still full: forget the oldest
-                del self._failures[min(self._failures, key=lambda k: self._failures[k][1])]
-        self._failures[ip] = (count, now)
-        return doubling(count, self.unit, self.cap)
+        r.answered = max(now, r.answered) + doubling(r.failures, self.unit, self.cap)
+        return r.answered - now, r.failures
 
     def succeeded(self, ip):
-        self._failures.pop(ip, None)
+        r = self._record(ip)
+        r.pending = max(r.pending - 1, 0)
+        r.failures = 0
+
+    def abandoned(self, ip):
+        """The check could not be made (a temporary error): it does not count."""
+        r = self._record(ip)
+        r.pending = max(r.pending - 1, 0)
 
 
 @implementer(portal.IRealm)

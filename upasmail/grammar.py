@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from .address import AddressError, parse_domain, parse_path
+from .address import AddressError, parse_domain, parse_path, split_at
 
 _WS = re.compile(r"[ \t\r]+")
 _STRING = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?\[\]^_`{|}~\"\\]+\Z")
@@ -65,6 +65,32 @@ class Command:
     extra: Optional[str] = None  # AUTH initial response
     params: Dict[str, str] = field(default_factory=dict)
     utf8: bool = False  # the path has characters beyond ASCII
+    path: Optional[str] = None  # MAIL/RCPT: the path as sent, brackets included
+
+
+def _octets(text):
+    return len(text.encode("utf-8"))
+
+
+def path_too_long(path, max_path, max_local_part, max_domain):
+    """Is a path as sent (``<...>``) over the RFC 5321 §4.5.3.1 limits?
+
+    Counted in octets on the text the client sent, before any rewriting
+    to bang form: the whole path with its brackets and source route, the
+    local part (quotes and backslashes included; a bang path without
+    ``@`` is all local part) and every domain, those of a source route too.
+    """
+    if _octets(path) > max_path:
+        return True
+    inner = path[1:-1]
+    domains = []
+    if inner.startswith("@"):
+        route, _, inner = inner.partition(":")
+        domains = [hop[1:] for hop in route.split(",")]
+    local, domain = split_at(inner)
+    if domain is not None:
+        domains.append(domain)
+    return _octets(local) > max_local_part or any(_octets(d) > max_domain for d in domains)
 
 
 def _split_path(rest):
@@ -110,7 +136,7 @@ def _path_command(verb, rest, keyword, allowed):
             raise ParameterError(501, "5.5.4 Parameter given twice: " + name)
         _check_param(name, value if eq else None)
         params[name] = value if eq else None
-    return Command(verb, bang, params=params, utf8=not path.isascii())
+    return Command(verb, bang, params=params, utf8=not path.isascii(), path=path)
 
 
 def parse(line):

@@ -27,17 +27,21 @@ passes the tarpit (``tarpit``: wait, too many errors, dial hard reject):
 
 connect    -k banned → no protocol at all (factory); trusted? ratify IP action
 HELO/EHLO* syntax → lie checks (untrusted; ``helo``) → -D wait → reply
-MAIL*      AUTH required (-a, -E) → HELO given → no open transaction (ours)
-           → filterstate (ratify) → -r sender domain → validateFrom
-RCPT*      HELO given → MAIL given (ours) → recipient limit (ours)
-           → validateaddress, names.blocked → senders → relay → validateTo
+MAIL*      path length (ours) → AUTH required (-a, -E) → HELO given → no open
+           transaction (ours) → filterstate (ratify) → -r sender domain
+           → validateFrom
+RCPT*      path length (ours) → HELO given → MAIL given (ours) → recipient
+           limit (ours) → validateaddress, names.blocked → senders → relay
+           → validateTo
 DATA*      MAIL → RCPT → (untrusted) null sender to many, validatesender
            → filterstate action (dial, deny, block, delay; nospamfiltering)
            → greylist (-g, untrusted) → mailer ready → 354
 AUTH*      checker present → not yet authenticated → HELO given → no open
            transaction (ours) → encryption for PLAIN/LOGIN → mechanism
-           offered → exchange → portal; a failure waits (throttle), the
-           --auth-max-failures'th closes the connection
+           offered → exchange → the address's failure budget (throttle)
+           → portal; failures (malformed responses too) are answered one
+           after another per address, the --auth-max-failures'th from the
+           address closes the connection
 STARTTLS   -c given → not yet encrypted → 220, then TLS
 """
 
@@ -75,7 +79,7 @@ class UpasESMTP(smtp.ESMTP):
         smtp.ESMTP.__init__(self, {}, contextFactory)
         self.settings = settings
         self.spam = spamfilter
-        self.throttle = throttle or auth.Throttle(clock, settings.auth_fail_delay)
+        self.throttle = throttle or auth.Throttle.configured(clock, settings)
         self.makeDelivery = makeDelivery
         self.clock = clock
         self.callLater = clock.callLater  # TimeoutMixin schedules with this
@@ -92,7 +96,6 @@ class UpasESMTP(smtp.ESMTP):
         self._phaseTimer = None
         self._lost = False
         self._exchange = None  # the AUTH exchange under way
-        self._authFailures = 0
         self._dropPlaintext = False
         self._handshakeDone = False
         self._closing = False  # the server is shutting down
@@ -393,7 +396,14 @@ class UpasESMTP(smtp.ESMTP):
             ext.append("AUTH " + " ".join(mechanisms))
         return ext
 
+    def _pathTooLong(self, cmd):
+        settings = self.settings
+        return grammar.path_too_long(cmd.path, settings.max_path, settings.max_local_part,
+                                     settings.max_domain)
+
     def cmd_MAIL(self, cmd):
+        if self._pathTooLong(cmd):
+            return self.reply(reject(501, replies.SENDER_PATH_TOO_LONG))
         s = self.session
         if s.auth_required and not s.authenticated:
             return self.reply(reject(530, replies.AUTH_REQUIRED))
@@ -434,6 +444,8 @@ class UpasESMTP(smtp.ESMTP):
         return d.addCallbacks(accepted, lambda f: self.reply(self._failureReply(f, "validateFrom")))
 
     def cmd_RCPT(self, cmd):
+        if self._pathTooLong(cmd):
+            return self.reply(reject(501, replies.RECIPIENT_PATH_TOO_LONG))
         s = self.session
         if not s.him:
             return self.reply(reject(503, replies.HELO_FIRST_RCPT))
@@ -670,7 +682,6 @@ class UpasESMTP(smtp.ESMTP):
         s.encrypted = True
         s.forget_client(self.settings.require_auth)
         self._helo = (None, s.rsys)
-        self._authFailures = 0
 
     # -- AUTH ------------------------------------------------------------
 
@@ -716,17 +727,28 @@ class UpasESMTP(smtp.ESMTP):
             return self.sendReply(334, step.text)
         self.mode = COMMAND
         exchange, self._exchange = self._exchange, None
-        if not step.ok:
+        if not (step.ok or auth.is_failure(step)):
             return self.reply(step)
+        s = self.session
+        if not self.throttle.begin(s.rsys):
+            # the address has spent its failures: nothing more is checked
+            log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys)
+            return self.reply(self._tooManyFailures())
+        if not step.ok:
+            return self._authFailure(step, "(malformed response)", exchange.mech)
         creds = step.value
         user = auth.printable_user(creds.username)
         d = self.portal.login(creds, None, smtp.IMessageDelivery)
         return d.addCallbacks(self._authenticated, self._authFailed,
                               callbackArgs=(user,), errbackArgs=(user, exchange.mech))
 
+    def _tooManyFailures(self):
+        return reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True)
+
     def _authenticated(self, result, user):
         _, avatar, logout = result
         s = self.session
+        self.throttle.succeeded(s.rsys)
         if self._lost:
             logout()
             return None
@@ -735,24 +757,31 @@ class UpasESMTP(smtp.ESMTP):
         self._onLogout = logout
         s.authenticated = True
         s.user = user
-        self.throttle.succeeded(s.rsys)
         log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys)
         self.sendReply(235, auth.OK)
 
     def _authFailed(self, failure, user, mech):
         s = self.session
         if not failure.check(error.LoginFailed):
+            self.throttle.abandoned(s.rsys)
             log.error("temporary authentication failure for {user} from {rsys}: {err}",
                       user=user, rsys=s.rsys, err=failure.getErrorMessage())
             return self.reply(reject(454, auth.TEMPORARY))
-        self._authFailures += 1
-        wait = self.throttle.failed(s.rsys)
+        return self._authFailure(reject(535, auth.FAILED), user, mech)
+
+    def _authFailure(self, verdict, user, mech):
+        """Answer a failed attempt once the address's turn comes (``auth.Throttle``)."""
+        s = self.session
+        wait, n = self.throttle.failed(s.rsys)
         log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
-                 user=user, rsys=s.rsys, mech=mech, n=self._authFailures)
-        verdict = reject(535, auth.FAILED)
-        if self._authFailures >= self.settings.auth_max_failures:
-            verdict = reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True)
-        return self._after(wait, self.reply, verdict)
+                 user=user, rsys=s.rsys, mech=mech, n=n)
+        if n >= self.throttle.limit:
+            verdict = self._tooManyFailures()
+        return self._after(wait, self._answerFailure, verdict)
+
+    def _answerFailure(self, verdict):
+        if not self._lost:
+            self.reply(verdict)
 
 
 class _Busy(protocol.Protocol):
@@ -785,8 +814,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         self.clock = clock
         self.contextFactory = contextFactory
         self.domain = settings.dom
-        # failures per peer IP outlive one connection
-        self.throttle = auth.Throttle(clock, settings.auth_fail_delay)
+        # one failure budget per client address, shared by its connections
+        self.throttle = auth.Throttle.configured(clock, settings)
         self.connections = set()
         self.perPeer = Counter()
         self.fdCap = None  # what the open-file limit allows; set at start-up

@@ -15,8 +15,6 @@ AUTH: pass a ``twisted.cred`` ``checker`` (or a whole ``portal``) or get
 server ``contextFactory`` or set ``settings.cert`` (``tls.CertificateFile``).
 """
 
-import re
-
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints, protocol, threads
@@ -184,16 +182,43 @@ class SmtpdService(service.MultiService):
 
 def listens_on_loopback_only(description):
     """Does an endpoint string bind only to a loopback interface?"""
-    m = re.search(r"(?:^|:)interface=([^:]+)", description.replace("\\:", "\0"))
-    if not m:
+    ifaces = [p[len("interface="):] for p in _endpoint_parts(description)
+              if p.startswith("interface=")]
+    if not ifaces:
         return description.startswith("unix:")
-    iface = m.group(1).replace("\0", ":")
-    return iface in ("localhost", "::1") or iface.startswith("127.")
+    return ifaces[0] in ("localhost", "::1") or ifaces[0].startswith("127.")
+
+
+def _endpoint_parts(description):
+    """The ``:``-separated parts of an endpoint string (``\\:`` escapes a colon)."""
+    return [p.replace("\0", ":") for p in description.replace("\\:", "\0").split(":")]
+
+
+def refuse_proxy_listener(description):
+    """ConfigError for a PROXY-protocol (``haproxy:``) endpoint, nested ones too.
+
+    Behind it every client has the load balancer's address: loopback is
+    trusted by default, so anyone could relay, and ``-k`` bans, per-peer
+    limits and the AUTH budget would all hit the balancer.  Until PROXY
+    support takes the real address into account, such a listener is
+    refused.  A ``haproxy`` part counts when it wraps another endpoint
+    (another part follows that is not ``key=value``), in any letter case.
+    """
+    parts = _endpoint_parts(description)
+    for part, after in zip(parts, parts[1:]):
+        if part.strip().lower() == "haproxy" and "=" not in after:
+            raise ConfigError("--listen %s: PROXY protocol (haproxy:) listeners are not "
+                              "supported: every client would have the load balancer's "
+                              "address" % description)
 
 
 def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
     """The listener plus, unless ``settings.queue_runner`` is off, the queue
-    runner (``top.queue``) on the same mail root, resolver and clock."""
+    runner (``top.queue``) on the same mail root, resolver and clock.
+
+    A ``haproxy:`` listener raises ConfigError (``refuse_proxy_listener``).
+    """
+    refuse_proxy_listener(listen)
     reactor = _reactor(reactor)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
     factory = makeSmtpdFactory(settings, reactor, **kw)

@@ -75,9 +75,11 @@ class Options(usage.Options):
         ["mailer-timeout", None, 600.0, "seconds a -m mailer may run", float],
         ["validator-timeout", None, 60.0, "seconds a validator hook may run", float],
         ["dns-timeout", None, 20.0, "seconds a DNS check may take", float],
-        ["auth-fail-delay", None, 1.0, "seconds the first failed AUTH waits, doubling "
-                                       "per recent failure of the peer (at most 30)", float],
-        ["auth-max-failures", None, 3, "failed AUTHs before the connection is closed", int],
+        ["auth-fail-delay", None, 1.0, "seconds a failed AUTH waits after the client "
+                                       "address's previous one, doubling per recent "
+                                       "failure (at most 30)", float],
+        ["auth-max-failures", None, 3, "failed AUTHs from one client address, over all "
+                                       "its connections, before it is cut off", int],
         ["idle-timeout", None, 300.0, "seconds a client may stay silent", float],
         ["session-timeout", None, 2700.0, "seconds from connect until DATA must have "
                                           "started (upas: 45 min)", float],
@@ -90,6 +92,10 @@ class Options(usage.Options):
         ["max-command-line", None, 4096, "longest command line (at least 512)", int],
         ["max-data-line", None, 65536, "longest line inside a message", int],
         ["max-recipients", None, 1000, "recipients per message (at least 100)", int],
+        ["max-path", None, 256, "longest MAIL/RCPT path in octets, brackets included "
+                                "(at least 256)", int],
+        ["max-local-part", None, 64, "longest local part of a path (at least 64)", int],
+        ["max-domain", None, 255, "longest domain of a path (at least 255)", int],
         ["max-connections", None, 20000, "connections at once, in all (also bounded by "
                                          "the open-file limit)", int],
         ["max-connections-per-peer", None, 50, "connections at once from one untrusted "
@@ -118,6 +124,10 @@ class Options(usage.Options):
                 config = smtpdconf.load(self["conf"])
             except smtpdconf.ConfigError as e:
                 raise SystemExit("upas-smtpd: %s" % e)
+        try:
+            service.refuse_proxy_listener(self["listen"])
+        except smtpdconf.ConfigError as e:
+            raise SystemExit("upas-smtpd: %s" % e)
         if self["key"] and not self["cert"]:
             raise usage.UsageError("--key needs -c")
         if self["smtps"] and not self["cert"]:
@@ -125,6 +135,11 @@ class Options(usage.Options):
         if self["max-command-line"] < 512 or self["max-recipients"] < 100:
             raise usage.UsageError("--max-command-line must be at least 512 and "
                                    "--max-recipients at least 100 (RFC 5321 4.5.3.1)")
+        if (self["max-path"] < 256 or self["max-local-part"] < 64
+                or self["max-domain"] < 255):
+            raise usage.UsageError("--max-path must be at least 256, --max-local-part at "
+                                   "least 64 and --max-domain at least 255 (RFC 5321 "
+                                   "4.5.3.1)")
         for name in ("message-size-limit", "max-data-line", "max-connections",
                      "max-connections-per-peer", "data-block-timeout"):
             if self[name] <= 0:
@@ -183,6 +198,9 @@ class Options(usage.Options):
             max_command_line=self["max-command-line"],
             max_data_line=self["max-data-line"],
             max_recipients=self["max-recipients"],
+            max_path=self["max-path"],
+            max_local_part=self["max-local-part"],
+            max_domain=self["max-domain"],
             max_connections=self["max-connections"],
             max_connections_per_peer=self["max-connections-per-peer"],
             shutdown_grace=self["shutdown-grace"],
