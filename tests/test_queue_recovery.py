@@ -1,0 +1,191 @@
+"""Queue crash recovery and silent loss (issue 13, items 3, 4 and 9).
+
+The crash tests kill a real ``twistd upas-smtpd`` with SIGKILL at named
+points: ``UPASMAIL_CRASH_AT=queue.after-save`` (the outcome of a delivery
+is saved, nothing else done), and mid-flush, while a sink server this test
+controls holds every relay connection after its final ``250`` and before
+answering ``QUIT``.
+"""
+
+import mailbox
+import os
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+from test_twistd import ROOT, dns_port, env, server  # noqa: F401 (fixtures)
+
+SINK_IP = "127.0.0.2"  # not one of our own addresses: the relay may dial it
+
+
+class Sink(socketserver.ThreadingTCPServer):
+    """An SMTP server in a thread: records messages, refuses listed
+    recipients with 550, and with ``hold_quit`` never answers QUIT."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, refuse=(), hold_quit=False):
+        socketserver.ThreadingTCPServer.__init__(self, (SINK_IP, 0), _SinkSession)
+        self.refuse = set(refuse)
+        self.hold_quit = hold_quit
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.messages = []  # (recipients, data)
+        self.quits = 0
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def dial(self):
+        return "tcp!%s!%d" % (SINK_IP, self.server_address[1])
+
+    def subjects(self):
+        with self.lock:
+            return sorted(d.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+                          for _, d in self.messages)
+
+    def close(self):
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _SinkSession(socketserver.StreamRequestHandler):
+    def handle(self):
+        sink = self.server
+        try:
+            self.say("220 sink.example ESMTP")
+            rcpts = []
+            for line in self.rfile:
+                command = line.rstrip(b"\r\n").decode("utf-8", "replace")
+                verb = command.split(" ", 1)[0].split(":", 1)[0].upper()
+                if verb == "MAIL":
+                    rcpts = []
+                elif verb == "RCPT":
+                    rcpt = command.split(":", 1)[1].strip(" <>")
+                    if rcpt in sink.refuse:
+                        self.say("550 5.1.1 %s: no such user" % rcpt)
+                        continue
+                    rcpts.append(rcpt)
+                elif verb == "DATA":
+                    self.say("354 go ahead")
+                    data = b"".join(iter(self.rfile.readline, b".\r\n"))
+                    with sink.lock:
+                        sink.messages.append((rcpts, data))
+                    self.say("250 2.0.0 ok")
+                    continue
+                elif verb == "QUIT":
+                    with sink.lock:
+                        sink.quits += 1
+                    if sink.hold_quit:
+                        sink.release.wait(60)
+                    self.say("221 bye")
+                    return
+                self.say("250 ok")
+        except OSError:
+            pass  # the relay was killed
+
+    def say(self, text):
+        self.wfile.write(text.encode() + b"\r\n")
+
+
+def poll(condition, what, seconds=30):
+    # waiting on child processes and their peers is not a timed test
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("never happened: " + what)
+
+
+def jobs(root):
+    queue = os.path.join(root, "queue")
+    return sorted(n[:-4] for n in os.listdir(queue) if n.endswith(".env"))
+
+
+def mailq(root):
+    r = subprocess.run([sys.executable, "-c", "from upasmail.tap_runq import mailq_main; "
+                        "mailq_main()", "--root", root], env=env(), capture_output=True,
+                       text=True, timeout=60)
+    return r.stdout
+
+
+def send(port, sender, rcpts, subject):
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port) as c:
+        assert c.sendmail(sender, rcpts, b"Subject: %s\r\n\r\nbody\r\n" % subject.encode()) == {}
+
+
+# -- item 3: a job with nothing pending is finished at start-up ---------------
+
+def relay_args(sink):
+    return ("--smarthost", sink.dial, "--no-outbound-tls", "--queue-scan", "1")
+
+
+def test_killed_after_saving_delivered_job_is_removed_at_start_up(server, monkeypatch):
+    sink = Sink()
+    try:
+        monkeypatch.setenv("UPASMAIL_CRASH_AT", "queue.after-save")
+        s = server(*relay_args(sink), where="relay")
+        send(s.port, "alice@example.org", ["bob@far.example"], "once")
+        assert s.proc.wait(30) == -9  # killed itself right after saving the outcome
+        [qid] = jobs(s.root)
+        assert "far.example!bob" not in mailq(s.root)  # nothing pending, but still there
+        monkeypatch.delenv("UPASMAIL_CRASH_AT")
+        again = server(*relay_args(sink), where="relay")
+        poll(lambda: not jobs(again.root), "the delivered job was removed")
+        assert "Mail queue is empty" in mailq(again.root)
+        assert sink.subjects() == ["once"]  # delivered once, not again
+        assert "%s: removed from the queue" % qid in again.output()
+    finally:
+        sink.close()
+
+
+def test_killed_after_saving_a_failure_returns_it_at_start_up(server, monkeypatch):
+    sink = Sink(refuse={"eve@far.example"})
+    try:
+        monkeypatch.setenv("UPASMAIL_CRASH_AT", "queue.after-save")
+        s = server(*relay_args(sink), where="relay")
+        os.makedirs(os.path.join(s.root, "box", "alice"), exist_ok=True)
+        send(s.port, "alice@gnot.example.org", ["eve@far.example"], "refused")
+        assert s.proc.wait(30) == -9
+        assert len(jobs(s.root)) == 1
+        assert not os.path.exists(os.path.join(s.root, "box", "alice", "mbox"))
+        monkeypatch.delenv("UPASMAIL_CRASH_AT")
+        again = server(*relay_args(sink), where="relay")
+        poll(lambda: not jobs(again.root), "the failed job was returned and removed")
+        [bounce] = mailbox.mbox(os.path.join(again.root, "box", "alice", "mbox"))
+        assert "Final-Recipient: rfc822; eve@far.example" in bounce.as_string()
+        assert sink.messages == []  # never sent: the sink refused its only recipient
+    finally:
+        sink.close()
+
+
+# -- item 4: the outcome is saved before QUIT ---------------------------------
+
+def test_kill_9_mid_flush_delivers_nothing_twice(server):
+    holding, after = Sink(hold_quit=True), Sink()
+    n = 50
+    try:
+        s = server(*relay_args(holding), "--max-deliveries", "100",
+                   "--max-per-destination", "100", where="relay")
+        import smtplib
+        with smtplib.SMTP("127.0.0.1", s.port) as c:
+            for i in range(n):
+                c.sendmail("alice@example.org", ["x%d@far.example" % i],
+                           b"Subject: m%02d\r\n\r\nbody\r\n" % i)
+        # every message has had its 250; each connection waits for QUIT's answer
+        poll(lambda: holding.quits == n, "every relay connection at QUIT")
+        s.proc.kill()
+        s.proc.wait(30)
+        again = server(*relay_args(after), where="relay")
+        poll(lambda: not jobs(again.root), "the queue emptied after the restart")
+        assert holding.subjects() == ["m%02d" % i for i in range(n)]
+        assert after.subjects() == []  # none delivered twice
+    finally:
+        holding.close()
+        after.close()
