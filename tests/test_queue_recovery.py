@@ -189,3 +189,171 @@ def test_kill_9_mid_flush_delivers_nothing_twice(server):
     finally:
         holding.close()
         after.close()
+
+
+def test_recovery_decisions():
+    from upasmail import queue
+
+    record = queue.normalize({"sender": "a", "created": 0,
+                              "recipients": ["x.example!a", "y.example!b"]}, "q")
+    assert not queue.nothing_pending(record) and queue.unreturned(record) == []
+    record["state"]["x.example!a"]["status"] = queue.FAILED
+    assert queue.unreturned(record) == ["x.example!a"]
+    record["state"]["x.example!a"]["returned"] = True
+    record["state"]["y.example!b"]["status"] = queue.DELIVERED
+    assert queue.nothing_pending(record) and queue.unreturned(record) == []
+    assert queue.return_path("h!alice") == ("h!alice", "/dev/null")
+    assert queue.return_path("/dev/null") == ("postmaster", "double-bounce")
+    assert queue.return_path("double-bounce") is None
+
+
+# -- item 9: upas-runq logs, routes as the server does, loses nothing ---------
+
+UPAS_RUNQ = [sys.executable, "-c", "from upasmail.tap_runq import runq_main; runq_main()"]
+
+
+def runq(*args):
+    return subprocess.run([*UPAS_RUNQ, *args], env=env(), capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_runq_routes_as_the_server_recorded_and_logs(server, dns_port, tmp_path):
+    sink = Sink()
+    try:
+        s = server("--no-queue-runner", "--smarthost", sink.dial, "--no-outbound-tls",
+                   "-h", "example.net")
+        send(s.port, "alice@example.org", ["x@far.example"], "via the smarthost")
+        r = runq("--root", s.root, "--resolver", "127.0.0.1:%d" % dns_port,
+                 "--logfile", str(tmp_path / "runq.log"))
+        assert r.returncode == 0, r.stderr
+        assert sink.subjects() == ["via the smarthost"]
+        assert jobs(s.root) == []
+        line = "to=far.example!x relay=(%s:%s) status=sent" % (SINK_IP, SINK_IP)
+        assert line in r.stderr
+        assert line in (tmp_path / "runq.log").read_text()
+        assert "differs" not in r.stderr
+        [(rcpts, data)] = sink.messages
+        assert b"MAILER-DAEMON" not in data and rcpts == ["x@far.example"]
+
+        send(s.port, "alice@example.org", ["y@far.example"], "told otherwise")
+        r = runq("--root", s.root, "--resolver", "127.0.0.1:%d" % dns_port,
+                 "--smarthost", "tcp!127.0.0.3!1")  # nothing listens there
+        assert r.returncode == 0, r.stderr
+        assert ("--smarthost 'tcp!127.0.0.3!1' differs from the server's %r"
+                % sink.dial) in r.stderr
+        assert "to=far.example!y relay=none status=deferred" in r.stderr
+        [qid] = jobs(s.root)
+        r = subprocess.run([sys.executable, "-c", "from upasmail.tap_runq import mailq_main; "
+                            "mailq_main()", "--root", s.root, "--delete", qid], env=env(),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0
+        assert "%s: deleted by the administrator" % qid in r.stderr  # mailq logs too
+    finally:
+        sink.close()
+
+
+def test_runq_without_a_server_record_warns(tmp_path):
+    os.makedirs(tmp_path / "mail" / "queue")
+    r = runq("--root", str(tmp_path / "mail"))
+    assert r.returncode == 0
+    assert "no routing recorded by a server" in r.stderr
+
+
+def test_routing_reconciled():
+    from upasmail import queue
+
+    recorded = {"smarthost": "tcp!relay!25", "domain": "example.net", "mx_port": 25}
+    own = {"smarthost": None, "domain": "laptop.local", "mx_port": 2525, "sysname": "x"}
+    assert queue.reconcile(recorded, own, given={"mx_port"}) == (
+        {"smarthost": "tcp!relay!25", "domain": "example.net", "mx_port": 2525,
+         "sysname": "x"}, ["mx_port"])
+    assert queue.reconcile(recorded, own, given=set())[1] == []
+
+
+# -- in process, on a task.Clock ---------------------------------------------
+
+from twisted.internet import defer  # noqa: E402
+
+from test_queue import Case  # noqa: E402
+from upasmail import queue as queue_module, tap_runq  # noqa: E402
+
+
+class InProcess(Case):
+    def captured_log(self):
+        import io
+        out = io.StringIO()
+        self.addCleanup(tap_runq.start_logging(out))
+        return out
+
+    @defer.inlineCallbacks
+    def test_a_job_settled_by_another_runner_is_finished_at_the_next_scan(self):
+        s = self.sink()
+        r = self.runner(self.settings(queue_scan=60))
+        yield self.settle(r)
+        qid = self.enqueue(["a.example!bob", "a.example!eve"])
+        yield s.seen(".")
+        yield self.settle(r)
+        self.assertEqual(self.jobs(), [])
+        # a job as a runner killed after saving its outcome leaves it
+        r.stopService()
+        qid = self.enqueue(["a.example!bob", "a.example!eve"])
+        q = queue_module.Queue(self.root.queue)
+        record = q.load(qid)
+        record["state"]["a.example!bob"]["status"] = queue_module.DELIVERED
+        record["state"]["a.example!eve"].update(status=queue_module.FAILED, dsn="5.1.1",
+                                                error="550 5.1.1 eve: no such user")
+        q.save(record)
+        r.startService()
+        self.clock.advance(60)
+        yield self.settle(r)
+        self.assertEqual(self.jobs(), [])
+        [bounce] = self.mbox("alice")
+        self.assertIn("Final-Recipient: rfc822; eve@a.example", bounce.as_string())
+        self.assertEqual(len(s.sessions), 1)  # bob was not sent again
+
+    @defer.inlineCallbacks
+    def test_undeliverable_bounce_goes_to_the_postmaster(self):
+        s = self.sink(replies={"RCPT TO:<bob@a.example>": "550 5.1.1 bob: no such user",
+                               "RCPT TO:<zed@far.example>": "550 5.1.1 zed: gone"})
+        log = self.captured_log()
+        self.enqueue(sender="far.example!zed")
+        r = self.runner()
+        yield self.until(lambda: len(s.sessions) == 2 and s.sessions[1].commands[2:3])
+        yield self.settle(r)
+        self.assertEqual(self.jobs(), [])
+        self.assertEqual(s.sessions[1].commands[1:3], ["MAIL FROM:<>",
+                                                       "RCPT TO:<zed@far.example>"])
+        [copy] = self.mbox("postmaster")
+        self.assertEqual(copy.get_from().split()[0], "double-bounce")
+        self.assertEqual(copy["Subject"], "Postmaster Copy: Undelivered Mail Returned to Sender")
+        self.assertIn("Final-Recipient: rfc822; zed@far.example", copy.as_string())
+        self.assertIn("a bounce from <> failed; the postmaster gets it", log.getvalue())
+
+    @defer.inlineCallbacks
+    def test_a_failed_postmaster_copy_is_dropped_not_looped(self):
+        s = self.sink(replies={"RCPT": "550 5.1.1 no"})
+        log = self.captured_log()
+        self.enqueue(sender="double-bounce")
+        r = self.runner()
+        yield s.seen("RCPT")
+        yield self.settle(r)
+        self.assertEqual(self.jobs(), [])
+        self.assertEqual(self.mbox("postmaster"), [])
+        self.assertEqual(len(s.sessions), 1)
+        self.assertIn("could not be delivered either; discarded", log.getvalue())
+
+    @defer.inlineCallbacks
+    def test_relay_is_the_server_dialled_or_none(self):
+        s = self.sink()
+        log = self.captured_log()
+        self.enqueue(["a.example!bob"])
+        r = self.runner(self.settings(smarthost="tcp!127.0.0.2!%d" % self.port))
+        yield s.seen(".")
+        yield self.settle(r)
+        yield r.stopService()
+        self.enqueue(["b.example!carol"])  # nothing listens on 127.0.0.3
+        yield self.settle(self.runner())
+        text = log.getvalue()
+        self.assertIn("to=a.example!bob relay=(127.0.0.2:127.0.0.2) status=sent", text)
+        self.assertIn("to=b.example!carol relay=none status=deferred", text)
+        self.assertNotIn("relay=smarthost", text)

@@ -52,6 +52,7 @@ log = Logger(namespace="queue")
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 CORRUPT = "corrupt"
 FLUSH = ".flush"
+ROUTING = "routing.json"  # in the mail root
 FLUSH_POLL = 5.0
 ORPHAN_AGE = 3600.0
 NULL_SENDER = "/dev/null"
@@ -121,6 +122,28 @@ def return_path(sender):
     if sender == NULL_SENDER:
         return POSTMASTER, DOUBLE_BOUNCE
     return sender, NULL_SENDER
+
+
+def routing_of(settings):
+    """What decides where queued mail goes and in whose name (``queue/.routing``)."""
+    return {"sysname": settings.identity.sysname, "domain": settings.dom,
+            "ourdomains": list(settings.ourdomains), "smarthost": settings.smarthost,
+            "smarthost_user": settings.relay_user,
+            "relay_auth_file": settings.relay_auth_file, "mx_port": settings.mx_port}
+
+
+def reconcile(recorded, own, given):
+    """A second runner's routing: its own for the keys in ``given``, the
+    server's ``recorded`` routing for the rest; (routing, [keys that differ])."""
+    routing, differ = dict(own), []
+    for key in own:
+        if key not in recorded:
+            continue
+        if key not in given:
+            routing[key] = recorded[key]
+        elif own[key] != recorded[key]:
+            differ.append(key)
+    return routing, differ
 
 
 def normalize(record, qid):
@@ -255,6 +278,21 @@ class Queue:
     def request_flush(self):
         with open(os.path.join(self.dir, FLUSH), "w"):
             pass
+
+
+def record_routing(root, settings):
+    """The server notes its routing in the mail root, so ``upas-runq`` can route alike."""
+    write_envelope(os.path.join(root, ROUTING), routing_of(settings))
+
+
+def recorded_routing(root):
+    """The server's routing record; None when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(root, ROUTING), "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # -- the runner -------------------------------------------------------------
