@@ -106,11 +106,10 @@ def jobs(root):
     return sorted(n[:-4] for n in os.listdir(queue) if n.endswith(".env"))
 
 
-def mailq(root):
-    r = subprocess.run([sys.executable, "-c", "from upasmail.tap_runq import mailq_main; "
-                        "mailq_main()", "--root", root], env=env(), capture_output=True,
-                       text=True, timeout=60)
-    return r.stdout
+def mailq(root, *args):
+    return subprocess.run([sys.executable, "-c", "from upasmail.tap_runq import mailq_main; "
+                           "mailq_main()", "--root", root, *args], env=env(),
+                          capture_output=True, text=True, timeout=60)
 
 
 def send(port, sender, rcpts, subject):
@@ -134,11 +133,11 @@ def test_killed_after_saving_delivered_job_is_removed_at_start_up(server, monkey
         send(s.port, "alice@example.org", ["bob@far.example"], "once")
         assert s.proc.wait(30) == -9  # killed itself right after saving the outcome
         [qid] = jobs(s.root)
-        assert "far.example!bob" not in mailq(s.root)  # nothing pending, but still there
+        assert "far.example!bob" not in mailq(s.root).stdout  # nothing pending, still there
         monkeypatch.delenv("UPASMAIL_CRASH_AT")
         again = server(*relay_args(sink), where="relay")
         poll(lambda: not jobs(again.root), "the delivered job was removed")
-        assert "Mail queue is empty" in mailq(again.root)
+        assert "Mail queue is empty" in mailq(again.root).stdout
         assert sink.subjects() == ["once"]  # delivered once, not again
         assert "%s: removed from the queue" % qid in again.output()
     finally:
@@ -243,9 +242,7 @@ def test_runq_routes_as_the_server_recorded_and_logs(server, dns_port, tmp_path)
                 % sink.dial) in r.stderr
         assert "to=far.example!y relay=none status=deferred" in r.stderr
         [qid] = jobs(s.root)
-        r = subprocess.run([sys.executable, "-c", "from upasmail.tap_runq import mailq_main; "
-                            "mailq_main()", "--root", s.root, "--delete", qid], env=env(),
-                           capture_output=True, text=True, timeout=60)
+        r = mailq(s.root, "--delete", qid)
         assert r.returncode == 0
         assert "%s: deleted by the administrator" % qid in r.stderr  # mailq logs too
     finally:

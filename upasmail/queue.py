@@ -10,13 +10,19 @@ delivers them:
   domain, as upas remotemail does; with a smarthost, one group;
 * each group goes through ``client.deliver`` (MX lookup, STARTTLS when
   offered, AUTH at a smarthost); the result of every recipient is written
-  back to ``<id>.env`` (fsync, rename) as soon as it is known, so a crash
-  or restart retries only recipients that have not had their 250;
+  back to ``<id>.env`` (fsync, rename) as soon as the server has answered
+  the message, before QUIT, so a crash or restart retries only recipients
+  that have not had their 250 (at least once: a crash between that 250
+  and the fsync sends again);
+* a job with nothing pending, or with failures not yet returned (a crash
+  between saving an outcome and acting on it), is finished at start-up
+  and at every scan;
 * temporary failures wait ``retry_min``·2^(attempts-1) seconds, at most
   ``retry_max``; a job older than ``max_queue_age`` (2 days, upas runq)
   gives up; permanent failures and give-ups are returned to the sender
   as an RFC 3464 DSN (``bounce``), never to ``<>``: a bounce that cannot
-  be delivered is dropped with a log line;
+  be delivered goes to the local ``postmaster`` (from ``double-bounce``),
+  and a failed postmaster copy is dropped with a log line;
 * at most ``max_deliveries`` deliveries at once, ``max_per_destination``
   per domain; a job being delivered is ``flock``\\ed, so two runners (the
   service and ``upas-runq``) never send the same job twice at once;
@@ -26,8 +32,12 @@ delivers them:
 * ``upas-mailq --flush`` creates ``queue/.flush``; the runner looks for it
   every few seconds and then retries everything at once.
 
-Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=<mx> status=sent|
-deferred|bounced (<reply>)``, plus queueing, bouncing and quarantine.
+The server records its routing in ``<root>/routing.json`` for
+``upas-runq`` (``record_routing``, ``reconcile``).
+
+Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=(<mx>:<ip>)|none
+status=sent|deferred|bounced (<reply>)``, plus queueing, bouncing and
+quarantine.
 """
 
 import copy
