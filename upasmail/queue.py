@@ -295,6 +295,11 @@ def record_routing(root, settings):
     write_envelope(os.path.join(root, ROUTING), routing_of(settings))
 
 
+_ROUTING_TYPES = {"sysname": str, "domain": str, "ourdomains": list,
+                  "smarthost": (str, type(None)), "smarthost_user": (str, type(None)),
+                  "relay_auth_file": (str, type(None)), "mx_port": int}
+
+
 def recorded_routing(root):
     """The server's routing record; None when there is none or it is unreadable."""
     try:
@@ -302,7 +307,10 @@ def recorded_routing(root):
             record = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), t) for k, t in _ROUTING_TYPES.items()):
+        return None  # not written by us: route with our own options, and say so
+    return record
 
 
 # -- the runner -------------------------------------------------------------

@@ -249,8 +249,8 @@ def runq(reactor, argv, err=None, resolver=None, clock=None, deliver=None):
 def _warn_routing(o, mail_root):
     where = os.path.join(mail_root, queue.ROUTING)
     if o["recorded"] is None:
-        log.warn("no routing recorded by a server in {where}: routing with upas-runq's own "
-                 "options only", where=where)
+        log.warn("no routing recorded by a server in {where} (or not readable): routing "
+                 "with upas-runq's own options only", where=where)
     own = queue.routing_of(o["settings"])
     for key in o["differ"]:
         log.warn("{flag} {value!r} differs from the server's {recorded!r} ({where}); using "
