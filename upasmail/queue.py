@@ -683,11 +683,14 @@ class QueueRunner(service.Service):
                          remote=(to,) if kind == "remote" else (), peer="", helo="")
         d = self.root.deliver(path, tx)
 
-        def done(result):
+        def unlink(result):
             try:
                 os.unlink(path)
             except OSError:
                 pass
+            return result
+
+        def done(result):
             if double:
                 log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
                          "recipients failed)", id=record["id"], n=len(failed))
@@ -696,7 +699,7 @@ class QueueRunner(service.Service):
                          id=record["id"], sender=to, n=len(failed))
             return result
 
-        return d.addBoth(done)
+        return d.addBoth(unlink).addCallback(done)
 
     def _finish_pass(self):
         if not self.done.called:
@@ -735,12 +738,18 @@ def listing(queue, now):
         total += 1
         lines = ["%-24s %8d  %-7s %s" % (qid, size, _age(now - record["created"]),
                                          record["sender"])]
+        returning = unreturned(record)
         for r in record["recipients"]:
             st = record["state"][r]
-            if st["status"] != PENDING:
+            if st["status"] != PENDING and r not in returning:
                 continue
             err = " ".join(st.get("error", "").split())
+            if r in returning:
+                err = "failed, to be returned: " + err
             lines.append("%35s %s%s" % ("", r, "  (%s)" % err if err else ""))
+        if nothing_pending(record) and not returning:
+            # a run stopped between its last save and the removal
+            lines.append("%35s (all delivered; removed at the next queue run)" % "")
         blocks.append("\n".join(lines))
     if not blocks:
         return "Mail queue is empty\n"

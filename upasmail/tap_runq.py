@@ -175,6 +175,7 @@ class RunqOptions(usage.Options):
         ["resolver", None, None, "DNS server HOST:PORT (default: resolv.conf)"],
         LOGFILE,
     ] + [p[:2] + [None] + p[3:] if p[0] == "mx-port" else p for p in QUEUE_PARAMETERS]
+    # --mx-port has no default here: unset, it comes from the server's record
 
     def postOptions(self):
         config = smtpdconf.SmtpdConf()
