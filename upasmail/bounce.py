@@ -10,7 +10,10 @@ short text for people (with upas's explanation lines), a
 ``dsn(...)`` returns the bounce as the byte stream smtpd hands its mailer
 (``From /dev/null <date> remote from`` first, LF line ends), so the mail
 root stores or queues it like any accepted message.  Its envelope sender
-is ``<>``: a bounce that fails is never bounced again (the queue checks).
+is ``<>``: a bounce that fails is never bounced again.  The queue sends the
+report of a failed bounce (a double bounce) to the postmaster instead,
+with ``double=True``: from ``double-bounce`` (Postfix's
+``double_bounce_sender``), whose own failures are dropped.
 """
 
 import email.utils
@@ -18,6 +21,8 @@ import re
 import secrets
 
 from .pipemsg import envelope_line, plan9_date
+
+DOUBLE_BOUNCE = "double-bounce"
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -44,19 +49,24 @@ def _clean(text):
 
 
 def dsn(failures, sender_addr, header_text, reporting_mta, arrival, now, queue_id,
-        why_lines=()):
+        why_lines=(), double=False):
     """The bounce message bytes.
 
     ``failures``: [(recipient address, status "5.x.y", remote MTA or "",
-    diagnostic text)].  ``sender_addr``: the original sender in ``@`` form.
+    diagnostic text)].  ``sender_addr``: who gets it in ``@`` form, the
+    original sender (or, ``double``, the postmaster).
     """
     boundary = "%s/%s" % (queue_id, secrets.token_hex(8))
     date = email.utils.formatdate(now, localtime=True)
+    if double:
+        why_lines = ["The message was itself a bounce (from <>), so it was not returned "
+                     "to its sender; this copy is for the postmaster."] + list(why_lines)
     lines = [
-        envelope_line("/dev/null", plan9_date(now)).rstrip("\n"),
+        envelope_line(DOUBLE_BOUNCE if double else "/dev/null", plan9_date(now)).rstrip("\n"),
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % reporting_mta,
         "To: <%s>" % sender_addr,
-        "Subject: Undelivered Mail Returned to Sender",
+        "Subject: %sUndelivered Mail Returned to Sender" % (
+            "Postmaster Copy: " if double else ""),
         "Date: %s" % date,
         "Message-ID: <%s.%s@%s>" % (queue_id, secrets.token_hex(6), reporting_mta),
         "Auto-Submitted: auto-replied",

@@ -629,11 +629,15 @@ def _error_text(e):
 
 @defer.inlineCallbacks
 def deliver(source, destaddr, sender, recipients, options, reactor, resolver, clock=None,
-            watch=None):
+            watch=None, outcome=None):
     """Send the message in the binary file ``source`` to ``destaddr``; fire with a Result.
 
     ``watch(wire)``, if given, is called once connected (the queue uses it
     to cut connections at shutdown with ``wire.transport.abortConnection``).
+    ``outcome(result)``, if given, gets the Result as soon as the server has
+    answered the message (or the conversation failed), before QUIT, whose
+    answer may take minutes; QUIT waits for the Deferred it returns, so the
+    queue can make the outcome durable first.
     """
     clock = clock or reactor
     recipients = list(recipients)
@@ -698,9 +702,15 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
     except Exception as e:  # a bug here must cost a retry, never the message
         log.failure("delivery to {addr} failed", addr=destaddr)
         status, report = RETRY, ["smtp: local error: %s (%s)" % (e, destaddr)]
-    yield conv.quit()
     _settle(results, status, report)
-    return Result(status, results, conv.report + report, conv.phase, target)
+    result = Result(status, results, conv.report + report, conv.phase, target)
+    if outcome is not None:
+        try:
+            yield outcome(result)
+        except Exception:  # the caller's trouble must not keep the connection open
+            log.failure("recording the outcome for {addr} failed", addr=destaddr)
+    yield conv.quit()
+    return result
 
 
 def _settle(results, status, report):

@@ -1,10 +1,11 @@
-"""Named crash points, a hook for crash-recovery tests.
+"""Named crash points, a hook for crash-recovery tests (not a feature).
 
 ``UPASMAIL_CRASH_AT=<point>`` in the environment at start-up makes the
 process kill itself (SIGKILL, as ``kill -9``) the first time it reaches
-that point, so a test can stop a real server at an exact place instead of
-racing it.  Unset (always, in production) each check costs one comparison
-with a constant read once at import.  Points: see docs/configuration.rst.
+that point, so a test can stop a real server exactly between two durable
+steps instead of racing it.  Unset (always, in production) each check
+costs one comparison with a constant read once at import.  Points
+(``mbox.mid-append``, ``queue.after-save``): see docs/configuration.rst.
 """
 
 import os

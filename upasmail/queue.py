@@ -10,13 +10,19 @@ delivers them:
   domain, as upas remotemail does; with a smarthost, one group;
 * each group goes through ``client.deliver`` (MX lookup, STARTTLS when
   offered, AUTH at a smarthost); the result of every recipient is written
-  back to ``<id>.env`` (fsync, rename) as soon as it is known, so a crash
-  or restart retries only recipients that have not had their 250;
+  back to ``<id>.env`` (fsync, rename) as soon as the server has answered
+  the message, before QUIT, so a crash or restart retries only recipients
+  that have not had their 250 (at least once: a crash between that 250
+  and the fsync sends again);
+* a job with nothing pending, or with failures not yet returned (a crash
+  between saving an outcome and acting on it), is finished at start-up
+  and at every scan;
 * temporary failures wait ``retry_min``·2^(attempts-1) seconds, at most
   ``retry_max``; a job older than ``max_queue_age`` (2 days, upas runq)
   gives up; permanent failures and give-ups are returned to the sender
   as an RFC 3464 DSN (``bounce``), never to ``<>``: a bounce that cannot
-  be delivered is dropped with a log line;
+  be delivered goes to the local ``postmaster`` (from ``double-bounce``),
+  and a failed postmaster copy is dropped with a log line;
 * at most ``max_deliveries`` deliveries at once, ``max_per_destination``
   per domain; a job being delivered is ``flock``\\ed, so two runners (the
   service and ``upas-runq``) never send the same job twice at once;
@@ -26,8 +32,12 @@ delivers them:
 * ``upas-mailq --flush`` creates ``queue/.flush``; the runner looks for it
   every few seconds and then retries everything at once.
 
-Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=<mx> status=sent|
-deferred|bounced (<reply>)``, plus queueing, bouncing and quarantine.
+The server records its routing in ``<root>/routing.json`` for
+``upas-runq`` (``record_routing``, ``reconcile``).
+
+Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=(<mx>:<ip>)|none
+status=sent|deferred|bounced (<reply>)``, plus queueing, bouncing and
+quarantine.
 """
 
 import copy
@@ -42,7 +52,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import bounce, client, convert, factotum, relay
+from . import bounce, client, convert, crashpoint, factotum, relay
 from .session import Transaction
 from .store import fsync_paths, write_envelope
 from .tarpit import doubling
@@ -52,9 +62,14 @@ log = Logger(namespace="queue")
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 CORRUPT = "corrupt"
 FLUSH = ".flush"
+ROUTING = "routing.json"  # in the mail root
 FLUSH_POLL = 5.0
 ORPHAN_AGE = 3600.0
 NULL_SENDER = "/dev/null"
+POSTMASTER = "postmaster"
+# the postmaster's copy of a failed bounce comes from here, and a failure
+# of that copy is discarded, so returns can never loop
+DOUBLE_BOUNCE = bounce.DOUBLE_BOUNCE
 
 
 class CorruptJob(Exception):
@@ -93,6 +108,52 @@ def next_due(record, smarthost=None, busy=()):
             if dest not in busy:
                 times.append(record["next"].get(dest, 0))
     return min(times) if times else None
+
+
+def nothing_pending(record):
+    """Has every recipient its final outcome (delivered or failed)?"""
+    return all(record["state"][r]["status"] != PENDING for r in record["recipients"])
+
+
+def unreturned(record):
+    """Failed recipients whose failure has not gone back to the sender yet."""
+    return [r for r in record["recipients"] if record["state"][r]["status"] == FAILED
+            and not record["state"][r].get("returned")]
+
+
+def return_path(sender):
+    """Who gets the report of a failure, and from which envelope sender.
+
+    A failed bounce (from ``<>``) is a double bounce: the postmaster gets it,
+    as in Postfix.  A failed postmaster copy is dropped (None): nobody is left.
+    """
+    if sender == DOUBLE_BOUNCE:
+        return None
+    if sender == NULL_SENDER:
+        return POSTMASTER, DOUBLE_BOUNCE
+    return sender, NULL_SENDER
+
+
+def routing_of(settings):
+    """What decides where queued mail goes and in whose name (``queue/.routing``)."""
+    return {"sysname": settings.identity.sysname, "domain": settings.dom,
+            "ourdomains": list(settings.ourdomains), "smarthost": settings.smarthost,
+            "smarthost_user": settings.relay_user,
+            "relay_auth_file": settings.relay_auth_file, "mx_port": settings.mx_port}
+
+
+def reconcile(recorded, own, given):
+    """A second runner's routing: its own for the keys in ``given``, the
+    server's ``recorded`` routing for the rest; (routing, [keys that differ])."""
+    routing, differ = dict(own), []
+    for key in own:
+        if key not in recorded:
+            continue
+        if key not in given:
+            routing[key] = recorded[key]
+        elif own[key] != recorded[key]:
+            differ.append(key)
+    return routing, differ
 
 
 def normalize(record, qid):
@@ -227,6 +288,29 @@ class Queue:
     def request_flush(self):
         with open(os.path.join(self.dir, FLUSH), "w"):
             pass
+
+
+def record_routing(root, settings):
+    """The server notes its routing in the mail root, so ``upas-runq`` can route alike."""
+    write_envelope(os.path.join(root, ROUTING), routing_of(settings))
+
+
+_ROUTING_TYPES = {"sysname": str, "domain": str, "ourdomains": list,
+                  "smarthost": (str, type(None)), "smarthost_user": (str, type(None)),
+                  "relay_auth_file": (str, type(None)), "mx_port": int}
+
+
+def recorded_routing(root):
+    """The server's routing record; None when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(root, ROUTING), "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), t) for k, t in _ROUTING_TYPES.items()):
+        return None  # not written by us: route with our own options, and say so
+    return record
 
 
 # -- the runner -------------------------------------------------------------
@@ -367,9 +451,14 @@ class QueueRunner(service.Service):
         if record is None:
             record = self.queue.load(qid)
         smarthost = self.settings.smarthost
-        if now - record["created"] > self.settings.max_queue_age and not any(
-                k[0] == qid for k in self.inflight):
+        idle = not any(k[0] == qid for k in self.inflight)
+        if idle and now - record["created"] > self.settings.max_queue_age:
             self._expire(record, now)
+            return None
+        if idle and (nothing_pending(record) or unreturned(record)):
+            # a run was cut off after saving an outcome and before acting on it
+            self._finish_off(record, self._complete if nothing_pending(record)
+                             else self._return_failures)
             return None
         if flush:
             record["next"] = {}
@@ -447,14 +536,33 @@ class QueueRunner(service.Service):
     def _attempt(self, record, dest, rcpts):
         qid = record["id"]
         msg, _ = self.queue.paths(qid)
+        recorded = []
+
+        def outcome(result):
+            recorded.append(result)
+            return self._record(record, dest, result)
+
         with open(msg, "rb") as source:
             result = yield self.deliver(source, self.dial_string(dest), record["sender"],
                                         rcpts, self.client_options(), self.reactor,
-                                        self.resolver, self.clock, watch=self._watch)
+                                        self.resolver, self.clock, watch=self._watch,
+                                        outcome=outcome)
+        if not recorded:  # no conversation took place (DNS, dialling)
+            yield self._record(record, dest, result)
         if qid not in self.jobs:
             return  # deleted while we were away
+        if nothing_pending(record):
+            yield self._complete(record)
+        else:
+            yield self._return_failures(record)  # now, not when the others are done
+
+    def _record(self, record, dest, result):
+        """Note every recipient's outcome in the envelope; fires once it is durable."""
+        qid = record["id"]
+        if qid not in self.jobs:
+            return defer.succeed(None)
         now = self.clock.seconds()
-        relay_name = result.target.describe() if result.target is not None else dest
+        relay_name = result.target.describe() if result.target is not None else ""
         deferred = False
         for r in result.recipients:
             st = record["state"][r.address]
@@ -471,7 +579,7 @@ class QueueRunner(service.Service):
                 word = "deferred"
                 deferred = True
             log.info("{id}: to={rcpt} relay={relay} status={word} ({reply})", id=qid,
-                     rcpt=r.address, relay=relay_name, word=word,
+                     rcpt=r.address, relay=relay_name or "none", word=word,
                      reply=" ".join((r.reply or result.status or "ok").split()))
         if deferred and not self.stopping:  # cut off by our own shutdown: no penalty
             attempts = record["attempts"].get(dest, 0) + 1
@@ -480,11 +588,8 @@ class QueueRunner(service.Service):
                                                  self.settings.retry_max)
             record["last_error"] = " ".join((result.report[-1] if result.report
                                              else result.status).split())
-        if all(record["state"][r]["status"] != PENDING for r in record["recipients"]):
-            yield self._complete(record)
-        else:
-            yield self._save(record)
-            yield self._return_failures(record)  # now, not when the others are done
+        return self._save(record).addCallback(
+            lambda _: crashpoint.reached("queue.after-save"))
 
     def _watch(self, wire):
         self.wires.add(wire)
@@ -510,15 +615,15 @@ class QueueRunner(service.Service):
     def _return_failures(self, record):
         """Return the failed recipients not yet returned; then remember that."""
         qid = record["id"]
-        failed = [r for r in record["recipients"] if record["state"][r]["status"] == FAILED
-                  and not record["state"][r].get("returned")]
+        failed = unreturned(record)
         if not failed:
             return
-        if record["sender"] == NULL_SENDER:
-            log.warn("{id}: undeliverable message from <> (a bounce?) dropped: {rcpts}",
-                     id=qid, rcpts=", ".join(failed))
+        route = return_path(record["sender"])
+        if route is None:
+            log.error("{id}: the postmaster's copy of a failed bounce could not be "
+                      "delivered either; discarded: {rcpts}", id=qid, rcpts=", ".join(failed))
         else:
-            yield self._bounce(record, failed)  # durable before it is marked
+            yield self._bounce(record, failed, *route)  # durable before it is marked
         for r in failed:
             record["state"][r]["returned"] = True
         yield self._save(record)
@@ -544,44 +649,57 @@ class QueueRunner(service.Service):
                 st["dsn"] = "4.4.7"
                 log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=r,
                          why=" ".join(last.split()))
+        self._finish_off(record, self._complete)
+
+    def _finish_off(self, record, work):
+        """Run ``work(record)`` on a job that has no delivery under way, holding its lock."""
+        qid = record["id"]
         fd = self.queue.lock(qid)
         if fd is None:
-            return
+            return  # another runner has it
         self.locks[qid] = fd
         self.jobs[qid] = record
-        self._track(qid, "", defer.maybeDeferred(self._complete, record))
+        self._track(qid, "", defer.maybeDeferred(work, record))
 
-    def _bounce(self, record, failed):
-        """Queue (or store) the DSN to the sender; fires once it is durable."""
+    def _bounce(self, record, failed, to, envelope_sender):
+        """Queue (or store) the DSN for ``to``; fires once it is durable."""
         s = self.settings
         msg, _ = self.queue.paths(record["id"])
         with open(msg, "rb") as f:
             head = f.read(256 * 1024)
-        sender = record["sender"]
         failures = [(convert.bangtoat(r), record["state"][r].get("dsn", "5.0.0"),
                      _mx_name(record["state"][r].get("relay", "")),
                      record["state"][r].get("error", "")) for r in failed]
-        data = bounce.dsn(failures, convert.to_at(sender, s.dom), bounce.original_header(head),
-                          s.dom, record["created"], self.clock.seconds(), record["id"])
+        double = envelope_sender == DOUBLE_BOUNCE
+        data = bounce.dsn(failures, convert.to_at(to, s.dom), bounce.original_header(head),
+                          s.dom, record["created"], self.clock.seconds(), record["id"],
+                          double=double)
         path, spool = self.root.open_spool()
         with spool:
             spool.write(data)
-        kind, where = relay.route(sender, s.ours)
-        tx = Transaction(sender=NULL_SENDER, recipients=(sender,),
+        kind, where = relay.route(to, s.ours)
+        tx = Transaction(sender=envelope_sender, recipients=(to,),
                          local=(where,) if kind == "local" else (),
-                         remote=(sender,) if kind == "remote" else (), peer="", helo="")
+                         remote=(to,) if kind == "remote" else (), peer="", helo="")
         d = self.root.deliver(path, tx)
 
-        def done(result):
+        def unlink(result):
             try:
                 os.unlink(path)
             except OSError:
                 pass
-            log.info("{id}: returned to {sender} ({n} recipients failed)", id=record["id"],
-                     sender=sender, n=len(failed))
             return result
 
-        return d.addBoth(done)
+        def done(result):
+            if double:
+                log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
+                         "recipients failed)", id=record["id"], n=len(failed))
+            else:
+                log.info("{id}: returned to {sender} ({n} recipients failed)",
+                         id=record["id"], sender=to, n=len(failed))
+            return result
+
+        return d.addBoth(unlink).addCallback(done)
 
     def _finish_pass(self):
         if not self.done.called:
@@ -620,12 +738,18 @@ def listing(queue, now):
         total += 1
         lines = ["%-24s %8d  %-7s %s" % (qid, size, _age(now - record["created"]),
                                          record["sender"])]
+        returning = unreturned(record)
         for r in record["recipients"]:
             st = record["state"][r]
-            if st["status"] != PENDING:
+            if st["status"] != PENDING and r not in returning:
                 continue
             err = " ".join(st.get("error", "").split())
+            if r in returning:
+                err = "failed, to be returned: " + err
             lines.append("%35s %s%s" % ("", r, "  (%s)" % err if err else ""))
+        if nothing_pending(record) and not returning:
+            # a run stopped between its last save and the removal
+            lines.append("%35s (all delivered; removed at the next queue run)" % "")
         blocks.append("\n".join(lines))
     if not blocks:
         return "Mail queue is empty\n"

@@ -28,7 +28,7 @@ from .server import UpasSMTPFactory
 from .spam import SpamFilter
 from .mxdial import local_addresses
 from .passwd import PasswordFile
-from .queue import QueueRunner
+from .queue import QueueRunner, record_routing
 from .store import MailRoot
 from .tls import CertificateFile, ImplicitTLSFactory
 from .trace import TraceFactory
@@ -177,6 +177,7 @@ class SmtpdService(service.MultiService):
         self.factory.reload(settings)
         if self.queue is not None:
             self.queue.settings = settings
+        record_routing(self.factory.root.root, settings)
         log.info("settings reloaded")
 
 
@@ -229,6 +230,8 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
             listen=listen,
         )
     factory.fdCap = fd_cap()
+    # upas-runq on the same root routes as we do (smarthost, our domains)
+    record_routing(factory.root.root, settings)
     top = SmtpdService()
     top.factory = factory
     top.queue = None

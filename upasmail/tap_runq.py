@@ -6,21 +6,37 @@
 
 ``upas-runq [options]`` makes one pass over the queue without a server
 (upas runq): every message that is due (every message with ``--flush``)
-is tried once, then it exits.  It takes the server's queue options, so
-``upas-runq --root DIR --conf smtpd.conf --smarthost ...`` behaves like the
-runner inside ``twistd upas-smtpd``.  Two runners never deliver the same
-message at once (each holds a lock on the message it is sending).
+is tried once, then it exits.  It takes the server's queue options; what
+it is not told (smarthost and its AUTH, domain, host name, ourdomains,
+mx port) it takes from the routing the server recorded in
+``<root>/routing.json``, and it warns when a flag it is given differs
+from that record, so it cannot route differently by accident.  Two runners
+never deliver the same message at once (each holds a lock on the message
+it is sending).
+
+Both log to stderr, and also to ``--logfile FILE`` when given.
 """
 
+import dataclasses
 import os
 import sys
 
 from twisted.internet import defer, task
+from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
 from twisted.python import usage
 
 from . import conf as smtpdconf
 from . import mxdial, queue, settings
 from .store import MailRoot
+
+log = Logger(namespace="queue")
+EX_CANTCREAT = 73
+
+# the routing keys and the flags that set them, for warnings
+ROUTING_FLAGS = {"sysname": "--sysname", "domain": "--domain",
+                 "ourdomains": "ourdomains (--conf)", "smarthost": "--smarthost",
+                 "smarthost_user": "--smarthost-user", "relay_auth_file": "--relay-auth-file",
+                 "mx_port": "--mx-port"}
 
 # shared with twistd upas-smtpd
 QUEUE_FLAGS = [
@@ -66,11 +82,39 @@ def queue_settings(o):
                 queue_scan=o["queue-scan"])
 
 
+def start_logging(err, logfile=None):
+    """Log events to ``err`` and, when given, appended to ``logfile``.
+
+    Returns the function that stops it; OSError when ``logfile`` cannot be opened.
+    """
+    files = [open(logfile, "a")] if logfile else []
+    observers = [textFileLogObserver(f) for f in [err] + files]
+    for observer in observers:
+        globalLogPublisher.addObserver(observer)
+
+    def stop():
+        for observer in observers:
+            globalLogPublisher.removeObserver(observer)
+        for f in files:
+            f.close()
+
+    return stop
+
+
+def _cannot_log(program, logfile, err, e):
+    err.write("%s: %s: %s\n" % (program, logfile, e.strerror or e))
+    return EX_CANTCREAT
+
+
+LOGFILE = ["logfile", None, None, "also append the log to this file (it always goes to "
+                                  "stderr)"]
+
+
 class MailqOptions(usage.Options):
-    synopsis = "[--root DIR] [--flush | --delete ID]"
+    synopsis = "[--root DIR] [--logfile FILE] [--flush | --delete ID]"
     optFlags = [["flush", None, "ask the running queue to retry every message now"]]
     optParameters = [["root", None, "mail", "mail root directory"],
-                     ["delete", None, None, "remove this message from the queue"]]
+                     ["delete", None, None, "remove this message from the queue"], LOGFILE]
 
 
 def mailq(argv=None, out=None, err=None, now=None):
@@ -81,6 +125,17 @@ def mailq(argv=None, out=None, err=None, now=None):
     except usage.UsageError as e:
         err.write("upas-mailq: %s\n%s\n" % (e, o))
         return 64
+    try:
+        stop = start_logging(err, o["logfile"])
+    except OSError as e:
+        return _cannot_log("upas-mailq", o["logfile"], err, e)
+    try:
+        return _mailq(o, out, err, now)
+    finally:
+        stop()
+
+
+def _mailq(o, out, err, now):
     q = queue.Queue(os.path.join(os.path.abspath(o["root"]), "queue"))
     if not os.path.isdir(q.dir):
         err.write("upas-mailq: no queue at %s\n" % q.dir)
@@ -109,16 +164,18 @@ def mailq_main():
 
 
 class RunqOptions(usage.Options):
-    synopsis = "[--root DIR] [--conf smtpd.conf] [--flush] [queue options]"
+    synopsis = "[--root DIR] [--conf smtpd.conf] [--flush] [--logfile FILE] [queue options]"
     optFlags = [["flush", None, "try every message now, not only those that are due"]] + \
         QUEUE_FLAGS
     optParameters = [
         ["root", None, "mail", "mail root directory"],
         ["conf", None, None, "upas smtpd.conf (defaultdomain, ourdomains, smarthost)"],
-        ["sysname", None, None, "our host name (default: the machine's)"],
+        ["sysname", None, None, "our host name (default: the server's, else the machine's)"],
         ["domain", "h", None, "our mail domain (bounces come from MAILER-DAEMON@it)"],
         ["resolver", None, None, "DNS server HOST:PORT (default: resolv.conf)"],
-    ] + QUEUE_PARAMETERS
+        LOGFILE,
+    ] + [p[:2] + [None] + p[3:] if p[0] == "mx-port" else p for p in QUEUE_PARAMETERS]
+    # --mx-port has no default here: unset, it comes from the server's record
 
     def postOptions(self):
         config = smtpdconf.SmtpdConf()
@@ -130,10 +187,30 @@ class RunqOptions(usage.Options):
         if self["resolver"]:
             from .tap_smtpd import parse_hostport
             self["resolverAddress"] = parse_hostport(self["resolver"])
-        self["settings"] = settings.merge(config, sysname=self["sysname"],
-                                          domain=self["domain"],
-                                          root=os.path.abspath(self["root"]),
-                                          **queue_settings(self))
+        given = {key for key, told in (
+            ("sysname", self["sysname"]), ("domain", self["domain"] or config.defaultdomain),
+            ("ourdomains", config.ourdomains), ("smarthost", self["smarthost"] or
+                                                config.smarthost),
+            ("smarthost_user", self["smarthost-user"]),
+            ("relay_auth_file", self["relay-auth-file"]),
+            ("mx_port", self["mx-port"] is not None)) if told}
+        root = os.path.abspath(self["root"])
+        recorded = queue.recorded_routing(root)
+        if self["mx-port"] is None:
+            self["mx-port"] = (recorded or {}).get("mx_port") or 25
+        own = settings.merge(config, sysname=self["sysname"], domain=self["domain"],
+                             root=root, **queue_settings(self))
+        self["recorded"] = recorded
+        self["settings"], self["differ"] = own, []
+        if recorded is not None:
+            routing, self["differ"] = queue.reconcile(recorded, queue.routing_of(own), given)
+            self["settings"] = dataclasses.replace(
+                settings.merge(config, sysname=routing["sysname"], domain=routing["domain"],
+                               root=root, **dict(queue_settings(self),
+                                                 smarthost=routing["smarthost"],
+                                                 relay_user=routing["smarthost_user"],
+                                                 relay_auth_file=routing["relay_auth_file"])),
+                ourdomains=tuple(routing["ourdomains"]))
 
 
 @defer.inlineCallbacks
@@ -152,13 +229,34 @@ def runq(reactor, argv, err=None, resolver=None, clock=None, deliver=None):
     if not os.path.isdir(root.queue):
         err.write("upas-runq: no queue at %s\n" % root.queue)
         return 66
-    resolver = resolver or makeResolver(reactor, o.get("resolverAddress"))
-    runner = queue.QueueRunner(root, s, reactor, resolver, clock, deliver=deliver,
-                               ours=mxdial.local_addresses(), once=True, flush=o["flush"])
-    runner.startService()
-    yield runner.done
-    yield runner.stopService()
+    try:
+        stop = start_logging(err, o["logfile"])
+    except OSError as e:
+        return _cannot_log("upas-runq", o["logfile"], err, e)
+    try:
+        _warn_routing(o, root.root)
+        resolver = resolver or makeResolver(reactor, o.get("resolverAddress"))
+        runner = queue.QueueRunner(root, s, reactor, resolver, clock, deliver=deliver,
+                                   ours=mxdial.local_addresses(), once=True,
+                                   flush=o["flush"])
+        runner.startService()
+        yield runner.done
+        yield runner.stopService()
+    finally:
+        stop()
     return 0
+
+
+def _warn_routing(o, mail_root):
+    where = os.path.join(mail_root, queue.ROUTING)
+    if o["recorded"] is None:
+        log.warn("no routing recorded by a server in {where} (or not readable): routing "
+                 "with upas-runq's own options only", where=where)
+    own = queue.routing_of(o["settings"])
+    for key in o["differ"]:
+        log.warn("{flag} {value!r} differs from the server's {recorded!r} ({where}); using "
+                 "{value!r}", flag=ROUTING_FLAGS[key], value=own[key],
+                 recorded=o["recorded"][key], where=where)
 
 
 def runq_main():
