@@ -11,11 +11,12 @@ import os
 import signal
 import sys
 
+from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import passwd, ratify, service, settings, tls
+from . import logs, passwd, ratify, service, settings, tls
 from .mailer import resolve as resolve_mailer
 from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
 
@@ -207,6 +208,17 @@ class Options(usage.Options):
             raise SystemExit("upas-smtpd: %s" % e)
 
 
+class TwistdService(MultiService):
+    """What twistd runs: Twisted's per-query DNS lines filtered out of the
+    log (``logs.QuietDNS``), then the server."""
+
+    def __init__(self, top):
+        MultiService.__init__(self)
+        self.top = top
+        logs.QuietDNS().setServiceParent(self)
+        top.setServiceParent(self)
+
+
 def parse_hostport(text):
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -244,5 +256,5 @@ def makeService(options):
 
     # twistd leaves SIGHUP alone; the handler only hands over to the reactor
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-    return top
+    return TwistdService(top)
 

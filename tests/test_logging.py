@@ -1,0 +1,226 @@
+"""Issue 13 items 10 and 11: logs that can be joined, start-up errors in one line."""
+
+import json
+import os
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+from twisted.internet import defer, protocol, reactor
+from twisted.logger import (LogLevel, LogPublisher, FilteringLogObserver, capturedLogs,
+                            formatEvent)
+from twisted.names import dns
+from twisted.python import log as legacy_log
+from twisted.trial import unittest
+
+from upasmail import logs, testing
+
+from test_twistd import Server, twistd  # noqa: F401  (the dns_port fixture too)
+from test_twistd import dns_port  # noqa: F401
+
+SESSION_ID = re.compile(r"[0-9a-f]{12}\Z")
+QUEUE_ID = re.compile(r"\d+\.[0-9a-f]{12}\Z")
+BODY = ("Subject: joined\r\nMessage-ID: <m1@example.org>\r\n\r\nhello\r\n")
+
+
+# -- item 10: every session line names the session, message lines the message ----
+
+class SessionLineTests(unittest.TestCase):
+    def dialogue(self, peer="127.0.0.2"):
+        root = tempfile.mkdtemp(prefix="upasmail-logging-")
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, "box", "bob"))
+        os.makedirs(os.path.join(root, "lib"))
+        with open(os.path.join(root, "lib", "names.blocked"), "w") as f:
+            f.write("trap\n")
+        d = testing.Dialogue(testing.make_settings(root=root), peer=peer)
+        self.addCleanup(d.close)
+        return d
+
+    def session_events(self, events):
+        return [e for e in events if e.get("log_namespace") == "smtpd"]
+
+    def test_every_line_of_a_session_names_it(self):
+        with capturedLogs() as events:
+            d = self.dialogue()
+            d.send("EHLO h.sender.net", "MAIL FROM:<alice@example.org>",
+                   "RCPT TO:<x@far.example>", "RCPT TO:<trap>", "RCPT TO:<bob>", "DATA")
+            out = d.raw(BODY.encode() + b".\r\n")
+            d.close()
+        self.assertEqual(out, ["250 2.5.0 sent"])
+        sid = d.proto.session.id
+        self.assertRegex(sid, SESSION_ID)
+        mine = self.session_events(events)
+        lines = [formatEvent(e) for e in mine]
+        # nothing logged in the session is without its id
+        self.assertEqual([e.get("session") for e in mine], [sid] * len(mine))
+        self.assertEqual([t for t in lines if not t.startswith(sid + ": ")], [])
+        text = "\n".join(lines)
+        for expected in ("connect from 127.0.0.2", "ehlo from 127.0.0.2 as h.sender.net",
+                         "Bad Forward", "names.blocked blocks trap",
+                         "disconnect from 127.0.0.2: 1 accepted"):
+            self.assertIn(expected, text)
+
+    def test_message_lines_name_the_queue_id_and_message_id(self):
+        with capturedLogs() as events:
+            d = self.dialogue()
+            d.send("EHLO h.sender.net", "MAIL FROM:<alice@example.org>", "RCPT TO:<bob>",
+                   "DATA")
+            d.raw(BODY.encode() + b".\r\n")
+        sid = d.proto.session.id
+        about = [e for e in self.session_events(events) if "queue_id" in e]
+        [qid] = {e["queue_id"] for e in about}
+        self.assertRegex(qid, QUEUE_ID)
+        lines = [formatEvent(e) for e in about]
+        prefix = "%s: %s: " % (sid, qid)
+        self.assertEqual(lines, [
+            prefix + "message-id=<m1@example.org>",
+            prefix + "to=bob relay=local status=sent (delivered to mailbox)",
+            prefix + "[h.sender.net/127.0.0.2] example.org!alice sent %d bytes to bob"
+            % about[-1]["n"],
+        ])
+        self.assertEqual({e["message_id"] for e in about}, {"<m1@example.org>"})
+
+    def test_queued_message_logs_the_id_the_queue_uses(self):
+        with capturedLogs() as events:
+            d = self.dialogue(peer="127.0.0.1")  # loopback may relay
+            d.send("EHLO h.sender.net", "MAIL FROM:<alice@example.org>",
+                   "RCPT TO:<bob@far.example>", "DATA")
+            d.raw(b"Subject: no id\r\n\r\nhi\r\n.\r\n")
+        [env] = [n for n in os.listdir(d.root.queue) if n.endswith(".env")]
+        with open(os.path.join(d.root.queue, env)) as f:
+            job = json.load(f)
+        queued = [e for e in events if "status=queued" in e.get("log_format", "")]
+        self.assertEqual([(e["queue_id"], e["rcpt"]) for e in queued],
+                         [(job["id"], "far.example!bob")])
+        self.assertNotIn("message_id", queued[0])  # the header had none
+
+    def test_refused_connection_line_has_a_session_id(self):
+        d = self.dialogue()
+        d.factory.settings = testing.make_settings(root=d.root.root, max_connections=1)
+        with capturedLogs() as events:
+            self.assertIsInstance(d.factory.buildProtocol(testing.address("127.0.0.3", 1)),
+                                  protocol.Protocol)
+        [e] = [e for e in events if "too many connections" in e.get("log_format", "")]
+        self.assertRegex(e["session"], SESSION_ID)
+        self.assertTrue(formatEvent(e).startswith(e["session"] + ": too many"))
+
+
+class SessionLoggerTests(unittest.TestCase):
+    def test_fields_and_prefix(self):
+        events = []
+        log = logs.SessionLogger("abc", observer=events.append)
+        log.info("hello {who}", who="bob")
+        log.forMessage("1.ff", "<x@y>").warn("queued")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("broke")
+        self.assertEqual([formatEvent(e) for e in events[:2]],
+                         ["abc: hello bob", "abc: 1.ff: queued"])
+        self.assertEqual((events[1]["session"], events[1]["queue_id"], events[1]["message_id"]),
+                         ("abc", "1.ff", "<x@y>"))
+        self.assertEqual((events[2]["session"], events[2]["log_level"]),
+                         ("abc", LogLevel.critical))
+        self.assertTrue(formatEvent(events[2]).startswith("abc: broke"))
+
+    def test_printable(self):
+        self.assertEqual(logs.printable("<a\r\n\tb\x1b@c>"), "<a b?@c>")
+        self.assertEqual(len(logs.printable("x" * 1000)), 200)
+
+
+class DNSNoiseTests(unittest.TestCase):
+    """The lines Twisted really writes for a DNS query's UDP port, on 127.0.0.1."""
+
+    @defer.inlineCallbacks
+    def udp_port_lines(self, proto):
+        with capturedLogs() as events:
+            port = reactor.listenUDP(0, proto, interface="127.0.0.1")
+            yield port.stopListening()
+        return events
+
+    def filtered(self, events, predicate):
+        kept = []
+        observer = FilteringLogObserver(kept.append, [predicate])
+        for e in events:
+            observer(e)
+        return kept
+
+    @defer.inlineCallbacks
+    def test_dns_port_lines_are_dropped_and_nothing_else(self):
+        noise = yield self.udp_port_lines(dns.DNSDatagramProtocol(None))
+        self.assertEqual(len(noise), 4)  # the four lines per lookup
+        other = yield self.udp_port_lines(protocol.DatagramProtocol())
+        self.assertTrue(any("UDP Port" in formatEvent(e) for e in other))
+        with capturedLogs() as errors:
+            legacy_log.msg("(UDP Port 53 Closed)")  # a port it never saw open
+            legacy_log.err(RuntimeError("DNSDatagramProtocol starting on 1 boom"))
+        predicate = logs.DNSNoise()
+        self.assertEqual(self.filtered(noise, predicate), [])
+        self.assertEqual(self.filtered(other + errors, predicate), other + errors)
+        self.flushLoggedErrors(RuntimeError)
+
+
+# -- item 10 end to end: one grep joins AUTH, acceptance and the relay --------
+
+def lines_with(text, needle):
+    return [line for line in text.splitlines() if needle in line]
+
+
+def test_grep_joins_session_message_and_queue(tmp_path, dns_port):  # noqa: F811
+    pw = tmp_path / "passwd"
+    pw.write_text("alice:secret 9\n")
+    pw.chmod(0o600)
+    where = {}
+    servers = []
+    try:
+        for name, args in (("far", ["--listen", "tcp:0:interface=127.0.0.2", "-h",
+                                    "far.example", "--no-queue-runner"]),
+                           ("near", ["-p", "--passwd", str(pw), "--queue-scan", "1"])):
+            os.makedirs(tmp_path / name)
+            if name == "near":
+                args += ["--mx-port", str(where["far"].port)]
+            where[name] = Server(tmp_path / name, "--resolver", "127.0.0.1:%d" % dns_port,
+                                 *args)
+            servers.append(where[name])
+        near, far = where["near"], where["far"]
+        os.makedirs(os.path.join(far.root, "box", "bob"))
+        with smtplib.SMTP("127.0.0.1", near.port) as c:
+            c.ehlo("client.example.net")
+            c.login("alice", "secret 9")
+            assert c.sendmail("alice@example.org", ["bob@far.example"], BODY) == {}
+        mbox = os.path.join(far.root, "box", "bob", "mbox")
+        for _ in range(600):  # two child processes at work: poll for the result
+            if "status=sent" in near.output() and os.path.exists(mbox):
+                break
+            time.sleep(0.05)
+        log = near.output()
+        [auth] = lines_with(log, "authenticated alice from 127.0.0.1")
+        sid = re.search(r"\] ([0-9a-f]{12}): authenticated", auth).group(1)
+        session = lines_with(log, sid + ": ")
+        [accepted] = lines_with(log, ": message-id=<m1@example.org>")
+        qid = re.search(sid + r": (\d+\.[0-9a-f]{12}): message-id", accepted).group(1)
+        # grep the session id: the whole conversation, with the queue id in it
+        for text in ("connect from 127.0.0.1", "ehlo from 127.0.0.1 as client.example.net",
+                     "(protected)) from client.example.net",
+                     qid + ": message-id=<m1@example.org>",
+                     qid + ": to=far.example!bob relay=queue status=queued",
+                     qid + ": [client.example.net/127.0.0.1] example.org!alice sent",
+                     "disconnect from 127.0.0.1: 1 accepted, 0 refused"):
+            assert any(text in line for line in session), (text, session)
+        # grep the queue id: acceptance and delivery by the queue runner
+        assert re.search(qid + r": to=far.example!bob relay=\(mx.far.example:127.0.0.2\) "
+                         r"status=sent", log)
+        # the far side logs the same Message-ID under its own ids
+        assert lines_with(far.output(), ": message-id=<m1@example.org>")
+        # the MX lookup happened, and Twisted's per-query lines are gone
+        for noise in ("DNSDatagramProtocol", "UDP Port"):
+            assert noise not in log
+    finally:
+        for s in servers:
+            s.stop()
