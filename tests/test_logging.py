@@ -224,3 +224,96 @@ def test_grep_joins_session_message_and_queue(tmp_path, dns_port):  # noqa: F811
     finally:
         for s in servers:
             s.stop()
+
+
+# -- item 11: start-up errors are one line and exit 1, through twistd ---------
+
+def startup_failure(tmp_path, *args):
+    r = twistd("-n", "--pidfile=", "upas-smtpd", "--root", str(tmp_path / "mail"), *args,
+               cwd=str(tmp_path))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "Traceback" not in out and "Usage:" not in out, out
+    [line] = [line for line in out.splitlines() if "upas-smtpd:" in line]
+    return line
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--tarpit-unit", "abc"], "upas-smtpd: --tarpit-unit wants a number, not 'abc'"),
+    (["--tarpit-max", "nan"], "upas-smtpd: --tarpit-max wants a number, not 'nan'"),
+    (["--max-recipients", "many"], "upas-smtpd: --max-recipients wants an integer, not 'many'"),
+    (["--mx-port", "25.5"], "upas-smtpd: --mx-port wants an integer, not '25.5'"),
+    (["--listen", "tcp:notaport"], "upas-smtpd: --listen tcp:notaport: invalid literal"),
+    (["--listen", "bogus:25"], "upas-smtpd: --listen bogus:25: Unknown endpoint type"),
+    (["--max-command-line", "100"], "upas-smtpd: --max-command-line must be at least 512"),
+])
+def test_bad_option_value_is_one_line(tmp_path, args, expected):
+    assert startup_failure(tmp_path, *args).startswith(expected)
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = startup_failure(tmp_path, "--listen", "tcp:%d:interface=127.0.0.1" % port)
+    assert line.endswith("upas-smtpd: cannot listen on 127.0.0.1:%d: address already in use"
+                         % port)
+
+
+def test_unusable_mail_root_is_one_line(tmp_path):
+    (tmp_path / "mail").write_text("a file, not a directory\n")
+    line = startup_failure(tmp_path)
+    assert line.startswith("upas-smtpd: mail root %s: " % (tmp_path / "mail"))
+
+
+class ListenerTests(unittest.TestCase):
+    """Errors a test cannot provoke for real (we may be root: low ports bind)."""
+
+    def start(self, error):
+        from twisted.application.service import Service
+        from upasmail import tap_smtpd
+
+        class Refused(Service):
+            def privilegedStartService(self):
+                raise error
+
+        svc = tap_smtpd.TwistdService(Refused())
+        with self.assertRaises(tap_smtpd.StartupError) as e:
+            svc.privilegedStartService()
+        return str(e.exception)
+
+    def test_permission_denied_on_a_low_port(self):
+        from twisted.internet.error import CannotListenError
+        text = self.start(CannotListenError("", 25, PermissionError(13, "Permission denied")))
+        self.assertEqual(text, "upas-smtpd: cannot listen on *:25: permission denied")
+
+    def test_unix_socket_path(self):
+        from twisted.internet.error import CannotListenError
+        text = self.start(CannotListenError(None, "/nonexistent/s", FileNotFoundError(
+            2, "No such file or directory")))
+        self.assertEqual(text, "upas-smtpd: cannot listen on /nonexistent/s: "
+                               "no such file or directory")
+
+    def test_options_outside_twistd_still_raise_usage_errors(self):
+        from twisted.python import usage
+        from upasmail import tap_smtpd
+        with self.assertRaises(usage.UsageError) as e:
+            tap_smtpd.Options().parseOptions(["--tarpit-unit", "abc"])
+        self.assertEqual(str(e.exception), "--tarpit-unit wants a number, not 'abc'")
+
+
+def test_port_in_use_without_n_reaches_the_parent(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = twistd("--logfile", str(tmp_path / "twistd.log"), "--pidfile",
+                   str(tmp_path / "twistd.pid"), "upas-smtpd", "--root", str(tmp_path / "mail"),
+                   "--listen", "tcp:%d:interface=127.0.0.1" % port, cwd=str(tmp_path))
+    assert r.returncode == 1  # the parent no longer waits for ever
+    assert "upas-smtpd: cannot listen on 127.0.0.1:%d" % port in r.stderr  # twistd cuts it
+    assert not (tmp_path / "twistd.pid").exists()
+    text = (tmp_path / "twistd.log").read_text()
+    assert "Traceback" not in text
+    assert "upas-smtpd: cannot listen on 127.0.0.1:%d: address already in use" % port in text
