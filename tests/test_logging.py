@@ -12,8 +12,8 @@ import time
 
 import pytest
 from twisted.internet import defer, protocol, reactor
-from twisted.logger import (LogLevel, LogPublisher, FilteringLogObserver, capturedLogs,
-                            formatEvent)
+from twisted.logger import (LogLevel, FilteringLogObserver, capturedLogs, formatEvent,
+                            globalLogPublisher)
 from twisted.names import dns
 from twisted.python import log as legacy_log
 from twisted.trial import unittest
@@ -66,6 +66,24 @@ class SessionLineTests(unittest.TestCase):
                          "disconnect from 127.0.0.2: 1 accepted"):
             self.assertIn(expected, text)
 
+    def test_greylist_and_helo_lines_name_the_session(self):
+        root = tempfile.mkdtemp(prefix="upasmail-logging-")
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, "box", "bob"))
+        resolver = testing.FakeResolver({"2.0.0.127.in-addr.arpa": [
+            dns.Record_PTR("p.sender.net")]})
+        d = testing.Dialogue(testing.make_settings(root=root, greylist=True), resolver=resolver)
+        self.addCleanup(d.close)
+        with capturedLogs() as events:
+            d.send("EHLO p.sender.net")
+            out = d.send("MAIL FROM:<alice@example.org>", "RCPT TO:<bob>", "DATA")
+        self.assertEqual(out[-1][:4], "451 ")
+        mine = self.session_events(events)
+        text = "\n".join(formatEvent(e) for e in mine)
+        self.assertIn("ptr only from 127.0.0.2 as p.sender.net", text)
+        self.assertIn("no call registered for 127.0.0.2/bob", text)
+        self.assertEqual({e["session"] for e in mine}, {d.proto.session.id})
+
     def test_message_lines_name_the_queue_id_and_message_id(self):
         with capturedLogs() as events:
             d = self.dialogue()
@@ -109,6 +127,34 @@ class SessionLineTests(unittest.TestCase):
         [e] = [e for e in events if "too many connections" in e.get("log_format", "")]
         self.assertRegex(e["session"], SESSION_ID)
         self.assertTrue(formatEvent(e).startswith(e["session"] + ": too many"))
+
+
+class MailerLineTests(unittest.TestCase):
+    """-m: the mailer's lines name the session and the message too."""
+
+    def test_mailer_failure_line(self):
+        root = tempfile.mkdtemp(prefix="upasmail-logging-")
+        self.addCleanup(shutil.rmtree, root, True)
+        path = os.path.join(root, "fakemail")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\ncat >/dev/null\necho 'no such user' >&2\nexit 1\n")
+        os.chmod(path, 0o700)
+        s = testing.make_settings("", root=os.path.join(root, "mail"), mailer=path)
+        d = testing.Dialogue(s, peer="127.0.0.1", reactor=reactor)
+        self.addCleanup(d.close)
+        d.send("HELO h.sender.net", "MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.com>",
+               "DATA")
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        d.raw(b"Message-ID: <m2@example.org>\r\n\r\nhi\r\n.\r\n")
+        return d.proto.whenQuiet().addCallback(self.check, d, events)
+
+    def check(self, _, d, events):
+        [e] = [e for e in events if "returned {code}" in e.get("log_format", "")]
+        self.assertEqual((e["session"], e["message_id"]), (d.proto.session.id, "<m2@example.org>"))
+        self.assertRegex(e["queue_id"], QUEUE_ID)
+        self.assertIn("returned 450 no such user", formatEvent(e))
 
 
 class SessionLoggerTests(unittest.TestCase):

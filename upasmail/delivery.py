@@ -22,6 +22,7 @@ Any failure to store turns into ``451 4.3.0`` and no mailbox keeps a
 partial message.
 """
 
+import dataclasses
 import functools
 import os
 import re
@@ -158,8 +159,9 @@ class UpasMessage:
         if self.failure is None and self.stream.error is not None:
             self.failure = reject(554, "5.7.1 " + str(self.stream.error))
         if self.stream.message_id is not None:
-            self.log = logs.SessionLogger(self.tx.session).forMessage(
-                self.queue_id, logs.printable(self.stream.message_id))
+            self.tx = dataclasses.replace(self.tx,
+                                          message_id=logs.printable(self.stream.message_id))
+            self.log = self.log.forMessage(self.queue_id, self.tx.message_id)
         if self.action != "deliver":
             return self._blocked()
         if self.failure is not None:

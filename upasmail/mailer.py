@@ -59,7 +59,7 @@ class Mailer:
 
     def deliver(self, stream_path, tx):
         """Back-end entry point: run the mailer for one transaction."""
-        log = logs.SessionLogger(tx.session).forMessage(tx.queue_id)
+        log = logs.SessionLogger(tx.session).forMessage(tx.queue_id, tx.message_id)
 
         def logged(result):
             v, stderr = result

@@ -79,6 +79,7 @@ class Transaction:
     helo: str
     session: str = ""  # ids for log lines (logs.SessionLogger)
     queue_id: str = ""
+    message_id: Optional[str] = None
 
 
 class Recipient:
