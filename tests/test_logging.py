@@ -6,7 +6,6 @@ import re
 import shutil
 import smtplib
 import socket
-import subprocess
 import tempfile
 import time
 
@@ -20,8 +19,8 @@ from twisted.trial import unittest
 
 from upasmail import logs, testing
 
-from test_twistd import Server, twistd  # noqa: F401  (the dns_port fixture too)
-from test_twistd import dns_port  # noqa: F401
+from test_twistd import twistd
+from test_twistd import dns_port, server  # noqa: F401  (fixtures)
 
 SESSION_ID = re.compile(r"[0-9a-f]{12}\Z")
 QUEUE_ID = re.compile(r"\d+\.[0-9a-f]{12}\Z")
@@ -218,58 +217,46 @@ def lines_with(text, needle):
     return [line for line in text.splitlines() if needle in line]
 
 
-def test_grep_joins_session_message_and_queue(tmp_path, dns_port):  # noqa: F811
+def test_grep_joins_session_message_and_queue(tmp_path, server):  # noqa: F811
     pw = tmp_path / "passwd"
     pw.write_text("alice:secret 9\n")
     pw.chmod(0o600)
-    where = {}
-    servers = []
-    try:
-        for name, args in (("far", ["--listen", "tcp:0:interface=127.0.0.2", "-h",
-                                    "far.example", "--no-queue-runner"]),
-                           ("near", ["-p", "--passwd", str(pw), "--queue-scan", "1"])):
-            os.makedirs(tmp_path / name)
-            if name == "near":
-                args += ["--mx-port", str(where["far"].port)]
-            where[name] = Server(tmp_path / name, "--resolver", "127.0.0.1:%d" % dns_port,
-                                 *args)
-            servers.append(where[name])
-        near, far = where["near"], where["far"]
-        os.makedirs(os.path.join(far.root, "box", "bob"))
-        with smtplib.SMTP("127.0.0.1", near.port) as c:
-            c.ehlo("client.example.net")
-            c.login("alice", "secret 9")
-            assert c.sendmail("alice@example.org", ["bob@far.example"], BODY) == {}
-        mbox = os.path.join(far.root, "box", "bob", "mbox")
-        for _ in range(600):  # two child processes at work: poll for the result
-            if "status=sent" in near.output() and os.path.exists(mbox):
-                break
-            time.sleep(0.05)
-        log = near.output()
-        [auth] = lines_with(log, "authenticated alice from 127.0.0.1")
-        sid = re.search(r"\] ([0-9a-f]{12}): authenticated", auth).group(1)
-        session = lines_with(log, sid + ": ")
-        [accepted] = lines_with(log, ": message-id=<m1@example.org>")
-        qid = re.search(sid + r": (\d+\.[0-9a-f]{12}): message-id", accepted).group(1)
-        # grep the session id: the whole conversation, with the queue id in it
-        for text in ("connect from 127.0.0.1", "ehlo from 127.0.0.1 as client.example.net",
-                     "(protected)) from client.example.net",
-                     qid + ": message-id=<m1@example.org>",
-                     qid + ": to=far.example!bob relay=queue status=queued",
-                     qid + ": [client.example.net/127.0.0.1] example.org!alice sent",
-                     "disconnect from 127.0.0.1: 1 accepted, 0 refused"):
-            assert any(text in line for line in session), (text, session)
-        # grep the queue id: acceptance and delivery by the queue runner
-        assert re.search(qid + r": to=far.example!bob relay=\(mx.far.example:127.0.0.2\) "
-                         r"status=sent", log)
-        # the far side logs the same Message-ID under its own ids
-        assert lines_with(far.output(), ": message-id=<m1@example.org>")
-        # the MX lookup happened, and Twisted's per-query lines are gone
-        for noise in ("DNSDatagramProtocol", "UDP Port"):
-            assert noise not in log
-    finally:
-        for s in servers:
-            s.stop()
+    far = server("--listen", "tcp:0:interface=127.0.0.2", "-h", "far.example",
+                 "--no-queue-runner", where="far")
+    near = server("-p", "--passwd", str(pw), "--queue-scan", "1", "--mx-port", str(far.port),
+                  where="near")
+    os.makedirs(os.path.join(far.root, "box", "bob"))
+    with smtplib.SMTP("127.0.0.1", near.port) as c:
+        c.ehlo("client.example.net")
+        c.login("alice", "secret 9")
+        assert c.sendmail("alice@example.org", ["bob@far.example"], BODY) == {}
+    mbox = os.path.join(far.root, "box", "bob", "mbox")
+    for _ in range(600):  # two child processes at work: poll for the result
+        if "status=sent" in near.output() and os.path.exists(mbox):
+            break
+        time.sleep(0.05)
+    log = near.output()
+    [auth] = lines_with(log, "authenticated alice from 127.0.0.1")
+    sid = re.search(r"\] ([0-9a-f]{12}): authenticated", auth).group(1)
+    session = lines_with(log, sid + ": ")
+    [accepted] = lines_with(log, ": message-id=<m1@example.org>")
+    qid = re.search(sid + r": (\d+\.[0-9a-f]{12}): message-id", accepted).group(1)
+    # grep the session id: the whole conversation, with the queue id in it
+    for text in ("connect from 127.0.0.1", "ehlo from 127.0.0.1 as client.example.net",
+                 "(protected)) from client.example.net",
+                 qid + ": message-id=<m1@example.org>",
+                 qid + ": to=far.example!bob relay=queue status=queued",
+                 qid + ": [client.example.net/127.0.0.1] example.org!alice sent",
+                 "disconnect from 127.0.0.1: 1 accepted, 0 refused"):
+        assert any(text in line for line in session), (text, session)
+    # grep the queue id: acceptance and delivery by the queue runner
+    assert re.search(qid + r": to=far.example!bob relay=\(mx.far.example:127.0.0.2\) "
+                     r"status=sent", log)
+    # the far side logs the same Message-ID under its own ids
+    assert lines_with(far.output(), ": message-id=<m1@example.org>")
+    # the MX lookup happened, and Twisted's per-query lines are gone
+    for noise in ("DNSDatagramProtocol", "UDP Port"):
+        assert noise not in log
 
 
 # -- item 11: start-up errors are one line and exit 1, through twistd ---------
