@@ -22,6 +22,7 @@ Any failure to store turns into ``451 4.3.0`` and no mailbox keeps a
 partial message.
 """
 
+import dataclasses
 import functools
 import os
 import re
@@ -31,7 +32,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
-from . import pipemsg, relay, replies, spam
+from . import logs, pipemsg, relay, replies, spam
 from .decision import reject
 from .session import Transaction
 
@@ -84,7 +85,7 @@ class UpasDelivery:
             envelope.message = UpasMessage(self, envelope)
         return envelope.message
 
-    def transaction(self, envelope):
+    def transaction(self, envelope, queue_id=""):
         local, remote = [], []
         for path in envelope.recipients:
             kind, where = relay.route(path, self.session.ours)
@@ -96,6 +97,8 @@ class UpasDelivery:
             remote=tuple(remote),
             peer=self.session.rsys,
             helo=self.session.him,
+            session=self.session.id,
+            queue_id=queue_id,
         )
 
 
@@ -106,12 +109,15 @@ class UpasMessage:
     def __init__(self, delivery, envelope):
         self.delivery = delivery
         self.root = delivery.root
-        self.tx = delivery.transaction(envelope)
         self.failure = None
         self.size = 0
         self.action = envelope.action
         self.spool_path, self._file = self.root.open_spool()
         s = delivery.session
+        # the spool file's name is the message's queue id from now on
+        self.queue_id = self.root.queue_id(self.spool_path)
+        self.tx = delivery.transaction(envelope, self.queue_id)
+        self.log = logs.SessionLogger(s.id).forMessage(self.queue_id)
         settings = delivery.settings
         date = pipemsg.plan9_date(delivery.clock.seconds())
         forgery = None
@@ -131,7 +137,7 @@ class UpasMessage:
         try:
             self._file.write(data)
         except OSError as e:
-            log.error("spool write failed: {err}", err=e)
+            self.log.error("spool write failed: {err}", err=e)
             self.failure = reject(451, replies.STORE_FAILED)
 
     def refuse(self, verdict):
@@ -148,17 +154,21 @@ class UpasMessage:
         try:
             self._file.close()
         except OSError as e:
-            log.error("spool close failed: {err}", err=e)
+            self.log.error("spool close failed: {err}", err=e)
             self.failure = self.failure or reject(451, replies.STORE_FAILED)
         if self.failure is None and self.stream.error is not None:
             self.failure = reject(554, "5.7.1 " + str(self.stream.error))
+        if self.stream.message_id is not None:
+            self.tx = dataclasses.replace(self.tx,
+                                          message_id=logs.printable(self.stream.message_id))
+            self.log = self.log.forMessage(self.queue_id, self.tx.message_id)
         if self.action != "deliver":
             return self._blocked()
         if self.failure is not None:
             self._discard()
             return defer.succeed(self.failure)
         d = defer.maybeDeferred(self.delivery.backend.deliver, self.spool_path, self.tx)
-        d.addErrback(self._storeFailed)
+        d.addCallbacks(self._delivered, self._storeFailed)
         d.addBoth(self._cleanup)
         return d
 
@@ -172,23 +182,41 @@ class UpasMessage:
             if self.failure is not None:
                 why = self.failure.text().split(" ", 1)[-1]
             verdict = reject(554, "5.7.1 " + (why or replies.SPAM)[:127])
-            log.info("++[{him}/{rsys}] blocked: {why}", him=s.him, rsys=s.rsys,
-                     why=why or replies.SPAM)
+            self.log.info("++[{him}/{rsys}] blocked: {why}", him=s.him, rsys=s.rsys,
+                          why=why or replies.SPAM)
         if not self.delivery.settings.save_blocked or self.failure is not None:
             self._discard()
             return defer.succeed(verdict)
 
         def saved(path):
-            log.info("saved blocked message from {sender} as {path}", sender=self.tx.sender,
-                     path=path)
+            self.log.info("saved blocked message from {sender} as {path}",
+                          sender=self.tx.sender, path=path)
 
         d = self.root.dump(self.spool_path, self.tx.sender)
-        d.addCallbacks(saved, lambda f: log.failure("saving blocked message failed", f))
+        d.addCallbacks(saved, lambda f: self.log.failure("saving blocked message failed", f))
         d.addBoth(self._cleanup)
         return d.addCallback(lambda _: verdict)
 
+    def _delivered(self, verdict):
+        """Durable (or refused by the mailer): one line per recipient, as Postfix."""
+        if not verdict.ok:
+            return verdict
+        if self.log.message_id is not None:
+            self.log.info("message-id={message_id}")
+        tx = self.tx
+        if self.delivery.backend is self.root:
+            for user in tx.local:
+                self.log.info("to={rcpt} relay=local status=sent (delivered to mailbox)",
+                              rcpt=user)
+            for path in tx.remote:
+                self.log.info("to={rcpt} relay=queue status=queued", rcpt=path)
+        else:
+            for path in tx.recipients:
+                self.log.info("to={rcpt} relay=mailer status=sent", rcpt=path)
+        return verdict
+
     def _storeFailed(self, failure):
-        log.failure("storing message failed", failure)
+        self.log.failure("storing message failed", failure)
         return reject(451, replies.STORE_FAILED)
 
     def _cleanup(self, result):

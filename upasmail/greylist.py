@@ -78,8 +78,11 @@ class Greylist:
     def whitelisted(self, rsys):
         return in_nets(rsys, self._whitelist.current())
 
-    def check(self, lsys, rsys, recipients):
-        """Record this attempt; True when some recipient's earlier one was recent."""
+    def check(self, lsys, rsys, recipients, log=log):
+        """Record this attempt; True when some recipient's earlier one was recent.
+
+        ``log`` is the session's logger (logs.SessionLogger).
+        """
         now = self.clock.seconds()
         recent = False
         for rcpt in recipients:
@@ -111,12 +114,12 @@ class Greylist:
         with open(self.whitelist_path, "a") as f:
             f.write("%s %s\n" % (rsys, name) if name else "%s\n" % rsys)
 
-    def verdict(self, lsys, rsys, recipients):
+    def verdict(self, lsys, rsys, recipients, log=log):
         """ACCEPT, the 451 hang-up, or ``Accept(NEWLY_WHITE)``: pass and
         append the peer to the whitelist."""
         if self.whitelisted(rsys):
             return ACCEPT
-        if self.check(lsys, rsys, recipients):
+        if self.check(lsys, rsys, recipients, log):
             return Accept(NEWLY_WHITE)
         log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
                  rsys=rsys)

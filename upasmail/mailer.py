@@ -19,7 +19,7 @@ message gets the 450 reply, so a hung mailer never hangs the session.
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import process, replies
+from . import logs, process, replies
 from .decision import ACCEPT, reject
 from .process import resolve
 
@@ -59,6 +59,7 @@ class Mailer:
 
     def deliver(self, stream_path, tx):
         """Back-end entry point: run the mailer for one transaction."""
+        log = logs.SessionLogger(tx.session).forMessage(tx.queue_id, tx.message_id)
 
         def logged(result):
             v, stderr = result

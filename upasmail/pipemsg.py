@@ -92,6 +92,7 @@ class MailerStream:
         self._forgery = forgery
         self.error = None
         self.size = 0
+        self.message_id = None  # the Message-ID field's value, for the log
         self._emit(envelope_line(sender, date).encode())
         self._emit(received_line(him, rsys, me, date, tls, user).encode())
 
@@ -120,6 +121,8 @@ class MailerStream:
     def _flush_header(self):
         self._in_header = False
         header = rfc822.parse(self._header, self._him)
+        self.message_id = next((v.strip() for name, v in header.fields
+                                if name == "message-id"), None)
         if self._forgery is not None:
             for w in self._forgery(self._last_sender, header.fields):
                 self._emit(("X-warning: %s\n" % w).encode())

@@ -55,12 +55,14 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, grammar, helo, ratify, relay, replies, spam, tarpit
+from . import auth, grammar, helo, logs, ratify, relay, replies, spam, tarpit
 from .tls import describe as describe_tls
 from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
 from .session import Recipient, Session
 
+# for lines outside any session; a session logs through its own
+# ``self.log``, which names it (logs.SessionLogger)
 log = Logger(namespace="smtpd")
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
@@ -100,6 +102,7 @@ class UpasESMTP(smtp.ESMTP):
         self._handshakeDone = False
         self._closing = False  # the server is shutting down
         self._closeWaiters = []
+        self._accepted = 0  # messages answered 250, for the disconnect line
 
     def whenQuiet(self):
         """A Deferred that fires once no reply is pending (tests, shutdown)."""
@@ -115,11 +118,14 @@ class UpasESMTP(smtp.ESMTP):
         peer, host = self.transport.getPeer(), self.transport.getHost()
         rsys = relay.normalize_ip(getattr(peer, "host", str(peer)))
         lsys = relay.normalize_ip(getattr(host, "host", str(host)))
-        self.session = s = Session(rsys=rsys, lsys=lsys)
+        self.session = s = Session(rsys=rsys, lsys=lsys, id=logs.new_session_id())
+        self.log = logs.SessionLogger(s.id)
         s.trusted, s.hisaction = self.spam.peer(rsys)
         s.auth_required = self.settings.require_auth
         s.ours = self.settings.ours.with_local_ip(lsys)
         s.encrypted = ISSLTransport.providedBy(self.transport)  # implicit TLS
+        self.log.info("connect from {rsys}{trusted}", rsys=rsys,
+                      trusted=" (trusted)" if s.trusted else "")
         self.delivery = self.makeDelivery(self.session)
         self._helo = (None, rsys)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
@@ -131,12 +137,15 @@ class UpasESMTP(smtp.ESMTP):
 
     def handshakeCompleted(self):
         self._handshakeDone = True
-        log.info("started TLS with {rsys}", rsys=self.session.rsys)
+        self.log.info("started TLS with {rsys}", rsys=self.session.rsys)
 
     def connectionLost(self, reason):
         if self.session.encrypted and not self._handshakeDone:
-            log.info("TLS start-up failed with {rsys}", rsys=self.session.rsys)
+            self.log.info("TLS start-up failed with {rsys}", rsys=self.session.rsys)
         self._lost = True
+        self.log.info("disconnect from {rsys}: {accepted} accepted, {rejects} refused",
+                      rsys=self.session.rsys, accepted=self._accepted,
+                      rejects=self.session.rejects)
         self._setPhaseTimer(None)
         self._abortMessages()
         smtp.ESMTP.connectionLost(self, reason)
@@ -188,7 +197,7 @@ class UpasESMTP(smtp.ESMTP):
     def _phaseExpired(self):
         """upas's alarm: the session ends with no reply at all."""
         self._phaseTimer = None
-        log.info("session limit reached for {rsys}; closing", rsys=self.session.rsys)
+        self.log.info("session limit reached for {rsys}; closing", rsys=self.session.rsys)
         self._abortMessages()
         self.transport.loseConnection()
 
@@ -235,7 +244,7 @@ class UpasESMTP(smtp.ESMTP):
                     result = self.lineReceived(line)
                 except Exception:
                     # a bug must cost one reply, never the connection
-                    log.failure("command failed")
+                    self.log.failure("command failed")
                     result = None
                     if self.mode == DATA:
                         self._dataRefused = reject(451, replies.LOCAL_ERROR)
@@ -247,8 +256,8 @@ class UpasESMTP(smtp.ESMTP):
                     # clear and may be an attacker's; the client must resend
                     self._dropPlaintext = False
                     if pos < len(buf):
-                        log.info("discarded {n} bytes pipelined after STARTTLS from {rsys}",
-                                 n=len(buf) - pos, rsys=self.session.rsys)
+                        self.log.info("discarded {n} bytes pipelined after STARTTLS from {rsys}",
+                                      n=len(buf) - pos, rsys=self.session.rsys)
                     pos = len(buf)
                 if isinstance(result, defer.Deferred):
                     self._busy = True
@@ -262,7 +271,7 @@ class UpasESMTP(smtp.ESMTP):
 
     def _replied(self, result):
         if isinstance(result, Failure):
-            log.failure("command failed", result)
+            self.log.failure("command failed", result)
             if not self._lost:
                 self.reply(reject(451, replies.LOCAL_ERROR))
         self._busy = False
@@ -308,7 +317,7 @@ class UpasESMTP(smtp.ESMTP):
         if failure.check(smtp.SMTPServerError):
             e = failure.value
             return reject(e.code, _text(e.resp))
-        log.failure("{what} failed", failure, what=what)
+        self.log.failure("{what} failed", failure, what=what)
         return reject(451, replies.LOCAL_ERROR)
 
     # -- commands --------------------------------------------------------
@@ -336,7 +345,7 @@ class UpasESMTP(smtp.ESMTP):
         verdict = tarpit.rejectcheck(s.rejects, s.hardreject)
         if not verdict.ok:
             if verdict.hangup:
-                log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys)
+                self.log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys)
             return self.reply(verdict)
         return handler(cmd)
 
@@ -353,7 +362,8 @@ class UpasESMTP(smtp.ESMTP):
         s = self.session
         him = cmd.arg
         if not self.settings.quiet:
-            log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys, him=him)
+            self.log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys,
+                          him=him)
         if s.trusted or s.authenticated:
             return self._hello(ACCEPT, cmd, him)
         d = self.spam.helo_verdict(s, him)
@@ -366,14 +376,15 @@ class UpasESMTP(smtp.ESMTP):
         if not verdict.ok:
             if not settings.helo_lie_auth:
                 if not settings.quiet:
-                    log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=him)
+                    self.log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=him)
                 return self._later(delay, self.reply, verdict)
             prefix = [helo.YOU_LIE]
             s.auth_required = True
         if "." not in him and "." in s.rsys:
             him = s.rsys
         if settings.quiet:
-            log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys, him=him)
+            self.log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys,
+                          him=him)
         s.him = him
         s.extended = cmd.verb == "EHLO"
         s.reset()  # RFC 5321 4.1.4: a new HELO/EHLO ends any transaction
@@ -457,28 +468,28 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(reject(553, replies.NEED_SMTPUTF8))
         envelope = s.envelope
         validators = self.spam.validators
-        d = validators.recipok(cmd.arg)
+        d = validators.recipok(cmd.arg, self.log)
 
         def recipok(verdict):
             if not verdict.ok:
                 if verdict.code == 550:
-                    log.info("Disallowed {sender} ({him}/{rsys}) to blocked name {rcpt}",
-                             sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                    self.log.info("Disallowed {sender} ({him}/{rsys}) to blocked name {rcpt}",
+                                  sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
                 return verdict
             return validators.senderok(cmd.arg, s.rsys).addCallback(senderok)
 
         def senderok(verdict):
             if not verdict.ok:
-                log.info("Disallowed sending IP of {sender} ({him}/{rsys}) to {rcpt}",
-                         sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                self.log.info("Disallowed sending IP of {sender} ({him}/{rsys}) to {rcpt}",
+                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
                 return verdict
             # upas checks relaying only for ACCEPT: other states are refused at DATA
             exempt = s.authenticated or envelope.filterstate != ratify.ACCEPT
             verdict = relay.check_recipient(cmd.arg, s.rsys, exempt,
                                             self.settings.relay_control, s.ours)
             if not verdict.ok:
-                log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})", sender=envelope.sender,
-                         him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                self.log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})",
+                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
                 return verdict
             path = verdict.value
             user = Recipient(path, self, self._helo, envelope.sender)
@@ -516,8 +527,8 @@ class UpasESMTP(smtp.ESMTP):
         env = s.envelope
         if not verdict.ok:
             for rcpt in env.recipients:
-                log.info("[{him}/{rsys}] {sender} -> {rcpt} sendercheck: {err}", him=s.him,
-                         rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=verdict.text()[6:])
+                self.log.info("[{him}/{rsys}] {sender} -> {rcpt} sendercheck: {err}", him=s.him,
+                              rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=verdict.text()[6:])
             return self.reply(verdict)
         state = env.filterstate
         if state not in (ratify.ACCEPT, ratify.TRUSTED) and self.spam.opted_out(
@@ -526,8 +537,8 @@ class UpasESMTP(smtp.ESMTP):
         verdict, action = spam.startcmd(state, env.last_sender, self.settings.dom)
         if state in spam.LOG_WORD:
             for rcpt in env.recipients:
-                log.info("{what} {sender} ({him}/{rsys}) ({rcpt})", what=spam.LOG_WORD[state],
-                         sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt)
+                self.log.info("{what} {sender} ({him}/{rsys}) ({rcpt})", what=spam.LOG_WORD[state],
+                              sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt)
         if not verdict.ok:
             if state == "dial":
                 s.hardreject = True
@@ -629,11 +640,20 @@ class UpasESMTP(smtp.ESMTP):
                 verdict = v
         if verdict.ok:
             size = sum(getattr(m, "size", 0) for m in messages)
-            log.info("[{him}/{rsys}] {senders} sent {n} bytes to {rcpts}", him=s.him,
-                     rsys=s.rsys, senders=",".join(env.senders), n=size,
-                     rcpts=",".join(env.recipients))
+            self._accepted += 1
+            self._messageLog(messages).info(
+                "[{him}/{rsys}] {senders} sent {n} bytes to {rcpts}", him=s.him, rsys=s.rsys,
+                senders=",".join(env.senders), n=size, rcpts=",".join(env.recipients))
             return self.sendReply(250, replies.SENT)
         return self.reply(verdict)
+
+    def _messageLog(self, messages):
+        """The logger naming the message's queue id, when the back end gave one."""
+        for m in messages:
+            mlog = getattr(m, "log", None)
+            if isinstance(mlog, logs.SessionLogger) and mlog.queue_id is not None:
+                return mlog
+        return self.log
 
     def _abortMessages(self):
         messages, self._messages = self._messages, None
@@ -641,7 +661,7 @@ class UpasESMTP(smtp.ESMTP):
             try:
                 m.connectionLost()
             except Exception:
-                log.failure("IMessage.connectionLost failed")
+                self.log.failure("IMessage.connectionLost failed")
 
     def cmd_RSET(self, cmd):
         self.session.reset()
@@ -673,7 +693,7 @@ class UpasESMTP(smtp.ESMTP):
                 raise RuntimeError("the transport cannot start TLS")
             self.ctx.getContext()
         except Exception as e:
-            log.error("TLS not available for {rsys}: {err}", rsys=s.rsys, err=e)
+            self.log.error("TLS not available for {rsys}: {err}", rsys=s.rsys, err=e)
             return self.reply(reject(454, replies.TLS_NOT_AVAILABLE, counts=False))
         self.sendReply(220, replies.TLS_GO_AHEAD)
         self.transport.startTLS(self.ctx)
@@ -713,7 +733,7 @@ class UpasESMTP(smtp.ESMTP):
                                      self.settings.clear_passwords)
         if not verdict.ok:
             return self.reply(verdict)
-        log.info("auth({mech}, (protected)) from {him}", mech=cmd.arg, him=s.him)
+        self.log.info("auth({mech}, (protected)) from {him}", mech=cmd.arg, him=s.him)
         self._exchange = auth.Exchange(cmd.arg, cmd.extra, self.settings.dom,
                                        self.clock.seconds())
         return self._authStep(self._exchange.start())
@@ -732,7 +752,7 @@ class UpasESMTP(smtp.ESMTP):
         s = self.session
         if not self.throttle.begin(s.rsys):
             # the address has spent its failures: nothing more is checked
-            log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys)
+            self.log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys)
             return self.reply(self._tooManyFailures())
         if not step.ok:
             return self._authFailure(step, "(malformed response)", exchange.mech)
@@ -757,14 +777,14 @@ class UpasESMTP(smtp.ESMTP):
         self._onLogout = logout
         s.authenticated = True
         s.user = user
-        log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys)
+        self.log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys)
         self.sendReply(235, auth.OK)
 
     def _authFailed(self, failure, user, mech):
         s = self.session
         if not failure.check(error.LoginFailed):
             self.throttle.abandoned(s.rsys)
-            log.error("temporary authentication failure for {user} from {rsys}: {err}",
+            self.log.error("temporary authentication failure for {user} from {rsys}: {err}",
                       user=user, rsys=s.rsys, err=failure.getErrorMessage())
             return self.reply(reject(454, auth.TEMPORARY))
         return self._authFailure(reject(535, auth.FAILED), user, mech)
@@ -773,7 +793,7 @@ class UpasESMTP(smtp.ESMTP):
         """Answer a failed attempt once the address's turn comes (``auth.Throttle``)."""
         s = self.session
         wait, n = self.throttle.failed(s.rsys)
-        log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
+        self.log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
                  user=user, rsys=s.rsys, mech=mech, n=n)
         if n >= self.throttle.limit:
             verdict = self._tooManyFailures()
@@ -835,11 +855,14 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         s = self.settings
         if self.closing:
             return _Busy(replies.SHUTDOWN.format(dom=s.dom))
+        # a refused connection is a session too: its one line has an id
         if len(self.connections) >= self.maxConnections:
-            log.warn("too many connections ({n}); refusing {ip}", n=len(self.connections), ip=ip)
+            logs.SessionLogger(logs.new_session_id()).warn(
+                "too many connections ({n}); refusing {ip}", n=len(self.connections), ip=ip)
             return _Busy(replies.TOO_MANY_CONNECTIONS.format(dom=s.dom))
         if self.perPeer[ip] >= s.max_connections_per_peer and not self.spam.peer(ip)[0]:
-            log.info("too many connections from {ip}", ip=ip)
+            logs.SessionLogger(logs.new_session_id()).info(
+                "too many connections from {ip}", ip=ip)
             return _Busy(replies.TOO_MANY_FROM_PEER.format(dom=s.dom, ip=ip))
         p = self.protocol(s, self.makeDelivery, self.clock,
                           self.contextFactory, self.spam, self.throttle)

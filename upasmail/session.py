@@ -35,6 +35,7 @@ class Envelope:
 class Session:
     rsys: str  # peer IP as text
     lsys: str  # our IP as text
+    id: str = ""  # the session id every log line of the connection names
     him: str = ""  # HELO argument as upas keeps it; "" before HELO
     extended: bool = False
     trusted: bool = False
@@ -76,6 +77,9 @@ class Transaction:
     remote: tuple  # bang paths for the outbound queue
     peer: str
     helo: str
+    session: str = ""  # ids for log lines (logs.SessionLogger)
+    queue_id: str = ""
+    message_id: Optional[str] = None
 
 
 class Recipient:

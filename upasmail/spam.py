@@ -23,7 +23,7 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import dnscheck, helo, ratify, relay
+from . import dnscheck, helo, logs, ratify, relay
 from .conf import WatchedFile
 from .decision import ACCEPT, reject
 from .greylist import NEWLY_WHITE, Greylist
@@ -109,6 +109,7 @@ class SpamFilter:
         claims = helo.claims_to_be_us(him, session.rsys, session.lsys, ident.dom, ident.names)
         static = not s.relax_helo and helo.static_lie(him)
         status, ptr_match = None, False
+        log = logs.SessionLogger(session.id)
         if not (claims or static or s.relax_helo):
             status = yield dnscheck.name_status(self.resolver, him, self.clock, s.dns_timeout)
             if status == dnscheck.TEMPFAIL:
@@ -157,8 +158,9 @@ class SpamFilter:
     @defer.inlineCallbacks
     def greylist_verdict(self, session):
         env = session.envelope
+        log = logs.SessionLogger(session.id)
         try:
-            v = self.greylist.verdict(session.lsys, session.rsys, env.recipients)
+            v = self.greylist.verdict(session.lsys, session.rsys, env.recipients, log)
         except OSError as e:
             log.error("greylist: {err}; letting {rsys} through", err=e, rsys=session.rsys)
             return ACCEPT

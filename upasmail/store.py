@@ -183,6 +183,11 @@ class MailRoot:
         path = os.path.join(self.tmp, new_id(self._clock.seconds()))
         return path, open(path, "xb")
 
+    @staticmethod
+    def queue_id(spool_path):
+        """A message keeps its spool file's name as its id, in the queue and the log."""
+        return os.path.basename(spool_path)
+
     def mailbox_path(self, user):
         return os.path.join(self.boxes, user.lower(), "mbox")
 
@@ -195,7 +200,7 @@ class MailRoot:
         d = self._store(spool_path, envelope)
         d.addCallback(self.commit.sync)
         if envelope.remote:
-            d.addCallback(self._wake, os.path.basename(spool_path))
+            d.addCallback(self._wake, self.queue_id(spool_path))
         return d.addCallback(lambda _: ACCEPT)
 
     def _wake(self, result, qid):
@@ -271,7 +276,7 @@ class MailRoot:
         return d.addErrback(busy)
 
     def _enqueue(self, spool_path, envelope):
-        qid = os.path.basename(spool_path)
+        qid = self.queue_id(spool_path)
         msg = os.path.join(self.queue, qid + ".msg")
         env = os.path.join(self.queue, qid + ".env")
         os.link(spool_path, msg)

@@ -5,21 +5,59 @@ long name.  Files the server cannot work without (smtpd.conf, the ratify
 list, the certificate, the password file when AUTH is required or the
 file is named) are read once at start-up: a problem stops ``twistd`` with
 ``upas-smtpd: FILE:LINE: reason`` instead of surfacing in a session.
+Every other start-up error (a bad option value, an endpoint that does not
+parse, a port in use or refused, a mail root we cannot use) is one line
+too, naming the option or address, and exit status 1: no traceback and no
+page of usage text.
 """
 
+import math
 import os
 import signal
 import sys
 
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import passwd, ratify, service, settings, tls
+from . import logs, passwd, ratify, service, settings, tls
 from .mailer import resolve as resolve_mailer
 from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
 
 log = Logger(namespace="smtpd")
+
+
+def _coercion(name, kind):
+    """int or float for ``--name``; a bad value is a usage error naming it
+    (Twisted's own says only "could not convert string to float")."""
+    what = "an integer" if kind is int else "a number"
+
+    def coerce(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            raise usage.UsageError("--%s wants %s, not %r" % (name, what, text))
+        return value
+
+    return coerce
+
+
+def named_coercions(parameters):
+    """``optParameters`` rows with their int/float coercions naming the option."""
+    return [row[:4] + [_coercion(row[0], row[4])] if row[4:5] in ([int], [float]) else row
+            for row in parameters]
+
+
+def listen_error_text(e):
+    """``cannot listen on 127.0.0.1:25: permission denied`` for a CannotListenError."""
+    where = e.port if e.interface is None else "%s:%s" % (e.interface or "*", e.port)
+    why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+    return "cannot listen on %s: %s" % (where, why[:1].lower() + why[1:])
 
 
 class Options(usage.Options):
@@ -103,6 +141,7 @@ class Options(usage.Options):
         ["shutdown-grace", None, 60.0, "SIGTERM: seconds a message in DATA may take to "
                                        "finish", float],
     ] + QUEUE_PARAMETERS
+    optParameters = named_coercions(optParameters)
 
     def __init__(self):
         usage.Options.__init__(self)
@@ -116,6 +155,17 @@ class Options(usage.Options):
             raise usage.UsageError("-k: %s" % e)
 
     opt_evil = opt_k
+
+    def parseOptions(self, options=None):
+        # Under twistd (a sub-command: ``parent`` is twistd's options) a
+        # usage error is one line and exit 1, as a config error is; twistd
+        # itself would print the whole usage text before it.
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit("upas-smtpd: %s" % e)
 
     def postOptions(self):
         config = smtpdconf.SmtpdConf()
@@ -151,6 +201,7 @@ class Options(usage.Options):
                                    "--auth-max-failures must be at least 1")
         if self["resolver"]:
             self["resolverAddress"] = parse_hostport(self["resolver"])
+        check_endpoint(self["listen"])
         if self["mailer"] and resolve_mailer(self["mailer"]) is None:
             raise SystemExit("upas-smtpd: -m %s: no such executable" % self["mailer"])
         for name in ("idle-timeout", "mailer-timeout", "validator-timeout", "dns-timeout",
@@ -158,7 +209,7 @@ class Options(usage.Options):
             if self[name] <= 0:
                 raise usage.UsageError("--%s must be positive" % name)
         if self["tarpit-unit"] < 0 or self["tarpit-max"] < 0:
-            raise usage.UsageError("tarpit settings cannot be negative")
+            raise usage.UsageError("--tarpit-unit and --tarpit-max cannot be negative")
         root = os.path.abspath(self["root"])
         paths = {k: os.path.abspath(self[o]) if self[o] else None
                  for k, o in (("lib", "lib"), ("blocked", "blocked"),
@@ -225,6 +276,44 @@ class Options(usage.Options):
             raise SystemExit("upas-smtpd: %s" % e)
 
 
+def check_endpoint(description):
+    """A --listen value that does not parse is a usage error, not a traceback."""
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, OSError) as e:
+        raise usage.UsageError("--listen %s: %s" % (description, e))
+
+
+class StartupError(SystemExit, Exception):
+    """A start-up failure once twistd is under way.
+
+    An Exception, so twistd removes its pid file and, without ``-n``, tells
+    the waiting parent process (which otherwise waits forever); a
+    SystemExit, so the process ends with its one line and status 1 instead
+    of a traceback.
+    """
+
+
+class TwistdService(MultiService):
+    """What twistd runs: Twisted's per-query DNS lines filtered out of the
+    log (``logs.QuietDNS``), then the server.  A listener that cannot start
+    ends twistd with one line and exit 1 instead of a traceback."""
+
+    def __init__(self, top):
+        MultiService.__init__(self)
+        self.top = top
+        logs.QuietDNS().setServiceParent(self)
+        top.setServiceParent(self)
+
+    def privilegedStartService(self):
+        try:
+            MultiService.privilegedStartService(self)
+        except CannotListenError as e:
+            raise StartupError("upas-smtpd: %s" % listen_error_text(e))
+
+
 def parse_hostport(text):
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -251,6 +340,8 @@ def makeService(options):
         top = service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
     except OSError as e:
         raise SystemExit("upas-smtpd: mail root %s: %s" % (s.root, e.strerror or e))
+    except smtpdconf.ConfigError as e:  # a file changed since the options were read
+        raise SystemExit("upas-smtpd: %s" % e)
     log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
              soft=soft, hard=hard, n=top.factory.maxConnections)
 
@@ -262,5 +353,5 @@ def makeService(options):
 
     # twistd leaves SIGHUP alone; the handler only hands over to the reactor
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-    return top
+    return TwistdService(top)
 

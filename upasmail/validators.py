@@ -104,8 +104,11 @@ class Validators:
         return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
     @defer.inlineCallbacks
-    def recipok(self, rcpt):
-        """validateaddress, then names.blocked; fires with a verdict."""
+    def recipok(self, rcpt, log=log):
+        """validateaddress, then names.blocked; fires with a verdict.
+
+        ``log`` is the session's logger (logs.SessionLogger).
+        """
         if "\r" in rcpt or "\n" in rcpt:
             log.info("shellchars in user name")
             return reject(550, USER_UNKNOWN.format(path=rcpt))
