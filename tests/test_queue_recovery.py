@@ -252,6 +252,23 @@ def test_runq_routes_as_the_server_recorded_and_logs(server, dns_port, tmp_path)
         sink.close()
 
 
+def test_runq_log_has_no_dns_or_connector_chatter(server, dns_port):
+    # far.example's MX is 127.0.0.2 (tests/test_twistd.py ZONE): a real DNS query
+    sink = Sink()
+    try:
+        s = server("--no-queue-runner", "--no-outbound-tls")
+        send(s.port, "alice@example.org", ["z@far.example"], "by MX")
+        r = runq("--root", s.root, "--resolver", "127.0.0.1:%d" % dns_port,
+                 "--mx-port", str(sink.server_address[1]))
+        assert r.returncode == 0, r.stderr
+        assert sink.subjects() == ["by MX"]
+        assert "to=far.example!z relay=(" in r.stderr
+        for noise in ("DNSDatagramProtocol", "UDP Port", "Starting factory", "Stopping factory"):
+            assert noise not in r.stderr
+    finally:
+        sink.close()
+
+
 def test_runq_without_a_server_record_warns(tmp_path):
     os.makedirs(tmp_path / "mail" / "queue")
     r = runq("--root", str(tmp_path / "mail"))

@@ -324,6 +324,8 @@ class Wire(basic.LineOnlyReceiver):
 
 
 class _Connector(protocol.ClientFactory):
+    noisy = False  # a "Starting factory" line per attempt says nothing the log lines don't
+
     def __init__(self, clock, debug, d):
         self.clock = clock
         self.debug = debug

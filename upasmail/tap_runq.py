@@ -22,11 +22,12 @@ import os
 import sys
 
 from twisted.internet import defer, task
-from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
+from twisted.logger import FilteringLogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python import usage
 
 from . import conf as smtpdconf
 from . import mxdial, queue, settings
+from .logs import DNSNoise
 from .store import MailRoot
 
 log = Logger(namespace="queue")
@@ -88,7 +89,8 @@ def start_logging(err, logfile=None):
     Returns the function that stops it; OSError when ``logfile`` cannot be opened.
     """
     files = [open(logfile, "a")] if logfile else []
-    observers = [textFileLogObserver(f) for f in [err] + files]
+    quiet = DNSNoise()  # one predicate: it pairs each DNS port's opening with its closing
+    observers = [FilteringLogObserver(textFileLogObserver(f), [quiet]) for f in [err] + files]
     for observer in observers:
         globalLogPublisher.addObserver(observer)
 
