@@ -43,6 +43,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import bounce, client, convert, factotum, relay
+from .local import at_form
 from .session import Transaction
 from .store import fsync_paths, write_envelope
 from .tarpit import doubling
@@ -561,7 +562,7 @@ class QueueRunner(service.Service):
         failures = [(convert.bangtoat(r), record["state"][r].get("dsn", "5.0.0"),
                      _mx_name(record["state"][r].get("relay", "")),
                      record["state"][r].get("error", "")) for r in failed]
-        data = bounce.dsn(failures, convert.to_at(sender, s.dom), bounce.original_header(head),
+        data = bounce.dsn(failures, at_form(sender, s.dom), bounce.original_header(head),
                           s.dom, record["created"], self.clock.seconds(), record["id"])
         path, spool = self.root.open_spool()
         with spool:

@@ -79,7 +79,8 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     if contextFactory is None and settings.cert:
         contextFactory = CertificateFile(settings.cert, settings.key)
         contextFactory.load()
-    root = MailRoot(settings.root, run_blocking, clock)
+    root = MailRoot(settings.root, run_blocking, clock, settings.dom, settings.path("lib"),
+                    settings.ours)
     root.prepare()
     backend = root
     if settings.mailer:

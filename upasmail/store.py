@@ -19,15 +19,17 @@ its own write, so the promise is not weakened.
 import json
 import os
 import secrets
+import shutil
 import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import mbox
+from . import local, mbox
 from .pipemsg import MONTHS
 from .decision import ACCEPT
+from .relay import Ours, route
 
 log = Logger(namespace="smtpd")
 
@@ -116,11 +118,14 @@ def new_id(clock_seconds):
 class MailRoot:
     """Built-in delivery into ``<root>``: local mboxes and the queue."""
 
-    def __init__(self, root, run_blocking, clock):
+    def __init__(self, root, run_blocking, clock, domain="localhost", lib=None, ours=None):
         self.root = os.path.abspath(root)
         self.tmp = os.path.join(self.root, "tmp")
         self.boxes = os.path.join(self.root, "box")
         self.queue = os.path.join(self.root, "queue")
+        self.domain = domain  # qualifies Delivered-To and bare senders
+        self.mailboxes = local.Mailboxes(self.boxes, lib or os.path.join(self.root, "lib"))
+        self.ours = ours or Ours([domain])  # which alias targets are local
         self._run = self.run_blocking = run_blocking
         self._clock = clock
         self.commit = GroupCommit(run_blocking)
@@ -156,13 +161,36 @@ class MailRoot:
         """Store the message for every recipient; fires when durable.
 
         ``envelope`` has ``local`` (user names) and ``remote`` (bang paths),
-        ``sender``, ``peer`` and ``helo``.
+        ``sender``, ``peer`` and ``helo``.  Local names go through the
+        aliases, which may add remote paths.
         """
-        d = self._run(self._store, spool_path, envelope)
+        users, remote = self.destinations(envelope)
+        d = self._run(self._store, spool_path, envelope, users, remote)
         d.addCallback(self.commit.sync)
-        if envelope.remote:
+        if remote:
             d.addCallback(self._wake, os.path.basename(spool_path))
         return d.addCallback(lambda _: ACCEPT)
+
+    def _local_user(self, path):
+        kind, where = route(path, self.ours)
+        return where if kind == "local" else None
+
+    def destinations(self, envelope):
+        """(mailbox names, remote paths) after alias expansion.
+
+        A name that is not (or no longer) a known user goes to postmaster:
+        no directory is ever made for a name nobody created.
+        """
+        users, remote = {}, dict.fromkeys(envelope.remote)
+        for user in envelope.local:
+            names, paths = self.mailboxes.expand(user, self._local_user)
+            remote.update(dict.fromkeys(paths))
+            for name in names:
+                if name != local.POSTMASTER and not self.mailboxes.known(name):
+                    log.warn("no mailbox for {user}; delivering to postmaster", user=name)
+                    name = local.POSTMASTER
+                users[name] = None
+        return tuple(users), tuple(remote)
 
     def _wake(self, result, qid):
         for hook in list(self.enqueued):
@@ -192,15 +220,36 @@ class MailRoot:
             return path
         raise OSError("no free name in %s" % d)
 
-    def _store(self, spool_path, envelope):
+    def _store(self, spool_path, envelope, users, remote):
         paths = []
-        for user in dict.fromkeys(u.lower() for u in envelope.local):
-            paths.extend(mbox.append(self.mailbox_path(user), spool_path))
-        if envelope.remote:
-            paths.extend(self._enqueue(spool_path, envelope))
+        for user in users:
+            paths.extend(self._append(user, spool_path, envelope.sender))
+        if remote:
+            paths.extend(self._enqueue(spool_path, envelope, remote))
         return paths
 
-    def _enqueue(self, spool_path, envelope):
+    def _from_line(self, first, sender):
+        """The stream's ``From <sender> <date> ...`` with the sender in ``@`` form."""
+        prefix = b"From %s " % sender.encode()
+        rest = first[len(prefix):] if first.startswith(prefix) else first.split(b" ", 2)[-1]
+        return b"From %s %s" % (local.mbox_envelope(sender, self.domain).encode(), rest)
+
+    def _append(self, user, spool_path, sender):
+        """One mailbox copy: the stream with Postfix local(8)'s fields added."""
+        copy = spool_path + ".local"
+        try:
+            with open(spool_path, "rb") as src, open(copy, "wb") as dst:
+                dst.write(self._from_line(src.readline(), sender))
+                dst.write(local.delivery_fields(sender, user, self.domain).encode())
+                shutil.copyfileobj(src, dst, 1 << 20)
+            return mbox.append(self.mailbox_path(user), copy)
+        finally:
+            try:
+                os.unlink(copy)
+            except FileNotFoundError:
+                pass
+
+    def _enqueue(self, spool_path, envelope, remote):
         qid = os.path.basename(spool_path)
         msg = os.path.join(self.queue, qid + ".msg")
         env = os.path.join(self.queue, qid + ".env")
@@ -210,7 +259,7 @@ class MailRoot:
         record = {
             "id": qid,
             "sender": envelope.sender,
-            "recipients": list(envelope.remote),
+            "recipients": list(remote),
             "created": self._clock.seconds(),
             "peer": envelope.peer,
             "helo": envelope.helo,
