@@ -141,6 +141,12 @@ class WhoExistsTests(Case):
         self.write("aliases", "sales: |/bin/sh -c evil\n")
         self.assertEqual(d.send("RCPT TO:<sales>"), ["250 2.0.0 receiver is sales"])
 
+    def test_an_alias_never_makes_an_unsafe_mailbox(self):
+        self.write("aliases", "odd/name: odd/name\n")
+        d = self.dialogue(mailboxes=())
+        self.deliver(d, "odd/name")
+        self.assertEqual(self.boxes(), ["postmaster"])
+
     def test_with_a_mailer_the_mailer_decides(self):
         d = self.dialogue(mailer="/bin/true", mailboxes=())
         self.assertEqual(self.rcpt(d, "anyone"), ["250 2.0.0 receiver is anyone"])

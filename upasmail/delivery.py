@@ -24,7 +24,6 @@ partial message.
 
 import functools
 import os
-import re
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -38,12 +37,6 @@ from .session import Transaction
 log = Logger(namespace="smtpd")
 
 MESSAGE_LIMIT = 128 * 1024 * 1024  # upas send's MSGLIMIT
-_MAILBOX_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,63}\Z")
-
-
-def mailbox_name_ok(user):
-    return bool(_MAILBOX_NAME.match(user)) and user not in (".", "..")
-
 
 @implementer(smtp.IMessageDelivery)
 class UpasDelivery:
@@ -70,8 +63,8 @@ class UpasDelivery:
         if self.backend is self.root:
             kind, where = relay.route(user.path, self.session.ours)
             if kind == "local":
-                known = mailbox_name_ok(where) and self.root.mailboxes.known(where)
-                verdict = local.recipient_verdict(user.path, where, known)
+                verdict = local.recipient_verdict(user.path, where,
+                                                  self.root.mailboxes.known(where))
                 if not verdict.ok:
                     raise smtp.SMTPBadRcpt(user.path, verdict.code, verdict.text())
         envelope = self.session.envelope

@@ -35,6 +35,12 @@ from .replies import USER_UNKNOWN
 POSTMASTER = "postmaster"
 MAX_EXPANSION = 1000  # alias targets per recipient: a loop or a typo, not a list
 _NAME = re.compile(r"[^\s:#,]+\Z")
+_MAILBOX_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,63}\Z")
+
+
+def mailbox_name_ok(user):
+    """Can ``box/<user>`` be a directory of ours (no ``/``, no dot first)?"""
+    return bool(_MAILBOX_NAME.match(user))
 
 
 def parse_aliases(text, filename="aliases"):
@@ -188,10 +194,14 @@ class Mailboxes:
     def has_box(self, user):
         return os.path.isdir(os.path.join(self.boxes, user.lower()))
 
-    def known(self, user):
+    def is_user(self, user):
+        """Has ``user`` a mailbox (made, or listed in ``users``)?"""
         name = user.lower()
-        return (name in self._aliases.current() or name in self._users.current()
-                or self.has_box(name))
+        return mailbox_name_ok(name) and (name in self._users.current() or self.has_box(name))
+
+    def known(self, user):
+        """May mail for ``user`` be accepted: a user or an alias?"""
+        return user.lower() in self._aliases.current() or self.is_user(user)
 
     def expand(self, user, is_local):
         return expand(user, self._aliases.current(), is_local)

@@ -186,7 +186,7 @@ class MailRoot:
             names, paths = self.mailboxes.expand(user, self._local_user)
             remote.update(dict.fromkeys(paths))
             for name in names:
-                if name != local.POSTMASTER and not self.mailboxes.known(name):
+                if name != local.POSTMASTER and not self.mailboxes.is_user(name):
                     log.warn("no mailbox for {user}; delivering to postmaster", user=name)
                     name = local.POSTMASTER
                 users[name] = None
