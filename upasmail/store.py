@@ -241,7 +241,7 @@ class MailRoot:
             with open(spool_path, "rb") as src, open(copy, "wb") as dst:
                 dst.write(self._from_line(src.readline(), sender))
                 dst.write(local.delivery_fields(sender, user, self.domain).encode())
-                shutil.copyfileobj(src, dst, 1 << 20)
+                shutil.copyfileobj(src, dst)
             return mbox.append(self.mailbox_path(user), copy)
         finally:
             try:
