@@ -5,8 +5,11 @@ import json
 import mailbox
 import os
 import shutil
+import smtplib
 import sys
 import tempfile
+
+import pytest
 
 from twisted.internet import reactor, task
 from twisted.trial import unittest
@@ -17,6 +20,7 @@ from upasmail.session import Transaction
 
 from test_mailer import SCRIPT
 from test_queue import Case as QueueCase
+from test_twistd import dns_port, server  # noqa: F401 (fixtures)
 
 GO = "354 Input message; end with <CRLF>.<CRLF>"
 SENT = "250 2.5.0 sent"
@@ -302,3 +306,22 @@ class BounceAddressTests(QueueCase):
         await self.settle(r)
         [bounce] = self.mbox("alice")  # vm is dotless, so ours: the bounce is local
         self.assertEqual(bounce["To"], "<alice@vm>")
+
+
+def test_readme_session_with_a_real_server(server):
+    """The README's steps: unknown until ``mkdir -p mail/box/bob``, then RFC 5322 headers."""
+    s = server("--tarpit-unit", "0", mailboxes=())  # the 550 counts for the tarpit
+    msg = b"Subject: hello\r\n\r\nHi Bob.\r\n"
+    with smtplib.SMTP("127.0.0.1", s.port) as c:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
+            c.sendmail("alice@example.org", ["bob"], msg)
+        assert e.value.recipients == {"bob": (550, b"5.1.1 bob ... user unknown")}
+        assert not os.path.exists(os.path.join(s.root, "box", "bob"))
+        os.makedirs(os.path.join(s.root, "box", "bob"))
+        assert c.sendmail("alice", ["bob"], msg) == {}
+    [m] = mailbox.mbox(os.path.join(s.root, "box", "bob", "mbox"))
+    assert m.get_from().startswith("alice@gnot.example.org ")
+    assert m["Return-Path"] == "<alice@gnot.example.org>"
+    assert m["Delivered-To"] == "bob@gnot.example.org"
+    assert (m["From"], m["To"]) == ("alice@gnot.example.org", "bob@gnot.example.org")
+    assert m["Date"] and m["Message-ID"].endswith("@gnot.example.org>")
