@@ -5,9 +5,11 @@ import json
 import mailbox
 import os
 import shutil
+import signal
 import smtplib
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -325,3 +327,31 @@ def test_readme_session_with_a_real_server(server):
     assert m["Delivered-To"] == "bob@gnot.example.org"
     assert (m["From"], m["To"]) == ("alice@gnot.example.org", "bob@gnot.example.org")
     assert m["Date"] and m["Message-ID"].endswith("@gnot.example.org>")
+
+
+def test_sighup_new_ourdomains_apply_to_alias_targets(server, tmp_path):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text("ourdomains a.example\n")
+    s = server("--conf", str(conf), "--tarpit-unit", "0", "--no-queue-runner",
+               mailboxes=("carol",))
+    os.makedirs(os.path.join(s.root, "lib"))
+    with open(os.path.join(s.root, "lib", "aliases"), "w") as f:
+        f.write("team: carol@b.example\n")
+    queue = os.path.join(s.root, "queue")
+    mbox_path = os.path.join(s.root, "box", "carol", "mbox")
+
+    def send():
+        with smtplib.SMTP("127.0.0.1", s.port) as c:
+            assert c.sendmail("alice@example.org", ["team"], b"Subject: t\r\n\r\nt\r\n") == {}
+
+    send()
+    assert len([f for f in os.listdir(queue) if f.endswith(".env")]) == 1  # b.example: remote
+    assert not os.path.exists(mbox_path)
+    conf.write_text("ourdomains a.example, b.example\n")
+    s.proc.send_signal(signal.SIGHUP)
+    for _ in range(600):  # the reload happens in the child: poll its log
+        if "settings reloaded" in s.output():
+            break
+        time.sleep(0.05)
+    send()
+    assert len(mailbox.mbox(mbox_path)) == 1

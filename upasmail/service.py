@@ -171,6 +171,7 @@ class SmtpdService(service.MultiService):
     def reload(self, settings):
         """SIGHUP: new settings (smtpd.conf) for new sessions and the queue."""
         self.factory.reload(settings)
+        self.factory.root.configure(settings.dom, settings.ours)
         self.factory.root.mailboxes.reread()
         if self.queue is not None:
             self.queue.settings = settings

@@ -123,13 +123,20 @@ class MailRoot:
         self.tmp = os.path.join(self.root, "tmp")
         self.boxes = os.path.join(self.root, "box")
         self.queue = os.path.join(self.root, "queue")
-        self.domain = domain  # qualifies Delivered-To and bare senders
         self.mailboxes = local.Mailboxes(self.boxes, lib or os.path.join(self.root, "lib"))
-        self.ours = ours or Ours([domain])  # which alias targets are local
+        self.configure(domain, ours)
         self._run = self.run_blocking = run_blocking
         self._clock = clock
         self.commit = GroupCommit(run_blocking)
         self.enqueued = []  # callables(queue id): the queue runner wakes up
+
+    def configure(self, domain, ours=None):
+        """Our domain (Delivered-To, bare senders) and which alias targets are local.
+
+        Called again on SIGHUP: smtpd.conf may name other domains.
+        """
+        self.domain = domain
+        self.ours = ours or Ours([domain])
 
     def prepare(self):
         """Create the directories; a root we cannot write is a start-up error.
