@@ -63,6 +63,14 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
+    def wait_for(self, text):
+        """Poll the log until ``text`` appears (the child acts on its own time)."""
+        for _ in range(600):
+            if text in self.output():
+                return
+            time.sleep(0.05)
+        raise AssertionError("%r not logged:\n%s" % (text, self.output()))
+
     def stop(self, sig=signal.SIGTERM):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
