@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--size", type=int, default=4096, help="body bytes")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="upasmail-bench-")
+    for i in range(16):  # only existing users get mail
+        os.makedirs(os.path.join(work, "mail", "box", "user%d" % i))
     log = open(os.path.join(work, "log"), "w+")
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "upas-smtpd", "--listen",

@@ -90,7 +90,7 @@ class Case(unittest.TestCase):
         d = testing.Dialogue(s, peer=peer or self.peer, clock=clock, reactor=reactor,
                              resolver=testing.FakeResolver(ZONE),
                              contextFactory=self.cert_file() if cert else None,
-                             implicit_tls=implicit_tls)
+                             implicit_tls=implicit_tls, mailboxes=("bob",))
         self.addCleanup(d.close)
         return d
 

@@ -33,7 +33,7 @@ class Case(unittest.TestCase):
         self.root = tempfile.mkdtemp(prefix="upasmail-limits-")
         self.addCleanup(shutil.rmtree, self.root, True)
         s = testing.make_settings(conf, root=self.root, **kw)
-        d = testing.Dialogue(s, peer=peer)
+        d = testing.Dialogue(s, peer=peer, mailboxes=("bob", "carol"))
         self.addCleanup(d.close)
         return d
 
@@ -143,6 +143,9 @@ class LimitTests(Case):
 
     def test_recipients_limit(self):
         d = self.dialogue(max_recipients=100)
+        os.makedirs(os.path.join(self.root, "lib"))
+        with open(os.path.join(self.root, "lib", "users"), "w") as f:
+            f.write("".join("u%d\n" % i for i in range(101)))
         d.send("EHLO h.sender.net", "MAIL FROM:<a@b.example>")
         out = d.send(*["RCPT TO:<u%d>" % i for i in range(101)])
         self.assertEqual(out[99], "250 2.0.0 receiver is u99")
@@ -253,7 +256,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_smuggling_variant_is_refused(name, tmp_path):
-    d = testing.Dialogue(testing.make_settings("", root=str(tmp_path)), peer="127.0.0.2")
+    d = testing.Dialogue(testing.make_settings("", root=str(tmp_path)), peer="127.0.0.2",
+                         mailboxes=("bob",))
     d.send("EHLO h.sender.net", "MAIL FROM:<a@b.example>", "RCPT TO:<bob>", "DATA")
     smuggled = (b"Subject: smuggle\r\n\r\nbody" + VARIANTS[name] +
                 b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<carol>\r\nDATA\r\nevil\r\n")
@@ -266,7 +270,8 @@ def test_smuggling_variant_is_refused(name, tmp_path):
 
 def test_bare_cr_before_a_real_end_refuses_the_message(tmp_path):
     """``body<CR><CR><LF>.<CR><LF>`` ends DATA for real (and for every later hop)."""
-    d = testing.Dialogue(testing.make_settings("", root=str(tmp_path)), peer="127.0.0.2")
+    d = testing.Dialogue(testing.make_settings("", root=str(tmp_path)), peer="127.0.0.2",
+                         mailboxes=("bob",))
     d.send("EHLO h.sender.net", "MAIL FROM:<a@b.example>", "RCPT TO:<bob>", "DATA")
     assert d.raw(b"Subject: s\r\n\r\nbody\r\r\n.\r\nNOOP\r\n") == [BARE, NOOP_OK]
     assert not os.path.exists(tmp_path / "box" / "bob" / "mbox")
@@ -300,7 +305,8 @@ def expected_end(body):
 def test_fuzz_commands_and_data_over_string_transport(commands, body):
     root = tempfile.mkdtemp(prefix="upasmail-fuzz-")
     try:
-        d = testing.Dialogue(testing.make_settings("", root=root), peer="127.0.0.1")
+        d = testing.Dialogue(testing.make_settings("", root=root), peer="127.0.0.1",
+                             mailboxes=("bob",))
         for line in commands:
             if d.proto.mode != "COMMAND" or d.transport.disconnecting:
                 break
@@ -329,7 +335,8 @@ def test_fuzz_commands_and_data_over_string_transport(commands, body):
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
     from test_twistd import Server
-    s = Server(tmp_path_factory.mktemp("fuzz"), "--tarpit-unit", "0", "--max-recipients", "100")
+    s = Server(tmp_path_factory.mktemp("fuzz"), "--tarpit-unit", "0", "--max-recipients", "100",
+               mailboxes=("bob",))
     yield s
     s.stop()
 
@@ -379,7 +386,7 @@ def twistd_server(tmp_path):
     started = []
 
     def start(*args):
-        s = Server(tmp_path, *args)
+        s = Server(tmp_path, *args, mailboxes=("bob",))
         started.append(s)
         return s
 

@@ -225,7 +225,7 @@ def test_grep_joins_session_message_and_queue(tmp_path, server):  # noqa: F811
                  "--no-queue-runner", where="far")
     near = server("-p", "--passwd", str(pw), "--queue-scan", "1", "--mx-port", str(far.port),
                   where="near")
-    os.makedirs(os.path.join(far.root, "box", "bob"))
+    os.makedirs(os.path.join(far.root, "box", "bob"), exist_ok=True)
     with smtplib.SMTP("127.0.0.1", near.port) as c:
         c.ehlo("client.example.net")
         c.login("alice", "secret 9")

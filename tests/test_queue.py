@@ -41,6 +41,7 @@ class Case(unittest.TestCase):
         self.clock = task.Clock()
         self.root = MailRoot(os.path.join(self.dir, "mail"), testing.run_now, self.clock)
         self.root.prepare()
+        testing.make_mailboxes(self.root.root, "alice")  # local senders get their bounces
         self.sinks = {}
 
     def sink(self, interface="127.0.0.2", port=None, **kw):
@@ -165,7 +166,8 @@ class DeliveryTests(Case):
         yield self.settle(r)
         self.assertEqual(self.jobs(), [])
         [bounce] = self.mbox("alice")  # the sender is ours: the bounce is local
-        self.assertEqual(bounce.get_from().split()[0], "/dev/null")
+        self.assertEqual(bounce.get_from().split()[0], "MAILER-DAEMON")
+        self.assertEqual(bounce["Return-Path"], "<>")
         self.assertEqual(bounce.get_content_type(), "multipart/report")
         self.assertEqual(bounce.get_param("report-type"), "delivery-status")
         text, status, headers = bounce.get_payload()

@@ -142,6 +142,7 @@ class MailRootTests(unittest.TestCase):
     def test_queue_job(self):
         root = store.MailRoot(self.mktemp(), run_now, task.Clock())
         root.prepare()
+        os.mkdir(os.path.join(root.boxes, "bob"))
         path, f = root.open_spool()
         f.write(STREAM)
         f.close()

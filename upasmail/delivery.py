@@ -25,26 +25,19 @@ partial message.
 import dataclasses
 import functools
 import os
-import re
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
-from . import logs, pipemsg, relay, replies, spam
+from . import local, logs, pipemsg, relay, replies, spam
 from .decision import reject
 from .session import Transaction
 
 log = Logger(namespace="smtpd")
 
 MESSAGE_LIMIT = 128 * 1024 * 1024  # upas send's MSGLIMIT
-_MAILBOX_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,63}\Z")
-
-
-def mailbox_name_ok(user):
-    return bool(_MAILBOX_NAME.match(user)) and user not in (".", "..")
-
 
 @implementer(smtp.IMessageDelivery)
 class UpasDelivery:
@@ -67,12 +60,14 @@ class UpasDelivery:
         return origin
 
     def validateTo(self, user):
+        # with -m the mailer decides who exists, as in upas
         if self.backend is self.root:
             kind, where = relay.route(user.path, self.session.ours)
-            if kind == "local" and not mailbox_name_ok(where):
-                raise smtp.SMTPBadRcpt(
-                    user.path, 550, replies.USER_UNKNOWN.format(path=user.path)
-                )
+            if kind == "local":
+                verdict = local.recipient_verdict(user.path, where,
+                                                  self.root.mailboxes.known(where))
+                if not verdict.ok:
+                    raise smtp.SMTPBadRcpt(user.path, verdict.code, verdict.text())
         envelope = self.session.envelope
         return lambda: self._message(envelope)
 
@@ -86,14 +81,19 @@ class UpasDelivery:
         return envelope.message
 
     def transaction(self, envelope, queue_id=""):
-        local, remote = [], []
+        users, remote = [], []
         for path in envelope.recipients:
             kind, where = relay.route(path, self.session.ours)
-            (local if kind == "local" else remote).append(where if kind == "local" else path)
+            (users if kind == "local" else remote).append(where if kind == "local" else path)
+        s = self.session
+        sender = envelope.sender
+        if self.backend is self.root:  # a -m mailer gets upas's sender
+            sender = local.home_sender(sender, envelope.bare_sender,
+                                       s.trusted or s.authenticated, self.settings.dom)
         return Transaction(
-            sender=envelope.sender,
+            sender=sender,
             recipients=tuple(envelope.recipients),
-            local=tuple(local),
+            local=tuple(users),
             remote=tuple(remote),
             peer=self.session.rsys,
             helo=self.session.him,
@@ -124,10 +124,15 @@ class UpasMessage:
         if settings.relay_control and not (s.trusted or s.authenticated):
             # upas tags forgeries only when it controls relaying (-f)
             forgery = functools.partial(relay.forgery_warnings, him=s.him, ours=s.ours)
+        sender, last_sender, form = envelope.sender, envelope.last_sender, None
+        if delivery.backend is self.root and self.action == "deliver":
+            # the built-in store writes RFC 5322 addresses; -m and -s keep upas's stream
+            sender = last_sender = self.tx.sender
+            form = pipemsg.StoredForm(settings.dom, delivery.clock.seconds())
         self.stream = pipemsg.MailerStream(
-            self._write, envelope.sender, envelope.last_sender,
+            self._write, sender, last_sender,
             list(envelope.recipients), s.him, s.rsys, settings.me, date, forgery,
-            tls=s.tls, user=s.user,
+            tls=s.tls, user=s.user, form=form,
         )
 
     def _write(self, data):

@@ -267,10 +267,14 @@ def escape(lines):
             yield line
 
 
-def _rendered(src):
-    """The mbox bytes of the mailer stream ``src``, in chunks of about CHUNK."""
+def _rendered(src, head=None):
+    """The mbox bytes of the mailer stream ``src``, in chunks of about CHUNK.
+
+    ``head(first line)`` gives the bytes that start the message instead of
+    the stream's own ``From `` line (local delivery adds fields there).
+    """
     first = src.readline()
-    chunks = [mbox_from_line(first)]
+    chunks = [mbox_from_line(first) if head is None else head(first)]
     size = len(chunks[0])
     last = b"\n"
     for line in escape(src):
@@ -286,8 +290,8 @@ def _rendered(src):
     yield b"".join(chunks)
 
 
-def append(mbox_path, stream_path, notes=None):
-    """Append the mailer stream in ``stream_path`` to the mbox.
+def append(mbox_path, stream_path, notes=None, head=None):
+    """Append the mailer stream in ``stream_path`` to the mbox (``head``: see _rendered).
 
     One try: raises ``Busy`` when another writer holds the mailbox.
     Returns the list of paths whose data must reach the disk (the mbox, and
@@ -311,7 +315,7 @@ def append(mbox_path, stream_path, notes=None):
     try:
         lockfd = _lock(fd, mbox_path, notes)
         try:
-            _append_locked(fd, lockfd, stream_path)
+            _append_locked(fd, lockfd, stream_path, head)
         finally:
             os.unlink(mbox_path + ".lock")
             os.close(lockfd)
@@ -321,19 +325,19 @@ def append(mbox_path, stream_path, notes=None):
     return [mbox_path] + created
 
 
-def _append_locked(fd, lockfd, stream_path):
+def _append_locked(fd, lockfd, stream_path, head=None):
     st = os.fstat(fd)
     start = done = os.lseek(fd, 0, os.SEEK_END)
     where = len(lock_header(*me()))
     try:
         with open(stream_path, "rb") as src:
-            head = None
-            for chunk in _rendered(src):
-                if head is None:
-                    head = chunk[:HEAD]
+            start_bytes = None
+            for chunk in _rendered(src, head):
+                if start_bytes is None:
+                    start_bytes = chunk[:HEAD]
                 else:
                     crashpoint.reached("mbox.mid-append")
-                record = Record(st.st_dev, st.st_ino, start, done, done + len(chunk), head)
+                record = Record(st.st_dev, st.st_ino, start, done, done + len(chunk), start_bytes)
                 os.pwrite(lockfd, record_line(record), where)
                 _write_all(fd, chunk)
                 done += len(chunk)

@@ -13,6 +13,11 @@ In order (spec upas-behaviour.md §1.10.3):
 6. the header, rewritten by ``rfc822.parse`` (``@him`` qualification,
    ``BadHeader:``), then the blank line and the body verbatim.
 
+The built-in store asks for its ``form`` (``StoredForm``) instead of upas's
+for what is added in 4 and 5: addresses in RFC 5322 ``@`` form, and
+``Date:`` and ``Message-ID:`` when the header has none, as Postfix's
+cleanup does.  A ``-m`` mailer gets upas's stream unchanged.
+
 Lines end in LF; the protocol has already removed the SMTP dot-stuffing
 and CRLF.  NUL bytes are dropped.  A header line that is not valid UTF-8
 refuses the message with ``mail refused: illegal header chars``.  The
@@ -21,9 +26,13 @@ through unparsed.  Unlike upas, the parser state is fresh for every
 message (quirk Q5) and a header-only message ends at the dot (Q4).
 """
 
+import email.utils
+import secrets
 import time
+from dataclasses import dataclass
 
 from . import rfc822
+from .local import at_form
 
 HEADER_LIMIT = 16 * 1024
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -69,6 +78,23 @@ def received_line(him, rsys, me, date, tls=None, user=None):
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class StoredForm:
+    """What the built-in store adds differently from upas (see above)."""
+
+    domain: str  # qualifies bare addresses; names the Message-ID
+    seconds: float  # when the message arrived
+
+    def address(self, path):
+        return at_form(path, self.domain) or "MAILER-DAEMON@" + self.domain
+
+    def date(self):
+        return email.utils.formatdate(self.seconds, localtime=True)
+
+    def message_id(self):
+        return "<%d.%s@%s>" % (self.seconds, secrets.token_hex(6), self.domain)
+
+
 class MessageRefused(Exception):
     """The message is refused for its content (reply 554 5.7.1 <text>)."""
 
@@ -81,8 +107,9 @@ class MailerStream:
     """
 
     def __init__(self, write, sender, last_sender, recipients, him, rsys, me,
-                 date, forgery=None, tls=None, user=None):
+                 date, forgery=None, tls=None, user=None, form=None):
         self._write = write
+        self._form = form
         self._him = him
         self._last_sender = last_sender
         self._recipients = recipients
@@ -126,10 +153,17 @@ class MailerStream:
         if self._forgery is not None:
             for w in self._forgery(self._last_sender, header.fields):
                 self._emit(("X-warning: %s\n" % w).encode())
+        form = self._form
+        address = form.address if form is not None else str
         if not header.has_originator:
-            self._emit(("From: %s\n" % self._last_sender).encode())
+            self._emit(("From: %s\n" % address(self._last_sender)).encode())
         if not header.has_destination:
-            self._emit(("To: %s\n" % ", ".join(self._recipients)).encode())
+            self._emit(("To: %s\n" % ", ".join(map(address, self._recipients))).encode())
+        if form is not None:
+            if not any(name == "date" for name, _ in header.fields):
+                self._emit(("Date: %s\n" % form.date()).encode())
+            if not header.has_message_id:
+                self._emit(("Message-ID: %s\n" % form.message_id()).encode())
         self._emit("".join(header.lines).encode("utf-8"))
         self._header = []
 

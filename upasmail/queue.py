@@ -53,6 +53,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import bounce, client, convert, crashpoint, factotum, relay
+from .local import at_form
 from .session import Transaction
 from .store import fsync_paths, write_envelope
 from .tarpit import doubling
@@ -671,7 +672,7 @@ class QueueRunner(service.Service):
                      _mx_name(record["state"][r].get("relay", "")),
                      record["state"][r].get("error", "")) for r in failed]
         double = envelope_sender == DOUBLE_BOUNCE
-        data = bounce.dsn(failures, convert.to_at(to, s.dom), bounce.original_header(head),
+        data = bounce.dsn(failures, at_form(to, s.dom), bounce.original_header(head),
                           s.dom, record["created"], self.clock.seconds(), record["id"],
                           double=double)
         path, spool = self.root.open_spool()

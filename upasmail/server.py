@@ -448,6 +448,7 @@ class UpasESMTP(smtp.ESMTP):
 
         def accepted(_):
             envelope.smtputf8 = "SMTPUTF8" in cmd.params
+            envelope.bare_sender = path != cmd.arg
             envelope.senders.append(path)
             self.sendReply(250, replies.SENDER_OK.format(path=path))
 

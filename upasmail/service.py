@@ -84,7 +84,8 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     if contextFactory is None and settings.cert:
         contextFactory = CertificateFile(settings.cert, settings.key)
         contextFactory.load()
-    root = MailRoot(settings.root, run_blocking, clock)
+    root = MailRoot(settings.root, run_blocking, clock, settings.dom, settings.path("lib"),
+                    settings.ours)
     root.prepare()
     backend = root
     if settings.mailer:
@@ -175,6 +176,8 @@ class SmtpdService(service.MultiService):
     def reload(self, settings):
         """SIGHUP: new settings (smtpd.conf) for new sessions and the queue."""
         self.factory.reload(settings)
+        self.factory.root.configure(settings.dom, settings.ours)
+        self.factory.root.mailboxes.reread()
         if self.queue is not None:
             self.queue.settings = settings
         record_routing(self.factory.root.root, settings)

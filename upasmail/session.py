@@ -19,6 +19,7 @@ class Envelope:
     filterstate: str = "accept"  # upas filterstate, set at MAIL (ratify)
     action: str = "deliver"  # at DATA: deliver, block or delay (dump it)
     smtputf8: bool = False  # MAIL said SMTPUTF8
+    bare_sender: bool = False  # MAIL gave a name without a domain (qualified with HELO)
 
     @property
     def sender(self):

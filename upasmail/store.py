@@ -34,10 +34,11 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import mbox
+from . import local, mbox
 from .pipemsg import MONTHS
 from .tarpit import doubling
 from .decision import ACCEPT
+from .relay import Ours, route
 
 log = Logger(namespace="smtpd")
 
@@ -137,17 +138,28 @@ def new_id(clock_seconds):
 class MailRoot:
     """Built-in delivery into ``<root>``: local mboxes and the queue."""
 
-    def __init__(self, root, run_blocking, clock, lock_timeout=LOCK_TIMEOUT):
+    def __init__(self, root, run_blocking, clock, domain="localhost", lib=None, ours=None,
+                 lock_timeout=LOCK_TIMEOUT):
         self.root = os.path.abspath(root)
         self.tmp = os.path.join(self.root, "tmp")
         self.boxes = os.path.join(self.root, "box")
         self.queue = os.path.join(self.root, "queue")
+        self.mailboxes = local.Mailboxes(self.boxes, lib or os.path.join(self.root, "lib"))
+        self.configure(domain, ours)
         self._run = self.run_blocking = run_blocking
         self._clock = clock
         self.commit = GroupCommit(run_blocking)
         self.lock_timeout = lock_timeout
         self._mailboxes = {}  # mbox path -> DeferredLock, while in use
         self.enqueued = []  # callables(queue id): the queue runner wakes up
+
+    def configure(self, domain, ours=None):
+        """Our domain (Delivered-To, bare senders) and which alias targets are local.
+
+        Called again on SIGHUP: smtpd.conf may name other domains.
+        """
+        self.domain = domain
+        self.ours = ours or Ours([domain])
 
     def prepare(self):
         """Create the directories; a root we cannot write is a start-up error.
@@ -195,13 +207,36 @@ class MailRoot:
         """Store the message for every recipient; fires when durable.
 
         ``envelope`` has ``local`` (user names) and ``remote`` (bang paths),
-        ``sender``, ``peer`` and ``helo``.
+        ``sender``, ``peer`` and ``helo``.  Local names go through the
+        aliases, which may add remote paths.
         """
-        d = self._store(spool_path, envelope)
+        users, remote = self.destinations(envelope)
+        d = self._store(spool_path, envelope, users, remote)
         d.addCallback(self.commit.sync)
-        if envelope.remote:
+        if remote:
             d.addCallback(self._wake, self.queue_id(spool_path))
         return d.addCallback(lambda _: ACCEPT)
+
+    def _local_user(self, path):
+        kind, where = route(path, self.ours)
+        return where if kind == "local" else None
+
+    def destinations(self, envelope):
+        """(mailbox names, remote paths) after alias expansion.
+
+        A name that is not (or no longer) a known user goes to postmaster:
+        no directory is ever made for a name nobody created.
+        """
+        users, remote = {}, dict.fromkeys(envelope.remote)
+        for user in envelope.local:
+            names, paths = self.mailboxes.expand(user, self._local_user)
+            remote.update(dict.fromkeys(paths))
+            for name in names:
+                if name != local.POSTMASTER and not self.mailboxes.is_user(name):
+                    log.warn("no mailbox for {user}; delivering to postmaster", user=name)
+                    name = local.POSTMASTER
+                users[name] = None
+        return tuple(users), tuple(remote)
 
     def _wake(self, result, qid):
         for hook in list(self.enqueued):
@@ -232,19 +267,34 @@ class MailRoot:
         raise OSError("no free name in %s" % d)
 
     @defer.inlineCallbacks
-    def _store(self, spool_path, envelope):
+    def _store(self, spool_path, envelope, users, remote):
         deadline = self._clock.seconds() + self.lock_timeout
         paths = []
-        for user in dict.fromkeys(u.lower() for u in envelope.local):
-            paths.extend((yield self._append(self.mailbox_path(user), spool_path, deadline)))
-        if envelope.remote:
-            paths.extend((yield self._run(self._enqueue, spool_path, envelope)))
+        for user in users:
+            paths.extend((yield self._append(user, spool_path, envelope.sender, deadline)))
+        if remote:
+            paths.extend((yield self._run(self._enqueue, spool_path, envelope, remote)))
         return paths
 
-    def _append(self, path, spool_path, deadline):
+    def _mbox_head(self, sender, user):
+        """The mbox's first lines for one copy: Postfix local(8)'s fields added."""
+        envelope = local.mbox_envelope(sender, self.domain).encode()
+        fields = local.delivery_fields(sender, user, self.domain).encode()
+
+        def head(first):
+            # the stream's ``From <sender> <date> ...`` with the sender in ``@`` form
+            prefix = b"From %s " % sender.encode()
+            rest = first[len(prefix):] if first.startswith(prefix) else first.split(b" ", 2)[-1]
+            return mbox.mbox_from_line(b"From %s %s" % (envelope, rest)) + fields
+
+        return head
+
+    def _append(self, user, spool_path, sender, deadline):
         """Append in turn with the other messages for this mailbox."""
+        path = self.mailbox_path(user)
         lock = self._mailboxes.setdefault(path, defer.DeferredLock())
-        d = lock.run(self._try_append, path, spool_path, deadline, 1)
+        d = lock.run(self._try_append, path, spool_path, self._mbox_head(sender, user),
+                     deadline, 1)
 
         def done(result):
             if not lock.locked and not lock.waiting:
@@ -253,9 +303,9 @@ class MailRoot:
 
         return d.addBoth(done)
 
-    def _try_append(self, path, spool_path, deadline, tries):
+    def _try_append(self, path, spool_path, head, deadline, tries):
         notes = []
-        d = self._run(mbox.append, path, spool_path, notes)
+        d = self._run(mbox.append, path, spool_path, notes, head)
         d.addBoth(_log_notes, notes)
         if tries > 1:
             # an earlier try may have made the mailbox and its directory: sync their entries
@@ -271,11 +321,11 @@ class MailRoot:
                 return failure
             wait = min(doubling(tries, LOCK_RETRY, LOCK_RETRY_MAX), left)
             return task.deferLater(self._clock, wait, self._try_append, path, spool_path,
-                                   deadline, tries + 1)
+                                   head, deadline, tries + 1)
 
         return d.addErrback(busy)
 
-    def _enqueue(self, spool_path, envelope):
+    def _enqueue(self, spool_path, envelope, remote):
         qid = self.queue_id(spool_path)
         msg = os.path.join(self.queue, qid + ".msg")
         env = os.path.join(self.queue, qid + ".env")
@@ -285,7 +335,7 @@ class MailRoot:
         record = {
             "id": qid,
             "sender": envelope.sender,
-            "recipients": list(envelope.remote),
+            "recipients": list(remote),
             "created": self._clock.seconds(),
             "peer": envelope.peer,
             "helo": envelope.helo,

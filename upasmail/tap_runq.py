@@ -227,7 +227,8 @@ def runq(reactor, argv, err=None, resolver=None, clock=None, deliver=None):
         return 64
     s = o["settings"]
     from .service import makeResolver, threadRunner
-    root = MailRoot(s.root, threadRunner(reactor), clock or reactor)
+    root = MailRoot(s.root, threadRunner(reactor), clock or reactor, s.dom, s.path("lib"),
+                    s.ours)
     if not os.path.isdir(root.queue):
         err.write("upas-runq: no queue at %s\n" % root.queue)
         return 66

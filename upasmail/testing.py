@@ -3,6 +3,8 @@
 Importable by users' own tests too.
 """
 
+import os
+
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
@@ -32,6 +34,12 @@ def make_settings(conf_text="", root="mail", sysname="gnot.example.org", **kw):
     kw.setdefault("tarpit_unit", 0.0)  # spec §3: tarpit sleeps are 0 unless tested
     kw.setdefault("auth_fail_delay", 0.0)
     return smtpdsettings.merge(config, sysname=sysname, root=root, **kw)
+
+
+def make_mailboxes(root, *users):
+    """Create ``<root>/box/<user>/`` for each user: only existing users get mail."""
+    for user in users:
+        os.makedirs(os.path.join(root, "box", user), exist_ok=True)
 
 
 class FakeResolver(common.ResolverBase):
@@ -134,11 +142,13 @@ class Dialogue:
 
     ``send(line)`` feeds a command (CRLF added) and returns the reply lines
     written since; ``clock`` is a task.Clock unless a reactor is given.
+    ``mailboxes``: local users to create under the settings' root first.
     """
 
     def __init__(self, settings, peer="127.0.0.2", local="127.0.0.1", clock=None,
                  reactor=None, run_blocking=run_now, resolver=None, checker=None,
-                 contextFactory=None, implicit_tls=False):
+                 contextFactory=None, implicit_tls=False, mailboxes=()):
+        make_mailboxes(settings.root, *mailboxes)
         self.clock = clock or task.Clock()
         self.resolver = resolver or FakeResolver(everything_exists=True)
         self.factory = makeSmtpdFactory(settings, reactor=reactor or self.clock,

@@ -1,0 +1,207 @@
+"""Local recipients: who exists, where their mail goes, what a mailbox copy adds.
+
+A local user (the part left of a recipient path once our own domains are
+dropped, compared in lower case as Postfix local(8) does) exists when
+
+* ``<root>/box/<user>/`` is a directory, or
+* ``<lib>/aliases`` has a line for it (``name: target, target``, the
+  sendmail/Postfix aliases(5) format: ``#`` comments, continuation lines
+  start with a blank), or
+* ``<lib>/users`` lists it (one name a line, ``#`` comments), or
+* it is ``postmaster``, which RFC 5321 §4.5.1 requires us to accept.
+
+Alias targets are local user names or remote addresses (``bob@example.net``
+or bang form); local targets are expanded again, a name that reaches
+itself (``bob: bob, bob@elsewhere``) is delivered to its own mailbox.
+Remote targets go to the outbound queue with the original sender.
+
+A copy stored in a mailbox starts, after its ``From `` line, with
+``Return-Path: <sender>`` and ``Delivered-To: user@dom`` as Postfix's
+local(8) writes them, addresses in RFC 5322 ``@`` form.
+
+Only ``Mailboxes`` looks at the disk (stat and the two watched files);
+the rest is pure.
+"""
+
+import ipaddress
+import os
+import re
+
+from .address import NULL_SENDER
+from .conf import ConfigError, WatchedFile
+from .decision import Accept, reject
+from .replies import USER_UNKNOWN
+
+POSTMASTER = "postmaster"
+MAX_EXPANSION = 1000  # alias targets per recipient: a loop or a typo, not a list
+_NAME = re.compile(r"[^\s:#,]+\Z")
+_MAILBOX_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,63}\Z")
+
+
+def mailbox_name_ok(user):
+    """Can ``box/<user>`` be a directory of ours (no ``/``, no dot first)?"""
+    return bool(_MAILBOX_NAME.match(user))
+
+
+def parse_aliases(text, filename="aliases"):
+    """``name: target, target`` lines -> {name: (target, ...)}; names lowercased.
+
+    Programs (``|cmd``), files (``/path``) and ``:include:`` are not
+    supported: such a line is an error naming the file and line.
+    """
+    table = {}
+    entries = []  # [lineno, text] with continuation lines joined
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].rstrip()
+        if not line:
+            continue
+        if line[0] in " \t":
+            if not entries:
+                raise ConfigError("%s:%d: continuation line without an alias" % (filename, lineno))
+            entries[-1][1] += " " + line.strip()
+            continue
+        entries.append([lineno, line])
+    for lineno, line in entries:
+        name, colon, rest = line.partition(":")
+        name = name.strip().lower()
+        targets = tuple(t.strip() for t in rest.split(",") if t.strip())
+        where = "%s:%d: " % (filename, lineno)
+        if not colon or not _NAME.match(name):
+            raise ConfigError(where + "expected 'name: target, target'")
+        if not targets:
+            raise ConfigError(where + "alias %r has no target" % name)
+        for t in targets:
+            if t[0] in "|/\"" or t.startswith(":include:") or not _NAME.match(t):
+                raise ConfigError(where + "unsupported alias target %r "
+                                  "(local user names and addresses only)" % t)
+        table[name] = targets
+    return table
+
+
+def parse_users(text, filename="users"):
+    names = set()
+    for raw in text.splitlines():
+        name = raw.split("#", 1)[0].strip()
+        if name:
+            names.add(name.lower())
+    return frozenset(names)
+
+
+def as_path(address):
+    """An alias target as a bang path: ``bob@example.net`` -> ``example.net!bob``."""
+    if "@" in address:
+        user, domain = address.rsplit("@", 1)
+        return "%s!%s" % (domain, user)
+    return address
+
+
+def expand(user, aliases, is_local):
+    """The mailboxes and remote paths mail for ``user`` goes to.
+
+    ``is_local(path)`` gives the local user name for a path that is ours,
+    else None.  Returns (users, remote paths), each without repeats.
+    """
+    users, remote = {}, {}
+    seen = set()
+    todo = [user.lower()]
+    while todo:
+        name = todo.pop(0)
+        if name in seen or name not in aliases:
+            users[name] = None
+            continue
+        seen.add(name)
+        for target in aliases[name]:
+            path = as_path(target)
+            local = is_local(path)
+            if local is None:
+                remote[path] = None
+            elif local.lower() == name:
+                users[name] = None  # "bob: bob, ..." keeps a copy
+            else:
+                todo.append(local.lower())
+        if len(users) + len(remote) + len(todo) > MAX_EXPANSION:
+            raise ValueError("alias %s expands to more than %d targets" % (user, MAX_EXPANSION))
+    return tuple(users), tuple(remote)
+
+
+def recipient_verdict(path, user, known):
+    """RCPT for a local ``user``: known users and postmaster, else user unknown."""
+    if known or user.lower() == POSTMASTER:
+        return Accept(path)
+    return reject(550, USER_UNKNOWN.format(path=path))
+
+
+def _host(component):
+    """A hop as a domain: IP addresses become RFC 5321 address literals."""
+    try:
+        ip = ipaddress.ip_address(component.strip("[]"))
+    except ValueError:
+        return component
+    return "[IPv6:%s]" % ip if ip.version == 6 else "[%s]" % ip
+
+
+def at_form(path, qualifier):
+    """A bang path in RFC 5322 ``@`` form, never mixing the two.
+
+    ``example.org!alice`` -> ``alice@example.org``; a bare name gets
+    ``@qualifier``; an IP address becomes a literal; more hops make a
+    source route (``a!b!bob`` -> ``@a:bob@b``); ``/dev/null`` -> ``""``.
+    """
+    if path == NULL_SENDER:
+        return ""
+    if "@" in path and "!" not in path:
+        return path
+    *hops, user = path.split("!")
+    hops = [_host(h) for h in hops] or [qualifier]
+    route = ",".join("@" + h for h in hops[:-1])
+    return "%s%s@%s" % (route + ":" if route else "", user, hops[-1])
+
+
+def delivery_fields(sender, user, domain):
+    """The lines a mailbox copy gets after its ``From `` line (Postfix local(8))."""
+    return "Return-Path: <%s>\nDelivered-To: %s@%s\n" % (at_form(sender, domain), user, domain)
+
+
+def mbox_envelope(sender, domain):
+    """The sender on a mailbox's ``From `` line: ``MAILER-DAEMON`` for ``<>``."""
+    return at_form(sender, domain) or "MAILER-DAEMON"
+
+
+def home_sender(sender, bare, trusted, domain):
+    """A sender that was a bare name, from a trusted or authenticated peer, is ours.
+
+    upas qualifies a bare ``MAIL FROM:<alice>`` with the peer's HELO name
+    (``h!alice``), which makes mail from our own users look foreign and
+    sends its bounces off-host.
+    """
+    if bare and trusted and "!" in sender:
+        return "%s!%s" % (domain, sender.split("!", 1)[1])
+    return sender
+
+
+class Mailboxes:
+    """The facts about local users: ``box/`` directories and the lib files."""
+
+    def __init__(self, boxes, lib):
+        self.boxes = boxes
+        self._aliases = WatchedFile(os.path.join(lib, "aliases"), parse_aliases, {})
+        self._users = WatchedFile(os.path.join(lib, "users"), parse_users, frozenset())
+
+    def reread(self):
+        self._aliases.reread()
+        self._users.reread()
+
+    def has_box(self, user):
+        return os.path.isdir(os.path.join(self.boxes, user.lower()))
+
+    def is_user(self, user):
+        """Has ``user`` a mailbox (made, or listed in ``users``)?"""
+        name = user.lower()
+        return mailbox_name_ok(name) and (name in self._users.current() or self.has_box(name))
+
+    def known(self, user):
+        """May mail for ``user`` be accepted: a user or an alias?"""
+        return user.lower() in self._aliases.current() or self.is_user(user)
+
+    def expand(self, user, is_local):
+        return expand(user, self._aliases.current(), is_local)
