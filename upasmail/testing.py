@@ -6,6 +6,7 @@ Importable by users' own tests too.
 import os
 
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
@@ -100,10 +101,18 @@ def serveDNS(reactor, resolver, interface="127.0.0.1", port=0):
                 self, failure, protocol, message, address)
 
     factory = Factory(authorities=[resolver])
-    udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=interface)
-    tcp = reactor.listenTCP(udp.getHost().port, factory, interface=interface)
-    udp.tcpPort = tcp
-    return udp
+    # an ephemeral UDP port's number may be taken for TCP: try other numbers
+    for attempt in range(1 if port else 20):
+        udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=interface)
+        try:
+            tcp = reactor.listenTCP(udp.getHost().port, factory, interface=interface)
+        except CannotListenError:
+            udp.stopListening()
+            if port or attempt == 19:
+                raise
+            continue
+        udp.tcpPort = tcp
+        return udp
 
 
 def zone_from_json(data):
