@@ -271,6 +271,38 @@ class HeldMailboxTests(unittest.TestCase):
         self.assertEqual(os.path.getsize(self.held.path), 0)
 
 
+    def test_gives_up_with_the_reason_in_the_failure(self):
+        d = self.deliver("bob")
+        self.clock.pump([store.LOCK_RETRY_MAX] * int(store.LOCK_TIMEOUT + 1))
+        failure = self.failureResultOf(d, mbox.Busy)
+        # delivery logs this one line with its session and queue ids
+        self.assertIn("locked by another program for 30 s", failure.getErrorMessage())
+
+    def test_a_link_or_fifo_in_a_mailbox_place_is_not_followed(self):
+        target = os.path.abspath(self.mktemp())
+        write(target, b"precious\n")
+        os.makedirs(os.path.join(self.root.boxes, "eve"))
+        os.symlink(target, self.root.mailbox_path("eve"))
+        self.failureResultOf(self.deliver("eve"), OSError)
+        self.assertEqual(open(target, "rb").read(), b"precious\n")
+        os.makedirs(os.path.join(self.root.boxes, "fifo"))
+        os.mkfifo(self.root.mailbox_path("fifo"))
+        failure = self.failureResultOf(self.deliver("fifo"), OSError)  # at once, no blocked thread
+        self.assertIn("not a regular file", failure.getErrorMessage())
+
+    def test_a_forged_lock_cannot_cut_back_a_linked_file(self):
+        target = os.path.abspath(self.mktemp())
+        write(target, b"From x\n" * 100)
+        os.makedirs(os.path.join(self.root.boxes, "eve"))
+        os.symlink(target, self.root.mailbox_path("eve"))
+        st = os.stat(target)
+        forged = mbox.Record(st.st_dev, st.st_ino, 21, 21, 700, b"From x\n")
+        write(self.root.mailbox_path("eve") + ".lock",
+              mbox.lock_header(999999, os.uname().nodename, "x") + mbox.record_line(forged))
+        self.failureResultOf(self.deliver("eve"), OSError)
+        self.assertEqual(os.path.getsize(target), 700)
+
+
 # -- a real server, killed ------------------------------------------------------
 
 def body(subject, size=0):

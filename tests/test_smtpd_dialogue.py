@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from upasmail import testing
@@ -452,11 +453,16 @@ class DataTests(DialogueCase):
         self.transaction(d)
         box = os.path.join(d.root.boxes, "bob")
         os.mkdir(os.path.join(box, "mbox"))  # cannot be opened as a file
-        self.assertEqual(d.send("x", "."),
-                         ["451 4.3.0 Error: message not stored; try again later"])
+        with capturedLogs() as events:
+            self.assertEqual(d.send("x", "."),
+                             ["451 4.3.0 Error: message not stored; try again later"])
         self.assertEqual(os.listdir(d.root.tmp), [])
         self.assertEqual(d.send("NOOP")[0][:3], "250")
-        self.assertEqual(len(self.flushLoggedErrors(IsADirectoryError)), 1)
+        # one line with the session's ids and the reason, no traceback
+        [line] = [formatEvent(e) for e in events if "not stored" in formatEvent(e)]
+        self.assertIn(d.proto.session.id, line)
+        self.assertIn("Is a directory", line)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class RobustnessTests(DialogueCase):

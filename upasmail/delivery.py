@@ -221,7 +221,10 @@ class UpasMessage:
         return verdict
 
     def _storeFailed(self, failure):
-        self.log.failure("storing message failed", failure)
+        if failure.check(OSError):  # a locked, full or broken mailbox: no traceback needed
+            self.log.error("not stored: {err}", err=failure.getErrorMessage())
+        else:
+            self.log.failure("storing message failed", failure)
         return reject(451, replies.STORE_FAILED)
 
     def _cleanup(self, result):

@@ -46,6 +46,7 @@ import fcntl
 import os
 import re
 import secrets
+import stat
 import time
 
 from . import crashpoint
@@ -64,6 +65,23 @@ Recovery = collections.namedtuple("Recovery", "cut why")
 
 class Busy(OSError):
     """Another writer holds the mailbox; try again later."""
+
+
+def _open_mbox(path, flags, mode=0o600):
+    """Open a mailbox that is a regular file, never through a symbolic link.
+
+    A link or a FIFO in a mailbox's place would send mail (and crash
+    recovery's cut-back) somewhere else, or block a thread for ever.
+    """
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "mailbox is not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def me():
@@ -150,11 +168,14 @@ def _alive(pid):
 def _break_if_stale(fd, path, lock, notes):
     """Remove ``lock`` if stale (we hold the fcntl lock on ``fd``); was it?"""
     try:
-        with open(lock, "rb") as f:
-            data = f.read(4096)
-            age = time.time() - os.fstat(f.fileno()).st_mtime
+        lockfd = _open_mbox(lock, os.O_RDONLY)
     except FileNotFoundError:
         return True
+    try:
+        data = os.read(lockfd, 4096)
+        age = time.time() - os.fstat(lockfd).st_mtime
+    finally:
+        os.close(lockfd)
     info = parse_lock(data)
     alive = info.pid is not None and _alive(info.pid)
     why = stale_reason(info, age, alive, me())
@@ -230,7 +251,7 @@ def recover(mbox_path, notes):
     if not os.path.exists(lock):
         return
     try:
-        fd = os.open(mbox_path, os.O_RDWR)
+        fd = _open_mbox(mbox_path, os.O_RDWR)
     except FileNotFoundError:
         fd = None
     try:
@@ -309,7 +330,7 @@ def append(mbox_path, stream_path, notes=None, head=None):
         except FileExistsError:
             pass
     new = not os.path.exists(mbox_path)
-    fd = os.open(mbox_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = _open_mbox(mbox_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
     if new:
         created.append(directory)
     try:

@@ -25,6 +25,7 @@ and no thread waits; after ``LOCK_TIMEOUT`` seconds the message fails
 back the partial message they record (``mbox.recover``).
 """
 
+import errno
 import json
 import os
 import secrets
@@ -316,9 +317,9 @@ class MailRoot:
             failure.trap(mbox.Busy)
             left = deadline - self._clock.seconds()
             if left <= 0:
-                log.warn("{path}: locked by another program for {secs:.0f} s; not stored",
-                         path=path, secs=self.lock_timeout)
-                return failure
+                # the caller logs this with the session's and message's ids
+                raise mbox.Busy(errno.EAGAIN, "locked by another program for %.0f s"
+                                % self.lock_timeout, path)
             wait = min(doubling(tries, LOCK_RETRY, LOCK_RETRY_MAX), left)
             return task.deferLater(self._clock, wait, self._try_append, path, spool_path,
                                    head, deadline, tries + 1)
