@@ -45,6 +45,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 from collections import Counter
 
@@ -54,6 +55,7 @@ from twisted.logger import Logger
 
 from . import bounce, client, convert, crashpoint, factotum, relay
 from .local import at_form
+from .logs import printable
 from .session import Transaction
 from .store import fsync_paths, write_envelope
 from .tarpit import doubling
@@ -67,6 +69,9 @@ ROUTING = "routing.json"  # in the mail root
 FLUSH_POLL = 5.0
 ORPHAN_AGE = 3600.0
 NULL_SENDER = "/dev/null"
+# the only names a job has: ``store.new_id``'s seconds, a dot, 12 hex digits
+# (the spool file's name).  Nothing else becomes a path in the queue.
+QUEUE_ID = re.compile(r"[0-9]+\.[0-9a-f]{12}")
 POSTMASTER = "postmaster"
 # the postmaster's copy of a failed bounce comes from here, and a failure
 # of that copy is discarded, so returns can never loop
@@ -75,6 +80,17 @@ DOUBLE_BOUNCE = bounce.DOUBLE_BOUNCE
 
 class CorruptJob(Exception):
     pass
+
+
+class BadQueueId(ValueError):
+    """A name that is not a queue id (``../precious``): never made a path."""
+
+    def __init__(self, qid):
+        ValueError.__init__(self, "%s: not a queue id" % printable(qid))
+
+
+def is_queue_id(name):
+    return isinstance(name, str) and QUEUE_ID.fullmatch(name) is not None
 
 
 # -- decisions (pure) -----------------------------------------------------
@@ -195,14 +211,22 @@ class Queue:
         self.corrupt_dir = os.path.join(directory, CORRUPT)
 
     def paths(self, qid):
+        if not is_queue_id(qid):
+            raise BadQueueId(qid)
         return os.path.join(self.dir, qid + ".msg"), os.path.join(self.dir, qid + ".env")
 
-    def ids(self):
+    def _names(self):
         try:
-            names = os.listdir(self.dir)
+            return os.listdir(self.dir)
         except FileNotFoundError:
             return []
-        return sorted(n[:-4] for n in names if n.endswith(".env"))
+
+    def ids(self):
+        return sorted(n[:-4] for n in self._names() if n.endswith(".env") and is_queue_id(n[:-4]))
+
+    def strays(self):
+        """Envelopes whose names are no queue ids: not jobs of ours."""
+        return sorted(n for n in self._names() if n.endswith(".env") and not is_queue_id(n[:-4]))
 
     def load(self, qid):
         msg, env = self.paths(qid)
@@ -236,14 +260,22 @@ class Queue:
                 pass
         fsync_paths([self.dir])
 
-    def quarantine(self, qid, why):
+    def quarantine(self, stem, why):
+        """Move ``<stem>.msg`` and ``<stem>.env`` into ``corrupt/``.
+
+        ``stem`` is a queue id or a name listed in the queue directory
+        (no ``/``): both stay in it.
+        """
+        if "/" in stem or "\0" in stem:
+            raise BadQueueId(stem)
         os.makedirs(self.corrupt_dir, mode=0o700, exist_ok=True)
-        for path in self.paths(qid):
+        for name in (stem + ".msg", stem + ".env"):
             try:
-                os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
+                os.rename(os.path.join(self.dir, name), os.path.join(self.corrupt_dir, name))
             except FileNotFoundError:
                 pass
-        log.error("{id}: corrupt job moved to queue/corrupt: {why}", id=qid, why=why)
+        log.error("{id}: corrupt job moved to queue/corrupt: {why}", id=printable(stem),
+                  why=why)
 
     def tidy(self, now):
         """Start-up: drop half-written envelopes; quarantine old orphan messages."""
@@ -287,7 +319,12 @@ class Queue:
             return False
 
     def request_flush(self):
-        with open(os.path.join(self.dir, FLUSH), "w"):
+        # O_EXCL: a ``.flush`` that is there (even a symlink planted there)
+        # already asks for a flush, and nothing it points to is opened
+        try:
+            os.close(os.open(os.path.join(self.dir, FLUSH),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
             pass
 
 
@@ -419,6 +456,8 @@ class QueueRunner(service.Service):
         now = self.clock.seconds()
         flush, self.flush_all = self.flush_all, False
         earliest = None
+        for name in self.queue.strays():
+            self.queue.quarantine(name[:-4], "not a queue id")
         for qid in self.queue.ids():
             if self._full():
                 break  # a delivery that ends frees a slot and scans again

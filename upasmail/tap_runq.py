@@ -147,6 +147,9 @@ def _mailq(o, out, err, now):
             if not queue.delete(q, o["delete"]):
                 err.write("upas-mailq: %s: no such message\n" % o["delete"])
                 return 1
+        except queue.BadQueueId as e:
+            err.write("upas-mailq: %s\n" % e)
+            return 64
         except OSError as e:
             err.write("upas-mailq: %s: %s\n" % (o["delete"], e.strerror or e))
             return 75
