@@ -586,7 +586,7 @@ class QueueRunner(service.Service):
             result = yield self.deliver(source, self.dial_string(dest), record["sender"],
                                         rcpts, self.client_options(), self.reactor,
                                         self.resolver, self.clock, watch=self._watch,
-                                        outcome=outcome)
+                                        outcome=outcome, queue_id=qid)
         if not recorded:  # no conversation took place (DNS, dialling)
             yield self._record(record, dest, result)
         if qid not in self.jobs:
@@ -609,6 +609,7 @@ class QueueRunner(service.Service):
             st["relay"] = relay_name
             if r.status == client.DELIVERED:
                 st["status"], st["error"] = DELIVERED, ""
+                st["reply"] = r.reply  # the server's final reply: its queue id
                 word = "sent"
             elif r.status == client.PERMANENT_FAILURE:
                 st["status"], st["error"] = FAILED, r.reply or result.status
@@ -619,8 +620,8 @@ class QueueRunner(service.Service):
                 word = "deferred"
                 deferred = True
             log.info("{id}: to={rcpt} relay={relay} status={word} ({reply})", id=qid,
-                     rcpt=r.address, relay=relay_name or "none", word=word,
-                     reply=" ".join((r.reply or result.status or "ok").split()))
+                     rcpt=printable(r.address), relay=relay_name or "none", word=word,
+                     reply=printable(r.reply or result.status or "ok", client.LOG_LIMIT))
         if deferred and not self.stopping:  # cut off by our own shutdown: no penalty
             attempts = record["attempts"].get(dest, 0) + 1
             record["attempts"][dest] = attempts
@@ -707,11 +708,14 @@ class QueueRunner(service.Service):
         msg, _ = self.queue.paths(record["id"])
         with open(msg, "rb") as f:
             head = f.read(256 * 1024)
-        failures = [(convert.bangtoat(r), record["state"][r].get("dsn", "5.0.0"),
+        # an address with a control character (refused by the client, never
+        # sent) is shown escaped: it must not make a header line of its own
+        failures = [(convert.shown(convert.bangtoat(r)), record["state"][r].get("dsn", "5.0.0"),
                      _mx_name(record["state"][r].get("relay", "")),
                      record["state"][r].get("error", "")) for r in failed]
         double = envelope_sender == DOUBLE_BOUNCE
-        data = bounce.dsn(failures, at_form(to, s.dom), bounce.original_header(head),
+        data = bounce.dsn(failures, convert.shown(at_form(to, s.dom)),
+                          bounce.original_header(head),
                           s.dom, record["created"], self.clock.seconds(), record["id"],
                           double=double)
         path, spool = self.root.open_spool()
