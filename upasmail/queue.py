@@ -36,8 +36,12 @@ The server records its routing in ``<root>/routing.json`` for
 ``upas-runq`` (``record_routing``, ``reconcile``).
 
 Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=(<mx>:<ip>)|none
-status=sent|deferred|bounced (<reply>)``, plus queueing, bouncing and
-quarantine.
+status=sent|deferred|bounced (<reply>)`` (for ``sent`` the server's final
+reply to the message), plus queueing, bouncing and quarantine; the
+client's lines for a job start with ``<id>:`` too.
+
+Only names of ``store.new_id``'s form are queue ids (``QUEUE_ID``): no
+other name, from the command line or the queue directory, becomes a path.
 """
 
 import copy

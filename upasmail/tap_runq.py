@@ -2,7 +2,7 @@
 
 ``upas-mailq [--root DIR]`` lists the queue like ``mailq``;
 ``--flush`` asks the running server to retry everything now;
-``--delete ID`` removes one message.
+``--delete ID`` removes one message (``ID`` must be a queue id).
 
 ``upas-runq [options]`` makes one pass over the queue without a server
 (upas runq): every message that is due (every message with ``--flush``)
