@@ -21,7 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 import test_client
 import test_queue
-from upasmail import client, queue, store, tap_runq, tap_smtp
+from upasmail import client, queue, store, tap_runq, tap_smtp, testing
 
 
 def capture_log(case):
@@ -114,7 +114,7 @@ class UpasSmtpAddressTests(test_client.Case):
         out, err = io.BytesIO(), io.StringIO()
         d = tap_smtp.run(reactor, ["--sysname", "gnot", ".example.org"] + list(argv),
                          io.BytesIO(test_client.MSG), out, err,
-                         resolver=test_client.testing.FakeResolver())
+                         resolver=testing.FakeResolver())
         return d.addCallback(lambda code: (code, err.getvalue()))
 
     @defer.inlineCallbacks
@@ -248,13 +248,13 @@ class QueueLogTests(test_queue.Case):
     @defer.inlineCallbacks
     def test_upas_smtp_lines_have_no_queue_id(self):
         events = capture_log(self)
-        s = test_client.testing.ScriptedSMTPServer()
+        s = testing.ScriptedSMTPServer()
         port = s.listen(reactor, "127.0.0.2")
         self.addCleanup(port.stopListening)
         result = yield client.deliver(
             io.BytesIO(test_client.MSG), "tcp!127.0.0.2!%d" % port.getHost().port, "alice",
             ["bob@example.net"], client.ClientOptions(sysname="gnot"), reactor,
-            test_client.testing.FakeResolver(), self.clock)
+            testing.FakeResolver(), self.clock)
         yield defer.gatherResults([x.closed for x in s.sessions])
         self.assertEqual(result.status, "")
         lines = texts(events, "smtp")
