@@ -45,10 +45,35 @@ from zope.interface import implementer
 
 from . import convert, mxdial
 from .factotum import NoCredentials
+from .logs import printable
 from .pipemsg import plan9_date
 
-log = Logger(namespace="smtp")
-faillog = Logger(namespace="smtp.fail")
+LOG_LIMIT = 2000  # characters of one field in a log line (a long multi-line reply)
+ILLEGAL_ADDRESS = "{kind} {way} {addr} failed: illegal address"
+
+
+class ClientLogger(Logger):
+    """The client's log: every text field kept to one line, and, when the
+    queue drives the delivery, the job's queue id in front (``<qid>: ...``),
+    as on the queue's own lines.
+
+    Field values come from the network (replies) and from the command line
+    or the queue (addresses, dial strings): a line break in one must never
+    start a line of its own in the log.
+    """
+
+    def __init__(self, namespace, queue_id=None):
+        Logger.__init__(self, namespace=namespace)
+        self.queue_id = queue_id
+
+    def emit(self, level, format=None, **kwargs):
+        for key, value in kwargs.items():
+            if isinstance(value, str) and not key.startswith("log_"):
+                kwargs[key] = printable(value, LOG_LIMIT)
+        if self.queue_id is not None:
+            format = "{queue_id}: " + (format or "")
+            kwargs["queue_id"] = self.queue_id
+        Logger.emit(self, level, format, **kwargs)
 
 RETRY = "Retry, Temporary Failure"
 PERMANENT = "Permanent Failure"
@@ -223,7 +248,11 @@ class Wire(basic.LineOnlyReceiver):
     def lineReceived(self, line):
         if self._discarding:
             return
-        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        # a bare CR, an escape sequence or a NUL inside a reply is no text
+        # of the server's worth keeping: it goes as "?" into the bounce,
+        # stderr and the log
+        text = "".join(c if c.isprintable() else "?" for c in
+                       line.rstrip(b"\r").decode("utf-8", "replace"))
         if self.debug:
             self.debug("<- " + text)
         self._lines.append(text)
@@ -396,7 +425,7 @@ class Conversation:
     """One SMTP conversation on a connected Wire (smtp.c main after dial)."""
 
     def __init__(self, wire, options, message, sender, results, destaddr, server, ddomain,
-                 target, clock):
+                 target, clock, queue_id=None):
         self.wire = wire
         self.o = options
         self.message = message
@@ -410,6 +439,8 @@ class Conversation:
         self.encrypted = False
         self.phase = "hello"
         self.report = []
+        self.log = ClientLogger("smtp", queue_id)
+        self.faillog = ClientLogger("smtp.fail", queue_id)
 
     # -- helpers ---------------------------------------------------------
 
@@ -432,7 +463,7 @@ class Conversation:
         try:
             yield self.wire.handshake()
         except Exception as e:
-            log.info("tlsClient to {d}: {err}", d=self.ddomain or self.server, err=e)
+            self.log.info("tlsClient to {d}: {err}", d=self.ddomain or self.server, err=e)
             raise Failed(PERMANENT, note="tlsClient to %s: %s" % (self.ddomain or self.server,
                                                                    e))
         if self.o.thumbprints is not None:
@@ -441,10 +472,10 @@ class Conversation:
                 note = "cert for %s not recognized: sha256=%s" % (
                     self.ddomain or self.server,
                     base64.b64encode(hashlib.sha256(der or b"").digest()).decode())
-                log.info("{note}", note=note)
+                self.log.info("{note}", note=note)
                 raise Failed(PERMANENT, note=note)
         self.encrypted = True
-        log.info("started TLS to {d}", d=self.ddomain or self.server)
+        self.log.info("started TLS to {d}", d=self.ddomain or self.server)
 
     @defer.inlineCallbacks
     def _hello(self):
@@ -487,7 +518,7 @@ class Conversation:
                 raise NoCredentials("failed to get userpasswd: no credentials configured")
             return self.o.credentials(self.server, self.o.user)
         except NoCredentials as e:
-            faillog.info("{err}", err=e)
+            self.faillog.info("{err}", err=e)
             raise Failed(PERMANENT, note=str(e))
 
     # -- the conversation ------------------------------------------------
@@ -527,8 +558,12 @@ class Conversation:
         self._expect((yield w.command("MAIL FROM:" + convert.mail_from(self.sender,
                                                                           o.hostdomain))), 2)
         self.phase = "rcptto"
-        worst = ""
+        # recipients refused before the connection (illegal addresses) count
+        # as refused by the server
+        worst = PERMANENT if any(r.status == PERMANENT_FAILURE for r in self.results) else ""
         for r in self.results:
+            if r.status != NOT_SENT:
+                continue
             w.arm(10 * o.unit)
             r.rcpt = convert.rcpt_to(r.address, self.ddomain or o.maildomain)
             reply = yield w.command("RCPT TO:<%s>" % r.rcpt)
@@ -547,28 +582,30 @@ class Conversation:
         if o.ping:
             return ""
         self.phase = "data"
-        toline = ", ".join(r.rcpt for r in self.results)
+        toline = ", ".join(r.rcpt for r in self.results if r.rcpt)
         w.arm(20 * o.unit)
         self._expect((yield w.command("DATA")), 3)
         body = _Body(w, self.message.wire(toline), 10 * o.unit)
         w.transport.registerProducer(body, False)
         size = yield body.done
         w.arm(10 * o.unit)
-        self._expect((yield w.read()), 2)
+        final = self._expect((yield w.read()), 2)
         for r in accepted:
-            r.status = DELIVERED
-        log.info("{sender} sent {n} bytes to {toline} {mx}", sender=self.sender, n=size,
-                 toline=toline, mx=self.target.describe())
+            # the server's word on the message (its queue id), not on the RCPT
+            r.status, r.reply = DELIVERED, str(final)
+        self.log.info("{sender} sent {n} bytes to {toline} {mx}", sender=self.sender, n=size,
+                      toline=toline, mx=self.target.describe())
         if worst:
             self.report.append("%s connect to %s: %s %s:" % (
                 plan9_date(self.clock.seconds()), self.destaddr, self.target.describe(),
                 self.phase))
             for r in self.results:
                 if r.status != DELIVERED:
-                    self.report.append("  mail to %s failed: %s" % (r.rcpt, r.reply))
-                    faillog.info("delivery to {rcpt} at {addr} {mx} rcptto, failed: {reply}",
-                                 rcpt=r.rcpt, addr=self.destaddr, mx=self.target.describe(),
-                                 reply=r.reply)
+                    rcpt = r.rcpt or convert.shown(r.address)  # never sent: illegal
+                    self.report.append("  mail to %s failed: %s" % (rcpt, r.reply))
+                    self.faillog.info("delivery to {rcpt} at {addr} {mx} rcptto, failed: "
+                                      "{reply}", rcpt=rcpt, addr=self.destaddr,
+                                      mx=self.target.describe(), reply=r.reply)
             return PERMANENT
         return ""
 
@@ -597,7 +634,7 @@ def _failure_report(conv, status, reply, note, destaddr, clock):
                                                conv.target.describe(), conv.phase))
     if text:
         lines.append(text)
-    faillog.info("{kind} to {rcpts} at {addr} {mx} {phase} failed: {reply}", kind=kind,
+    conv.faillog.info("{kind} to {rcpts} at {addr} {mx} {phase} failed: {reply}", kind=kind,
                  rcpts=",".join(r.rcpt or r.address for r in conv.results), addr=destaddr,
                  mx=conv.target.describe(), phase=conv.phase, reply=text or note or status)
     return lines
@@ -629,9 +666,27 @@ def _error_text(e):
     return str(e) or e.__class__.__name__
 
 
+def address_errors(sender, recipients, kind="delivery"):
+    """{address: upas's ``illegal address`` text} for the sender and the
+    recipients that hold a control character (``convert.illegal``): a CR or
+    LF in one would start a command of its own on the wire."""
+    errors = {}
+    for way, addrs in (("from", [sender]), ("to", recipients)):
+        for addr in addrs:
+            if convert.illegal(addr):
+                errors[addr] = ILLEGAL_ADDRESS.format(kind=kind, way=way,
+                                                      addr=convert.shown(addr))
+    return errors
+
+
+def dial_report(text, destaddr):
+    """upas's stderr line when no conversation takes place."""
+    return "smtp: %s (%s)" % (text, destaddr)
+
+
 @defer.inlineCallbacks
 def deliver(source, destaddr, sender, recipients, options, reactor, resolver, clock=None,
-            watch=None, outcome=None):
+            watch=None, outcome=None, queue_id=None):
     """Send the message in the binary file ``source`` to ``destaddr``; fire with a Result.
 
     ``watch(wire)``, if given, is called once connected (the queue uses it
@@ -639,14 +694,28 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
     ``outcome(result)``, if given, gets the Result as soon as the server has
     answered the message (or the conversation failed), before QUIT, whose
     answer may take minutes; QUIT waits for the Deferred it returns, so the
-    queue can make the outcome durable first.
+    queue can make the outcome durable first.  ``queue_id`` starts every
+    log line of this delivery.
+
+    A sender with a control character refuses the whole delivery before
+    any connection (permanent); such a recipient is refused alone, as if
+    the server had said 5xx to it, and never sent.
     """
     clock = clock or reactor
     recipients = list(recipients)
     results = [RecipientResult(r) for r in recipients]
     default_service = "465" if options.implicit_tls else "smtp"
     kind = "ping" if options.ping else "delivery"
+    faillog = ClientLogger("smtp.fail", queue_id)
+    illegal = address_errors(sender, recipients, kind)
+    for r in results:
+        if r.address in illegal:
+            r.status, r.reply = PERMANENT_FAILURE, illegal[r.address]
     try:
+        if sender in illegal:
+            raise mxdial.DialError(illegal[sender], True)
+        if results and all(r.status == PERMANENT_FAILURE for r in results):
+            raise mxdial.DialError(results[0].reply, True)
         dial = mxdial.parse_dial(destaddr, default_service)
         try:
             message = convert.OutboundMessage(source, sender, options.hostdomain,
@@ -679,13 +748,13 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
                                                              "can't translate"))
         faillog.info("{kind} {err} ({addr})", kind=kind, err=e.text, addr=destaddr)
         status = PERMANENT if permanent else RETRY
-        report = ["smtp: %s (%s)" % (e.text, destaddr)]
+        report = [dial_report(e.text, destaddr)]
         _settle(results, status, report)
         return Result(status, results, report, phase="dial")
     if watch is not None:
         watch(wire)
     conv = Conversation(wire, options, message, sender, results, destaddr, dial.host,
-                        ddomain, target, clock)
+                        ddomain, target, clock, queue_id)
     report = []
     try:
         status = yield conv.run()
@@ -702,7 +771,7 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
             report = _failure_report(conv, status, Reply(-1, ["connection closed"]), None,
                                      destaddr, clock)
     except Exception as e:  # a bug here must cost a retry, never the message
-        log.failure("delivery to {addr} failed", addr=destaddr)
+        conv.log.failure("delivery to {addr} failed", addr=destaddr)
         status, report = RETRY, ["smtp: local error: %s (%s)" % (e, destaddr)]
     _settle(results, status, report)
     result = Result(status, results, conv.report + report, conv.phase, target)
@@ -710,7 +779,7 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
         try:
             yield outcome(result)
         except Exception:  # the caller's trouble must not keep the connection open
-            log.failure("recording the outcome for {addr} failed", addr=destaddr)
+            conv.log.failure("recording the outcome for {addr} failed", addr=destaddr)
     yield conv.quit()
     return result
 

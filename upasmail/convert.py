@@ -29,6 +29,7 @@ with upas's ``From <sender> <date> remote from <sys>`` line:
 import os
 import re
 import time
+import unicodedata
 
 from . import rfc822
 
@@ -46,6 +47,18 @@ _ZONE = re.compile(r"[+-]\d{4}\Z")
 def unescape(text):
     """Undo upas send's ``%XX`` escapes."""
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def illegal(addr):
+    """Does the address hold a control character (CR, LF, NUL, ...), even one
+    that a ``%XX`` escape makes?  Such an address never goes on the wire."""
+    return any(unicodedata.category(c) == "Cc" for c in unescape(addr))
+
+
+def shown(addr):
+    """The address for an error line: control characters escaped (``al\\nice``)."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) == "Cc" else c for c in addr)
 
 
 def bangtoat(addr):

@@ -36,8 +36,12 @@ The server records its routing in ``<root>/routing.json`` for
 ``upas-runq`` (``record_routing``, ``reconcile``).
 
 Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=(<mx>:<ip>)|none
-status=sent|deferred|bounced (<reply>)``, plus queueing, bouncing and
-quarantine.
+status=sent|deferred|bounced (<reply>)`` (for ``sent`` the server's final
+reply to the message), plus queueing, bouncing and quarantine; the
+client's lines for a job start with ``<id>:`` too.
+
+Only names of ``store.new_id``'s form are queue ids (``QUEUE_ID``): no
+other name, from the command line or the queue directory, becomes a path.
 """
 
 import copy
@@ -45,6 +49,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 from collections import Counter
 
@@ -54,6 +59,7 @@ from twisted.logger import Logger
 
 from . import bounce, client, convert, crashpoint, factotum, relay
 from .local import at_form
+from .logs import printable
 from .session import Transaction
 from .store import fsync_paths, write_envelope
 from .tarpit import doubling
@@ -67,6 +73,9 @@ ROUTING = "routing.json"  # in the mail root
 FLUSH_POLL = 5.0
 ORPHAN_AGE = 3600.0
 NULL_SENDER = "/dev/null"
+# the only names a job has: ``store.new_id``'s seconds, a dot, 12 hex digits
+# (the spool file's name).  Nothing else becomes a path in the queue.
+QUEUE_ID = re.compile(r"[0-9]+\.[0-9a-f]{12}")
 POSTMASTER = "postmaster"
 # the postmaster's copy of a failed bounce comes from here, and a failure
 # of that copy is discarded, so returns can never loop
@@ -75,6 +84,17 @@ DOUBLE_BOUNCE = bounce.DOUBLE_BOUNCE
 
 class CorruptJob(Exception):
     pass
+
+
+class BadQueueId(ValueError):
+    """A name that is not a queue id (``../precious``): never made a path."""
+
+    def __init__(self, qid):
+        ValueError.__init__(self, "%s: not a queue id" % printable(qid))
+
+
+def is_queue_id(name):
+    return isinstance(name, str) and QUEUE_ID.fullmatch(name) is not None
 
 
 # -- decisions (pure) -----------------------------------------------------
@@ -195,14 +215,22 @@ class Queue:
         self.corrupt_dir = os.path.join(directory, CORRUPT)
 
     def paths(self, qid):
+        if not is_queue_id(qid):
+            raise BadQueueId(qid)
         return os.path.join(self.dir, qid + ".msg"), os.path.join(self.dir, qid + ".env")
 
-    def ids(self):
+    def _names(self):
         try:
-            names = os.listdir(self.dir)
+            return os.listdir(self.dir)
         except FileNotFoundError:
             return []
-        return sorted(n[:-4] for n in names if n.endswith(".env"))
+
+    def ids(self):
+        return sorted(n[:-4] for n in self._names() if n.endswith(".env") and is_queue_id(n[:-4]))
+
+    def strays(self):
+        """Envelopes whose names are no queue ids: not jobs of ours."""
+        return sorted(n for n in self._names() if n.endswith(".env") and not is_queue_id(n[:-4]))
 
     def load(self, qid):
         msg, env = self.paths(qid)
@@ -236,14 +264,22 @@ class Queue:
                 pass
         fsync_paths([self.dir])
 
-    def quarantine(self, qid, why):
+    def quarantine(self, stem, why):
+        """Move ``<stem>.msg`` and ``<stem>.env`` into ``corrupt/``.
+
+        ``stem`` is a queue id or a name listed in the queue directory
+        (no ``/``): both stay in it.
+        """
+        if "/" in stem or "\0" in stem:
+            raise BadQueueId(stem)
         os.makedirs(self.corrupt_dir, mode=0o700, exist_ok=True)
-        for path in self.paths(qid):
+        for name in (stem + ".msg", stem + ".env"):
             try:
-                os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
+                os.rename(os.path.join(self.dir, name), os.path.join(self.corrupt_dir, name))
             except FileNotFoundError:
                 pass
-        log.error("{id}: corrupt job moved to queue/corrupt: {why}", id=qid, why=why)
+        log.error("{id}: corrupt job moved to queue/corrupt: {why}", id=printable(stem),
+                  why=why)
 
     def tidy(self, now):
         """Start-up: drop half-written envelopes; quarantine old orphan messages."""
@@ -287,7 +323,12 @@ class Queue:
             return False
 
     def request_flush(self):
-        with open(os.path.join(self.dir, FLUSH), "w"):
+        # O_EXCL: a ``.flush`` that is there (even a symlink planted there)
+        # already asks for a flush, and nothing it points to is opened
+        try:
+            os.close(os.open(os.path.join(self.dir, FLUSH),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
             pass
 
 
@@ -419,6 +460,8 @@ class QueueRunner(service.Service):
         now = self.clock.seconds()
         flush, self.flush_all = self.flush_all, False
         earliest = None
+        for name in self.queue.strays():
+            self.queue.quarantine(name[:-4], "not a queue id")
         for qid in self.queue.ids():
             if self._full():
                 break  # a delivery that ends frees a slot and scans again
@@ -547,7 +590,7 @@ class QueueRunner(service.Service):
             result = yield self.deliver(source, self.dial_string(dest), record["sender"],
                                         rcpts, self.client_options(), self.reactor,
                                         self.resolver, self.clock, watch=self._watch,
-                                        outcome=outcome)
+                                        outcome=outcome, queue_id=qid)
         if not recorded:  # no conversation took place (DNS, dialling)
             yield self._record(record, dest, result)
         if qid not in self.jobs:
@@ -570,6 +613,7 @@ class QueueRunner(service.Service):
             st["relay"] = relay_name
             if r.status == client.DELIVERED:
                 st["status"], st["error"] = DELIVERED, ""
+                st["reply"] = r.reply  # the server's final reply: its queue id
                 word = "sent"
             elif r.status == client.PERMANENT_FAILURE:
                 st["status"], st["error"] = FAILED, r.reply or result.status
@@ -580,8 +624,8 @@ class QueueRunner(service.Service):
                 word = "deferred"
                 deferred = True
             log.info("{id}: to={rcpt} relay={relay} status={word} ({reply})", id=qid,
-                     rcpt=r.address, relay=relay_name or "none", word=word,
-                     reply=" ".join((r.reply or result.status or "ok").split()))
+                     rcpt=printable(r.address), relay=relay_name or "none", word=word,
+                     reply=printable(r.reply or result.status or "ok", client.LOG_LIMIT))
         if deferred and not self.stopping:  # cut off by our own shutdown: no penalty
             attempts = record["attempts"].get(dest, 0) + 1
             record["attempts"][dest] = attempts
@@ -668,11 +712,14 @@ class QueueRunner(service.Service):
         msg, _ = self.queue.paths(record["id"])
         with open(msg, "rb") as f:
             head = f.read(256 * 1024)
-        failures = [(convert.bangtoat(r), record["state"][r].get("dsn", "5.0.0"),
+        # an address with a control character (refused by the client, never
+        # sent) is shown escaped: it must not make a header line of its own
+        failures = [(convert.shown(convert.bangtoat(r)), record["state"][r].get("dsn", "5.0.0"),
                      _mx_name(record["state"][r].get("relay", "")),
                      record["state"][r].get("error", "")) for r in failed]
         double = envelope_sender == DOUBLE_BOUNCE
-        data = bounce.dsn(failures, at_form(to, s.dom), bounce.original_header(head),
+        data = bounce.dsn(failures, convert.shown(at_form(to, s.dom)),
+                          bounce.original_header(head),
                           s.dom, record["created"], self.clock.seconds(), record["id"],
                           double=double)
         path, spool = self.root.open_spool()

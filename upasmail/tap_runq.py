@@ -2,7 +2,7 @@
 
 ``upas-mailq [--root DIR]`` lists the queue like ``mailq``;
 ``--flush`` asks the running server to retry everything now;
-``--delete ID`` removes one message.
+``--delete ID`` removes one message (``ID`` must be a queue id).
 
 ``upas-runq [options]`` makes one pass over the queue without a server
 (upas runq): every message that is due (every message with ``--flush``)
@@ -147,6 +147,9 @@ def _mailq(o, out, err, now):
             if not queue.delete(q, o["delete"]):
                 err.write("upas-mailq: %s: no such message\n" % o["delete"])
                 return 1
+        except queue.BadQueueId as e:
+            err.write("upas-mailq: %s\n" % e)
+            return 64
         except OSError as e:
             err.write("upas-mailq: %s: %s\n" % (o["delete"], e.strerror or e))
             return 75

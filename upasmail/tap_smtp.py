@@ -152,6 +152,13 @@ def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None, hosts=H
     except (usage.UsageError, ConfigError) as e:
         stderr.write("upas-smtp: %s\n%s\n%s\n" % (e, USAGE, client.PERMANENT))
         return client.EX_USAGE
+    illegal = client.address_errors(o["sender"], o["rcpts"],
+                                    "ping" if o["ping"] else "delivery")
+    if illegal:  # before anything is read or dialled, as for a [literal] destination
+        for text in illegal.values():
+            stderr.write(client.dial_report(text, o["destaddr"]) + "\n")
+        stderr.write(client.PERMANENT + "\n")
+        return client.exit_code(client.PERMANENT)
     try:
         message = spool_stdin(stdin)
     except OSError as e:
