@@ -279,9 +279,58 @@ def startup_failure(tmp_path, *args):
     (["--listen", "tcp:notaport"], "upas-smtpd: --listen tcp:notaport: invalid literal"),
     (["--listen", "bogus:25"], "upas-smtpd: --listen bogus:25: Unknown endpoint type"),
     (["--max-command-line", "100"], "upas-smtpd: --max-command-line must be at least 512"),
+    # each limit's error names only the option given
+    (["--max-recipients", "-5"], "upas-smtpd: --max-recipients must be at least 100 "
+                                 "(RFC 5321 4.5.3.1)"),
+    (["--max-domain", "1"], "upas-smtpd: --max-domain must be at least 255 (RFC 5321"),
+    (["--auth-max-failures", "0"], "upas-smtpd: --auth-max-failures must be at least 1"),
+    (["--tarpit-max", "-1"], "upas-smtpd: --tarpit-max cannot be negative"),
+    # endpoint parsers raise more than ValueError
+    (["--listen", "tcp:2610:interface=127.0.0.1:proxy=1"],
+     "upas-smtpd: --listen tcp:2610:interface=127.0.0.1:proxy=1: wrong parameters for tcp: "
+     "got an unexpected keyword argument 'proxy'"),
+    (["--listen", "tcp6:2601:interface=::1"],
+     "upas-smtpd: --listen tcp6:2601:interface=::1: wrong parameters for tcp6: got multiple "
+     "values for argument 'interface' (write a ':' inside a value as '\\:', as in "
+     "interface=\\:\\:1)"),
+    (["--listen", "tcp:2525:1:2:3:4"],
+     "upas-smtpd: --listen tcp:2525:1:2:3:4: wrong parameters for tcp: too many "
+     "':'-separated parts"),
+    (["--listen", "systemd:domain=INET:index=0"],
+     "upas-smtpd: --listen systemd:domain=INET:index=0: no such socket inherited from "
+     "systemd (0 inherited)"),
 ])
 def test_bad_option_value_is_one_line(tmp_path, args, expected):
-    assert startup_failure(tmp_path, *args).startswith(expected)
+    line = startup_failure(tmp_path, *args)
+    assert line.startswith(expected)
+    assert line.count("--") == 1  # no option but the one at fault
+
+
+@pytest.mark.parametrize("listen,reason", [
+    ("tcp:99999", "bind(): port must be 0-65535."),
+    ("tcp:-1", "bind(): port must be 0-65535."),
+    ("unix:{tmp}/nosuchdir/sock", "no such file or directory: {tmp}/nosuchdir/sock.lock"),
+])
+@pytest.mark.parametrize("foreground", [True, False])
+def test_endpoint_that_cannot_listen_is_one_line(tmp_path, listen, reason, foreground):
+    listen, reason = (t.format(tmp=tmp_path) for t in (listen, reason))
+    expected = "upas-smtpd: cannot listen on %s: %s" % (listen, reason)
+    if foreground:
+        assert startup_failure(tmp_path, "--listen", listen).endswith(expected)
+        return
+    r = twistd("--logfile", str(tmp_path / "twistd.log"), "--pidfile",
+               str(tmp_path / "twistd.pid"), "upas-smtpd", "--root", str(tmp_path / "mail"),
+               "--listen", listen, cwd=str(tmp_path))
+    assert r.returncode == 1
+    assert expected[:60] in r.stderr  # twistd's parent cuts it
+    text = (tmp_path / "twistd.log").read_text()
+    assert "Traceback" not in text
+    assert [line for line in text.splitlines() if "upas-smtpd:" in line][0].endswith(expected)
+
+
+def test_escaped_ipv6_interface_parses():
+    from upasmail import tap_smtpd
+    tap_smtpd.check_endpoint("tcp6:2601:interface=\\:\\:1")
 
 
 def test_port_in_use_is_one_line(tmp_path):
@@ -311,7 +360,7 @@ class ListenerTests(unittest.TestCase):
             def privilegedStartService(self):
                 raise error
 
-        svc = tap_smtpd.TwistdService(Refused())
+        svc = tap_smtpd.TwistdService(Refused(), "tcp:25")
         with self.assertRaises(tap_smtpd.StartupError) as e:
             svc.privilegedStartService()
         return str(e.exception)
