@@ -279,9 +279,75 @@ def startup_failure(tmp_path, *args):
     (["--listen", "tcp:notaport"], "upas-smtpd: --listen tcp:notaport: invalid literal"),
     (["--listen", "bogus:25"], "upas-smtpd: --listen bogus:25: Unknown endpoint type"),
     (["--max-command-line", "100"], "upas-smtpd: --max-command-line must be at least 512"),
+    # each limit's error names only the option given
+    (["--max-recipients", "-5"], "upas-smtpd: --max-recipients must be at least 100 "
+                                 "(RFC 5321 4.5.3.1)"),
+    (["--max-domain", "1"], "upas-smtpd: --max-domain must be at least 255 (RFC 5321"),
+    (["--auth-max-failures", "0"], "upas-smtpd: --auth-max-failures must be at least 1"),
+    (["--tarpit-max", "-1"], "upas-smtpd: --tarpit-max cannot be negative"),
+    # endpoint parsers raise more than ValueError
+    (["--listen", "tcp:2610:interface=127.0.0.1:proxy=1"],
+     "upas-smtpd: --listen tcp:2610:interface=127.0.0.1:proxy=1: wrong parameters for tcp: "
+     "got an unexpected keyword argument 'proxy'"),
+    (["--listen", "tcp6:2601:interface=::1"],
+     "upas-smtpd: --listen tcp6:2601:interface=::1: wrong parameters for tcp6: got multiple "
+     "values for argument 'interface' (write a ':' inside a value as '\\:', as in "
+     "interface=\\:\\:1)"),
+    (["--listen", "tcp:2525:1:2:3:4"],
+     "upas-smtpd: --listen tcp:2525:1:2:3:4: wrong parameters for tcp: too many "
+     "':'-separated parts"),
+    (["--listen", "systemd:domain=INET:index=0"],
+     "upas-smtpd: --listen systemd:domain=INET:index=0: no such socket inherited from "
+     "systemd (0 inherited)"),
 ])
 def test_bad_option_value_is_one_line(tmp_path, args, expected):
-    assert startup_failure(tmp_path, *args).startswith(expected)
+    line = startup_failure(tmp_path, *args)
+    assert line.startswith(expected)
+    assert line.count("--") == 1  # no option but the one at fault
+
+
+@pytest.mark.parametrize("listen,reason", [
+    ("tcp:99999", "bind(): port must be 0-65535."),
+    ("tcp:-1", "bind(): port must be 0-65535."),
+    ("unix:{tmp}/nosuchdir/sock", "no such file or directory: {tmp}/nosuchdir/sock.lock"),
+])
+@pytest.mark.parametrize("foreground", [True, False])
+def test_endpoint_that_cannot_listen_is_one_line(tmp_path, listen, reason, foreground):
+    listen, reason = (t.format(tmp=tmp_path) for t in (listen, reason))
+    expected = "upas-smtpd: cannot listen on %s: %s" % (listen, reason)
+    if foreground:
+        assert startup_failure(tmp_path, "--listen", listen).endswith(expected)
+        return
+    r = twistd("--logfile", str(tmp_path / "twistd.log"), "--pidfile",
+               str(tmp_path / "twistd.pid"), "upas-smtpd", "--root", str(tmp_path / "mail"),
+               "--listen", listen, cwd=str(tmp_path))
+    assert r.returncode == 1
+    assert expected[:60] in r.stderr  # twistd's parent cuts it
+    line = daemon_log_line(tmp_path / "twistd.log")
+    assert line.endswith(expected)
+
+
+def daemon_log_line(path):
+    """The ``upas-smtpd:`` line of a daemon's log, and no traceback.
+
+    twistd's parent exits as soon as the child has told it; the child logs
+    the line on its way out: poll for it.
+    """
+    for _ in range(250):
+        text = path.read_text()
+        text = text[:text.rfind("\n") + 1]  # whole lines only: it may be mid-write
+        lines = [line for line in text.splitlines() if "upas-smtpd:" in line]
+        if lines:
+            break
+        time.sleep(0.02)
+    assert "Traceback" not in text
+    [line] = lines
+    return line
+
+
+def test_escaped_ipv6_interface_parses():
+    from upasmail import tap_smtpd
+    tap_smtpd.check_endpoint("tcp6:2601:interface=\\:\\:1")
 
 
 def test_port_in_use_is_one_line(tmp_path):
@@ -311,7 +377,7 @@ class ListenerTests(unittest.TestCase):
             def privilegedStartService(self):
                 raise error
 
-        svc = tap_smtpd.TwistdService(Refused())
+        svc = tap_smtpd.TwistdService(Refused(), "tcp:25")
         with self.assertRaises(tap_smtpd.StartupError) as e:
             svc.privilegedStartService()
         return str(e.exception)
@@ -346,17 +412,11 @@ def test_port_in_use_without_n_reaches_the_parent(tmp_path):
                    "--listen", "tcp:%d:interface=127.0.0.1" % port, cwd=str(tmp_path))
     assert r.returncode == 1  # the parent no longer waits for ever
     assert "upas-smtpd: cannot listen on 127.0.0.1:%d" % port in r.stderr  # twistd cuts it
-    line = "upas-smtpd: cannot listen on 127.0.0.1:%d: address already in use" % port
-
-    def child_done():
-        # the daemon child may still be removing its pid file and flushing
-        # its log when the parent has told us its status: poll, do not race
-        log = tmp_path / "twistd.log"
-        return not (tmp_path / "twistd.pid").exists() and log.exists() and line in log.read_text()
-
-    for _ in range(200):
-        if child_done():
+    line = daemon_log_line(tmp_path / "twistd.log")
+    assert line.endswith("upas-smtpd: cannot listen on 127.0.0.1:%d: address already in use"
+                         % port)
+    for _ in range(250):  # the child removes its pid file on its way out, too
+        if not (tmp_path / "twistd.pid").exists():
             break
-        time.sleep(0.05)
-    assert child_done()
-    assert "Traceback" not in (tmp_path / "twistd.log").read_text()
+        time.sleep(0.02)
+    assert not (tmp_path / "twistd.pid").exists()

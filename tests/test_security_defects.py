@@ -15,7 +15,11 @@ import tempfile
 
 import pytest
 from twisted.cred import checkers, credentials, error
-from twisted.internet import defer, task
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints, task
+from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.plugin import IPlugin
+from twisted.protocols.haproxy._parser import unparseEndpoint
 from twisted.python import usage
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -327,27 +331,92 @@ class PathTests(Case):
 # -- item 5: no PROXY-protocol listener ----------------------------------------
 
 
-@pytest.mark.parametrize("listen", [
+# Every spelling Twisted's own parser turns into a PROXY endpoint.
+PROXY_SPELLINGS = [
     "haproxy:tcp:0:interface=127.0.0.1",
     "HAProxy:tcp:0:interface=127.0.0.1",
     "haproxy:haproxy:tcp:0:interface=127.0.0.1",
-    "wrapper:/some/dir:haproxy:tcp:0",
-])
+    "haproxy:interface=127.0.0.1:tcp:2611",  # options first: Twisted sorts them last
+    "haproxy:backlog=5:interface=127.0.0.1:tcp:0",
+    "h\\aproxy:tcp:0",  # a backslash escapes any character
+    "HAPROXY:unix:/run/smtp.sock",
+    "haproxy:tcp6:0:interface=\\:\\:1",
+    "haproxy:interface=\\:\\:1:tcp6:0",
+]
+
+
+def endpoint(listen):
+    return service.listener_endpoint(task.Clock(), listen)
+
+
+@pytest.mark.parametrize("listen", PROXY_SPELLINGS)
 def test_proxy_listener_refused_by_the_library(listen):
     with pytest.raises(conf.ConfigError, match="PROXY protocol"):
-        service.refuse_proxy_listener(listen)
+        endpoint(listen)
 
 
 @pytest.mark.parametrize("listen", [
     "tcp:0:interface=127.0.0.1", "unix:haproxy", "unix:haproxy:mode=660",
-    "tcp:0:interface=haproxy", "unix:a\\:haproxy\\:b",
+    "tcp:0:interface=haproxy", "unix:a\\:haproxy\\:b", "unix:/run/haproxy.sock",
+    "tcp6:0:interface=\\:\\:1",
 ])
 def test_other_listeners_pass(listen):
-    service.refuse_proxy_listener(listen)
+    endpoint(listen)
 
 
-def test_proxy_listener_stops_startup(tmp_path):
-    listen = "HAProxy:tcp:0:interface=127.0.0.1"
+@implementer(IStreamServerEndpoint)
+class Hidden:
+    """A third-party wrapper endpoint that keeps what it wraps out of sight."""
+
+    def __init__(self, inner):
+        self.listen = inner.listen
+
+
+@implementer(IStreamServerEndpoint)
+class Shown:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def listen(self, factory):
+        return self.inner.listen(factory)
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class WrapperParser:
+    """``prefix:ENDPOINT``, like a wrapper plugin from outside Twisted."""
+
+    def __init__(self, prefix, kind):
+        self.prefix, self.kind = prefix, kind
+
+    def parseStreamServer(self, reactor, *args, **kw):
+        return self.kind(endpoints.serverFromString(reactor, unparseEndpoint(args, kw)))
+
+
+@pytest.fixture
+def wrapper_plugins(monkeypatch):
+    real = endpoints.getPlugins
+    extra = [WrapperParser("hidden", Hidden), WrapperParser("shown", Shown)]
+    monkeypatch.setattr(endpoints, "getPlugins", lambda iface: [*real(iface), *extra])
+
+
+@pytest.mark.parametrize("listen", [
+    "shown:haproxy:tcp:0",  # found inside it
+    "hidden:HAProxy:tcp:0",  # cannot be seen: the string decides
+    "hidden:interface=127.0.0.1:h\\aproxy:tcp:0",
+    "hidden:unix:/run/haproxy.sock",  # not a PROXY one, but we cannot be sure
+])
+def test_proxy_inside_a_foreign_wrapper_refused(wrapper_plugins, listen):
+    with pytest.raises(conf.ConfigError, match="PROXY protocol"):
+        endpoint(listen)
+
+
+@pytest.mark.parametrize("listen", ["shown:tcp:0", "hidden:unix:/run/smtp.sock"])
+def test_foreign_wrapper_without_proxy_passes(wrapper_plugins, listen):
+    endpoint(listen)
+
+
+@pytest.mark.parametrize("listen", [PROXY_SPELLINGS[1], PROXY_SPELLINGS[3], PROXY_SPELLINGS[5]])
+def test_proxy_listener_stops_startup(tmp_path, listen):
     r = twistd("-n", "--pidfile=", "upas-smtpd", "--listen", listen, "--root", str(tmp_path))
     out = r.stdout + r.stderr
     assert r.returncode == 1
@@ -357,8 +426,20 @@ def test_proxy_listener_stops_startup(tmp_path):
     assert len(out.strip().splitlines()) == 1, out
 
 
-def test_makeSmtpdService_refuses_a_proxy_listener(tmp_path):
+@pytest.mark.parametrize("listen", PROXY_SPELLINGS)
+def test_makeSmtpdService_refuses_a_proxy_listener(tmp_path, listen):
     s = testing.make_settings("", root=str(tmp_path), queue_runner=False)
     with pytest.raises(conf.ConfigError):
-        service.makeSmtpdService(s, "haproxy:tcp:0:interface=127.0.0.1",
-                                 reactor=task.Clock())
+        service.makeSmtpdService(s, listen, reactor=task.Clock())
+
+
+def test_ssl_listener_however_spelled_closes_refused_peers(tmp_path):
+    """-k refuses with None, which an endpoint wrapping our factory cannot take."""
+    cert, key = testing.self_signed_pem("localhost")
+    (tmp_path / "both.pem").write_text(cert + key)
+    s = testing.make_settings("", root=str(tmp_path / "mail"), queue_runner=False)
+    for listen in ("tcp:0", "s\\sl:0:privateKey=%s" % (tmp_path / "both.pem")):
+        top = service.makeSmtpdService(s, listen, reactor=task.Clock(),
+                                       resolver=testing.FakeResolver({}))
+        [server] = [c for c in top if isinstance(c, StreamServerEndpointService)]
+        assert isinstance(server.factory, service.RefusalsClose) == listen.startswith("s\\")

@@ -15,10 +15,14 @@ AUTH: pass a ``twisted.cred`` ``checker`` (or a whole ``portal``) or get
 server ``contextFactory`` or set ``settings.cert`` (``tls.CertificateFile``).
 """
 
+import re
+
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints, protocol, threads
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
 from .auth import SessionRealm
 from .conf import ConfigError
@@ -126,8 +130,15 @@ class RefusalsClose:
         return getattr(self.factory, name)
 
 
-def wraps_its_factory(description):
-    return description.split(":", 1)[0].lower() in ("ssl", "tls")
+# Twisted's endpoints that hand the factory's protocols the socket itself
+PLAIN_ENDPOINTS = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
+                   endpoints.UNIXServerEndpoint, endpoints.AdoptedStreamServerEndpoint,
+                   endpoints.StandardIOEndpoint)
+
+
+def wraps_its_factory(endpoint):
+    """Does the endpoint put its own protocol around ours (``ssl:``, ``tls:``)?"""
+    return not isinstance(endpoint, PLAIN_ENDPOINTS)
 
 
 FD_RESERVE = 64  # open files kept for mailboxes, the queue, DNS, helpers
@@ -186,44 +197,69 @@ class SmtpdService(service.MultiService):
 
 def listens_on_loopback_only(description):
     """Does an endpoint string bind only to a loopback interface?"""
-    ifaces = [p[len("interface="):] for p in _endpoint_parts(description)
+    ifaces = [p[len("interface="):] for p in endpoint_parts(description)
               if p.startswith("interface=")]
     if not ifaces:
         return description.startswith("unix:")
     return ifaces[0] in ("localhost", "::1") or ifaces[0].startswith("127.")
 
 
-def _endpoint_parts(description):
+def endpoint_parts(description):
     """The ``:``-separated parts of an endpoint string (``\\:`` escapes a colon)."""
     return [p.replace("\0", ":") for p in description.replace("\\:", "\0").split(":")]
 
 
-def refuse_proxy_listener(description):
-    """ConfigError for a PROXY-protocol (``haproxy:``) endpoint, nested ones too.
+def _nested_endpoints(endpoint):
+    """The endpoint and those it wraps, as far as they are its attributes."""
+    yield endpoint
+    for value in getattr(endpoint, "__dict__", {}).values():
+        if IStreamServerEndpoint.providedBy(value):
+            yield from _nested_endpoints(value)
 
-    Behind it every client has the load balancer's address: loopback is
-    trusted by default, so anyone could relay, and ``-k`` bans, per-peer
-    limits and the AUTH budget would all hit the balancer.  Until PROXY
-    support takes the real address into account, such a listener is
-    refused.  A ``haproxy`` part counts when it wraps another endpoint
-    (another part follows that is not ``key=value``), in any letter case.
+
+def speaks_proxy_protocol(endpoint, description):
+    """Does the endpoint Twisted built from ``description`` read PROXY headers?
+
+    Decided on what Twisted built, so every spelling its parser accepts
+    (letter case, escapes, options before the wrapped endpoint) counts.
+    An endpoint type Twisted does not ship might keep a nested ``haproxy:``
+    where we cannot see it: then a ``haproxy`` anywhere in the string is
+    enough, as we cannot be sure it is not one.
     """
-    parts = _endpoint_parts(description)
-    for part, after in zip(parts, parts[1:]):
-        if part.strip().lower() == "haproxy" and "=" not in after:
-            raise ConfigError("--listen %s: PROXY protocol (haproxy:) listeners are not "
-                              "supported: every client would have the load balancer's "
-                              "address" % description)
+    nested = list(_nested_endpoints(endpoint))
+    if any(isinstance(getattr(e, "_wrapperFactory", None), type)
+           and issubclass(e._wrapperFactory, HAProxyWrappingFactory) for e in nested):
+        return True
+    foreign = any(type(e).__module__ != endpoints.__name__ for e in nested)
+    return foreign and "haproxy" in re.sub(r"\\(.)", r"\1", description).lower()
+
+
+def listener_endpoint(reactor, description):
+    """Twisted's server endpoint for ``description``; ConfigError for PROXY.
+
+    Behind a PROXY-protocol (``haproxy:``) endpoint every client has the
+    load balancer's address: loopback is trusted by default, so anyone
+    could relay, and ``-k`` bans, per-peer limits and the AUTH budget would
+    all hit the balancer.  Until PROXY support takes the real address into
+    account, such a listener is refused.  A description Twisted cannot
+    parse raises whatever its parser raises.
+    """
+    endpoint = endpoints.serverFromString(reactor, description)
+    if speaks_proxy_protocol(endpoint, description):
+        raise ConfigError("--listen %s: PROXY protocol (haproxy:) listeners are not "
+                          "supported: every client would have the load balancer's "
+                          "address" % description)
+    return endpoint
 
 
 def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
     """The listener plus, unless ``settings.queue_runner`` is off, the queue
     runner (``top.queue``) on the same mail root, resolver and clock.
 
-    A ``haproxy:`` listener raises ConfigError (``refuse_proxy_listener``).
+    A ``haproxy:`` listener raises ConfigError (``listener_endpoint``).
     """
-    refuse_proxy_listener(listen)
     reactor = _reactor(reactor)
+    endpoint = listener_endpoint(reactor, listen)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
     factory = makeSmtpdFactory(settings, reactor, **kw)
     if not settings.relay_control and not listens_on_loopback_only(listen):
@@ -251,11 +287,9 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
             raise ConfigError("--smtps needs a certificate (-c)")
         # the trace sits inside TLS, so it records the clear text
         listening = ImplicitTLSFactory(factory.contextFactory, listening)
-    if wraps_its_factory(listen):
+    if wraps_its_factory(endpoint):
         listening = RefusalsClose(listening)
-    server = internet.StreamServerEndpointService(
-        endpoints.serverFromString(reactor, listen), listening
-    )
+    server = internet.StreamServerEndpointService(endpoint, listening)
     server._raiseSynchronously = True  # a port we cannot bind stops start-up
     server.setServiceParent(top)
     return top

@@ -13,14 +13,15 @@ page of usage text.
 
 import math
 import os
+import re
 import signal
 import sys
 
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.systemd import ListenFDs
 
 from . import conf as smtpdconf
 from . import logs, passwd, ratify, service, settings, tls
@@ -58,6 +59,11 @@ def listen_error_text(e):
     where = e.port if e.interface is None else "%s:%s" % (e.interface or "*", e.port)
     why = getattr(e.socketError, "strerror", None) or str(e.socketError)
     return "cannot listen on %s: %s" % (where, why[:1].lower() + why[1:])
+
+
+# the sizes every SMTP server must at least accept
+RFC5321_MINIMUMS = (("max-command-line", 512), ("max-recipients", 100), ("max-path", 256),
+                    ("max-local-part", 64), ("max-domain", 255))
 
 
 class Options(usage.Options):
@@ -174,31 +180,24 @@ class Options(usage.Options):
                 config = smtpdconf.load(self["conf"])
             except smtpdconf.ConfigError as e:
                 raise SystemExit("upas-smtpd: %s" % e)
-        try:
-            service.refuse_proxy_listener(self["listen"])
-        except smtpdconf.ConfigError as e:
-            raise SystemExit("upas-smtpd: %s" % e)
         if self["key"] and not self["cert"]:
             raise usage.UsageError("--key needs -c")
         if self["smtps"] and not self["cert"]:
             raise usage.UsageError("--smtps needs a certificate (-c)")
-        if self["max-command-line"] < 512 or self["max-recipients"] < 100:
-            raise usage.UsageError("--max-command-line must be at least 512 and "
-                                   "--max-recipients at least 100 (RFC 5321 4.5.3.1)")
-        if (self["max-path"] < 256 or self["max-local-part"] < 64
-                or self["max-domain"] < 255):
-            raise usage.UsageError("--max-path must be at least 256, --max-local-part at "
-                                   "least 64 and --max-domain at least 255 (RFC 5321 "
-                                   "4.5.3.1)")
+        for name, least in RFC5321_MINIMUMS:
+            if self[name] < least:
+                raise usage.UsageError("--%s must be at least %d (RFC 5321 4.5.3.1)"
+                                       % (name, least))
         for name in ("message-size-limit", "max-data-line", "max-connections",
                      "max-connections-per-peer", "data-block-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError("--%s must be positive" % name)
         if self["shutdown-grace"] < 0:
             raise usage.UsageError("--shutdown-grace cannot be negative")
-        if self["auth-fail-delay"] < 0 or self["auth-max-failures"] < 1:
-            raise usage.UsageError("--auth-fail-delay cannot be negative and "
-                                   "--auth-max-failures must be at least 1")
+        if self["auth-fail-delay"] < 0:
+            raise usage.UsageError("--auth-fail-delay cannot be negative")
+        if self["auth-max-failures"] < 1:
+            raise usage.UsageError("--auth-max-failures must be at least 1")
         if self["resolver"]:
             self["resolverAddress"] = parse_hostport(self["resolver"])
         check_endpoint(self["listen"])
@@ -208,8 +207,9 @@ class Options(usage.Options):
                      "session-timeout", "data-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError("--%s must be positive" % name)
-        if self["tarpit-unit"] < 0 or self["tarpit-max"] < 0:
-            raise usage.UsageError("--tarpit-unit and --tarpit-max cannot be negative")
+        for name in ("tarpit-unit", "tarpit-max"):
+            if self[name] < 0:
+                raise usage.UsageError("--%s cannot be negative" % name)
         root = os.path.abspath(self["root"])
         paths = {k: os.path.abspath(self[o]) if self[o] else None
                  for k, o in (("lib", "lib"), ("blocked", "blocked"),
@@ -277,13 +277,45 @@ class Options(usage.Options):
 
 
 def check_endpoint(description):
-    """A --listen value that does not parse is a usage error, not a traceback."""
+    """A --listen value Twisted cannot parse, or a PROXY one, is a usage
+    error naming it, not a traceback."""
     from twisted.internet import reactor
 
     try:
-        endpoints.serverFromString(reactor, description)
-    except (ValueError, OSError) as e:
-        raise usage.UsageError("--listen %s: %s" % (description, e))
+        service.listener_endpoint(reactor, description)
+    except smtpdconf.ConfigError as e:
+        raise usage.UsageError(str(e))
+    except Exception as e:  # endpoint parsers raise TypeError, IndexError, ... too
+        raise usage.UsageError("--listen %s: %s" % (description, parse_error_text(e, description)))
+
+
+def parse_error_text(e, description):
+    """Why Twisted could not parse an endpoint string, for one line."""
+    kind = description.split(":", 1)[0].lower()
+    if isinstance(e, TypeError):  # the parts do not fit the parser's parameters
+        why = re.sub(r"^[\w.]+\(\) ", "", str(e))
+        if re.match(r"takes .* positional arguments? but", why):  # counts self, reactor
+            why = "too many ':'-separated parts"
+        text = "wrong parameters for %s: %s" % (kind, why)
+        parts = service.endpoint_parts(description)
+        named = [i for i, part in enumerate(parts) if "=" in part]
+        if named and any("=" not in part for part in parts[named[0]:]):
+            # a value's own colon made the rest of it a positional part
+            text += " (write a ':' inside a value as '\\:', as in interface=\\:\\:1)"
+        return text
+    if isinstance(e, LookupError) and kind == "systemd":
+        return "no such socket inherited from systemd (%d inherited)" % len(
+            ListenFDs.fromEnvironment().inheritedDescriptors())
+    return str(e) or type(e).__name__
+
+
+def failure_reason(e):
+    """``no such file or directory: /x/sock.lock`` for an OSError, else its text."""
+    if isinstance(e, OSError) and e.strerror:
+        why = e.strerror[:1].lower() + e.strerror[1:]
+        path = e.filename2 or e.filename  # symlink(pid, lock): the lock is the second
+        return why + (": %s" % os.fsdecode(path) if path else "")
+    return str(e) or type(e).__name__
 
 
 class StartupError(SystemExit, Exception):
@@ -301,9 +333,10 @@ class TwistdService(MultiService):
     log (``logs.QuietDNS``), then the server.  A listener that cannot start
     ends twistd with one line and exit 1 instead of a traceback."""
 
-    def __init__(self, top):
+    def __init__(self, top, listen):
         MultiService.__init__(self)
         self.top = top
+        self.listen = listen
         logs.QuietDNS().setServiceParent(self)
         top.setServiceParent(self)
 
@@ -312,6 +345,9 @@ class TwistdService(MultiService):
             MultiService.privilegedStartService(self)
         except CannotListenError as e:
             raise StartupError("upas-smtpd: %s" % listen_error_text(e))
+        except Exception as e:  # listening is all that starts here: OverflowError, a lock...
+            raise StartupError("upas-smtpd: cannot listen on %s: %s"
+                               % (self.listen, failure_reason(e)))
 
 
 def parse_hostport(text):
@@ -353,5 +389,5 @@ def makeService(options):
 
     # twistd leaves SIGHUP alone; the handler only hands over to the reactor
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-    return TwistdService(top)
+    return TwistdService(top, options["listen"])
 
