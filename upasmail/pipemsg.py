@@ -9,20 +9,27 @@ In order (spec upas-behaviour.md §1.10.3):
 3. any ``X-warning:`` lines (forgery tagging: ``forgery(sender, fields)``
    is called once the header is parsed)
 4. ``From: <last sender>`` when the header has no originator field
-5. ``To: <r1>, <r2>`` when it has no destination field
+5. ``To: <r1>, <r2>`` when it has no destination field (folded only past
+   RFC 5322's 998 characters)
 6. the header, rewritten by ``rfc822.parse`` (``@him`` qualification,
    ``BadHeader:``), then the blank line and the body verbatim.
 
-The built-in store asks for its ``form`` (``StoredForm``) instead of upas's
-for what is added in 4 and 5: addresses in RFC 5322 ``@`` form, and
-``Date:`` and ``Message-ID:`` when the header has none, as Postfix's
-cleanup does.  A ``-m`` mailer gets upas's stream unchanged.
+The built-in store asks for its ``form`` (``StoredForm``) instead of upas's:
+addresses in RFC 5322 ``@`` form (``at_form``) in 4 and 5, folded to 78
+columns, and in the header's bang paths (bare names from trusted peers get
+our domain); ``Date:`` and ``Message-ID:`` when the header has none, as
+Postfix's cleanup does.  A ``-m`` mailer gets upas's stream.
+
+Nothing is written until the header is complete: a message with more
+``Received:`` and ``Delivered-To:`` fields than ``hop_limit`` (a mail loop)
+is refused with no byte stored.
 
 Lines end in LF; the protocol has already removed the SMTP dot-stuffing
 and CRLF.  NUL bytes are dropped.  A header line that is not valid UTF-8
 refuses the message with ``mail refused: illegal header chars``.  The
-header is collected up to 16 KiB, as upas does; beyond that it passes
-through unparsed.  Unlike upas, the parser state is fresh for every
+header is parsed up to 16 KiB, as upas does; beyond that it passes
+through unparsed, but is read up to ``HEADER_SCAN_LIMIT`` for the fields
+that decide what is added or refused (``scan_fields``).  Unlike upas, the parser state is fresh for every
 message (quirk Q5) and a header-only message ends at the dot (Q4).
 """
 
