@@ -14,7 +14,7 @@ from email.headerregistry import Address
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from upasmail import local, pipemsg, replies
+from upasmail import convert, local, pipemsg, replies
 
 from test_local_delivery import GO, SENT, Case
 from test_rfc822 import stream
@@ -251,7 +251,12 @@ class FoldTests(MboxCase):
         [job] = [f for f in os.listdir(queue) if f.endswith(".msg")]
         with open(os.path.join(queue, job), "rb") as f:
             head = f.read().split(b"\n\n")[0]
-        self.assertLessEqual(max(map(len, head.split(b"\n"))), 78)
+            self.assertLessEqual(max(map(len, head.split(b"\n"))), 78)
+            # and so on the wire to the next server
+            f.seek(0)
+            wire = b"".join(convert.OutboundMessage(f, "example.org!alice",
+                                                    "gnot.example.org").wire("x"))
+        self.assertLessEqual(max(map(len, wire.split(b"\r\n"))), 78)
 
 
 # Item 4: long headers, obsolete field names
