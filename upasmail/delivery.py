@@ -164,7 +164,8 @@ class UpasMessage:
             self.failure = self.failure or reject(451, replies.STORE_FAILED)
         if self.failure is None and self.stream.error is not None:
             self.failure = reject(554, self.stream.error.reply)
-        if self.failure is None and self.delivery.backend is self.root:
+        if (self.failure is None and self.action == "deliver"
+                and self.delivery.backend is self.root):  # delivered here before: a loop
             looped = local.forwarding_loop(self.stream.delivered_to, self.tx.local,
                                            self.delivery.settings.dom)
             if looped is not None:
