@@ -202,7 +202,7 @@ class AddressFormTests(unittest.TestCase):
                            ("127.0.0.1!alice", "alice@[127.0.0.1]"),
                            ("[127.0.0.1]!alice", "alice@[127.0.0.1]"),
                            ("::1!alice", "alice@[IPv6:::1]"),
-                           ("a.b!c.d!bob", "@a.b:bob@c.d"),
+                           ("a.b!c.d!bob", "bob@c.d"),
                            ("alice@example.org", "alice@example.org"),
                            ("/dev/null", "")):
             self.assertEqual(local.at_form(path, "gnot.example.org"), want)

@@ -128,11 +128,12 @@ class UpasMessage:
         if delivery.backend is self.root and self.action == "deliver":
             # the built-in store writes RFC 5322 addresses; -m and -s keep upas's stream
             sender = last_sender = self.tx.sender
-            form = pipemsg.StoredForm(settings.dom, delivery.clock.seconds())
+            form = pipemsg.StoredForm(settings.dom, delivery.clock.seconds(),
+                                      s.trusted or s.authenticated)
         self.stream = pipemsg.MailerStream(
             self._write, sender, last_sender,
             list(envelope.recipients), s.him, s.rsys, settings.me, date, forgery,
-            tls=s.tls, user=s.user, form=form,
+            tls=s.tls, user=s.user, form=form, hop_limit=settings.hop_limit,
         )
 
     def _write(self, data):
@@ -162,7 +163,13 @@ class UpasMessage:
             self.log.error("spool close failed: {err}", err=e)
             self.failure = self.failure or reject(451, replies.STORE_FAILED)
         if self.failure is None and self.stream.error is not None:
-            self.failure = reject(554, "5.7.1 " + str(self.stream.error))
+            self.failure = reject(554, self.stream.error.reply)
+        if (self.failure is None and self.action == "deliver"
+                and self.delivery.backend is self.root):  # delivered here before: a loop
+            looped = local.forwarding_loop(self.stream.delivered_to, self.tx.local,
+                                           self.delivery.settings.dom)
+            if looped is not None:
+                self.failure = reject(554, replies.FORWARDING_LOOP.format(addr=looped))
         if self.stream.message_id is not None:
             self.tx = dataclasses.replace(self.tx,
                                           message_id=logs.printable(self.stream.message_id))

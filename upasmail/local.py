@@ -140,26 +140,73 @@ def _host(component):
     return "[IPv6:%s]" % ip if ip.version == 6 else "[%s]" % ip
 
 
-def at_form(path, qualifier):
-    """A bang path in RFC 5322 ``@`` form, never mixing the two.
+# RFC 5322 dot-atom (with RFC 6532's non-ASCII), quoted-string and domain-literal
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
+_DOT_ATOM = re.compile(r"[%s]+(?:\.[%s]+)*\Z" % (_ATEXT, _ATEXT))
+_QUOTED = re.compile(r'"(?:[^"\\\x00-\x1f\x7f]|\\[ -~])*"\Z')
+_LITERAL = re.compile(r"\[[!-Z^-~]*\]\Z")
 
-    ``example.org!alice`` -> ``alice@example.org``; a bare name gets
-    ``@qualifier``; an IP address becomes a literal; more hops make a
-    source route (``a!b!bob`` -> ``@a:bob@b``); ``/dev/null`` -> ``""``.
+
+def _split_unquoted(text, sep):
+    """Split ``text`` at each ``sep`` that stands outside a quoted string."""
+    parts, start, quoted, i = [], 0, False, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and quoted:
+            i += 1
+        elif c == '"':
+            quoted = not quoted
+        elif c == sep and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    return parts + [text[start:]]
+
+
+def _local_part(user):
+    """A local part that needs no quoting is kept; anything else is quoted."""
+    if _DOT_ATOM.match(user) or _QUOTED.match(user):
+        return user
+    return '"%s"' % user.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def at_form(path, qualifier):
+    """A bang path as one RFC 5322 addr-spec, never mixing the two forms.
+
+    ``example.org!alice`` -> ``alice@example.org``; a bare name or an
+    empty hop gets ``@qualifier``; an IP address becomes a literal; of a
+    longer route only the last hop is kept (``a!b!bob`` -> ``bob@b``, and
+    so our own names leading a path go too): an addr-spec has no route and
+    RFC 5321 §3.3 says to ignore one.  ``!`` splits only outside
+    quotes, and a local part that needs it is quoted.  ``/dev/null`` -> ``""``.
     """
     if path == NULL_SENDER:
         return ""
-    if "@" in path and "!" not in path:
-        return path
-    *hops, user = path.split("!")
-    hops = [_host(h) for h in hops] or [qualifier]
-    route = ",".join("@" + h for h in hops[:-1])
-    return "%s%s@%s" % (route + ":" if route else "", user, hops[-1])
+    *hops, user = _split_unquoted(path, "!")
+    *local, domain = _split_unquoted(user, "@")
+    if not hops and local and domain:  # already ``user@domain``
+        hops, user = [domain], "@".join(local)
+    domain = _host(hops[-1]) if hops and hops[-1] else qualifier
+    if not (_DOT_ATOM.match(domain) or _LITERAL.match(domain)):
+        # not a domain at all: the whole path is a name at our qualifier
+        user, domain = "!".join(hops[-1:] + [user]), qualifier
+    return "%s@%s" % (_local_part(user), domain)
 
 
 def delivery_fields(sender, user, domain):
     """The lines a mailbox copy gets after its ``From `` line (Postfix local(8))."""
     return "Return-Path: <%s>\nDelivered-To: %s@%s\n" % (at_form(sender, domain), user, domain)
+
+
+def forwarding_loop(delivered_to, users, domain):
+    """The ``user@domain`` of ``users`` that a ``Delivered-To:`` already names.
+
+    Postfix local(8) refuses such a message: it has been here before
+    (``mail forwarding loop for <addr>``).
+    """
+    seen = {v.strip("<> \t").lower() for v in delivered_to}
+    return next(("%s@%s" % (u, domain) for u in users
+                 if ("%s@%s" % (u, domain)).lower() in seen), None)
 
 
 def mbox_envelope(sender, domain):

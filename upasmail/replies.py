@@ -54,6 +54,8 @@ RECIPIENT_PATH_TOO_LONG = "5.1.3 Path too long"
 BARE_LINE_END = "5.5.2 Error: bare <CR> or <LF> in the message; send CRLF line ends"
 TOO_MANY_CONNECTIONS = "4.3.2 {dom} Error: too many connections; try again later"
 TOO_MANY_FROM_PEER = "4.7.0 {dom} Error: too many connections from {ip}"
+TOO_MANY_HOPS = "5.4.6 Too many hops"
+FORWARDING_LOOP = "5.4.6 mail forwarding loop for {addr}"
 SHUTDOWN = "4.3.2 {dom} Error: service shutting down"
 
 

@@ -58,6 +58,7 @@ class Settings:
     max_command_line: int = 4096  # RFC 5321: at least 512; AUTH needs more
     max_data_line: int = 64 * 1024  # RFC 5321 asks senders for 1000
     max_recipients: int = 1000  # RFC 5321: at least 100
+    hop_limit: int = 32  # Received:/Delivered-To: fields (upas send refuses past 32)
     max_path: int = 256  # RFC 5321 4.5.3.1: octets of a MAIL/RCPT path, at least
     max_local_part: int = 64
     max_domain: int = 255

@@ -136,6 +136,8 @@ class Options(usage.Options):
         ["max-command-line", None, 4096, "longest command line (at least 512)", int],
         ["max-data-line", None, 65536, "longest line inside a message", int],
         ["max-recipients", None, 1000, "recipients per message (at least 100)", int],
+        ["hop-limit", None, 32, "Received: and Delivered-To: fields a message may have, "
+                                "ours counted (a mail loop)", int],
         ["max-path", None, 256, "longest MAIL/RCPT path in octets, brackets included "
                                 "(at least 256)", int],
         ["max-local-part", None, 64, "longest local part of a path (at least 64)", int],
@@ -249,6 +251,7 @@ class Options(usage.Options):
             max_command_line=self["max-command-line"],
             max_data_line=self["max-data-line"],
             max_recipients=self["max-recipients"],
+            hop_limit=self["hop-limit"],
             max_path=self["max-path"],
             max_local_part=self["max-local-part"],
             max_domain=self["max-domain"],
