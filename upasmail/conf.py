@@ -169,7 +169,8 @@ class WatchedFile:
     ``current()`` stats the file and re-parses it when its mtime, size or
     inode changed.  A missing file gives ``empty``.  A file that cannot be
     read or parsed is logged with the reason (``FILE:LINE: ...``) and the
-    last good version stays in force.
+    last good version stays in force; ``broken`` says there is none (the
+    file was never good since start), so its ``empty`` value is a guess.
     """
 
     def __init__(self, path, parse, empty):
@@ -178,6 +179,8 @@ class WatchedFile:
         self._value = empty
         self._empty = empty
         self._stamp = None
+        self._good = False
+        self.broken = False
 
     def reread(self):
         """Read the file again at the next ``current()``, changed or not (SIGHUP)."""
@@ -190,9 +193,11 @@ class WatchedFile:
             if self._stamp is not None:
                 log.info("{path} removed; its entries no longer apply", path=self.path)
             self._stamp, self._value = None, self._empty
+            self.broken = False
             return self._value
         except OSError as e:
             log.error("{path}: cannot stat: {err}", path=self.path, err=e.strerror or e)
+            self.broken = not self._good
             return self._value
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
@@ -200,6 +205,9 @@ class WatchedFile:
         self._stamp = stamp
         try:
             self._value = self._parse(read_text(self.path), self.path)
+            self._good, self.broken = True, False
         except ConfigError as e:
-            log.error("{err}; keeping the previous version", err=e)
+            self.broken = not self._good
+            log.error("{err}; {what}", err=e, what="no good version to keep" if self.broken
+                      else "keeping the previous version")
         return self._value

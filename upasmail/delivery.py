@@ -64,10 +64,12 @@ class UpasDelivery:
         if self.backend is self.root:
             kind, where = relay.route(user.path, self.session.ours)
             if kind == "local":
-                verdict = local.recipient_verdict(user.path, where,
-                                                  self.root.mailboxes.known(where))
+                standing = self.root.mailboxes.standing(where, self.root.local_user)
+                verdict = local.recipient_verdict(user.path, where, standing)
                 if not verdict.ok:
-                    raise smtp.SMTPBadRcpt(user.path, verdict.code, verdict.text())
+                    # not SMTPBadRcpt: it parses the path again as an RFC 5321
+                    # address, which a bang path or a UTF-8 name may not be
+                    raise smtp.SMTPServerError(verdict.code, verdict.text())
         envelope = self.session.envelope
         return lambda: self._message(envelope)
 
@@ -217,11 +219,14 @@ class UpasMessage:
             self.log.info("message-id={message_id}")
         tx = self.tx
         if self.delivery.backend is self.root:
-            for user in tx.local:
-                self.log.info("to={rcpt} relay=local status=sent (delivered to mailbox)",
-                              rcpt=user)
-            for path in tx.remote:
-                self.log.info("to={rcpt} relay=queue status=queued", rcpt=path)
+            # what became of each recipient: an alias's targets, postmaster's fallback
+            for route in verdict.value:
+                same = route.to in (route.orig, local.fold(route.orig))
+                orig = "" if same else " orig_to={orig}"
+                status = ("status=sent (delivered to mailbox)" if route.relay == "local"
+                          else "status=queued")
+                self.log.info("to={rcpt}" + orig + " relay={relay} " + status,
+                              rcpt=route.to, orig=route.orig, relay=route.relay)
         else:
             for path in tx.recipients:
                 self.log.info("to={rcpt} relay=mailer status=sent", rcpt=path)

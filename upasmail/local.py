@@ -1,7 +1,8 @@
 """Local recipients: who exists, where their mail goes, what a mailbox copy adds.
 
 A local user (the part left of a recipient path once our own domains are
-dropped, compared in lower case as Postfix local(8) does) exists when
+dropped, compared in lower case as Postfix local(8) does; only ASCII letters
+fold, so the Kelvin sign is not a ``k``) exists when
 
 * ``<root>/box/<user>/`` is a directory, or
 * ``<lib>/aliases`` has a line for it (``name: target, target``, the
@@ -23,23 +24,48 @@ Only ``Mailboxes`` looks at the disk (stat and the two watched files);
 the rest is pure.
 """
 
+import enum
 import ipaddress
 import os
 import re
+import string
 
 from .address import NULL_SENDER
-from .conf import ConfigError, WatchedFile
+from .conf import ConfigError, WatchedFile, read_text
 from .decision import Accept, reject
-from .replies import USER_UNKNOWN
+from .replies import ALIAS_TOO_LARGE, ALIASES_UNREADABLE, USER_UNKNOWN
 
 POSTMASTER = "postmaster"
 MAX_EXPANSION = 1000  # alias targets per recipient: a loop or a typo, not a list
 _NAME = re.compile(r"[^\s:#,]+\Z")
 _MAILBOX_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,63}\Z")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+class ExpansionTooLarge(ValueError):
+    """An alias reaches more than MAX_EXPANSION targets."""
+
+
+class Standing(enum.Enum):
+    """What the lib files and ``box/`` say of a local name at RCPT."""
+
+    KNOWN = "known"
+    UNKNOWN = "unknown"
+    UNSURE = "unsure"  # an aliases or users file exists but was never readable
+    TOO_LARGE = "too large"
+
+
+def fold(name):
+    """Lower case for ASCII letters only: ``str.lower`` maps the Kelvin sign
+    (U+212A) to ``k`` and so would let a non-ASCII name reach box/karen."""
+    return name.translate(_ASCII_LOWER)
 
 
 def mailbox_name_ok(user):
-    """Can ``box/<user>`` be a directory of ours (no ``/``, no dot first)?"""
+    """Can ``box/<user>`` be a directory of ours (no ``/``, no dot first)?
+
+    Checked on the name as sent, before ``fold``.
+    """
     return bool(_MAILBOX_NAME.match(user))
 
 
@@ -63,7 +89,7 @@ def parse_aliases(text, filename="aliases"):
         entries.append([lineno, line])
     for lineno, line in entries:
         name, colon, rest = line.partition(":")
-        name = name.strip().lower()
+        name = fold(name.strip())
         targets = tuple(t.strip() for t in rest.split(",") if t.strip())
         where = "%s:%d: " % (filename, lineno)
         if not colon or not _NAME.match(name):
@@ -83,7 +109,7 @@ def parse_users(text, filename="users"):
     for raw in text.splitlines():
         name = raw.split("#", 1)[0].strip()
         if name:
-            names.add(name.lower())
+            names.add(fold(name))
     return frozenset(names)
 
 
@@ -103,7 +129,7 @@ def expand(user, aliases, is_local):
     """
     users, remote = {}, {}
     seen = set()
-    todo = [user.lower()]
+    todo = [fold(user)]
     while todo:
         name = todo.pop(0)
         if name in seen or name not in aliases:
@@ -115,20 +141,38 @@ def expand(user, aliases, is_local):
             local = is_local(path)
             if local is None:
                 remote[path] = None
-            elif local.lower() == name:
+            elif fold(local) == name:
                 users[name] = None  # "bob: bob, ..." keeps a copy
             else:
-                todo.append(local.lower())
+                todo.append(fold(local))
         if len(users) + len(remote) + len(todo) > MAX_EXPANSION:
-            raise ValueError("alias %s expands to more than %d targets" % (user, MAX_EXPANSION))
+            raise ExpansionTooLarge("alias %s expands to more than %d targets" % (user, MAX_EXPANSION))
     return tuple(users), tuple(remote)
 
 
-def recipient_verdict(path, user, known):
-    """RCPT for a local ``user``: known users and postmaster, else user unknown."""
-    if known or user.lower() == POSTMASTER:
+def recipient_verdict(path, user, standing):
+    """RCPT for a local ``user``: known users and postmaster, else user unknown.
+
+    An alias too large to deliver, or a name we cannot judge because the
+    aliases or users file is broken, is a temporary refusal: both are our
+    configuration, which the postmaster can mend before the sender gives up.
+    """
+    if standing is Standing.KNOWN or fold(user) == POSTMASTER:
         return Accept(path)
+    if standing is Standing.TOO_LARGE:
+        return reject(451, ALIAS_TOO_LARGE.format(path=path, n=MAX_EXPANSION))
+    if standing is Standing.UNSURE:
+        return reject(451, ALIASES_UNREADABLE.format(path=path))
     return reject(550, USER_UNKNOWN.format(path=path))
+
+
+def check_files(lib):
+    """Parse ``<lib>/aliases`` and ``<lib>/users`` if they exist; ConfigError
+    (``file:line: ...``) if one is broken: start-up stops, as for ratify."""
+    for name, parse in (("aliases", parse_aliases), ("users", parse_users)):
+        path = os.path.join(lib, name)
+        if os.path.exists(path):
+            parse(read_text(path), path)
 
 
 def _host(component):
@@ -238,17 +282,38 @@ class Mailboxes:
         self._aliases.reread()
         self._users.reread()
 
+    def load(self):
+        """Read both files now: what start-up found is the good version a
+        broken edit before the first RCPT falls back to."""
+        self._aliases.current()
+        self._users.current()
+
     def has_box(self, user):
-        return os.path.isdir(os.path.join(self.boxes, user.lower()))
+        return os.path.isdir(os.path.join(self.boxes, fold(user)))
 
     def is_user(self, user):
         """Has ``user`` a mailbox (made, or listed in ``users``)?"""
-        name = user.lower()
-        return mailbox_name_ok(name) and (name in self._users.current() or self.has_box(name))
+        if not mailbox_name_ok(user):
+            return False
+        name = fold(user)
+        return name in self._users.current() or self.has_box(name)
 
-    def known(self, user):
-        """May mail for ``user`` be accepted: a user or an alias?"""
-        return user.lower() in self._aliases.current() or self.is_user(user)
+    def standing(self, user, is_local):
+        """May mail for ``user`` be accepted: a user or an alias?  An alias is
+        expanded (cheap) to see that it fits."""
+        aliases = self._aliases.current()
+        if fold(user) in aliases:
+            try:
+                expand(user, aliases, is_local)
+            except ExpansionTooLarge:
+                return Standing.TOO_LARGE
+            return Standing.KNOWN
+        if self.is_user(user):
+            return Standing.KNOWN
+        self._users.current()
+        if self._aliases.broken or self._users.broken:
+            return Standing.UNSURE
+        return Standing.UNKNOWN
 
     def expand(self, user, is_local):
         return expand(user, self._aliases.current(), is_local)

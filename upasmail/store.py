@@ -30,15 +30,16 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import local, mbox
+from . import local, logs, mbox
 from .pipemsg import MONTHS
 from .tarpit import doubling
-from .decision import ACCEPT
+from .decision import ACCEPT, Accept
 from .relay import Ours, route
 
 log = Logger(namespace="smtpd")
@@ -125,11 +126,28 @@ def dump_number(sender, attempt):
     return str((h + secrets.randbelow(1 << 31) + attempt) & 0x7FFFFFFF)
 
 
-def _log_notes(result, notes):
+def _log_notes(result, notes, log=log):
     """Log, in the reactor thread, what mbox noted in a pool thread."""
     for note in notes:
         log.warn("{note}", note=note)
     return result
+
+
+def _logger(tx):
+    """Lines about a message a session accepted carry its session and queue
+    ids; others (the queue runner's bounces) keep the module's form."""
+    if tx.session:
+        return logs.SessionLogger(tx.session).forMessage(tx.queue_id or None)
+    return log
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one recipient's copy went, as Postfix logs it (``orig_to``)."""
+
+    relay: str  # "local" (a mailbox) or "queue" (a remote path)
+    to: str  # mailbox name or bang path
+    orig: str  # the recipient it was for
 
 
 def new_id(clock_seconds):
@@ -181,6 +199,7 @@ class MailRoot:
             f.write(b"x")
         os.unlink(probe)
         self._recover_mailboxes()
+        self.mailboxes.load()
 
     def _recover_mailboxes(self):
         for user in sorted(os.listdir(self.boxes)):
@@ -202,42 +221,67 @@ class MailRoot:
         return os.path.basename(spool_path)
 
     def mailbox_path(self, user):
-        return os.path.join(self.boxes, user.lower(), "mbox")
+        return os.path.join(self.boxes, local.fold(user), "mbox")
 
     def deliver(self, spool_path, envelope):
         """Store the message for every recipient; fires when durable.
 
         ``envelope`` has ``local`` (user names) and ``remote`` (bang paths),
         ``sender``, ``peer`` and ``helo``.  Local names go through the
-        aliases, which may add remote paths.
+        aliases, which may add remote paths.  Fires with Accept(routes):
+        what became of each recipient (``Route``), for the log.
         """
-        users, remote = self.destinations(envelope)
-        d = self._store(spool_path, envelope, users, remote)
+        log = _logger(envelope)
+        routes = self.destinations(envelope, log)
+        users = tuple(dict.fromkeys(r.to for r in routes if r.relay == "local"))
+        remote = tuple(dict.fromkeys(r.to for r in routes if r.relay == "queue"))
+        d = self._store(spool_path, envelope, users, remote, log)
         d.addCallback(self.commit.sync)
         if remote:
             d.addCallback(self._wake, self.queue_id(spool_path))
-        return d.addCallback(lambda _: ACCEPT)
+        return d.addCallback(lambda _: Accept(routes))
 
-    def _local_user(self, path):
+    def local_user(self, path):
         kind, where = route(path, self.ours)
         return where if kind == "local" else None
 
-    def destinations(self, envelope):
-        """(mailbox names, remote paths) after alias expansion.
+    def destinations(self, envelope, log=log):
+        """The ``Route`` of every mailbox and remote path after alias expansion.
 
-        A name that is not (or no longer) a known user goes to postmaster:
-        no directory is ever made for a name nobody created.
+        A name that is not (or no longer) a known user goes to postmaster,
+        through postmaster's own alias: no directory is ever made for a name
+        nobody created.
         """
-        users, remote = {}, dict.fromkeys(envelope.remote)
+        routes = [Route("queue", path, path) for path in envelope.remote]
         for user in envelope.local:
-            names, paths = self.mailboxes.expand(user, self._local_user)
-            remote.update(dict.fromkeys(paths))
+            try:
+                names, paths = self.mailboxes.expand(user, self.local_user)
+            except local.ExpansionTooLarge as e:  # grew since RCPT: postmaster sees it
+                log.warn("{err}; delivering to postmaster", err=e)
+                names, paths = (local.POSTMASTER,), ()
+            routes.extend(Route("queue", path, user) for path in paths)
             for name in names:
-                if name != local.POSTMASTER and not self.mailboxes.is_user(name):
-                    log.warn("no mailbox for {user}; delivering to postmaster", user=name)
-                    name = local.POSTMASTER
-                users[name] = None
-        return tuple(users), tuple(remote)
+                if name == local.POSTMASTER or self.mailboxes.is_user(name):
+                    routes.append(Route("local", name, user))
+                    continue
+                log.warn("no mailbox for {user}; delivering to postmaster", user=name)
+                pm_names, pm_paths = self.postmaster()
+                routes.extend(Route("local", n, user) for n in pm_names)
+                routes.extend(Route("queue", p, user) for p in pm_paths)
+        return tuple(dict.fromkeys(routes))
+
+    def postmaster(self):
+        """(mailboxes, remote paths) for mail that falls back to postmaster.
+
+        postmaster's alias decides; where it loops, is too large or names
+        no mailbox, box/postmaster takes the mail rather than nobody.
+        """
+        try:
+            names, paths = self.mailboxes.expand(local.POSTMASTER, self.local_user)
+        except local.ExpansionTooLarge:
+            return (local.POSTMASTER,), ()
+        names = (n if self.mailboxes.is_user(n) else local.POSTMASTER for n in names)
+        return tuple(dict.fromkeys(names)), paths
 
     def _wake(self, result, qid):
         for hook in list(self.enqueued):
@@ -268,11 +312,11 @@ class MailRoot:
         raise OSError("no free name in %s" % d)
 
     @defer.inlineCallbacks
-    def _store(self, spool_path, envelope, users, remote):
+    def _store(self, spool_path, envelope, users, remote, log=log):
         deadline = self._clock.seconds() + self.lock_timeout
         paths = []
         for user in users:
-            paths.extend((yield self._append(user, spool_path, envelope.sender, deadline)))
+            paths.extend((yield self._append(user, spool_path, envelope.sender, deadline, log)))
         if remote:
             paths.extend((yield self._run(self._enqueue, spool_path, envelope, remote)))
         return paths
@@ -290,12 +334,12 @@ class MailRoot:
 
         return head
 
-    def _append(self, user, spool_path, sender, deadline):
+    def _append(self, user, spool_path, sender, deadline, log):
         """Append in turn with the other messages for this mailbox."""
         path = self.mailbox_path(user)
         lock = self._mailboxes.setdefault(path, defer.DeferredLock())
         d = lock.run(self._try_append, path, spool_path, self._mbox_head(sender, user),
-                     deadline, 1)
+                     deadline, 1, log)
 
         def done(result):
             if not lock.locked and not lock.waiting:
@@ -304,10 +348,10 @@ class MailRoot:
 
         return d.addBoth(done)
 
-    def _try_append(self, path, spool_path, head, deadline, tries):
+    def _try_append(self, path, spool_path, head, deadline, tries, log):
         notes = []
         d = self._run(mbox.append, path, spool_path, notes, head)
-        d.addBoth(_log_notes, notes)
+        d.addBoth(_log_notes, notes, log)
         if tries > 1:
             # an earlier try may have made the mailbox and its directory: sync their entries
             directory = os.path.dirname(path)
@@ -322,7 +366,7 @@ class MailRoot:
                                 % self.lock_timeout, path)
             wait = min(doubling(tries, LOCK_RETRY, LOCK_RETRY_MAX), left)
             return task.deferLater(self._clock, wait, self._try_append, path, spool_path,
-                                   head, deadline, tries + 1)
+                                   head, deadline, tries + 1, log)
 
         return d.addErrback(busy)
 

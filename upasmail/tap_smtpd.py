@@ -2,9 +2,10 @@
 
 Every flag of upas smtpd (seed smtp.8 and spec §1.2) is accepted, with a
 long name.  Files the server cannot work without (smtpd.conf, the ratify
-list, the certificate, the password file when AUTH is required or the
-file is named) are read once at start-up: a problem stops ``twistd`` with
-``upas-smtpd: FILE:LINE: reason`` instead of surfacing in a session.
+list, the aliases and users files, the certificate, the password file when
+AUTH is required or the file is named) are read once at start-up: a
+problem stops ``twistd`` with ``upas-smtpd: FILE:LINE: reason`` instead of
+surfacing in a session.
 Every other start-up error (a bad option value, an endpoint that does not
 parse, a port in use or refused, a mail root we cannot use) is one line
 too, naming the option or address, and exit status 1: no traceback and no
@@ -24,7 +25,7 @@ from twisted.python import usage
 from twisted.python.systemd import ListenFDs
 
 from . import conf as smtpdconf
-from . import logs, passwd, ratify, service, settings, tls
+from . import local, logs, passwd, ratify, service, settings, tls
 from .mailer import resolve as resolve_mailer
 from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
 
@@ -267,6 +268,9 @@ class Options(usage.Options):
         try:
             if os.path.exists(s.path("blocked")):
                 ratify.load(s.path("blocked"))
+            # the same for aliases and users: a broken one would make every
+            # alias, or every listed user, unknown (a permanent 550)
+            local.check_files(s.path("lib"))
             # AUTH that cannot work is a start-up error when asked for
             if self["require-auth"] or self["passwd"] or os.path.exists(s.path("passwd")):
                 users = passwd.load(s.path("passwd"))
