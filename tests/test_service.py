@@ -96,6 +96,7 @@ def test_password_file_checked_at_startup(tmp_path):
     (["--smtps"], "--smtps needs a certificate (-c)"),
     (["--key", "k.pem"], "--key needs -c"),
     (["--auth-max-failures", "0"], "--auth-max-failures must be at least 1"),
+    (["--hop-limit", "0"], "--hop-limit must be at least 1"),
 ])
 def test_tls_and_auth_usage_errors(argv, msg):
     with pytest.raises(usage.UsageError) as e:

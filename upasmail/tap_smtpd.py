@@ -199,8 +199,9 @@ class Options(usage.Options):
             raise usage.UsageError("--shutdown-grace cannot be negative")
         if self["auth-fail-delay"] < 0:
             raise usage.UsageError("--auth-fail-delay cannot be negative")
-        if self["auth-max-failures"] < 1:
-            raise usage.UsageError("--auth-max-failures must be at least 1")
+        for name in ("auth-max-failures", "hop-limit"):  # 0 would refuse everything
+            if self[name] < 1:
+                raise usage.UsageError("--%s must be at least 1" % name)
         if self["resolver"]:
             self["resolverAddress"] = parse_hostport(self["resolver"])
         check_endpoint(self["listen"])
