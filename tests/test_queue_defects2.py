@@ -13,11 +13,15 @@ import errno
 import io
 import json
 import os
+import smtplib
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 
-from test_queue import Case
-from upasmail import queue, tap_runq
+from test_client import ZONE, Case as ClientCase
+from test_queue import MESSAGE, Case
+from test_twistd import dns_port, server  # noqa: F401 (fixtures)
+from upasmail import client, queue, tap_runq, testing
+from upasmail.session import Transaction
 from upasmail.store import MailRoot
 
 LOCAL_SENDER = "gnot.example.org!alice"
@@ -208,3 +212,90 @@ class TheLineToTheBounce(Failing):
         self.assertEqual(len(self.mbox("alice")), 1)
         self.assertIn("%s: sender non-delivery notification: stored in the local mailbox of "
                       "alice" % qid, self.log.getvalue())
+
+
+class SMTPUTF8(ClientCase):
+    """RFC 6531 3.2 on the way out: SMTPUTF8 when a message needs it and the
+    server offers it; none at all when it does not (5.6.7, as Postfix)."""
+
+    OFFERS = {"EHLO": "250-fake.example you are there\r\n250-8BITMIME\r\n250 SMTPUTF8"}
+
+    @defer.inlineCallbacks
+    def test_a_utf8_sender_is_not_sent_to_a_server_without_smtputf8(self):
+        self.serve()
+        result = yield self.deliver(sender="\u00fcn\u00ef@vm.test")
+        self.assertEqual(result.status, client.PERMANENT)
+        [r] = result.recipients
+        self.assertEqual(r.status, client.PERMANENT_FAILURE)
+        self.assertIn("5.6.7 SMTPUTF8 is required, but was not offered by host "
+                      "mx.example.com[127.0.0.2]", r.reply)
+        self.assertEqual([c.split(" ")[0] for c in self.commands()], ["EHLO", "QUIT"])
+
+    @defer.inlineCallbacks
+    def test_a_utf8_recipient_goes_with_smtputf8_when_offered(self):
+        self.serve(replies=self.OFFERS)
+        result = yield self.deliver(rcpts=("b\u00f6b@example.net",))
+        self.assertEqual(result.status, "")
+        self.assertEqual(self.commands()[1:3], ["MAIL FROM:<alice@gnot.example.org> SMTPUTF8",
+                                                "RCPT TO:<b\u00f6b@example.net>"])
+
+    @defer.inlineCallbacks
+    def test_ascii_mail_goes_without_smtputf8(self):
+        self.serve(replies=self.OFFERS)
+        result = yield self.deliver()
+        self.assertEqual(result.status, "")
+        self.assertEqual(self.commands()[1], "MAIL FROM:<alice@gnot.example.org>")
+
+    @defer.inlineCallbacks
+    def test_mail_received_with_smtputf8_needs_it_for_a_utf8_header(self):
+        self.serve()
+        for msg, status in (("Subject: gr\u00fc\u00dfe\n\nbody\n".encode(), client.PERMANENT),
+                            (b"Subject: hi\n\nbody\n", "")):  # ASCII: no need
+            result = yield client.deliver(
+                io.BytesIO(msg), "tcp!example.com!%d" % self.port, "alice",
+                ["bob@example.net"], self.options(), reactor, testing.FakeResolver(ZONE),
+                self.clock, smtputf8=True)
+            self.assertEqual(result.status, status)
+
+
+class SMTPUTF8InTheQueue(Case):
+    @defer.inlineCallbacks
+    def test_a_utf8_recipient_the_server_cannot_take_is_returned(self):
+        s = self.sink()
+        self.enqueue(["a.example!b\u00f6b"])
+        r = self.runner()
+        yield s.seen("QUIT")
+        yield self.settle(r)
+        self.assertEqual(self.jobs(), [])
+        self.assertFalse(any(c.startswith("MAIL") for c in s.sessions[0].commands))
+        [bounce] = self.mbox("alice")
+        text = bounce.as_string()
+        self.assertIn("Status: 5.6.7", text)
+        self.assertIn("SMTPUTF8 is required, but was not offered by host", text)
+
+    def test_the_queue_keeps_the_smtputf8_flag(self):
+        path, f = self.root.open_spool()
+        with f:
+            f.write(MESSAGE)
+        tx = Transaction(sender="gnot.example.org!alice", recipients=("a.example!bob",),
+                         local=(), remote=("a.example!bob",), peer="127.0.0.1", helo="h",
+                         smtputf8=True)
+        self.successResultOf(self.root.deliver(path, tx))
+        record = queue.Queue(self.root.queue).load(os.path.basename(path))
+        self.assertIs(record["smtputf8"], True)
+
+
+def test_smtpd_marks_a_message_received_with_smtputf8(server):  # noqa: F811 (fixture)
+    s = server("--no-queue-runner")
+    with smtplib.SMTP("127.0.0.1", s.port) as c:
+        c.ehlo()
+        c.sendmail("alice@example.org", ["x@foreign.example"],
+                   "Subject: gr\u00fc\u00dfe\r\n\r\nq\r\n".encode(), mail_options=["SMTPUTF8"])
+        c.sendmail("alice@example.org", ["y@foreign.example"], b"Subject: q\r\n\r\nq\r\n")
+    flags = {}
+    for name in os.listdir(os.path.join(s.root, "queue")):
+        if name.endswith(".env"):
+            with open(os.path.join(s.root, "queue", name)) as f:
+                record = json.load(f)
+            flags[record["recipients"][0]] = record.get("smtputf8")
+    assert flags == {"foreign.example!x": True, "foreign.example!y": False}

@@ -639,7 +639,8 @@ class QueueRunner(service.Service):
             result = yield self.deliver(source, self.dial_string(dest), record["sender"],
                                         rcpts, self.client_options(), self.reactor,
                                         self.resolver, self.clock, watch=self._watch,
-                                        outcome=outcome, queue_id=qid)
+                                        outcome=outcome, queue_id=qid,
+                                        smtputf8=bool(record.get("smtputf8")))
         if not recorded:  # no conversation took place (DNS, dialling)
             yield self._record(record, dest, result)
         if qid not in self.jobs:

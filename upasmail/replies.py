@@ -55,6 +55,8 @@ BARE_LINE_END = "5.5.2 Error: bare <CR> or <LF> in the message; send CRLF line e
 TOO_MANY_CONNECTIONS = "4.3.2 {dom} Error: too many connections; try again later"
 TOO_MANY_FROM_PEER = "4.7.0 {dom} Error: too many connections from {ip}"
 SHUTDOWN = "4.3.2 {dom} Error: service shutting down"
+# the client's, as Postfix's smtp(8): a non-ASCII message the next server cannot take
+SMTPUTF8_NOT_OFFERED = "5.6.7 SMTPUTF8 is required, but was not offered by host {host}"
 
 
 def syntax_error():
