@@ -22,7 +22,13 @@ delivers them:
   gives up; permanent failures and give-ups are returned to the sender
   as an RFC 3464 DSN (``bounce``), never to ``<>``: a bounce that cannot
   be delivered goes to the local ``postmaster`` (from ``double-bounce``),
-  and a failed postmaster copy is dropped with a log line;
+  and a failed postmaster copy is dropped with a log line; a return that
+  cannot be stored goes to the postmaster too, and if that cannot be
+  stored either the job waits;
+* work on a job that fails (a return nobody could get, a queue that cannot
+  be written) is one log line, and the job waits the same backoff before
+  it is tried again (``held``): no scan repeats it at once, and a
+  one-pass runner tries each job at most once;
 * at most ``max_deliveries`` deliveries at once, ``max_per_destination``
   per domain; a job being delivered is ``flock``\\ed, so two runners (the
   service and ``upas-runq``) never send the same job twice at once;
@@ -37,7 +43,8 @@ The server records its routing in ``<root>/routing.json`` for
 
 Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=(<mx>:<ip>)|none
 status=sent|deferred|bounced (<reply>)`` (for ``sent`` the server's final
-reply to the message), plus queueing, bouncing and quarantine; the
+reply to the message), ``<id>: sender non-delivery notification: <bounce
+id>`` (as Postfix), plus queueing, bouncing and quarantine; the
 client's lines for a job start with ``<id>:`` too.
 
 Only names of ``store.new_id``'s form are queue ids (``QUEUE_ID``): no
