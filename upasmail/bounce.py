@@ -58,9 +58,9 @@ def dsn(failures, sender_addr, header_text, reporting_mta, arrival, now, queue_i
     """
     boundary = "%s/%s" % (queue_id, secrets.token_hex(8))
     date = email.utils.formatdate(now, localtime=True)
-    if double:
+    if double and not why_lines:
         why_lines = ["The message was itself a bounce (from <>), so it was not returned "
-                     "to its sender; this copy is for the postmaster."] + list(why_lines)
+                     "to its sender; this copy is for the postmaster."]
     lines = [
         envelope_line(DOUBLE_BOUNCE if double else "/dev/null", plan9_date(now)).rstrip("\n"),
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % reporting_mta,

@@ -43,7 +43,7 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import convert, mxdial
+from . import convert, mxdial, replies
 from .factotum import NoCredentials
 from .logs import printable
 from .pipemsg import plan9_date
@@ -425,7 +425,7 @@ class Conversation:
     """One SMTP conversation on a connected Wire (smtp.c main after dial)."""
 
     def __init__(self, wire, options, message, sender, results, destaddr, server, ddomain,
-                 target, clock, queue_id=None):
+                 target, clock, queue_id=None, smtputf8=False):
         self.wire = wire
         self.o = options
         self.message = message
@@ -436,6 +436,7 @@ class Conversation:
         self.ddomain = ddomain
         self.target = target
         self.clock = clock
+        self.smtputf8 = smtputf8  # the message came with SMTPUTF8
         self.encrypted = False
         self.phase = "hello"
         self.report = []
@@ -554,9 +555,17 @@ class Conversation:
             if not restart:
                 break
         self.phase = "mailfrom"
+        offered = {ext.strip().upper() for ext in extensions}
+        utf8 = needs_smtputf8(self.sender, [r.address for r in self.results
+                                            if r.status == NOT_SENT],
+                              self.smtputf8, "".join(self.message.header.lines))
+        if utf8 and "SMTPUTF8" not in offered:
+            # RFC 6531 3.2: never sent to a server that cannot take it (no downgrade)
+            raise Failed(PERMANENT, Reply(0, [replies.SMTPUTF8_NOT_OFFERED.format(
+                host="%s[%s]" % (self.target.mx or self.target.ip, self.target.ip))]))
         w.arm(10 * o.unit)
-        self._expect((yield w.command("MAIL FROM:" + convert.mail_from(self.sender,
-                                                                          o.hostdomain))), 2)
+        self._expect((yield w.command("MAIL FROM:" + convert.mail_from(
+            self.sender, o.hostdomain) + (" SMTPUTF8" if utf8 else ""))), 2)
         self.phase = "rcptto"
         # recipients refused before the connection (illegal addresses) count
         # as refused by the server
@@ -666,6 +675,14 @@ def _error_text(e):
     return str(e) or e.__class__.__name__
 
 
+def needs_smtputf8(sender, recipients, flagged, header):
+    """Must the message go with SMTPUTF8?  A non-ASCII address needs it; a
+    message that came with SMTPUTF8 needs it too when its header is not
+    ASCII (Postfix: an all-ASCII one goes without)."""
+    return (not sender.isascii() or not all(r.isascii() for r in recipients)
+            or (flagged and not header.isascii()))
+
+
 def address_errors(sender, recipients, kind="delivery"):
     """{address: upas's ``illegal address`` text} for the sender and the
     recipients that hold a control character (``convert.illegal``): a CR or
@@ -686,7 +703,7 @@ def dial_report(text, destaddr):
 
 @defer.inlineCallbacks
 def deliver(source, destaddr, sender, recipients, options, reactor, resolver, clock=None,
-            watch=None, outcome=None, queue_id=None):
+            watch=None, outcome=None, queue_id=None, smtputf8=False):
     """Send the message in the binary file ``source`` to ``destaddr``; fire with a Result.
 
     ``watch(wire)``, if given, is called once connected (the queue uses it
@@ -695,7 +712,8 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
     answered the message (or the conversation failed), before QUIT, whose
     answer may take minutes; QUIT waits for the Deferred it returns, so the
     queue can make the outcome durable first.  ``queue_id`` starts every
-    log line of this delivery.
+    log line of this delivery.  ``smtputf8``: the message was received with
+    SMTPUTF8 (its header may need it).
 
     A sender with a control character refuses the whole delivery before
     any connection (permanent); such a recipient is refused alone, as if
@@ -754,7 +772,7 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
     if watch is not None:
         watch(wire)
     conv = Conversation(wire, options, message, sender, results, destaddr, dial.host,
-                        ddomain, target, clock, queue_id)
+                        ddomain, target, clock, queue_id, smtputf8)
     report = []
     try:
         status = yield conv.run()

@@ -101,6 +101,7 @@ class UpasDelivery:
             helo=self.session.him,
             session=self.session.id,
             queue_id=queue_id,
+            smtputf8=envelope.smtputf8,
         )
 
 

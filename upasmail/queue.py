@@ -22,7 +22,13 @@ delivers them:
   gives up; permanent failures and give-ups are returned to the sender
   as an RFC 3464 DSN (``bounce``), never to ``<>``: a bounce that cannot
   be delivered goes to the local ``postmaster`` (from ``double-bounce``),
-  and a failed postmaster copy is dropped with a log line;
+  and a failed postmaster copy is dropped with a log line; a return that
+  cannot be stored goes to the postmaster too, and if that cannot be
+  stored either the job waits;
+* work on a job that fails (a return nobody could get, a queue that cannot
+  be written) is one log line, and the job waits the same backoff before
+  it is tried again (``held``): no scan repeats it at once, and a
+  one-pass runner tries each job at most once;
 * at most ``max_deliveries`` deliveries at once, ``max_per_destination``
   per domain; a job being delivered is ``flock``\\ed, so two runners (the
   service and ``upas-runq``) never send the same job twice at once;
@@ -37,7 +43,8 @@ The server records its routing in ``<root>/routing.json`` for
 
 Log lines (namespace ``queue``): ``<id>: to=<rcpt> relay=(<mx>:<ip>)|none
 status=sent|deferred|bounced (<reply>)`` (for ``sent`` the server's final
-reply to the message), plus queueing, bouncing and quarantine; the
+reply to the message), ``<id>: sender non-delivery notification: <bounce
+id>`` (as Postfix), plus queueing, bouncing and quarantine; the
 client's lines for a job start with ``<id>:`` too.
 
 Only names of ``store.new_id``'s form are queue ids (``QUEUE_ID``): no
@@ -56,6 +63,7 @@ from collections import Counter
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import bounce, client, convert, crashpoint, factotum, relay
 from .local import at_form
@@ -84,6 +92,10 @@ DOUBLE_BOUNCE = bounce.DOUBLE_BOUNCE
 
 class CorruptJob(Exception):
     pass
+
+
+class NotReturned(Exception):
+    """The failures of a job could be returned to nobody this time (why: the text)."""
 
 
 class BadQueueId(ValueError):
@@ -386,6 +398,11 @@ class QueueRunner(service.Service):
         self._saving = set()  # envelope writes under way
         self._idle_waiters = []
         self._save_locks = {}  # qid -> DeferredLock
+        # qid -> (failed tries, when it may be tried again): work on the job
+        # raised (a full disk, a mailbox that cannot be written); it waits
+        # the usual backoff, so a scan never repeats it at once
+        self.held = {}
+        self.started = set()  # once=True: (qid, dest) already tried in this pass
 
     # -- service ---------------------------------------------------------
 
@@ -459,24 +476,14 @@ class QueueRunner(service.Service):
             return
         now = self.clock.seconds()
         flush, self.flush_all = self.flush_all, False
-        earliest = None
-        for name in self.queue.strays():
-            self.queue.quarantine(name[:-4], "not a queue id")
-        for qid in self.queue.ids():
-            if self._full():
-                break  # a delivery that ends frees a slot and scans again
-            try:
-                when = self._consider(qid, now, flush)
-            except FileNotFoundError:
-                continue  # deleted meanwhile (upas-mailq --delete)
-            except CorruptJob as e:
-                self._quarantine(qid, str(e))
-                continue
-            except Exception:
-                log.failure("{id}: cannot handle this job", id=qid)
-                continue
-            if when is not None and (earliest is None or when < earliest):
-                earliest = when
+        if flush:
+            self.held.clear()
+        try:
+            earliest = self._scan_jobs(now, flush)
+        except Exception:
+            # the queue directory itself: look again after the usual wait
+            _log_trouble(Failure(), "cannot scan the queue", self.settings.retry_min)
+            earliest = now + self.settings.retry_min
         if self.once:
             if not self.inflight:
                 self._finish_pass()
@@ -486,28 +493,69 @@ class QueueRunner(service.Service):
             wait = min(wait, max(earliest - now, 0))
         self._schedule(wait)
 
+    def _scan_jobs(self, now, flush):
+        """Consider every job; return when the earliest one next wants attention."""
+        earliest = None
+        for name in self.queue.strays():
+            try:
+                self.queue.quarantine(name[:-4], "not a queue id")
+            except OSError as e:
+                log.error("{name}: cannot move it to queue/corrupt: {err}", name=name, err=e)
+        for qid in self.queue.ids():
+            if self._full():
+                break  # a delivery that ends frees a slot and scans again
+            try:
+                try:
+                    when = self._consider(qid, now, flush)
+                except CorruptJob as e:
+                    self._quarantine(qid, str(e))
+                    continue
+            except FileNotFoundError:
+                continue  # deleted meanwhile (upas-mailq --delete)
+            except Exception:
+                when = self._hold(qid, Failure(), "cannot handle this job")
+            if when is not None and (earliest is None or when < earliest):
+                earliest = when
+        return earliest
+
+    def _hold(self, qid, failure, what):
+        """Work on a job failed: log it once and hold the job for the usual backoff."""
+        tries = self.held.get(qid, (0, 0))[0] + 1
+        wait = backoff(tries, self.settings.retry_min, self.settings.retry_max)
+        until = self.clock.seconds() + wait
+        self.held[qid] = (tries, until)
+        _log_trouble(failure, "%s: %s" % (qid, what), wait)
+        return until
+
     def _full(self):
         return len(self.inflight) >= self.settings.max_deliveries
 
     def _consider(self, qid, now, flush):
         """Start what is due in one job; return when it next wants attention."""
+        held = self.held.get(qid)
+        if held is not None and held[1] > now:
+            return held[1]
         record = self.jobs.get(qid)
         if record is None:
             record = self.queue.load(qid)
         smarthost = self.settings.smarthost
         idle = not any(k[0] == qid for k in self.inflight)
+        if idle and (qid, "") in self.started:
+            return None  # one pass: its finishing was tried already
         if idle and now - record["created"] > self.settings.max_queue_age:
             self._expire(record, now)
             return None
         if idle and (nothing_pending(record) or unreturned(record)):
             # a run was cut off after saving an outcome and before acting on it
-            self._finish_off(record, self._complete if nothing_pending(record)
-                             else self._return_failures)
+            if nothing_pending(record):
+                self._finish_off(record, self._complete, "finishing the job")
+            else:
+                self._finish_off(record, self._return_failures, "returning failures")
             return None
         if flush:
             record["next"] = {}
         for dest, rcpts in due_groups(record, now, smarthost).items():
-            if (qid, dest) in self.inflight:
+            if (qid, dest) in self.inflight or (qid, dest) in self.started:
                 continue
             if self._full() or self.per_dest[dest] >= self.settings.max_per_destination:
                 continue  # a delivery that ends scans again
@@ -551,12 +599,19 @@ class QueueRunner(service.Service):
         return "net!%s!%d" % (dest, self.settings.mx_port)
 
     def _start(self, record, dest, rcpts):
-        self._track(record["id"], dest, defer.maybeDeferred(self._attempt, record, dest, rcpts))
+        self._track(record["id"], dest, defer.maybeDeferred(self._attempt, record, dest, rcpts),
+                    "delivery to %s" % dest)
 
-    def _track(self, qid, dest, d):
-        """Count a delivery (or a give-up) as under way until ``d`` fires."""
+    def _track(self, qid, dest, d, what):
+        """Count a delivery (or finishing a job) as under way until ``d`` fires.
+
+        When it fails, the job is held (``_hold``); when it succeeds, it is
+        no longer.  Either way the next scan comes at once, for the slot.
+        """
         self.per_dest[dest] += 1
         self.inflight[(qid, dest)] = d
+        if self.once:
+            self.started.add((qid, dest))
 
         def finished(result):
             self.inflight.pop((qid, dest), None)
@@ -572,8 +627,9 @@ class QueueRunner(service.Service):
                     w.callback(None)
             return None
 
-        d.addErrback(lambda f: log.failure("{id}: {dest} failed", f, id=qid,
-                                           dest=dest or "giving up"))
+        d.addCallbacks(lambda _: self.held.pop(qid, None),
+                       lambda f: self._hold(qid, f, "returning failures" if f.check(
+                           NotReturned) else what + " failed"))
         d.addBoth(finished)
 
     @defer.inlineCallbacks
@@ -590,7 +646,8 @@ class QueueRunner(service.Service):
             result = yield self.deliver(source, self.dial_string(dest), record["sender"],
                                         rcpts, self.client_options(), self.reactor,
                                         self.resolver, self.clock, watch=self._watch,
-                                        outcome=outcome, queue_id=qid)
+                                        outcome=outcome, queue_id=qid,
+                                        smtputf8=bool(record.get("smtputf8")))
         if not recorded:  # no conversation took place (DNS, dialling)
             yield self._record(record, dest, result)
         if qid not in self.jobs:
@@ -668,10 +725,30 @@ class QueueRunner(service.Service):
             log.error("{id}: the postmaster's copy of a failed bounce could not be "
                       "delivered either; discarded: {rcpts}", id=qid, rcpts=", ".join(failed))
         else:
-            yield self._bounce(record, failed, *route)  # durable before it is marked
+            yield self._return(record, failed, *route)  # durable before it is marked
         for r in failed:
             record["state"][r]["returned"] = True
         yield self._save(record)
+
+    @defer.inlineCallbacks
+    def _return(self, record, failed, to, envelope_sender):
+        """Bounce to ``to``; when that cannot be stored or queued, to the
+        postmaster, as a double bounce; NotReturned when nobody got it."""
+        try:
+            yield self._bounce(record, failed, to, envelope_sender)
+            return
+        except OSError as e:
+            err, why = e, "to %s (%s)" % (to, e)
+            if to == POSTMASTER:
+                raise NotReturned("not " + why)
+        log.warn("{id}: failures not returned {why}; the postmaster gets them",
+                 id=record["id"], why=why)
+        try:
+            yield self._bounce(record, failed, POSTMASTER, DOUBLE_BOUNCE, why_lines=[
+                "The report could not be given to its sender <%s>, so this copy is for "
+                "the postmaster: %s" % (convert.shown(at_form(to, self.settings.dom)), err)])
+        except OSError as e2:
+            raise NotReturned("not %s, nor to %s (%s)" % (why, POSTMASTER, e2))
 
     @defer.inlineCallbacks
     def _complete(self, record):
@@ -694,9 +771,9 @@ class QueueRunner(service.Service):
                 st["dsn"] = "4.4.7"
                 log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=r,
                          why=" ".join(last.split()))
-        self._finish_off(record, self._complete)
+        self._finish_off(record, self._complete, "giving up")
 
-    def _finish_off(self, record, work):
+    def _finish_off(self, record, work, what):
         """Run ``work(record)`` on a job that has no delivery under way, holding its lock."""
         qid = record["id"]
         fd = self.queue.lock(qid)
@@ -704,12 +781,17 @@ class QueueRunner(service.Service):
             return  # another runner has it
         self.locks[qid] = fd
         self.jobs[qid] = record
-        self._track(qid, "", defer.maybeDeferred(work, record))
+        self._track(qid, "", defer.maybeDeferred(work, record), what)
 
-    def _bounce(self, record, failed, to, envelope_sender):
-        """Queue (or store) the DSN for ``to``; fires once it is durable."""
+    def _bounce(self, record, failed, to, envelope_sender, why_lines=()):
+        """Queue (or store) the DSN for ``to``; fires once it is durable.
+
+        From ``double-bounce`` it is the postmaster's copy: of a bounce that
+        failed, or (``why_lines`` say so) of a return that could not be stored.
+        """
         s = self.settings
-        msg, _ = self.queue.paths(record["id"])
+        qid = record["id"]
+        msg, _ = self.queue.paths(qid)
         with open(msg, "rb") as f:
             head = f.read(256 * 1024)
         # an address with a control character (refused by the client, never
@@ -720,16 +802,13 @@ class QueueRunner(service.Service):
         double = envelope_sender == DOUBLE_BOUNCE
         data = bounce.dsn(failures, convert.shown(at_form(to, s.dom)),
                           bounce.original_header(head),
-                          s.dom, record["created"], self.clock.seconds(), record["id"],
-                          double=double)
-        path, spool = self.root.open_spool()
-        with spool:
-            spool.write(data)
+                          s.dom, record["created"], self.clock.seconds(), qid,
+                          why_lines=why_lines, double=double)
         kind, where = relay.route(to, s.ours)
         tx = Transaction(sender=envelope_sender, recipients=(to,),
                          local=(where,) if kind == "local" else (),
                          remote=(to,) if kind == "remote" else (), peer="", helo="")
-        d = self.root.deliver(path, tx)
+        path, spool = self.root.open_spool()
 
         def unlink(result):
             try:
@@ -738,13 +817,24 @@ class QueueRunner(service.Service):
                 pass
             return result
 
+        try:
+            with spool:
+                spool.write(data)
+            users, remote = self.root.destinations(tx)
+            d = self.root.deliver(path, tx)
+        except BaseException:
+            unlink(None)
+            raise
+
         def done(result):
-            if double:
+            if double and not why_lines:
                 log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
-                         "recipients failed)", id=record["id"], n=len(failed))
-            else:
-                log.info("{id}: returned to {sender} ({n} recipients failed)",
-                         id=record["id"], sender=to, n=len(failed))
+                         "recipients failed)", id=qid, n=len(failed))
+            # as Postfix: the line that joins this job to the bounce's
+            log.info("{id}: {who} non-delivery notification: {where} (to {to}, {n} "
+                     "recipients failed)", id=qid, who="postmaster" if double else "sender",
+                     where=notification_place(self.root.queue_id(path), users, remote),
+                     to=to, n=len(failed))
             return result
 
         return d.addBoth(unlink).addCallback(done)
@@ -752,6 +842,24 @@ class QueueRunner(service.Service):
     def _finish_pass(self):
         if not self.done.called:
             self.done.callback(None)
+
+
+def notification_place(bounce_id, users, remote):
+    """Where a bounce went, for the log: its queue id, local mailboxes, or both."""
+    places = [bounce_id] if remote else []
+    if users:
+        places.append("stored in the local mailbox of %s" % ", ".join(users))
+    return "; ".join(places)
+
+
+def _log_trouble(failure, what, wait):
+    """One line for trouble of the system (an OSError) or a return that
+    failed; a traceback for anything else, a bug."""
+    if failure.check(OSError, NotReturned):
+        log.error("{what}: {err}; next try in {wait:.0f} s", what=what, err=failure.value,
+                  wait=wait)
+    else:
+        log.failure("{what}; next try in {wait:.0f} s", failure, what=what, wait=wait)
 
 
 def _mx_name(relay_text):

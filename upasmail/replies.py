@@ -59,6 +59,8 @@ TOO_MANY_FROM_PEER = "4.7.0 {dom} Error: too many connections from {ip}"
 TOO_MANY_HOPS = "5.4.6 Too many hops"
 FORWARDING_LOOP = "5.4.6 mail forwarding loop for {addr}"
 SHUTDOWN = "4.3.2 {dom} Error: service shutting down"
+# the client's, as Postfix's smtp(8): a non-ASCII message the next server cannot take
+SMTPUTF8_NOT_OFFERED = "5.6.7 SMTPUTF8 is required, but was not offered by host {host}"
 
 
 def syntax_error():

@@ -81,6 +81,7 @@ class Transaction:
     session: str = ""  # ids for log lines (logs.SessionLogger)
     queue_id: str = ""
     message_id: Optional[str] = None
+    smtputf8: bool = False  # MAIL said SMTPUTF8: the queue needs it for a UTF-8 header
 
 
 class Recipient:

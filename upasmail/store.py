@@ -384,6 +384,7 @@ class MailRoot:
             "created": self._clock.seconds(),
             "peer": envelope.peer,
             "helo": envelope.helo,
+            "smtputf8": envelope.smtputf8,
         }
         # the .env file appears last and atomically: it marks a whole job
         write_envelope(env, record)
