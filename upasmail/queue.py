@@ -820,13 +820,15 @@ class QueueRunner(service.Service):
         try:
             with spool:
                 spool.write(data)
-            users, remote = self.root.destinations(tx)
             d = self.root.deliver(path, tx)
         except BaseException:
             unlink(None)
             raise
 
         def done(result):
+            routes = result.value  # what became of the bounce (store.Route)
+            users = [r.to for r in routes if r.relay == "local"]
+            remote = [r.to for r in routes if r.relay == "queue"]
             if double and not why_lines:
                 log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
                          "recipients failed)", id=qid, n=len(failed))
