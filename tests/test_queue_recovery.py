@@ -280,6 +280,22 @@ def test_runq_without_a_server_record_warns(tmp_path):
     assert "no routing recorded by a server" in r.stderr
 
 
+def test_a_mailer_server_leaves_the_routing_record_alone(tmp_path):
+    from twisted.logger import capturedLogs, formatEvent
+    from upasmail import testing
+
+    root = str(tmp_path)
+    queue_module.record_routing(root, testing.make_settings(root=root, smarthost="tcp!a!25"))
+    first = queue_module.recorded_routing(root)
+    # a second instance on the same root with -m queues nothing: no say in routing
+    queue_module.record_routing(root, testing.make_settings(root=root, mailer="/bin/true"))
+    assert queue_module.recorded_routing(root) == first
+    with capturedLogs() as events:
+        queue_module.record_routing(root, testing.make_settings(root=root, smarthost="tcp!b!25"))
+    assert queue_module.recorded_routing(root)["smarthost"] == "tcp!b!25"
+    assert any("routing record changed (smarthost)" in formatEvent(e) for e in events)
+
+
 def test_routing_reconciled():
     recorded = {"smarthost": "tcp!relay!25", "domain": "example.net", "mx_port": 25}
     own = {"smarthost": None, "domain": "laptop.local", "mx_port": 2525, "sysname": "x"}

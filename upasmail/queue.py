@@ -345,8 +345,22 @@ class Queue:
 
 
 def record_routing(root, settings):
-    """The server notes its routing in the mail root, so ``upas-runq`` can route alike."""
-    write_envelope(os.path.join(root, ROUTING), routing_of(settings))
+    """The server notes its routing in the mail root, so ``upas-runq`` can route alike.
+
+    A server with ``-m`` queues nothing, so it leaves the record to the one
+    that does.  A changed record (a reload, or another server on the same
+    root that routes otherwise) is logged with what changed: two servers
+    that queue into one root should route alike.
+    """
+    if settings.mailer is not None:
+        return
+    mine = routing_of(settings)
+    before = recorded_routing(root)
+    changed = sorted(k for k in mine if before is not None and before.get(k) != mine[k])
+    if changed:
+        log.warn("{path}: routing record changed ({keys}); upas-runq follows the new one",
+                 path=os.path.join(root, ROUTING), keys=", ".join(changed))
+    write_envelope(os.path.join(root, ROUTING), mine)
 
 
 _ROUTING_TYPES = {"sysname": str, "domain": str, "ourdomains": list,
