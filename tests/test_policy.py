@@ -22,11 +22,27 @@ from upasmail.decision import Accept, Reject, evaluate, reject
     ("<joe@[IPv6:2001:db8::1]>", "[2001:db8::1]!joe"),
     ("<host!bob>", "host!bob"),
     ('<"a b"@example.com>', 'example.com!"a b"'),
+    # a quoted-pair that must stay quoted keeps its backslash (else "a"b"); others need none
+    ('<"a\\"b"@example.com>', 'example.com!"a\\"b"'),
+    ('<"a\\\\b"@example.com>', 'example.com!"a\\\\b"'),
+    ('<"a\\b"@example.com>', 'example.com!"ab"'),
     ("<bob@example.com.>", "example.com!bob"),
     ("<x@#123>", "#123!x"),
 ])
 def test_parse_path(path, bang):
     assert address.parse_path(path) == bang
+
+
+@pytest.mark.parametrize("path", ['<"a\\"b"@x.example>', '<"a\\\\b"@x.example>',
+                                  '<"a b"@x.example>'])
+def test_quoted_local_parts_leave_as_they_came(path):
+    from upasmail import convert, local
+
+    bang = address.parse_path(path)
+    # the relay's MAIL FROM and the mailbox's Return-Path name the same mailbox
+    assert convert.mail_from(bang, "h.example") == path
+    assert "<%s>" % local.at_form(bang, "d.example") == path
+    assert address.parse_path(convert.mail_from(bang, "h.example")) == bang
 
 
 @pytest.mark.parametrize("path", [

@@ -93,7 +93,9 @@ def _local_part(text):
             if c == "\\":
                 if i + 1 >= len(text):
                     raise AddressError("dangling backslash")
-                out.append(text[i + 1])
+                # the value stays a quoted-string: " and \ keep their backslash
+                c = text[i + 1]
+                out.append("\\" + c if c in '"\\' else c)
                 i += 2
                 continue
             if c == '"':
