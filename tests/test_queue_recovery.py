@@ -269,6 +269,25 @@ def test_runq_log_has_no_dns_or_connector_chatter(server, dns_port):
         sink.close()
 
 
+def test_runq_makes_the_directories_its_returns_need(server):
+    sink = Sink(refuse={"x@far.example"})
+    try:
+        s = server("--no-queue-runner", "--smarthost", sink.dial, "--no-outbound-tls")
+        send(s.port, "carol", ["x@far.example"], "refused far away")
+        s.stop()
+        import shutil
+        shutil.rmtree(os.path.join(s.root, "tmp"))  # a root no server runs on now
+        r = runq("--root", s.root)
+        assert r.returncode == 0, r.stderr
+        assert "sender non-delivery notification: stored in the local mailbox of carol" \
+            in r.stderr, r.stderr
+        assert jobs(s.root) == []
+        [bounce] = mailbox.mbox(os.path.join(s.root, "box", "carol", "mbox"))
+        assert "x@far.example" in bounce.as_string()
+    finally:
+        sink.close()
+
+
 def test_runq_without_a_server_record_warns(tmp_path):
     os.makedirs(tmp_path / "mail" / "queue")
     r = runq("--root", str(tmp_path / "mail"))

@@ -187,8 +187,7 @@ class MailRoot:
         (the client got no 250 and will send again), so they go, and so
         does a partial message a crash left in a mailbox.
         """
-        for d in (self.root, self.tmp, self.boxes, self.queue):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.make_directories()
         for name in os.listdir(self.tmp):
             try:
                 os.unlink(os.path.join(self.tmp, name))
@@ -200,6 +199,12 @@ class MailRoot:
         os.unlink(probe)
         self._recover_mailboxes()
         self.mailboxes.load()
+
+    def make_directories(self):
+        """The root's directories, for a tool (upas-runq) that must not tidy
+        a running server's spool as ``prepare`` does."""
+        for d in (self.root, self.tmp, self.boxes, self.queue):
+            os.makedirs(d, mode=0o700, exist_ok=True)
 
     def _recover_mailboxes(self):
         for user in sorted(os.listdir(self.boxes)):

@@ -241,6 +241,7 @@ def runq(reactor, argv, err=None, resolver=None, clock=None, deliver=None):
         return _cannot_log("upas-runq", o["logfile"], err, e)
     try:
         _warn_routing(o, root.root)
+        root.make_directories()  # returns are spooled in tmp/ and may go to box/
         resolver = resolver or makeResolver(reactor, o.get("resolverAddress"))
         runner = queue.QueueRunner(root, s, reactor, resolver, clock, deliver=deliver,
                                    ours=mxdial.local_addresses(), once=True,
