@@ -69,7 +69,7 @@ from . import bounce, client, convert, crashpoint, factotum, relay
 from .local import at_form
 from .logs import printable
 from .session import Transaction
-from .store import fsync_paths, write_envelope
+from .store import by_relay, fsync_paths, write_envelope
 from .tarpit import doubling
 
 log = Logger(namespace="queue")
@@ -840,9 +840,7 @@ class QueueRunner(service.Service):
             raise
 
         def done(result):
-            routes = result.value  # what became of the bounce (store.Route)
-            users = [r.to for r in routes if r.relay == "local"]
-            remote = [r.to for r in routes if r.relay == "queue"]
+            users, remote = by_relay(result.value)  # what became of the bounce
             if double and not why_lines:
                 log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
                          "recipients failed)", id=qid, n=len(failed))

@@ -150,6 +150,13 @@ class Route:
     orig: str  # the recipient it was for
 
 
+def by_relay(routes):
+    """(mailbox names, remote paths) of ``routes``, each once, in order."""
+    users = tuple(dict.fromkeys(r.to for r in routes if r.relay == "local"))
+    remote = tuple(dict.fromkeys(r.to for r in routes if r.relay == "queue"))
+    return users, remote
+
+
 def new_id(clock_seconds):
     return "%d.%s" % (int(clock_seconds), secrets.token_hex(6))
 
@@ -238,8 +245,7 @@ class MailRoot:
         """
         log = _logger(envelope)
         routes = self.destinations(envelope, log)
-        users = tuple(dict.fromkeys(r.to for r in routes if r.relay == "local"))
-        remote = tuple(dict.fromkeys(r.to for r in routes if r.relay == "queue"))
+        users, remote = by_relay(routes)
         d = self._store(spool_path, envelope, users, remote, log)
         d.addCallback(self.commit.sync)
         if remote:
