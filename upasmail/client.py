@@ -38,21 +38,20 @@ from typing import Callable, List, Optional
 
 from twisted.internet import defer, error, protocol, ssl
 from twisted.internet.interfaces import IHandshakeListener, IPullProducer
-from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import convert, mxdial, replies
 from .factotum import NoCredentials
-from .logs import printable
+from .logs import SessionLogger, printable
 from .pipemsg import plan9_date
 
 LOG_LIMIT = 2000  # characters of one field in a log line (a long multi-line reply)
 ILLEGAL_ADDRESS = "{kind} {way} {addr} failed: illegal address"
 
 
-class ClientLogger(Logger):
+class ClientLogger(SessionLogger):
     """The client's log: every text field kept to one line, and, when the
     queue drives the delivery, the job's queue id in front (``<qid>: ...``),
     as on the queue's own lines.
@@ -63,17 +62,13 @@ class ClientLogger(Logger):
     """
 
     def __init__(self, namespace, queue_id=None):
-        Logger.__init__(self, namespace=namespace)
-        self.queue_id = queue_id
+        SessionLogger.__init__(self, None, queue_id, namespace=namespace)
 
     def emit(self, level, format=None, **kwargs):
         for key, value in kwargs.items():
             if isinstance(value, str) and not key.startswith("log_"):
                 kwargs[key] = printable(value, LOG_LIMIT)
-        if self.queue_id is not None:
-            format = "{queue_id}: " + (format or "")
-            kwargs["queue_id"] = self.queue_id
-        Logger.emit(self, level, format, **kwargs)
+        SessionLogger.emit(self, level, format, **kwargs)
 
 RETRY = "Retry, Temporary Failure"
 PERMANENT = "Permanent Failure"

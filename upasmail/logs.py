@@ -39,7 +39,8 @@ def printable(text, limit=200):
 
 
 class SessionLogger(Logger):
-    """A ``Logger`` whose events name the session (and the message).
+    """A ``Logger`` whose events name the session (and the message; with no
+    session, only the queued message: the client delivering a job).
 
     The ids are event fields (``session``, ``queue_id``, ``message_id``)
     and a prefix of the format, so text logs show them too.
@@ -58,8 +59,10 @@ class SessionLogger(Logger):
                              self.observer)
 
     def emit(self, level, format=None, **kwargs):
-        prefix = "{session}: "
-        kwargs["session"] = self.session
+        prefix = ""
+        if self.session is not None:  # None: lines about a queued job alone
+            prefix = "{session}: "
+            kwargs["session"] = self.session
         if self.queue_id is not None:
             prefix += "{queue_id}: "
             kwargs["queue_id"] = self.queue_id
