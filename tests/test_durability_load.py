@@ -89,7 +89,7 @@ class Gone(Exception):
 
 
 class UnexpectedReply(Exception):
-    pass
+    """A reply other than the one the dialogue needs: the test fails on it."""
 
 
 class Load:
@@ -284,14 +284,15 @@ class Audit:
 
 
 def report(problems, load, logs):
-    lines = ["%d messages begun, %d final dots sent, %d acknowledged"
-             % (len(load.messages), len(load.dotted), len(load.acked))]
+    """The failure message: each kind of problem with the ids it concerns."""
+    out = ["%d messages begun, %d final dots sent, %d acknowledged"
+           % (len(load.messages), len(load.dotted), len(load.acked))]
     for kind, items in sorted(problems.items()):
-        lines.append("%s: %d, e.g. %s" % (kind, len(items), items[:10]))
+        out.append("%s: %d, e.g. %s" % (kind, len(items), items[:10]))
     for name, text in logs:
-        lines.append("--- %s (last lines) ---" % name)
-        lines.extend(text.splitlines()[-25:])
-    return "\n".join(lines)
+        out.append("--- %s server's log (last lines) ---" % name)
+        out.extend(text.splitlines()[-25:])
+    return "\n".join(out)
 
 
 # -- how the server dies ---------------------------------------------------------
