@@ -394,6 +394,8 @@ def test_kill_9_under_load_keeps_every_acknowledged_message(server, monkeypatch,
     load.start()
     try:
         how.die(s, load)
+    except AssertionError as e:
+        raise AssertionError("%s\n--- server's log (end) ---\n%s" % (e, s.output()[-5000:]))
     finally:
         load.stop()
     killed_log = s.output()
