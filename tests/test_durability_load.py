@@ -13,6 +13,16 @@ complete, exactly once, in every mailbox (or queue job) it was for, after the
 restart's recovery; any other message is found at most once and complete, and
 only if its final dot was sent; the mailboxes parse cleanly and no lock is
 left behind.
+
+``kill -9`` leaves the kernel's page cache alone, so it cannot tell a
+server that fsyncs from one that does not.  The power-cut case can: the
+killed server runs with ``tests/powercut`` on its PYTHONPATH, whose
+``sitecustomize`` logs every ``os.fsync``/``os.fdatasync``, and the test
+then takes away what was never synced (file tails, directory entries) before
+the restart.  A store that makes data durable another way (``O_SYNC``,
+``O_DSYNC``, ``syncfs``) must be taught to that hook.  After a power cut an
+unacknowledged message may remain cut short in a mailbox (the mbox's own
+recovery record is not synced); everything else is checked as above.
 """
 
 import collections
@@ -72,16 +82,20 @@ class Message:
     def __init__(self, mid, rcpts, size):
         self.mid = mid
         self.rcpts = rcpts
+        self.size = size
         body = lines(mid.encode(), size)
-        # the mbox keeps LF lines, unstuffed, with From_ escaped (mboxrd);
-        # the queue's mailer stream keeps them unescaped
-        self.mbox_sum = digest(b"".join(b">" + l + b"\n" if l.startswith(b"From ") else l + b"\n"
-                                        for l in body))
+        self.mbox_sum = digest(self.mbox_body(body))
         self.queue_sum = digest(b"".join(l + b"\n" for l in body))
         head = ("Subject: load %s\r\nX-Durability-Id: %s\r\nX-Body-SHA256: %s\r\n"
                 "To: %s\r\n\r\n" % (mid, mid, self.queue_sum, ", ".join(rcpts))).encode()
         data = head + b"".join(l + b"\r\n" for l in body)
         self.wire = data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+    def mbox_body(self, body=None):
+        """The body as the mbox keeps it: LF lines, unstuffed, From_ escaped
+        (mboxrd); the queue's mailer stream keeps them unescaped."""
+        body = body or lines(self.mid.encode(), self.size)
+        return b"".join(b">" + l + b"\n" if l.startswith(b"From ") else l + b"\n" for l in body)
 
 
 class Gone(Exception):
@@ -186,9 +200,12 @@ def body_of(raw):
 class Audit:
     """What the mail root holds, against what the clients were told."""
 
-    def __init__(self, root, load):
+    def __init__(self, root, load, partial_ok=False):
         self.root = root
         self.load = load
+        # after a power cut the mbox's own recovery record may be lost with
+        # it, so an unacknowledged message may stay cut short
+        self.partial_ok = partial_ok
         self.problems = collections.defaultdict(list)
         self.found = collections.Counter()  # (id, mailbox or REMOTE) -> copies
 
@@ -211,8 +228,13 @@ class Audit:
         self.found[mid, where if where in USERS else REMOTE] += 1
         if (where if where in USERS else REMOTE) not in m.rcpts:
             self.note("misdelivered", (where, mid))
-        if digest(body) != expected_sum(m):
+        if digest(body) != expected_sum(m) and not self.cut_short(m, where, body):
             self.note("corrupt (checksum)", (where, mid, len(body)))
+
+    def cut_short(self, m, where, body):
+        """An unacknowledged message a power cut left incomplete at the end of a mailbox."""
+        return (self.partial_ok and m.mid not in self.load.acked and where in USERS
+                and m.mbox_body().startswith(body))
 
     def mbox(self, user):
         path = os.path.join(self.root, "box", user, "mbox")
@@ -373,23 +395,63 @@ def at_crash_point(s, load):
     kill(s, pids)
 
 
-Moment = collections.namedtuple("Moment", "die big_from environ")
+def power_cut(root, fsync_log):
+    """Take from the killed server's mail root what a power cut would: the
+    bytes of each file past its last fsync, and each name its directory's
+    last fsync did not hold (``tests/powercut`` logged the fsyncs)."""
+    last = {}
+    if os.path.exists(fsync_log):
+        with open(fsync_log) as f:
+            for line in f:
+                dev, ino, size, names = json.loads(line)
+                last[dev, ino] = size, names
+    lost = []
+    for d in [os.path.join(root, "box", user) for user in USERS] + [os.path.join(root, "queue")]:
+        st = os.stat(d)  # the directories themselves: made before the server started
+        kept = (last.get((st.st_dev, st.st_ino)) or (0, []))[1]
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            # a lock's record never reached the disk: as good as no lock
+            if name not in kept or name.endswith(".lock"):
+                os.unlink(path)
+                lost.append(name)
+                continue
+            st = os.stat(path)
+            size = last.get((st.st_dev, st.st_ino), (0, None))[0]
+            if st.st_size > size:
+                os.truncate(path, size)
+                lost.append("%s: %d of %d bytes" % (name, size, st.st_size))
+    return lost
+
+
+Moment = collections.namedtuple("Moment", "die big_from crash_at power_cut")
 MOMENTS = {
-    "kill-after-100-acks": Moment(after_acks(100), 0, {}),
-    "kill-after-300-acks": Moment(after_acks(300), 0, {}),
-    "kill-while-a-mailbox-is-locked": Moment(while_a_mailbox_is_locked, 0, {}),
+    "kill-after-100-acks": Moment(after_acks(100), 0, None, False),
+    "kill-while-a-mailbox-is-locked": Moment(while_a_mailbox_is_locked, 0, None, False),
     # large bodies wait until 150 acks are in, so the crash comes under load
-    "crash-at-mbox-mid-append": Moment(at_crash_point, 150,
-                                       {"UPASMAIL_CRASH_AT": "mbox.mid-append"}),
+    "crash-at-mbox-mid-append": Moment(at_crash_point, 150, "mbox.mid-append", False),
+    # kill -9, then what was never fsynced is taken away
+    "power-cut-after-250-acks": Moment(after_acks(250), 0, None, True),
 }
 
 
 @pytest.mark.parametrize("moment", sorted(MOMENTS))
-def test_kill_9_under_load_keeps_every_acknowledged_message(server, monkeypatch, moment):
+def test_kill_9_under_load_keeps_every_acknowledged_message(server, monkeypatch, tmp_path,
+                                                            moment):
     how = MOMENTS[moment]
-    for name, value in how.environ.items():
-        monkeypatch.setenv(name, value)
-    s = server("--no-queue-runner", mailboxes=USERS)
+    fsync_log = str(tmp_path / "fsync.log")
+    environ = {}
+    if how.crash_at:
+        environ["UPASMAIL_CRASH_AT"] = how.crash_at
+    if how.power_cut:
+        environ["UPASMAIL_TEST_FSYNC_LOG"] = fsync_log
+        environ["PYTHONPATH"] = os.pathsep.join(
+            [os.path.join(os.path.dirname(os.path.abspath(__file__)), "powercut")]
+            + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    with monkeypatch.context() as m:  # only for the server that is killed
+        for name, value in environ.items():
+            m.setenv(name, value)
+        s = server("--no-queue-runner", mailboxes=USERS)
     load = Load(s.port, how.big_from)
     load.start()
     try:
@@ -400,9 +462,10 @@ def test_kill_9_under_load_keeps_every_acknowledged_message(server, monkeypatch,
         load.stop()
     killed_log = s.output()
     assert not load.errors, report({"client errors": load.errors}, load, [("killed", killed_log)])
+    if how.power_cut:
+        lost = power_cut(s.root, fsync_log)
+        killed_log += "\n(power cut: lost %s)" % lost
 
-    for name in how.environ:
-        monkeypatch.delenv(name)
     s = server("--no-queue-runner", mailboxes=USERS)  # recovery runs before it listens
     load.port = s.port
     for user in USERS:  # a recovered mailbox takes new mail at once
@@ -410,7 +473,7 @@ def test_kill_9_under_load_keeps_every_acknowledged_message(server, monkeypatch,
     s.proc.send_signal(signal.SIGTERM)
     status = s.proc.wait(DEADLINE)
 
-    problems = Audit(s.root, load).run()
+    problems = Audit(s.root, load, partial_ok=how.power_cut).run()
     if status not in (0, -signal.SIGTERM) or "Server Shut Down." not in s.output():
         problems["restarted server did not stop cleanly"].append(status)
     if "Traceback" in s.output():
