@@ -55,7 +55,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, grammar, helo, logs, ratify, relay, replies, spam, tarpit
+from . import auth, framing, grammar, helo, logs, ratify, relay, replies, spam, tarpit
 from .tls import describe as describe_tls
 from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
@@ -219,6 +219,11 @@ class UpasESMTP(smtp.ESMTP):
         try:
             buf, pos = self._buf, 0
             while not self._busy and not self.transport.disconnecting:
+                if self.mode == DATA and not self._skipping:
+                    pos, more = self._dataBlock(buf, pos)
+                    if more:
+                        continue
+                    break
                 delim = b"\r\n" if self.mode == DATA else b"\n"
                 end = buf.find(delim, pos)
                 limit = (self.settings.max_data_line if self.mode == DATA
@@ -240,17 +245,7 @@ class UpasESMTP(smtp.ESMTP):
                 if len(line) > limit:
                     self._lineTooLong()
                     continue
-                try:
-                    result = self.lineReceived(line)
-                except Exception:
-                    # a bug must cost one reply, never the connection
-                    self.log.failure("command failed")
-                    result = None
-                    if self.mode == DATA:
-                        self._dataRefused = reject(451, replies.LOCAL_ERROR)
-                    else:
-                        self.mode = COMMAND  # e.g. out of a broken AUTH exchange
-                        self.reply(reject(451, replies.LOCAL_ERROR))
+                self._handle(self._lineResult, line)
                 if self._dropPlaintext:
                     # CVE-2011-0411: bytes behind STARTTLS were sent in the
                     # clear and may be an attacker's; the client must resend
@@ -259,15 +254,75 @@ class UpasESMTP(smtp.ESMTP):
                         self.log.info("discarded {n} bytes pipelined after STARTTLS from {rsys}",
                                       n=len(buf) - pos, rsys=self.session.rsys)
                     pos = len(buf)
-                if isinstance(result, defer.Deferred):
-                    self._busy = True
-                    if not self.transport.disconnecting:
-                        self.transport.pauseProducing()
-                        self.setTimeout(None)  # the client is waiting for us
-                    result.addBoth(self._replied)
             self._buf = buf[pos:]
         finally:
             self._draining = False
+
+    def _dataBlock(self, buf, pos):
+        """Take every complete DATA line in ``buf[pos:]`` at once (``framing``).
+
+        Returns the new position and whether the loop should go on (the
+        end of data was reached).  A block ``framing.clean`` does not vouch
+        for goes line by line through ``state_DATA``, which decides.
+        """
+        limit = self.settings.max_data_line
+        consumed, block, ended = framing.next_block(buf, pos)
+        if block:
+            if self._dataRefused is not None:
+                pass  # read to the dot, store nothing
+            elif (framing.clean(block, limit)
+                  and self._dataSize + len(block) <= self.settings.message_limit):
+                self._dataSize += len(block)
+                self._handle(self._blockResult, block)
+            else:
+                for line in framing.lines(block):
+                    if len(line) > limit:
+                        self._lineTooLong()
+                    else:
+                        self._handle(self._lineResult, line)
+        if ended:
+            self._handle(self._lineResult, b".")
+            return consumed, True
+        if len(buf) - consumed > limit:  # an over-long line still arriving
+            self._lineTooLong()
+            self._skipping = True
+            return len(buf) - 1, False  # keep a CR that may start CRLF
+        return consumed, False
+
+    def _lineResult(self, line):
+        return self.lineReceived(line)
+
+    def _blockResult(self, block):
+        data = framing.unstuff(block)
+        try:
+            for m in self._messages:
+                feed = getattr(m, "linesReceived", None)
+                if feed is not None:
+                    feed(data)
+                else:  # a plain IMessage gets lines, as Twisted's protocol gives them
+                    for line in data.split(b"\n")[:-1]:
+                        m.lineReceived(line)
+        except Exception:
+            self._dataRefused = self._failureReply(Failure(), "lineReceived")
+
+    def _handle(self, f, arg):
+        """Run one step of the dialogue; a bug costs one reply, never the connection."""
+        try:
+            result = f(arg)
+        except Exception:
+            self.log.failure("command failed")
+            result = None
+            if self.mode == DATA:
+                self._dataRefused = reject(451, replies.LOCAL_ERROR)
+            else:
+                self.mode = COMMAND  # e.g. out of a broken AUTH exchange
+                self.reply(reject(451, replies.LOCAL_ERROR))
+        if isinstance(result, defer.Deferred):
+            self._busy = True
+            if not self.transport.disconnecting:
+                self.transport.pauseProducing()
+                self.setTimeout(None)  # the client is waiting for us
+            result.addBoth(self._replied)
 
     def _replied(self, result):
         if isinstance(result, Failure):
