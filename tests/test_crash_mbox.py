@@ -205,9 +205,10 @@ class CountingRunner:
         self.calls = []
 
     def __call__(self, f, *args):
-        if getattr(f, "__name__", "") == "_write_batch":  # the mailboxes it tries
+        name = getattr(f, "__name__", "")
+        if name == "_write_batch":  # the mailboxes it tries
             self.calls.extend(job[1] for job in args[0] if job[0] == "mbox")
-        else:
+        elif name != "_sync_batch":
             self.calls.append(args[0] if f is mbox.append else f.__name__)
         return defer.maybeDeferred(f, *args)
 

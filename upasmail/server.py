@@ -90,6 +90,8 @@ class UpasESMTP(smtp.ESMTP):
         self.session = None
         self._buf = b""
         self._busy = False
+        self._waiting = False  # inside _handle, for a reply that comes at once
+        self._paused = False
         self._draining = False
         self._skipping = False
         self._messages = None
@@ -319,10 +321,14 @@ class UpasESMTP(smtp.ESMTP):
                 self.reply(reject(451, replies.LOCAL_ERROR))
         if isinstance(result, defer.Deferred):
             self._busy = True
-            if not self.transport.disconnecting:
+            self._waiting = True
+            result.addBoth(self._replied)
+            self._waiting = False
+            # a reply that is already there needs no pause of the reading
+            if self._busy and not self.transport.disconnecting:
+                self._paused = True
                 self.transport.pauseProducing()
                 self.setTimeout(None)  # the client is waiting for us
-            result.addBoth(self._replied)
 
     def _replied(self, result):
         if isinstance(result, Failure):
@@ -332,8 +338,11 @@ class UpasESMTP(smtp.ESMTP):
         self._busy = False
         if not self.transport.disconnecting and not self._lost:
             self.setTimeout(self._idleLimit())
-            self.transport.resumeProducing()
-            self._drain()
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            if not self._waiting:  # else answered at once: _drain goes on
+                self._drain()
         if not self._busy:
             waiters, self._quietWaiters = self._quietWaiters, []
             for d in waiters:

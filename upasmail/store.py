@@ -101,19 +101,22 @@ class GroupCommit:
 
 
 class Batcher:
-    """Run jobs in batches, one batch at a time, off the reactor thread.
+    """Write jobs in batches, one batch at a time, off the reactor thread,
+    and sync each batch while the next one writes.
 
     ``submit(job)`` returns a Deferred for the job's result.  Jobs that
-    arrive while a batch runs wait and then all go together:
-    ``process(jobs)`` (run through ``run_blocking``) returns one
-    ``(ok, value)`` per job.  Under load a batch carries every message
-    finished since the last one, so they share locks and fsyncs, and
-    there is one thread hand-off per batch, not per message.
+    arrive while a batch writes wait and then all go together: ``write(jobs)``
+    (run through ``run_blocking``) returns what ``sync`` needs, and
+    ``sync(written)`` (run the same way, possibly beside the next batch's
+    write) returns one ``(ok, value)`` per job.  Under load a batch carries
+    every message finished since the last one, so they share locks and
+    fsyncs, and there are two thread hand-offs per batch, not per message.
     """
 
-    def __init__(self, run_blocking, process):
+    def __init__(self, run_blocking, write, sync):
         self._run = run_blocking
-        self._process = process
+        self._write = write
+        self._sync = sync
         self._waiting = []
         self._busy = False
         self.batches = 0
@@ -131,8 +134,14 @@ class Batcher:
         self._busy = True
         self.batches += 1
 
-        def done(results):
+        def written(result):
             self._busy = False
+            self._kick()  # the next batch writes while this one syncs
+            if isinstance(result, Failure):
+                return result
+            return self._run(self._sync, result)
+
+        def done(results):
             if isinstance(results, Failure):
                 results = [(False, results)] * len(batch)
             for (_, d), (ok, value) in zip(batch, results):
@@ -140,9 +149,9 @@ class Batcher:
                     d.callback(value)
                 else:
                     d.errback(value)
-            self._kick()
 
-        defer.maybeDeferred(self._run, self._process, [job for job, _ in batch]).addBoth(done)
+        d = defer.maybeDeferred(self._run, self._write, [job for job, _ in batch])
+        d.addBoth(written).addBoth(done)
 
 
 class Spool:
@@ -299,7 +308,7 @@ class MailRoot:
         self._run = self.run_blocking = run_blocking
         self._clock = clock
         self.commit = GroupCommit(run_blocking)
-        self.writer = Batcher(run_blocking, self._write_batch)
+        self.writer = Batcher(run_blocking, self._write_batch, self._sync_batch)
         self.lock_timeout = lock_timeout
         self.spool_limit = SPOOL_MEMORY
         self.fsync = fsync_paths
@@ -538,8 +547,9 @@ class MailRoot:
 
     def _write_batch(self, jobs):
         """The writer's batch (in a thread): append every mailbox copy, each
-        mailbox locked once, write the queue jobs, then fsync every file and
-        new directory once.  One ``(ok, value)`` per job."""
+        mailbox locked once, and write the queue jobs.  Returns one ``(ok,
+        value)`` per job and, for ``_sync_batch``, the files and new
+        directories to fsync with the jobs that need each."""
         results = [None] * len(jobs)
         boxes = {}  # mbox path -> indexes of its copies, in order
         for i, job in enumerate(jobs):
@@ -575,6 +585,11 @@ class MailRoot:
             for p in paths:
                 synced.setdefault(p, []).append(i)
             results[i] = (True, [])
+        return results, synced
+
+    def _sync_batch(self, written):
+        """fsync what a batch wrote, each file and directory once."""
+        results, synced = written
         for path, indexes in synced.items():
             try:
                 self.fsync([path])
