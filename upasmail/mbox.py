@@ -319,8 +319,9 @@ def render(stream, head=None):
     bytes methods rather than line by line."""
     end = stream.find(b"\n") + 1 or len(stream)
     first, rest = stream[:end], stream[end:]
-    out = [mbox_from_line(first) if head is None else head(first),
-           _FROM_START.sub(b">", rest)]
+    if b"From " in rest:  # most bodies have none: skip the regular expression
+        rest = _FROM_START.sub(b">", rest)
+    out = [mbox_from_line(first) if head is None else head(first), rest]
     if rest and not rest.endswith(b"\n"):
         out.append(b"\n")
     out.append(b"\n")

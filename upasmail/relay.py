@@ -119,6 +119,7 @@ class Ours:
         self.ourdomains = tuple(ourdomains)
         self.local_ips = tuple(local_ips)
         self.literals = frozenset(literal_of(ip) for ip in self.local_ips)
+        self._with = {}  # local IP -> Ours: every connection to it shares one
 
     def is_ours(self, component):
         c = component.lower()
@@ -130,7 +131,10 @@ class Ours:
 
     def with_local_ip(self, ip):
         """The same, plus the address a connection came in on."""
-        return Ours(self.names, self.ourdomains, self.local_ips + (ip,))
+        ours = self._with.get(ip)
+        if ours is None:
+            ours = self._with[ip] = Ours(self.names, self.ourdomains, self.local_ips + (ip,))
+        return ours
 
 
 def loopback_rewrite(path, peer_ip):

@@ -76,42 +76,58 @@ def _text(resp):
 
 @implementer(IHandshakeListener)
 class UpasESMTP(smtp.ESMTP):
+    # Per-connection state that most connections never change lives here,
+    # on the class: an idle connection then holds few attributes (its
+    # instance dictionary stays a small shared-key one), which is most of
+    # what 10,000 idle connections cost.
+    mode = COMMAND
+    _from = None  # Twisted's own transaction state, unused: ours is the session's
+    _to = ()
+    ctx = None
+    challengers = {}  # Twisted's AUTH table, unused: AUTH is ours (``auth``)
+    authenticated = False
+    session = None
+    _buf = b""
+    _busy = False
+    _waiting = False  # inside _handle, for a reply that comes at once
+    _paused = False
+    _draining = False
+    _skipping = False
+    _messages = None
+    _dataRefused = None
+    _quietWaiters = ()
+    _phaseTimer = None
+    _lost = False
+    _exchange = None  # the AUTH exchange under way
+    _dropPlaintext = False
+    _handshakeDone = False
+    _closing = False  # the server is shutting down
+    _closeWaiters = ()
+    _accepted = 0  # messages answered 250, for the disconnect line
+
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
                  spamfilter=None, throttle=None):
-        smtp.ESMTP.__init__(self, {}, contextFactory)
+        # not smtp.ESMTP.__init__: what it sets is above, as class defaults
+        if contextFactory is not None:
+            self.ctx = contextFactory
         self.settings = settings
         self.spam = spamfilter
         self.throttle = throttle or auth.Throttle.configured(clock, settings)
         self.makeDelivery = makeDelivery
         self.clock = clock
-        self.callLater = clock.callLater  # TimeoutMixin schedules with this
         self.timeout = settings.idle_timeout
         self.host = settings.dom
-        self.session = None
-        self._buf = b""
-        self._busy = False
-        self._waiting = False  # inside _handle, for a reply that comes at once
-        self._paused = False
-        self._draining = False
-        self._skipping = False
-        self._messages = None
-        self._dataRefused = None
-        self._quietWaiters = []
-        self._phaseTimer = None
-        self._lost = False
-        self._exchange = None  # the AUTH exchange under way
-        self._dropPlaintext = False
-        self._handshakeDone = False
-        self._closing = False  # the server is shutting down
-        self._closeWaiters = []
-        self._accepted = 0  # messages answered 250, for the disconnect line
+
+    @property
+    def callLater(self):
+        return self.clock.callLater  # TimeoutMixin schedules with this
 
     def whenQuiet(self):
         """A Deferred that fires once no reply is pending (tests, shutdown)."""
         if not self._busy:
             return defer.succeed(None)
         d = defer.Deferred()
-        self._quietWaiters.append(d)
+        self._quietWaiters += (d,)
         return d
 
     # -- connection ------------------------------------------------------
@@ -154,7 +170,7 @@ class UpasESMTP(smtp.ESMTP):
         gone = getattr(self.factory, "connectionGone", None)
         if gone is not None:
             gone(self)
-        waiters, self._closeWaiters = self._closeWaiters, []
+        waiters, self._closeWaiters = self._closeWaiters, ()
         for d in waiters:
             d.callback(None)
 
@@ -169,7 +185,7 @@ class UpasESMTP(smtp.ESMTP):
         if self._lost:
             d.callback(None)
             return d
-        self._closeWaiters.append(d)
+        self._closeWaiters += (d,)
         self._closing = True
         self._closeIfIdle()
         return d
@@ -344,7 +360,7 @@ class UpasESMTP(smtp.ESMTP):
             if not self._waiting:  # else answered at once: _drain goes on
                 self._drain()
         if not self._busy:
-            waiters, self._quietWaiters = self._quietWaiters, []
+            waiters, self._quietWaiters = self._quietWaiters, ()
             for d in waiters:
                 d.callback(None)
             self._closeIfIdle()
