@@ -20,7 +20,7 @@ import re
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints, protocol, threads
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
@@ -90,7 +90,7 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
         contextFactory = CertificateFile(settings.cert, settings.key)
         contextFactory.load()
     sync_blocking = None
-    if own_threads:  # else the caller runs blocking work its own way (tests)
+    if own_threads and IReactorCore.providedBy(reactor):  # else tests run it their way
         sync_blocking = SyncThread(reactor)
         reactor.addSystemEventTrigger("after", "shutdown", sync_blocking.stop)
     root = MailRoot(settings.root, run_blocking, clock, settings.dom, settings.path("lib"),
