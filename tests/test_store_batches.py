@@ -104,3 +104,17 @@ class SpoolTests(unittest.TestCase):
         for spool in (small, big):
             spool.discard()
         self.assertEqual(os.listdir(d), [])
+
+
+def test_a_mailbox_cut_mid_line_gets_its_next_message_on_a_line_of_its_own(tmp_path):
+    import mailbox
+    from upasmail import mbox
+    path = str(tmp_path / "mbox")
+    with open(path, "wb") as f:
+        f.write(b"From a Mon Jan  1 00:00:00 2024\nSubject: one\n\nbody\n\nFrom b Mon Jan  1 00:00:00 2024\nSubject: partial")
+    stream = b"From c Mon Jan  1 00:00:00 2024 remote from \nSubject: new\n\nhello\n"
+    mbox.append_many(path, [(stream, None)])
+    subjects = [m["subject"] for m in mailbox.mbox(path)]
+    assert subjects[-1] == "new" and len(subjects) == 3
+    assert mbox.separator(b"") == b"" and mbox.separator(b"x\n\n") == b""
+    assert mbox.separator(b"x\n") == b"\n" and mbox.separator(b"xy") == b"\n\n"

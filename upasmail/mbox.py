@@ -391,14 +391,28 @@ def _chunks(items):
         yield b"".join(held)
 
 
+def separator(tail):
+    """What must come before a new message, after the mbox's last bytes.
+
+    A file that does not end in a line end (a power cut can leave part of
+    an unacknowledged message) would glue the next ``From `` line to it,
+    and readers would not see the new message.
+    """
+    if not tail or tail.endswith(b"\n\n") or tail == b"\n":
+        return b""
+    return b"\n" if tail.endswith(b"\n") else b"\n\n"
+
+
 def _append_locked(fd, lockfd, chunks):
     st = os.fstat(fd)
     start = done = os.lseek(fd, 0, os.SEEK_END)
     where = len(lock_header(*me()))
+    pad = separator(os.pread(fd, 2, start - 2) if start >= 2 else os.pread(fd, start, 0))
     try:
         start_bytes = None
         for chunk in chunks:
             if start_bytes is None:
+                chunk = pad + chunk
                 start_bytes = chunk[:HEAD]
             else:
                 crashpoint.reached("mbox.mid-append")
