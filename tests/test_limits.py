@@ -159,6 +159,7 @@ class LimitTests(Case):
 
     def test_idle_and_data_block_timeouts(self):
         d = self.dialogue(idle_timeout=300.0, data_block_timeout=180.0)
+        d.root.spool_limit = 0  # every message spooled to a file, to see it go
         d.clock.advance(299)
         self.assertEqual(d.send("NOOP"), [NOOP_OK])
         self.start(d)

@@ -24,7 +24,6 @@ partial message.
 
 import dataclasses
 import functools
-import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -115,10 +114,10 @@ class UpasMessage:
         self.failure = None
         self.size = 0
         self.action = envelope.action
-        self.spool_path, self._file = self.root.open_spool()
+        self.spool = self.root.new_spool()
         s = delivery.session
-        # the spool file's name is the message's queue id from now on
-        self.queue_id = self.root.queue_id(self.spool_path)
+        # the spool's name is the message's queue id from now on
+        self.queue_id = self.spool.name
         self.tx = delivery.transaction(envelope, self.queue_id)
         self.log = logs.SessionLogger(s.id).forMessage(self.queue_id)
         settings = delivery.settings
@@ -144,7 +143,7 @@ class UpasMessage:
             return
         self.size += len(data)
         try:
-            self._file.write(data)
+            self.spool.write(data)
         except OSError as e:
             self.log.error("spool write failed: {err}", err=e)
             self.failure = reject(451, replies.STORE_FAILED)
@@ -158,10 +157,15 @@ class UpasMessage:
         if self.failure is None:
             self.stream.line(line)
 
+    def linesReceived(self, data):
+        """Many LF-terminated lines at once (the protocol's bulk DATA path)."""
+        if self.failure is None:
+            self.stream.lines(data)
+
     def eomReceived(self):
         self.stream.end()
         try:
-            self._file.close()
+            self.spool.close()
         except OSError as e:
             self.log.error("spool close failed: {err}", err=e)
             self.failure = self.failure or reject(451, replies.STORE_FAILED)
@@ -182,7 +186,11 @@ class UpasMessage:
         if self.failure is not None:
             self._discard()
             return defer.succeed(self.failure)
-        d = defer.maybeDeferred(self.delivery.backend.deliver, self.spool_path, self.tx)
+        backend = self.delivery.backend
+        # the built-in store takes the message from memory; others get a file
+        spool = self.spool if backend is self.root else None
+        d = defer.maybeDeferred(lambda: backend.deliver(spool or self.spool.materialize(),
+                                                        self.tx))
         d.addCallbacks(self._delivered, self._storeFailed)
         d.addBoth(self._cleanup)
         return d
@@ -207,7 +215,7 @@ class UpasMessage:
             self.log.info("saved blocked message from {sender} as {path}",
                           sender=self.tx.sender, path=path)
 
-        d = self.root.dump(self.spool_path, self.tx.sender)
+        d = self.root.dump(self.spool, self.tx.sender)
         d.addCallbacks(saved, lambda f: self.log.failure("saving blocked message failed", f))
         d.addBoth(self._cleanup)
         return d.addCallback(lambda _: verdict)
@@ -245,14 +253,7 @@ class UpasMessage:
         return result
 
     def _discard(self):
-        try:
-            os.unlink(self.spool_path)
-        except OSError:
-            pass
+        self.spool.discard()
 
     def connectionLost(self):
-        try:
-            self._file.close()
-        except OSError:
-            pass
         self._discard()

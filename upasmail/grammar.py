@@ -24,6 +24,8 @@ from typing import Dict, Optional
 
 from .address import AddressError, parse_domain, parse_path, split_at
 
+# C0 controls but tab and CR, DEL and C1 controls: never in a command line
+_CONTROL = re.compile("[\x00-\x08\x0a-\x0c\x0e-\x1f\x7f-\x9f]")
 _WS = re.compile(r"[ \t\r]+")
 _STRING = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?\[\]^_`{|}~\"\\]+\Z")
 _MECH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
@@ -97,6 +99,11 @@ def _split_path(rest):
     """Split ``<path> more`` at the closing bracket (quotes respected)."""
     if not rest.startswith("<"):
         raise CommandSyntaxError("angle brackets required")
+    if '"' not in rest and "\\" not in rest:  # the usual path: no quoting to follow
+        end = rest.find(">")
+        if end < 0:
+            raise CommandSyntaxError("unclosed path")
+        return rest[: end + 1], rest[end + 1 :]
     quoted = False
     i = 1
     while i < len(rest):
@@ -144,7 +151,7 @@ def parse(line):
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise CommandSyntaxError("not UTF-8")
-    if any(ord(c) < 32 and c not in " \t\r" or 127 <= ord(c) < 160 for c in text):
+    if _CONTROL.search(text):
         raise CommandSyntaxError("control character")
     text = text.replace("\r", " ").strip(" \t")
     if not text:

@@ -311,12 +311,40 @@ def _rendered(src, head=None):
     yield b"".join(chunks)
 
 
+_FROM_START = re.compile(rb"(?m)^(?=>*From )")
+
+
+def render(stream, head=None):
+    """``_rendered`` for a stream held in memory: one piece, built with
+    bytes methods rather than line by line."""
+    end = stream.find(b"\n") + 1 or len(stream)
+    first, rest = stream[:end], stream[end:]
+    if b"From " in rest:  # most bodies have none: skip the regular expression
+        rest = _FROM_START.sub(b">", rest)
+    out = [mbox_from_line(first) if head is None else head(first), rest]
+    if rest and not rest.endswith(b"\n"):
+        out.append(b"\n")
+    out.append(b"\n")
+    return b"".join(out)
+
+
 def append(mbox_path, stream_path, notes=None, head=None):
     """Append the mailer stream in ``stream_path`` to the mbox (``head``: see _rendered).
 
     One try: raises ``Busy`` when another writer holds the mailbox.
     Returns the list of paths whose data must reach the disk (the mbox, and
     the directories it created) for the message to be durable.
+    """
+    return append_many(mbox_path, [(stream_path, head)], notes)
+
+
+def append_many(mbox_path, items, notes=None):
+    """Append several messages under one lock: ``items`` are ``(source,
+    head)``, a source being the stream's bytes or a file's path.
+
+    The messages are one append for crash recovery: an interrupted batch is
+    cut back whole (none of them was acknowledged), and a failure cuts back
+    the whole batch.
     """
     notes = [] if notes is None else notes
     created = []
@@ -336,7 +364,7 @@ def append(mbox_path, stream_path, notes=None, head=None):
     try:
         lockfd = _lock(fd, mbox_path, notes)
         try:
-            _append_locked(fd, lockfd, stream_path, head)
+            _append_locked(fd, lockfd, _chunks(items))
         finally:
             os.unlink(mbox_path + ".lock")
             os.close(lockfd)
@@ -346,22 +374,52 @@ def append(mbox_path, stream_path, notes=None, head=None):
     return [mbox_path] + created
 
 
-def _append_locked(fd, lockfd, stream_path, head=None):
+def _chunks(items):
+    """The bytes to append for ``items``: messages in memory together in
+    one piece, files in pieces of about CHUNK."""
+    held = []
+    for source, head in items:
+        if isinstance(source, bytes):
+            held.append(render(source, head))
+            continue
+        if held:
+            yield b"".join(held)
+            held = []
+        with open(source, "rb") as src:
+            yield from _rendered(src, head)
+    if held:
+        yield b"".join(held)
+
+
+def separator(tail):
+    """What must come before a new message, after the mbox's last bytes.
+
+    A file that does not end in a line end (a power cut can leave part of
+    an unacknowledged message) would glue the next ``From `` line to it,
+    and readers would not see the new message.
+    """
+    if not tail or tail.endswith(b"\n\n") or tail == b"\n":
+        return b""
+    return b"\n" if tail.endswith(b"\n") else b"\n\n"
+
+
+def _append_locked(fd, lockfd, chunks):
     st = os.fstat(fd)
     start = done = os.lseek(fd, 0, os.SEEK_END)
     where = len(lock_header(*me()))
+    pad = separator(os.pread(fd, 2, start - 2) if start >= 2 else os.pread(fd, start, 0))
     try:
-        with open(stream_path, "rb") as src:
-            start_bytes = None
-            for chunk in _rendered(src, head):
-                if start_bytes is None:
-                    start_bytes = chunk[:HEAD]
-                else:
-                    crashpoint.reached("mbox.mid-append")
-                record = Record(st.st_dev, st.st_ino, start, done, done + len(chunk), start_bytes)
-                os.pwrite(lockfd, record_line(record), where)
-                _write_all(fd, chunk)
-                done += len(chunk)
+        start_bytes = None
+        for chunk in chunks:
+            if start_bytes is None:
+                chunk = pad + chunk
+                start_bytes = chunk[:HEAD]
+            else:
+                crashpoint.reached("mbox.mid-append")
+            record = Record(st.st_dev, st.st_ino, start, done, done + len(chunk), start_bytes)
+            os.pwrite(lockfd, record_line(record), where)
+            _write_all(fd, chunk)
+            done += len(chunk)
     except BaseException:
         os.ftruncate(fd, start)
         raise

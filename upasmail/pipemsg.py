@@ -234,6 +234,21 @@ class MailerStream:
         if line == b"" or self._header_size >= HEADER_SCAN_LIMIT:
             self._flush_header()
 
+    def lines(self, data):
+        """Several LF-terminated lines at once: the header line by line, then
+        the body in one piece."""
+        start, size = 0, len(data)
+        while self._in_header and start < size and self.error is None:
+            end = data.index(b"\n", start)
+            self.line(data[start:end])
+            start = end + 1
+        if self.error is not None or start >= size:
+            return
+        rest = data[start:] if start else data
+        if b"\0" in rest:
+            rest = rest.replace(b"\0", b"")
+        self._emit(rest)
+
     def _flush_header(self):
         self._in_header = False
         whole = self._header + [b.decode("utf-8", "replace") for b in self._beyond]

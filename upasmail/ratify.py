@@ -33,7 +33,7 @@ from typing import Dict, Tuple
 from twisted.logger import Logger
 
 from .conf import ConfigError, parse_network, read_text, tokenize
-from .relay import domain_matches, in_nets, normalize_ip
+from .relay import NetSet, domain_matches, in_nets, normalize_ip
 
 log = Logger(namespace="smtpd")
 
@@ -74,16 +74,79 @@ def account_match(pattern, name):
     return bool(domains) and domain_matches(domains[-1], pdom)
 
 
+class AccountPatterns:
+    """One action's sender patterns, indexed so a lookup does not try each.
+
+    Same answers as ``any(account_match(p, name) for p in patterns)``:
+    domain-only patterns are found by the name's domain components and
+    their parent domains, user patterns by the user (exact, or a prefix of
+    each length the list uses).
+    """
+
+    __slots__ = ("patterns", "_domains", "_below", "_users", "_prefixes")
+
+    def __init__(self, patterns):
+        self.patterns = tuple(patterns)
+        self._domains = set()  # ``dom``: a domain component equal to it
+        self._below = set()  # ``*.dom``: dom or any name below it
+        self._users = {}  # user -> its patterns' domain parts
+        self._prefixes = {}  # prefix length -> {prefix: domain parts}
+        for pattern in self.patterns:
+            pdom, bang, puser = pattern.rpartition("!")
+            if not bang:
+                pdom, puser = pattern, ""
+            pdom = pdom.lower()
+            if puser in ("", "*"):
+                if pdom.startswith("*."):
+                    self._below.add(pdom[2:])
+                else:
+                    self._domains.add(pdom)
+            elif puser.endswith("*"):
+                prefix = puser[:-1]
+                self._prefixes.setdefault(len(prefix), {}).setdefault(prefix, []).append(pdom)
+            else:
+                self._users.setdefault(puser, []).append(pdom)
+
+    def _domain_listed(self, domain):
+        domain = domain.lower()
+        if domain in self._domains or domain in self._below:
+            return True
+        if self._below:
+            parts = domain.split(".")
+            return any(".".join(parts[i:]) in self._below for i in range(1, len(parts)))
+        return False
+
+    def match(self, name):
+        parts = name.split("!")
+        user, domains = parts[-1], parts[:-1]
+        if (self._domains or self._below) and any(self._domain_listed(d) for d in domains):
+            return True
+        pdoms = list(self._users.get(user, ()))
+        for length, prefixes in self._prefixes.items():
+            if len(user) >= length:
+                pdoms.extend(prefixes.get(user[:length], ()))
+        return any(pdom in ("", "*") or (domains and domain_matches(domains[-1], pdom))
+                   for pdom in pdoms)
+
+
 @dataclass(frozen=True)
 class RatifyLists:
     ip: Dict[str, Tuple[object, ...]] = field(default_factory=dict)
     account: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     trusted: Tuple[object, ...] = ()
 
+    def __post_init__(self):
+        # the lists as given stay readable; lookups go through indexes
+        object.__setattr__(self, "_ip", {a: NetSet(n) for a, n in self.ip.items()})
+        object.__setattr__(self, "_account",
+                           {a: AccountPatterns(p) for a, p in self.account.items()})
+        object.__setattr__(self, "_trusted", NetSet(self.trusted))
+
     def ip_action(self, ip):
         """The peer IP's action (``accept`` when no list has it)."""
         for action in ACTIONS:
-            if in_nets(ip, self.ip.get(action, ())):
+            nets = self._ip.get(action)
+            if nets is not None and nets.contains(ip):
                 return ACCEPT if action == "allow" else action
         return ACCEPT
 
@@ -91,12 +154,13 @@ class RatifyLists:
         """The sender account's action; ``sender`` is the bang path."""
         name = sender.lower()
         for action in ACTIONS:
-            if any(account_match(p, name) for p in self.account.get(action, ())):
+            patterns = self._account.get(action)
+            if patterns is not None and patterns.match(name):
                 return ACCEPT if action == "allow" else action
         return ACCEPT
 
     def is_trusted(self, ip):
-        return in_nets(ip, self.trusted)
+        return self._trusted.contains(ip)
 
 
 EMPTY = RatifyLists()

@@ -48,11 +48,49 @@ def normalize_ip(text):
 
 def in_nets(ip, nets):
     """Is the textual IP inside any of the networks?"""
+    if isinstance(nets, NetSet):
+        return nets.contains(ip)
     try:
         addr = ipaddress.ip_address(normalize_ip(ip))
     except ValueError:
         return False
     return any(addr.version == n.version and addr in n for n in nets)
+
+
+class NetSet:
+    """Networks looked up by prefix length, not one by one.
+
+    A ratify list may hold thousands of ranges and is asked on every
+    connection; a lookup costs one set probe per distinct prefix length.
+    """
+
+    __slots__ = ("nets", "_by_len")
+
+    def __init__(self, nets):
+        self.nets = tuple(nets)
+        self._by_len = {}  # (version, prefix length) -> set of network numbers
+        for n in self.nets:
+            shift = n.max_prefixlen - n.prefixlen
+            key = (n.version, n.prefixlen, shift)
+            self._by_len.setdefault(key, set()).add(int(n.network_address) >> shift)
+
+    def contains(self, ip):
+        try:
+            addr = ipaddress.ip_address(normalize_ip(ip))
+        except ValueError:
+            return False
+        number, version = int(addr), addr.version
+        return any(v == version and (number >> shift) in numbers
+                   for (v, _, shift), numbers in self._by_len.items())
+
+    def __iter__(self):
+        return iter(self.nets)
+
+    def __len__(self):
+        return len(self.nets)
+
+    def __bool__(self):
+        return bool(self.nets)
 
 
 def is_trusted(peer_ip, ournets, authenticated=False):
@@ -81,6 +119,7 @@ class Ours:
         self.ourdomains = tuple(ourdomains)
         self.local_ips = tuple(local_ips)
         self.literals = frozenset(literal_of(ip) for ip in self.local_ips)
+        self._with = {}  # local IP -> Ours: every connection to it shares one
 
     def is_ours(self, component):
         c = component.lower()
@@ -92,7 +131,10 @@ class Ours:
 
     def with_local_ip(self, ip):
         """The same, plus the address a connection came in on."""
-        return Ours(self.names, self.ourdomains, self.local_ips + (ip,))
+        ours = self._with.get(ip)
+        if ours is None:
+            ours = self._with[ip] = Ours(self.names, self.ourdomains, self.local_ips + (ip,))
+        return ours
 
 
 def loopback_rewrite(path, peer_ip):

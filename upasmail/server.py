@@ -55,7 +55,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, grammar, helo, logs, ratify, relay, replies, spam, tarpit
+from . import auth, framing, grammar, helo, logs, ratify, relay, replies, spam, tarpit
 from .tls import describe as describe_tls
 from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
@@ -76,40 +76,58 @@ def _text(resp):
 
 @implementer(IHandshakeListener)
 class UpasESMTP(smtp.ESMTP):
+    # Per-connection state that most connections never change lives here,
+    # on the class: an idle connection then holds few attributes (its
+    # instance dictionary stays a small shared-key one), which is most of
+    # what 10,000 idle connections cost.
+    mode = COMMAND
+    _from = None  # Twisted's own transaction state, unused: ours is the session's
+    _to = ()
+    ctx = None
+    challengers = {}  # Twisted's AUTH table, unused: AUTH is ours (``auth``)
+    authenticated = False
+    session = None
+    _buf = b""
+    _busy = False
+    _waiting = False  # inside _handle, for a reply that comes at once
+    _paused = False
+    _draining = False
+    _skipping = False
+    _messages = None
+    _dataRefused = None
+    _quietWaiters = ()
+    _phaseTimer = None
+    _lost = False
+    _exchange = None  # the AUTH exchange under way
+    _dropPlaintext = False
+    _handshakeDone = False
+    _closing = False  # the server is shutting down
+    _closeWaiters = ()
+    _accepted = 0  # messages answered 250, for the disconnect line
+
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
                  spamfilter=None, throttle=None):
-        smtp.ESMTP.__init__(self, {}, contextFactory)
+        # not smtp.ESMTP.__init__: what it sets is above, as class defaults
+        if contextFactory is not None:
+            self.ctx = contextFactory
         self.settings = settings
         self.spam = spamfilter
         self.throttle = throttle or auth.Throttle.configured(clock, settings)
         self.makeDelivery = makeDelivery
         self.clock = clock
-        self.callLater = clock.callLater  # TimeoutMixin schedules with this
         self.timeout = settings.idle_timeout
         self.host = settings.dom
-        self.session = None
-        self._buf = b""
-        self._busy = False
-        self._draining = False
-        self._skipping = False
-        self._messages = None
-        self._dataRefused = None
-        self._quietWaiters = []
-        self._phaseTimer = None
-        self._lost = False
-        self._exchange = None  # the AUTH exchange under way
-        self._dropPlaintext = False
-        self._handshakeDone = False
-        self._closing = False  # the server is shutting down
-        self._closeWaiters = []
-        self._accepted = 0  # messages answered 250, for the disconnect line
+
+    @property
+    def callLater(self):
+        return self.clock.callLater  # TimeoutMixin schedules with this
 
     def whenQuiet(self):
         """A Deferred that fires once no reply is pending (tests, shutdown)."""
         if not self._busy:
             return defer.succeed(None)
         d = defer.Deferred()
-        self._quietWaiters.append(d)
+        self._quietWaiters += (d,)
         return d
 
     # -- connection ------------------------------------------------------
@@ -152,7 +170,7 @@ class UpasESMTP(smtp.ESMTP):
         gone = getattr(self.factory, "connectionGone", None)
         if gone is not None:
             gone(self)
-        waiters, self._closeWaiters = self._closeWaiters, []
+        waiters, self._closeWaiters = self._closeWaiters, ()
         for d in waiters:
             d.callback(None)
 
@@ -167,7 +185,7 @@ class UpasESMTP(smtp.ESMTP):
         if self._lost:
             d.callback(None)
             return d
-        self._closeWaiters.append(d)
+        self._closeWaiters += (d,)
         self._closing = True
         self._closeIfIdle()
         return d
@@ -219,6 +237,11 @@ class UpasESMTP(smtp.ESMTP):
         try:
             buf, pos = self._buf, 0
             while not self._busy and not self.transport.disconnecting:
+                if self.mode == DATA and not self._skipping:
+                    pos, more = self._dataBlock(buf, pos)
+                    if more:
+                        continue
+                    break
                 delim = b"\r\n" if self.mode == DATA else b"\n"
                 end = buf.find(delim, pos)
                 limit = (self.settings.max_data_line if self.mode == DATA
@@ -240,17 +263,7 @@ class UpasESMTP(smtp.ESMTP):
                 if len(line) > limit:
                     self._lineTooLong()
                     continue
-                try:
-                    result = self.lineReceived(line)
-                except Exception:
-                    # a bug must cost one reply, never the connection
-                    self.log.failure("command failed")
-                    result = None
-                    if self.mode == DATA:
-                        self._dataRefused = reject(451, replies.LOCAL_ERROR)
-                    else:
-                        self.mode = COMMAND  # e.g. out of a broken AUTH exchange
-                        self.reply(reject(451, replies.LOCAL_ERROR))
+                self._handle(self._lineResult, line)
                 if self._dropPlaintext:
                     # CVE-2011-0411: bytes behind STARTTLS were sent in the
                     # clear and may be an attacker's; the client must resend
@@ -259,15 +272,79 @@ class UpasESMTP(smtp.ESMTP):
                         self.log.info("discarded {n} bytes pipelined after STARTTLS from {rsys}",
                                       n=len(buf) - pos, rsys=self.session.rsys)
                     pos = len(buf)
-                if isinstance(result, defer.Deferred):
-                    self._busy = True
-                    if not self.transport.disconnecting:
-                        self.transport.pauseProducing()
-                        self.setTimeout(None)  # the client is waiting for us
-                    result.addBoth(self._replied)
             self._buf = buf[pos:]
         finally:
             self._draining = False
+
+    def _dataBlock(self, buf, pos):
+        """Take every complete DATA line in ``buf[pos:]`` at once (``framing``).
+
+        Returns the new position and whether the loop should go on (the
+        end of data was reached).  A block ``framing.clean`` does not vouch
+        for goes line by line through ``state_DATA``, which decides.
+        """
+        limit = self.settings.max_data_line
+        consumed, block, ended = framing.next_block(buf, pos)
+        if block:
+            if self._dataRefused is not None:
+                pass  # read to the dot, store nothing
+            elif (framing.clean(block, limit)
+                  and self._dataSize + len(block) <= self.settings.message_limit):
+                self._dataSize += len(block)
+                self._handle(self._blockResult, block)
+            else:
+                for line in framing.lines(block):
+                    if len(line) > limit:
+                        self._lineTooLong()
+                    else:
+                        self._handle(self._lineResult, line)
+        if ended:
+            self._handle(self._lineResult, b".")
+            return consumed, True
+        if len(buf) - consumed > limit:  # an over-long line still arriving
+            self._lineTooLong()
+            self._skipping = True
+            return len(buf) - 1, False  # keep a CR that may start CRLF
+        return consumed, False
+
+    def _lineResult(self, line):
+        return self.lineReceived(line)
+
+    def _blockResult(self, block):
+        data = framing.unstuff(block)
+        try:
+            for m in self._messages:
+                feed = getattr(m, "linesReceived", None)
+                if feed is not None:
+                    feed(data)
+                else:  # a plain IMessage gets lines, as Twisted's protocol gives them
+                    for line in data.split(b"\n")[:-1]:
+                        m.lineReceived(line)
+        except Exception:
+            self._dataRefused = self._failureReply(Failure(), "lineReceived")
+
+    def _handle(self, f, arg):
+        """Run one step of the dialogue; a bug costs one reply, never the connection."""
+        try:
+            result = f(arg)
+        except Exception:
+            self.log.failure("command failed")
+            result = None
+            if self.mode == DATA:
+                self._dataRefused = reject(451, replies.LOCAL_ERROR)
+            else:
+                self.mode = COMMAND  # e.g. out of a broken AUTH exchange
+                self.reply(reject(451, replies.LOCAL_ERROR))
+        if isinstance(result, defer.Deferred):
+            self._busy = True
+            self._waiting = True
+            result.addBoth(self._replied)
+            self._waiting = False
+            # a reply that is already there needs no pause of the reading
+            if self._busy and not self.transport.disconnecting:
+                self._paused = True
+                self.transport.pauseProducing()
+                self.setTimeout(None)  # the client is waiting for us
 
     def _replied(self, result):
         if isinstance(result, Failure):
@@ -277,10 +354,13 @@ class UpasESMTP(smtp.ESMTP):
         self._busy = False
         if not self.transport.disconnecting and not self._lost:
             self.setTimeout(self._idleLimit())
-            self.transport.resumeProducing()
-            self._drain()
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            if not self._waiting:  # else answered at once: _drain goes on
+                self._drain()
         if not self._busy:
-            waiters, self._quietWaiters = self._quietWaiters, []
+            waiters, self._quietWaiters = self._quietWaiters, ()
             for d in waiters:
                 d.callback(None)
             self._closeIfIdle()

@@ -20,7 +20,7 @@ import re
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints, protocol, threads
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
@@ -33,7 +33,7 @@ from .spam import SpamFilter
 from .mxdial import local_addresses
 from .passwd import PasswordFile
 from .queue import QueueRunner, record_routing
-from .store import MailRoot
+from .store import MailRoot, SyncThread
 from .tls import CertificateFile, ImplicitTLSFactory
 from .trace import TraceFactory
 
@@ -81,6 +81,7 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     reactor = _reactor(reactor)
     clock = clock or reactor
     resolver = resolver or makeResolver(reactor)
+    own_threads = run_blocking is None
     run_blocking = run_blocking or threadRunner(reactor)
     if portal is None:
         checker = checker or PasswordFile(settings.path("passwd"), run_blocking)
@@ -88,8 +89,12 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     if contextFactory is None and settings.cert:
         contextFactory = CertificateFile(settings.cert, settings.key)
         contextFactory.load()
+    sync_blocking = None
+    if own_threads and IReactorCore.providedBy(reactor):  # else tests run it their way
+        sync_blocking = SyncThread(reactor)
+        reactor.addSystemEventTrigger("after", "shutdown", sync_blocking.stop)
     root = MailRoot(settings.root, run_blocking, clock, settings.dom, settings.path("lib"),
-                    settings.ours)
+                    settings.ours, sync_blocking=sync_blocking)
     root.prepare()
     backend = root
     if settings.mailer:

@@ -13,6 +13,7 @@ Flags win over smtpd.conf as upas does: the file can switch ``-f`` on but
 never off.  Relay control itself is on unless ``norelay off``.
 """
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -131,8 +132,9 @@ class Settings:
     def me(self):
         return self.identity.me
 
-    @property
+    @functools.cached_property
     def ours(self):
+        # one per settings: connections share it and its per-address copies
         return Ours(self.identity.names, self.ourdomains)
 
 
