@@ -45,7 +45,7 @@ def scenarios(quick=False):
         Scenario("idle", "idle", 0, 0, 200 if q else 10000, 0,
                  "idle connections (EHLO, then silent): memory each, NOOP p99"),
         Scenario("relay", "relay", 10, 200 if not q else 20, 200 if q else 2000, 1024,
-                 "asyncio c10 to a remote domain via smarthost to a sink"),
+                 "asyncio c10 to a remote domain via smarthost to a sink (upasmail: trusted peer)"),
     ]}
 
 
