@@ -59,6 +59,11 @@ def row(scenario, server, rows):
     if any("end_to_end_msgs_per_s" in r for r in rows):
         extra.append("end to end %s msgs/s; backlog max %s, at load end %s" % (
             col("end_to_end_msgs_per_s"), col("backlog_max"), col("backlog_when_load_ended")))
+    if any(r.get("settle_s", 0) > 0.5 for r in rows):
+        extra.append("in mailboxes %s s after the load" % col("settle_s"))
+    samples = [x for r in rows for x in r.get("error_samples", [])]
+    if samples:
+        extra.append("first error: %s" % samples[0].replace("\n", " ")[:120])
     if failed:
         extra.append("FAILED: " + "; ".join(r["failed"] for r in failed))
     return [scenario, server, col("msgs_per_s"), col("p50_ms"), col("p99_ms"),
