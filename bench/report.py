@@ -56,6 +56,9 @@ def row(scenario, server, rows):
                          spread(_values(rows, "idle_connections")), col("kib_per_conn", "pss"),
                          col("kib_per_conn", "uss"), col("kib_per_conn", "rss"),
                          col("noop_p99_ms"), col("noop_p99_quiet_ms")))
+        capped = [r["idle_capped"] for r in rows if r.get("idle_capped")]
+        if capped:
+            extra.append("(%s)" % capped[0])
     if any("end_to_end_msgs_per_s" in r for r in rows):
         extra.append("end to end %s msgs/s; backlog max %s, at load end %s" % (
             col("end_to_end_msgs_per_s"), col("backlog_max"), col("backlog_when_load_ended")))

@@ -99,6 +99,11 @@ class Bench:
                 else:
                     result = scenarios.run_idle(server, sc, tag,
                                                 self.idle_count(name, sc.total))
+                    if result["idle_wanted"] < sc.total:
+                        result["idle_capped"] = (
+                            "%d asked; %s" % (sc.total, "Postfix cap (a process each)"
+                                              if name == "postfix" else
+                                              "open-file limit %d" % self.fd_limit))
         except Exception as e:
             # one broken run is a row of errors, not the end of the bench
             first = (str(e).strip().splitlines() or [""])[0]
