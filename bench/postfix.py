@@ -7,6 +7,7 @@ and never written.  The programs come from the Debian package ``postfix``.
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -156,6 +157,11 @@ class Postfix(Server):
                 return f.read()
         except OSError:
             return ""
+
+    problem_pattern = re.compile(r"(fatal|panic|error|warning): ")
+
+    def log_text(self):
+        return self._maillog()
 
     def _died(self):
         return self.child.proc.poll() is not None

@@ -67,6 +67,9 @@ def row(scenario, server, rows):
     samples = [x for r in rows for x in r.get("error_samples", [])]
     if samples:
         extra.append("first error: %s" % samples[0].replace("\n", " ")[:120])
+    problems = [x for r in rows for x in r.get("log_problems", [])]
+    if problems:
+        extra.append("server log: %s" % problems[0])
     if failed:
         extra.append("FAILED: " + "; ".join(r["failed"] for r in failed))
     return [scenario, server, col("msgs_per_s"), col("p50_ms"), col("p99_ms"),

@@ -83,6 +83,7 @@ class Bench:
         work = self._dir()
         tag = "r%d-%s-%s-%d" % (rep, sc.name, name, self.serial)
         sink = server = None
+        result = {}
         started = time.time()
         try:
             if sc.kind == "relay":
@@ -112,6 +113,11 @@ class Bench:
                       "traceback": traceback.format_exc()}
         finally:
             for s in (server, sink):
+                if s is not None and s.child is not None:
+                    n, first = s.log_problems()
+                    if n:
+                        result.setdefault("log_problems", []).append(
+                            "%s: %d, first: %s" % (s.name, n, first))
                 if s is not None:
                     self.stop(s)
             servers.remove(work)

@@ -177,6 +177,18 @@ class Server:
     def settle(self, timeout):
         """Wait (bounded) until every accepted message is where messages() reads."""
 
+    # lines of the server's log that say something went wrong inside it
+    problem_pattern = re.compile(r"Traceback|Unhandled|#critical|#error\]")
+
+    def log_text(self):
+        return self.child.output() if self.child else ""
+
+    def log_problems(self):
+        """(number of problem lines in the server's log, the first of them)."""
+        lines = [line for line in self.log_text().splitlines()
+                 if self.problem_pattern.search(line)]
+        return len(lines), (lines[0][:200] if lines else None)
+
     def stop(self):
         if self.child:
             self.child.stop()
