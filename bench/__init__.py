@@ -1,0 +1,1 @@
+"""upasmail's benchmark (``bench/run``); see bench/README.rst."""
