@@ -34,6 +34,7 @@ message (quirk Q5) and a header-only message ends at the dot (Q4).
 """
 
 import email.utils
+import functools
 import re
 import secrets
 import time
@@ -51,6 +52,11 @@ MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
 
 def plan9_date(seconds):
     """[9F] date: ``Wed Mar  7 23:47:45 -0400 2024`` in local time."""
+    return _plan9_date(int(seconds))
+
+
+@functools.lru_cache(maxsize=4)  # every message of one second shares it
+def _plan9_date(seconds):
     t = time.localtime(seconds)
     off = t.tm_gmtoff // 60
     sign = "-" if off < 0 else "+"
@@ -154,10 +160,15 @@ class StoredForm:
         return rewrite
 
     def date(self):
-        return email.utils.formatdate(self.seconds, localtime=True)
+        return _rfc5322_date(int(self.seconds))
 
     def message_id(self):
         return "<%d.%s@%s>" % (self.seconds, secrets.token_hex(6), self.domain)
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(seconds):
+    return email.utils.formatdate(seconds, localtime=True)
 
 
 class MessageRefused(Exception):

@@ -350,8 +350,10 @@ def _log_notes(result, notes, log=log):
 
 
 def _in_memory(jobs):
-    """Only mailbox copies of messages held in memory (see ``Batcher``)."""
-    return all(job[0] == "mbox" and job[2].path is None for job in jobs)
+    """Only messages held in memory (see ``Batcher``): their writes are a few
+    non-blocking system calls each."""
+    return all(job[2].path is None if job[0] == "mbox" else job[1].path is None
+               for job in jobs)
 
 
 def _log_notes_only(notes, log):
@@ -669,22 +671,22 @@ class MailRoot:
                 synced.setdefault(p, []).extend(indexes)
             for i in indexes:
                 results[i] = (True, notes)
+        queued = []  # (index, .msg, .env temp file, .env) to finish when synced
         for i, job in enumerate(jobs):
             if job[0] != "queue":
                 continue
             try:
-                paths = self._enqueue(*job[1:])
+                queued.append((i,) + self._enqueue(*job[1:]))
             except Exception:
                 results[i] = (False, Failure())
                 continue
-            for p in paths:
-                synced.setdefault(p, []).append(i)
             results[i] = (True, [])
-        return results, synced
+        return results, synced, queued
 
     def _sync_batch(self, written):
-        """fsync what a batch wrote, each file and directory once."""
-        results, synced = written
+        """fsync what a batch wrote, each file and directory once; then make
+        its queue jobs whole (``_enqueue``)."""
+        results, synced, queued = written
         for path, indexes in synced.items():
             try:
                 self.fsync([path])
@@ -692,13 +694,31 @@ class MailRoot:
                 failure = Failure()
                 for i in indexes:
                     results[i] = (False, failure)
+        if not queued:
+            return results
+        renamed = []
+        for i, msg, tmp, env in queued:
+            try:
+                self.fsync([msg, tmp])
+                os.rename(tmp, env)
+            except Exception:
+                results[i] = (False, Failure())
+                continue
+            renamed.append(i)
+        try:
+            self.fsync([self.queue])
+        except Exception:
+            failure = Failure()
+            for i in renamed:
+                results[i] = (False, failure)
         return results
 
     def _enqueue(self, spool, envelope, remote):
-        """Write one job (in the writer's thread); returns what to fsync.
+        """Write one job's files, unsynced: ``(.msg, .env temp file, .env)``.
 
-        The ``.msg`` file is synced here, before the ``.env`` file that
-        makes it a job appears; the caller syncs the directory.
+        ``_sync_batch`` fsyncs both and only then renames the temp file:
+        the ``.env`` file appears last, whole and atomically, and marks the
+        job; then the queue directory is synced, once for the batch.
         """
         qid = self.queue_id(spool)
         msg = os.path.join(self.queue, qid + ".msg")
@@ -709,8 +729,6 @@ class MailRoot:
         else:
             with open(msg, "xb") as f:
                 f.write(data)
-        # the message must be on disk before the .env file makes it a job
-        self.fsync([msg])
         record = {
             "id": qid,
             "sender": envelope.sender,
@@ -720,6 +738,6 @@ class MailRoot:
             "helo": envelope.helo,
             "smtputf8": envelope.smtputf8,
         }
-        # the .env file appears last and atomically: it marks a whole job
-        write_envelope(env, record)
-        return [self.queue]
+        with open(env + ".tmp", "w") as f:
+            json.dump(record, f)
+        return msg, env + ".tmp", env
