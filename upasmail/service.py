@@ -70,12 +70,15 @@ def makeResolver(reactor, address=None, hosts=None):
 
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
-                     contextFactory=None, clock=None, resolver=None, checker=None):
+                     contextFactory=None, clock=None, resolver=None, checker=None,
+                     store=None):
     """The protocol factory; ``factory.root`` is its MailRoot.
 
     ``reactor`` starts mailer and validator processes; ``clock`` (default:
     the reactor) times sessions, tarpits, AUTH failures, dates messages and
-    limits helper programs; ``resolver`` answers every DNS question.
+    limits helper programs; ``resolver`` answers every DNS question;
+    ``store`` (an ``IStateStore``; default: a ``LocalStateStore``) keeps
+    the state every connection shares.
     A ``settings.cert`` that cannot be used raises ConfigError.
     """
     reactor = _reactor(reactor)
@@ -99,7 +102,7 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
         # factory.settings, not settings: SIGHUP may have replaced them
         return UpasDelivery(session, factory.settings, root, backend, clock)
 
-    spamfilter = SpamFilter(settings, resolver, reactor, clock)
+    spamfilter = SpamFilter(settings, resolver, reactor, clock, store)
     factory = UpasSMTPFactory(settings, makeDelivery, clock, portal=portal,
                               contextFactory=contextFactory, spamfilter=spamfilter)
     factory.root = root
