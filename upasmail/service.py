@@ -194,7 +194,8 @@ class SmtpdService(service.MultiService):
         self.factory.root.mailboxes.reread()
         if self.queue is not None:
             self.queue.settings = settings
-        record_routing(self.factory.root.root, settings)
+        if self.recordsRouting:
+            record_routing(self.factory.root.root, settings)
         log.info("settings reloaded")
 
 
@@ -255,26 +256,33 @@ def listener_endpoint(reactor, description):
     return endpoint
 
 
-def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
+def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=None, **kw):
     """The listener plus, unless ``settings.queue_runner`` is off, the queue
     runner (``top.queue``) on the same mail root, resolver and clock.
 
     A ``haproxy:`` listener raises ConfigError (``listener_endpoint``).
+    ``endpoint``, when given, is used instead of ``listen``'s (a worker's
+    adopted socket: the process that bound it has given the warnings).
     """
     reactor = _reactor(reactor)
-    endpoint = listener_endpoint(reactor, listen)
+    adopted = endpoint is not None
+    if not adopted:
+        endpoint = listener_endpoint(reactor, listen)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
     factory = makeSmtpdFactory(settings, reactor, **kw)
-    if not settings.relay_control and not listens_on_loopback_only(listen):
+    if not (adopted or settings.relay_control or listens_on_loopback_only(listen)):
         log.warn(
             "WARNING: relay control is OFF (norelay off) and {listen} is not "
             "loopback-only: this server is an OPEN RELAY for anyone who can reach it",
             listen=listen,
         )
     factory.fdCap = fd_cap()
-    # upas-runq on the same root routes as we do (smarthost, our domains)
-    record_routing(factory.root.root, settings)
     top = SmtpdService()
+    # upas-runq on the same root routes as we do (smarthost, our domains);
+    # of the processes sharing a listener, the one that bound it says so
+    top.recordsRouting = not adopted
+    if top.recordsRouting:
+        record_routing(factory.root.root, settings)
     top.factory = factory
     top.queue = None
     if settings.queue_runner:
@@ -292,7 +300,7 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
         listening = ImplicitTLSFactory(factory.contextFactory, listening)
     if wraps_its_factory(endpoint):
         listening = RefusalsClose(listening)
-    server = internet.StreamServerEndpointService(endpoint, listening)
+    top.server = server = internet.StreamServerEndpointService(endpoint, listening)
     server._raiseSynchronously = True  # a port we cannot bind stops start-up
     server.setServiceParent(top)
     return top

@@ -225,12 +225,25 @@ class Reload(amp.Command):
 class Log(amp.Command):
     """A worker's log event, formatted there, for the main process's log."""
     arguments = [(b"time", amp.Float()), (b"namespace", amp.Unicode()),
-                 (b"level", amp.Unicode()), (b"text", amp.Unicode())]
+                 (b"system", amp.Unicode()), (b"level", amp.Unicode()),
+                 (b"text", amp.Unicode())]
     response = []
     requiresAnswer = False
 
 
-class StateServer(amp.AMP):
+class Channel(amp.AMP):
+    """AMP without its log lines at connect and disconnect: a worker's
+    channel opening and closing is logged as the worker's start and end."""
+
+    def makeConnection(self, transport):
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class StateServer(Channel):
     """The main process's end of one worker's channel.
 
     It answers from ``store`` and keeps what the worker holds, so a worker
@@ -240,7 +253,7 @@ class StateServer(amp.AMP):
 
     def __init__(self, store, enqueued=lambda qid: None, log=lambda **event: None,
                  lost=lambda: None):
-        amp.AMP.__init__(self)
+        Channel.__init__(self)
         self.store = store
         self.enqueued = enqueued
         self.log = log
@@ -308,8 +321,8 @@ class StateServer(amp.AMP):
         return {}
 
     @Log.responder
-    def logged(self, time, namespace, level, text):
-        self.log(time=time, namespace=namespace, level=level, text=text)
+    def logged(self, time, namespace, system, level, text):
+        self.log(time=time, namespace=namespace, system=system, level=level, text=text)
         return {}
 
     def releaseAll(self):
@@ -320,7 +333,7 @@ class StateServer(amp.AMP):
                 self.store.releaseConnection(ip, exempt)
 
     def connectionLost(self, reason):
-        amp.AMP.connectionLost(self, reason)
+        Channel.connectionLost(self, reason)
         self.releaseAll()
         self.lost()
 
