@@ -28,6 +28,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import (FilteringLogObserver, Logger, LogLevel, formatEvent,
                             globalLogBeginner, globalLogPublisher)
@@ -173,7 +174,7 @@ class WorkerPool(service.Service):
         for worker in list(self.workers.values()):
             try:
                 worker.transport.signalProcess("TERM")  # its own graceful stop
-            except OSError:  # already gone: processEnded is on its way
+            except (OSError, ProcessExitedAlready):  # processEnded is on its way
                 pass
             waits.append(worker.ended)
         return defer.DeferredList(waits)
