@@ -1,13 +1,14 @@
 """``--workers 1`` against ``--workers 2``: durable acceptance with smtp-source.
 
     .venv/bin/python bench/workers.py [--messages 5000] [--reps 3] [--workers 1,2]
-                                      [--untrusted]
+                                      [--untrusted] [--mailboxes K]
 
 For each repetition, each worker count in turn (interleaved, so the noise
 of a shared machine falls on both alike): a fresh mail root, ``twistd -n
 upas-smtpd --workers N`` on a free loopback port, Postfix's
-``smtp-source -s 10 -l 1024 -m M -d`` to ``user0``, timed from its start
-to its end; the server's CPU is the user + system time of the main
+``smtp-source -s 10 -l 1024 -m M -d`` to ``user0`` (``--mailboxes K``: K
+generators at once, each to its own mailbox, the 10 sessions shared out),
+timed from the start to the end; the server's CPU is the user + system time of the main
 process and every worker (``/proc/<pid>/stat``) over that span.  Every
 message must be in the mailbox at the end.  ``--untrusted`` sets
 ``ournets`` to a network the generator does not use, so the full policy
@@ -65,10 +66,11 @@ def start_dns(work):
     return proc, int(proc.stdout.readline().split()[1])
 
 
-def run_once(workers, messages, untrusted, dns_port):
+def run_once(workers, messages, untrusted, dns_port, mailboxes=1):
     work = tempfile.mkdtemp(prefix="upasmail-workers-")
     root = os.path.join(work, "mail")
-    os.makedirs(os.path.join(root, "box", "user0"))
+    for i in range(mailboxes):
+        os.makedirs(os.path.join(root, "box", "user%d" % i))
     args = ["--workers", str(workers), "--root", root, "--sysname", "bench.example"]
     if untrusted:
         conf = os.path.join(work, "smtpd.conf")
@@ -88,16 +90,25 @@ def run_once(workers, messages, untrusted, dns_port):
             pids += [int(p) for p in wait_for(logpath, r"worker \d+ started \(pid (\d+)\)",
                                               proc, workers - 1)]
             wait_for(logpath, r"#info w\d+\] Starting factory", proc, workers - 1)
-        cpu0 = sum(cpu_seconds(p) for p in pids)
+        cpu0 = [cpu_seconds(p) for p in pids]
         t0 = time.perf_counter()
-        subprocess.run(["smtp-source", "-s", "10", "-l", "1024", "-m", str(messages), "-d",
-                        "-M", HELO, "-f", "a@b.example", "-t", "user0@bench.example",
-                        "127.0.0.1:%d" % port], check=True, timeout=600)
+        # one generator per mailbox, the 10 sessions shared out among them
+        gens = [subprocess.Popen(["smtp-source", "-s", str(10 // mailboxes), "-l", "1024",
+                                  "-m", str(messages // mailboxes), "-d", "-M", HELO,
+                                  "-f", "a@b.example", "-t", "user%d@bench.example" % i,
+                                  "127.0.0.1:%d" % port]) for i in range(mailboxes)]
+        for g in gens:
+            if g.wait(600) != 0:
+                sys.exit("smtp-source failed")
         elapsed = time.perf_counter() - t0
-        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-        stored = len(mailbox.mbox(os.path.join(root, "box", "user0", "mbox")))
+        each = [cpu_seconds(p) - c for p, c in zip(pids, cpu0)]
+        cpu = sum(each)
+        stored = sum(len(mailbox.mbox(os.path.join(root, "box", "user%d" % i, "mbox")))
+                     for i in range(mailboxes))
         if stored != messages:
             sys.exit("only %d of %d messages stored" % (stored, messages))
+        print("  CPU seconds per process (main first): %s over %.1f s"
+              % (" ".join("%.1f" % c for c in each), elapsed), flush=True)
         return messages / elapsed, cpu / messages * 1000
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -112,6 +123,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--untrusted", action="store_true")
+    ap.add_argument("--mailboxes", type=int, default=1, choices=(1, 2, 5, 10),
+                    help="spread the messages over this many mailboxes")
     args = ap.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     dns, dns_port = start_dns(tempfile.mkdtemp(prefix="upasmail-dns-"))
@@ -119,7 +132,8 @@ def main():
     try:
         for rep in range(args.reps):
             for n in counts:
-                rate, cpu = run_once(n, args.messages, args.untrusted, dns_port)
+                rate, cpu = run_once(n, args.messages, args.untrusted, dns_port,
+                                     args.mailboxes)
                 results[n].append((rate, cpu))
                 print("rep %d  --workers %d: %7.0f msgs/s  %.2f ms CPU/msg" % (rep + 1, n, rate,
                                                                                cpu), flush=True)
