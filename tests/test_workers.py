@@ -1,5 +1,6 @@
 """``--workers``: processes sharing one listener and one state store."""
 
+import mailbox
 import os
 import re
 import signal
@@ -257,7 +258,6 @@ def test_connections_spread_over_both_processes_and_all_is_delivered(server):
         if sent >= 6 and set(logged_by(s, "accepted, 0 refused")) == {"main", "w1"}:
             break
     assert set(logged_by(s, "accepted, 0 refused")) == {"main", "w1"}, s.output()
-    import mailbox
     subjects = sorted(m["Subject"] for m in mailbox.mbox(os.path.join(s.root, "box", "bob",
                                                                       "mbox")))
     assert subjects == sorted("n%d" % i for i in range(sent))
@@ -378,3 +378,32 @@ def test_workers_refused_where_they_cannot_work(tmp_path, args, error):
     r = twistd("-n", "--pidfile=", "upas-smtpd", "--root", str(tmp_path / "mail"), *args,
                cwd=str(tmp_path))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == error, r.stderr
+
+
+def test_a_job_a_worker_queues_wakes_the_main_queue_runner(server):
+    far = server("--listen", "tcp:0:interface=127.0.0.2", "-h", "far.example",
+                 "--no-queue-runner", where="far")
+    # --queue-scan stays 60 s: only a wake-up delivers within the wait below
+    near = server("--workers", "2", "--mx-port", str(far.port), where="near")
+    worker_pids(near)
+    mbox_path = os.path.join(far.root, "box", "bob", "mbox")
+    queue = os.path.join(near.root, "queue")
+
+    def delivered(n, seconds):
+        for _ in range(int(seconds / 0.05)):
+            if os.path.exists(mbox_path) and len(mailbox.mbox(mbox_path)) == n \
+                    and not os.listdir(queue):
+                return True
+            time.sleep(0.05)
+        return False
+
+    for sent in range(1, 61):
+        with smtplib.SMTP("127.0.0.1", near.port) as c:
+            assert c.sendmail("alice@example.org", ["bob@far.example"],
+                              b"Subject: q%d\r\n\r\nbody\r\n" % sent) == {}
+        who = wait_count(near, "bytes to far.example!bob", sent)
+        if who[-1] == "w1":
+            break
+        assert delivered(sent, 20), near.output()  # the runner is idle again
+    assert who[-1] == "w1"
+    assert delivered(sent, 20), near.output()
