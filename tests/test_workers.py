@@ -10,7 +10,7 @@ import time
 
 import pytest
 from twisted.internet import defer, task
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial import unittest
@@ -144,6 +144,71 @@ class StateChannelTests(unittest.TestCase):
         self.client.transport.loseConnection()
         self.pump.flush()
         self.assertEqual((dict(self.local.perPeer), self.local.total), ({"192.0.2.1": 1}, 1))
+
+
+class HeldStore(statestore.LocalStateStore):
+    """A store whose connection answers wait until the test gives them."""
+
+    def __init__(self, *a):
+        statestore.LocalStateStore.__init__(self, *a)
+        self.waiting = []
+
+    def acquireConnection(self, *a):
+        d = defer.Deferred()
+        self.waiting.append((d, statestore.LocalStateStore.acquireConnection(self, *a)))
+        return d
+
+    def answer(self):
+        d, answer = self.waiting.pop(0)
+        answer.chainDeferred(d)
+
+
+class AdmissionTests(unittest.TestCase):
+    """The greeting waits for the store; refusals and early goodbyes."""
+
+    def setUp(self):
+        from upasmail import service, testing
+        self.clock = task.Clock()
+        s = testing.make_settings(root=self.mktemp(), max_connections_per_peer=1)
+        self.store = HeldStore(s, self.clock)
+        self.factory = service.makeSmtpdFactory(
+            s, reactor=self.clock, clock=self.clock, run_blocking=testing.run_now,
+            resolver=testing.FakeResolver(everything_exists=True), store=self.store)
+
+    def connect(self, ip="127.0.0.2"):
+        from twisted.internet.testing import StringTransport
+        from upasmail import testing
+        p = self.factory.buildProtocol(testing.address(ip, 1234))
+        t = StringTransport(peerAddress=testing.address(ip, 1234),
+                            hostAddress=testing.address("127.0.0.1", 25))
+        p.makeConnection(t)
+        return p, t
+
+    def test_the_greeting_waits_and_early_commands_wait_for_it(self):
+        p, t = self.connect()
+        p.dataReceived(b"NOOP\r\n")
+        self.assertEqual(t.value(), b"")
+        self.store.answer()
+        self.assertEqual(t.value().splitlines()[0][:4], b"220 ")
+        self.assertEqual(t.value().splitlines()[1][:4], b"250 ")  # the NOOP, after it
+        q, u = self.connect()
+        self.store.answer()
+        self.assertEqual(u.value(), b"421 4.7.0 gnot.example.org Error: too many "
+                                    b"connections from 127.0.0.2\r\n")
+        self.assertTrue(u.disconnecting)
+        q.connectionLost(None)  # refused: nothing to release
+        self.assertEqual(self.store.perPeer["127.0.0.2"], 1)
+        p.connectionLost(None)
+        self.assertEqual(self.store.perPeer["127.0.0.2"], 0)
+
+    def test_a_client_gone_before_the_answer_is_not_counted(self):
+        with capturedLogs() as events:
+            p, t = self.connect()
+            p.connectionLost(None)
+            self.store.answer()
+        self.assertEqual((self.store.perPeer["127.0.0.2"], self.store.total), (0, 0))
+        self.assertEqual(t.value(), b"")
+        self.assertEqual([e for e in events if "connect" in str(e.get("log_format"))], [])
 
 
 class RelayedLogTests(unittest.TestCase):

@@ -43,11 +43,11 @@ AUTH*      checker present → not yet authenticated → HELO given → no open
            → portal; failures (malformed responses too) are answered one
            after another per address, the --auth-max-failures'th from the
            address closes the connection
+STARTTLS   -c given → not yet encrypted → 220, then TLS
 
 Connection counts, the AUTH budget, the greylist and the grants live in
 the state store (``statestore.IStateStore``), which may be another
 process: its answers are Deferreds.
-STARTTLS   -c given → not yet encrypted → 220, then TLS
 """
 
 from twisted.cred import credentials, error
@@ -773,13 +773,14 @@ class UpasESMTP(smtp.ESMTP):
 
     def _authBegun(self, begun, step, exchange):
         s = self.session
+        if self._lost:  # gone while the store answered: the check is not made
+            if begun:
+                self.store.authAbandoned(s.rsys)
+            return None
         if not begun:
             # the address has spent its failures: nothing more is checked
             self.log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys)
             return self.reply(self._tooManyFailures())
-        if self._lost:
-            self.store.authAbandoned(s.rsys)
-            return None
         if not step.ok:
             return self._authFailure(step, "(malformed response)", exchange.mech)
         creds = step.value
