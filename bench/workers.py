@@ -1,13 +1,14 @@
 """``--workers 1`` against ``--workers 2``: durable acceptance with smtp-source.
 
     .venv/bin/python bench/workers.py [--messages 5000] [--reps 3] [--workers 1,2]
-                                      [--untrusted] [--mailboxes K]
+                                      [--untrusted] [--mailboxes K] [--sessions S]
 
 For each repetition, each worker count in turn (interleaved, so the noise
 of a shared machine falls on both alike): a fresh mail root, ``twistd -n
 upas-smtpd --workers N`` on a free loopback port, Postfix's
-``smtp-source -s 10 -l 1024 -m M -d`` to ``user0`` (``--mailboxes K``: K
-generators at once, each to its own mailbox, the 10 sessions shared out),
+``smtp-source -s 10 -l 1024 -m M -d`` to ``user0`` (``--sessions S`` for
+another -s; ``--mailboxes K``: K generators at once, each to its own
+mailbox, the sessions shared out),
 timed from the start to the end; the server's CPU is the user + system time of the main
 process and every worker (``/proc/<pid>/stat``) over that span.  Every
 message must be in the mailbox at the end.  ``--untrusted`` sets
@@ -66,7 +67,7 @@ def start_dns(work):
     return proc, int(proc.stdout.readline().split()[1])
 
 
-def run_once(workers, messages, untrusted, dns_port, mailboxes=1):
+def run_once(workers, messages, untrusted, dns_port, mailboxes=1, sessions=10):
     work = tempfile.mkdtemp(prefix="upasmail-workers-")
     root = os.path.join(work, "mail")
     for i in range(mailboxes):
@@ -92,8 +93,8 @@ def run_once(workers, messages, untrusted, dns_port, mailboxes=1):
             wait_for(logpath, r"#info w\d+\] Starting factory", proc, workers - 1)
         cpu0 = [cpu_seconds(p) for p in pids]
         t0 = time.perf_counter()
-        # one generator per mailbox, the 10 sessions shared out among them
-        gens = [subprocess.Popen(["smtp-source", "-s", str(10 // mailboxes), "-l", "1024",
+        # one generator per mailbox, the sessions shared out among them
+        gens = [subprocess.Popen(["smtp-source", "-s", str(sessions // mailboxes), "-l", "1024",
                                   "-m", str(messages // mailboxes), "-d", "-M", HELO,
                                   "-f", "a@b.example", "-t", "user%d@bench.example" % i,
                                   "127.0.0.1:%d" % port]) for i in range(mailboxes)]
@@ -125,6 +126,7 @@ def main():
     ap.add_argument("--untrusted", action="store_true")
     ap.add_argument("--mailboxes", type=int, default=1, choices=(1, 2, 5, 10),
                     help="spread the messages over this many mailboxes")
+    ap.add_argument("--sessions", type=int, default=10, help="smtp-source -s, in all")
     args = ap.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     dns, dns_port = start_dns(tempfile.mkdtemp(prefix="upasmail-dns-"))
@@ -133,7 +135,7 @@ def main():
         for rep in range(args.reps):
             for n in counts:
                 rate, cpu = run_once(n, args.messages, args.untrusted, dns_port,
-                                     args.mailboxes)
+                                     args.mailboxes, args.sessions)
                 results[n].append((rate, cpu))
                 print("rep %d  --workers %d: %7.0f msgs/s  %.2f ms CPU/msg" % (rep + 1, n, rate,
                                                                                cpu), flush=True)
