@@ -113,12 +113,16 @@ class StateChannelTests(unittest.TestCase):
         self.ask(r.grant("192.0.2.7"))
         self.assertTrue(self.ask(r.isGranted("192.0.2.7")))
         self.client.callRemote(statestore.Enqueued, qid="1.abc")
-        self.client.callRemote(statestore.Log, time=5.0, namespace="smtpd", system="",
-                               level="info", text="x: connect from 192.0.2.1")
+        self.client.callRemote(statestore.Log, events=[
+            dict(time=5.0, namespace="smtpd", system="", level="info",
+                 text="x: connect from 192.0.2.1"),
+            dict(time=6.0, namespace="smtpd", system="", level="warn", text="y")])
         self.pump.flush()
         self.assertEqual(self.jobs, ["1.abc"])
-        self.assertEqual(self.events, [dict(time=5.0, namespace="smtpd", system="",
-                                            level="info", text="x: connect from 192.0.2.1")])
+        self.assertEqual(self.events, [
+            dict(time=5.0, namespace="smtpd", system="", level="info",
+                 text="x: connect from 192.0.2.1"),
+            dict(time=6.0, namespace="smtpd", system="", level="warn", text="y")])
 
     def test_a_file_error_reaches_the_worker_as_oserror(self):
         def broken(*a):
@@ -220,6 +224,28 @@ class RelayedLogTests(unittest.TestCase):
         e = workers.relayed_event(1, time=5.0, namespace="log_legacy", system="-",
                                   level="info", text="x")
         self.assertEqual(e["log_system"], "- w1")
+
+
+class LogRelayTests(unittest.TestCase):
+    def test_the_events_of_one_turn_go_in_one_box(self):
+        sent = []
+
+        class Channel:
+            def callRemote(self, command, **kw):
+                sent.append((command, kw))
+
+        clock = task.Clock()
+        observe = workers.log_relay(Channel(), clock)
+        from twisted.logger import Logger
+        log = Logger(namespace="smtpd", observer=observe)
+        log.info("a {x}", x=1)
+        log.warn("b")
+        self.assertEqual(sent, [])
+        clock.advance(0)
+        [(command, kw)] = sent
+        self.assertIs(command, statestore.Log)
+        self.assertEqual([(e["text"], e["level"], e["namespace"]) for e in kw["events"]],
+                         [("a 1", "info", "smtpd"), ("b", "warn", "smtpd")])
 
 
 class BackoffTests(unittest.TestCase):

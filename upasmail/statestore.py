@@ -223,10 +223,11 @@ class Reload(amp.Command):
 
 
 class Log(amp.Command):
-    """A worker's log event, formatted there, for the main process's log."""
-    arguments = [(b"time", amp.Float()), (b"namespace", amp.Unicode()),
-                 (b"system", amp.Unicode()), (b"level", amp.Unicode()),
-                 (b"text", amp.Unicode())]
+    """A worker's log events, formatted there, for the main process's log;
+    several to a box, as one box per event costs as much as the event."""
+    arguments = [(b"events", amp.AmpList([(b"time", amp.Float()), (b"namespace", amp.Unicode()),
+                                          (b"system", amp.Unicode()), (b"level", amp.Unicode()),
+                                          (b"text", amp.Unicode())]))]
     response = []
     requiresAnswer = False
 
@@ -321,8 +322,9 @@ class StateServer(Channel):
         return {}
 
     @Log.responder
-    def logged(self, time, namespace, system, level, text):
-        self.log(time=time, namespace=namespace, system=system, level=level, text=text)
+    def logged(self, events):
+        for event in events:
+            self.log(**event)
         return {}
 
     def releaseAll(self):

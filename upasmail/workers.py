@@ -228,22 +228,31 @@ class WorkerChannel(statestore.Channel):
             self.reactor.stop()
 
 
-def log_relay(channel):
-    """A log observer sending each event, formatted, over the channel."""
+def log_relay(channel, reactor):
+    """A log observer sending the events, formatted, over the channel: those
+    of one reactor turn together."""
+    pending = []
+
+    def send():
+        events = pending[:]
+        del pending[:]
+        try:
+            channel.callRemote(statestore.Log, events=events)
+        except Exception:  # the channel is gone: there is no log to write to
+            pass
 
     def observe(event):
         text = formatEvent(event)
         failure = event.get("log_failure")
         if failure is not None:
             text += "\n" + failure.getTraceback()
-        try:
-            channel.callRemote(statestore.Log, time=event.get("log_time", 0.0),
-                               namespace=event.get("log_namespace") or "-",
-                               system=event.get("log_system") or "",
-                               level=(event.get("log_level") or LogLevel.info).name,
-                               text=text)
-        except Exception:  # the channel is gone: there is no log to write to
-            pass
+        if not pending:
+            reactor.callLater(0, send)
+        pending.append({"time": event.get("log_time", 0.0),
+                        "namespace": event.get("log_namespace") or "-",
+                        "system": event.get("log_system") or "",
+                        "level": (event.get("log_level") or LogLevel.info).name,
+                        "text": text})
 
     return FilteringLogObserver(observe, [logs.DNSNoise()])
 
@@ -260,7 +269,7 @@ def run(number, argv, reactor=None):
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX,
                                   protocol.Factory.forProtocol(lambda: channel))
     os.close(CHANNEL_FD)  # the reactor has its own copy
-    globalLogBeginner.beginLoggingTo([log_relay(channel)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([log_relay(channel, reactor)], redirectStandardIO=False)
     options = tap_smtpd.Options()
     try:
         options.parseOptions(argv)
