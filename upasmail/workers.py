@@ -52,6 +52,25 @@ def adoptable(endpoint):
     return isinstance(endpoint, ADOPTABLE)
 
 
+def share_accepts(port):
+    """Make ``port`` (a ``tcp.Port``) accept one connection per wake-up.
+
+    Every process sharing the socket is woken for a new connection, and
+    Twisted accepts up to a hundred at once: a burst of connections (ten
+    clients that connect at once and stay, as ``smtp-source -d`` does)
+    would all go to whichever process woke first.  One at a time, each
+    process takes one while the others take the next.
+    """
+    read = port.doRead
+
+    def doRead():
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = doRead
+    return port
+
+
 def relayed_event(worker, time, namespace, system, level, text):
     """A worker's log event as the main process logs it: twistd's
     ``[system]`` (``namespace#level`` by default) gets `` w<id>``."""
@@ -102,7 +121,7 @@ class WorkerPool(service.Service):
         self.top.server._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):
-        self.port = port
+        self.port = share_accepts(port)
         for number in range(1, self.count + 1):
             self.spawn(number)
         return port
@@ -291,6 +310,7 @@ def run(number, argv, reactor=None):
         tap_smtpd.reload_service(top, options)
 
     top.privilegedStartService()
+    top.server._waitingForPort.addCallback(share_accepts)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
