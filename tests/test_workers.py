@@ -85,9 +85,8 @@ class StateChannelTests(unittest.TestCase):
         self.clock.advance(1_000_000)
         self.local = statestore.LocalStateStore(
             make_settings(self.mktemp(), auth_fail_delay=1.0, auth_max_failures=2), self.clock)
-        self.jobs, self.events = [], []
-        self.server = statestore.StateServer(self.local, enqueued=self.jobs.append,
-                                             log=lambda **e: self.events.append(e))
+        self.jobs = []
+        self.server = statestore.StateServer(self.local, enqueued=self.jobs.append)
         self.client = statestore.Channel()
         _, _, self.pump = iosim.connectedServerAndClient(lambda: self.server,
                                                          lambda: self.client)
@@ -113,16 +112,8 @@ class StateChannelTests(unittest.TestCase):
         self.ask(r.grant("192.0.2.7"))
         self.assertTrue(self.ask(r.isGranted("192.0.2.7")))
         self.client.callRemote(statestore.Enqueued, qid="1.abc")
-        self.client.callRemote(statestore.Log, events=[
-            dict(time=5.0, namespace="smtpd", system="", level="info",
-                 text="x: connect from 192.0.2.1"),
-            dict(time=6.0, namespace="smtpd", system="", level="warn", text="y")])
         self.pump.flush()
         self.assertEqual(self.jobs, ["1.abc"])
-        self.assertEqual(self.events, [
-            dict(time=5.0, namespace="smtpd", system="", level="info",
-                 text="x: connect from 192.0.2.1"),
-            dict(time=6.0, namespace="smtpd", system="", level="warn", text="y")])
 
     def test_a_file_error_reaches_the_worker_as_oserror(self):
         def broken(*a):
@@ -227,25 +218,25 @@ class RelayedLogTests(unittest.TestCase):
 
 
 class LogRelayTests(unittest.TestCase):
-    def test_the_events_of_one_turn_go_in_one_box(self):
-        sent = []
-
-        class Channel:
-            def callRemote(self, command, **kw):
-                sent.append((command, kw))
-
+    def test_a_workers_events_reach_the_main_log_named_after_it(self):
+        written = []
         clock = task.Clock()
-        observe = workers.log_relay(Channel(), clock)
         from twisted.logger import Logger
-        log = Logger(namespace="smtpd", observer=observe)
+        log = Logger(namespace="smtpd", observer=workers.log_relay(written.append, clock))
         log.info("a {x}", x=1)
-        log.warn("b")
-        self.assertEqual(sent, [])
+        log.warn("b\nsecond line")
+        self.assertEqual(written, [])
         clock.advance(0)
-        [(command, kw)] = sent
-        self.assertIs(command, statestore.Log)
-        self.assertEqual([(e["text"], e["level"], e["namespace"]) for e in kw["events"]],
-                         [("a 1", "info", "smtpd"), ("b", "warn", "smtpd")])
+        [data] = written  # one write for the reactor turn
+        published = []
+        worker = workers.Worker(pool=None, number=2, publish=published.append)
+        worker.outReceived(data[:5])
+        worker.outReceived(data[5:] + b"printed by someone\n")
+        self.assertEqual([(e["log_system"], e["log_level"], e["log_relayed"])
+                          for e in published],
+                         [("smtpd#info w2", LogLevel.info, "a 1"),
+                          ("smtpd#warn w2", LogLevel.warn, "b\nsecond line"),
+                          ("stdout#info w2", LogLevel.info, "printed by someone")])
 
 
 class BackoffTests(unittest.TestCase):

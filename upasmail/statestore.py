@@ -17,8 +17,7 @@ holds so that they are released when it dies); a worker's store is a
 
 The same channel carries what the main process and its workers tell each
 other besides: ``Enqueued`` (a worker queued a job: the queue runner of
-the main process wakes up), ``Reload`` (SIGHUP) and the workers' log
-events (``Log``).
+the main process wakes up) and ``Reload`` (SIGHUP).
 """
 
 from collections import Counter
@@ -222,16 +221,6 @@ class Reload(amp.Command):
     response = []
 
 
-class Log(amp.Command):
-    """A worker's log events, formatted there, for the main process's log;
-    several to a box, as one box per event costs as much as the event."""
-    arguments = [(b"events", amp.AmpList([(b"time", amp.Float()), (b"namespace", amp.Unicode()),
-                                          (b"system", amp.Unicode()), (b"level", amp.Unicode()),
-                                          (b"text", amp.Unicode())]))]
-    response = []
-    requiresAnswer = False
-
-
 class Channel(amp.AMP):
     """AMP without its log lines at connect and disconnect: a worker's
     channel opening and closing is logged as the worker's start and end."""
@@ -248,16 +237,14 @@ class StateServer(Channel):
     """The main process's end of one worker's channel.
 
     It answers from ``store`` and keeps what the worker holds, so a worker
-    that dies takes its connections out of the counts.  ``enqueued``,
-    ``log`` and ``lost`` are the main process's callables.
+    that dies takes its connections out of the counts.  ``enqueued`` and
+    ``lost`` are the main process's callables.
     """
 
-    def __init__(self, store, enqueued=lambda qid: None, log=lambda **event: None,
-                 lost=lambda: None):
+    def __init__(self, store, enqueued=lambda qid: None, lost=lambda: None):
         Channel.__init__(self)
         self.store = store
         self.enqueued = enqueued
-        self.log = log
         self.lost = lost
         self.held = Counter()  # (ip, exempt) -> connections of this worker
 
@@ -319,12 +306,6 @@ class StateServer(Channel):
     @Enqueued.responder
     def jobEnqueued(self, qid):
         self.enqueued(qid)
-        return {}
-
-    @Log.responder
-    def logged(self, events):
-        for event in events:
-            self.log(**event)
         return {}
 
     def releaseAll(self):

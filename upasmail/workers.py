@@ -11,20 +11,23 @@ factory) and serves with the same options, policy, mail root and limits;
 the kernel spreads new connections over every process that accepts on it.
 
 Everything connections share lives in the main process's
-``LocalStateStore``; a worker asks it over AMP (``statestore``), tells it
-about the jobs it queues (the queue runner wakes up), and sends it its
-log events, which the main process writes to its log with ``w<id>`` after
-the level.  SIGHUP in the main process reloads every worker; stopping
+``LocalStateStore``; a worker asks it over AMP (``statestore``) and tells
+it about the jobs it queues (the queue runner wakes up).  A worker's
+standard output is a pipe to the main process: its log events, one JSON
+array a line, which the main process writes to its log with ``w<id>``
+after the level.  SIGHUP in the main process reloads every worker; stopping
 (SIGTERM) stops every worker the same graceful way and waits for them.  A
 worker that dies is logged and started again after a delay that doubles
 up to ``MAX_BACKOFF``; its connections stop counting at once.  A worker
 whose main process is gone (its channel closes) stops.
 """
 
+import json
 import os
 import signal
 import socket
 import sys
+from time import time as time_now
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
@@ -81,14 +84,28 @@ def relayed_event(worker, time, namespace, system, level, text):
 
 
 class Worker(protocol.ProcessProtocol):
-    """One worker process seen from the main process."""
+    """One worker process seen from the main process; what it writes to
+    its standard output are its log events (``log_relay``)."""
 
-    def __init__(self, pool, number):
+    def __init__(self, pool, number, publish=globalLogPublisher):
         self.pool = pool
         self.number = number
+        self.publish = publish
         self.channel = None  # its StateServer
         self.started = None
         self.ended = defer.Deferred()
+        self._partial = b""
+
+    def outReceived(self, data):
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            try:
+                event = relayed_event(self.number, *json.loads(line))
+            except (ValueError, TypeError):  # not ours: something printed
+                event = relayed_event(self.number, time_now(), "stdout", "", "info",
+                                      line.decode("utf-8", "replace"))
+            self.publish(event)
 
     def processEnded(self, reason):
         self.pool.workerEnded(self, reason)
@@ -135,15 +152,13 @@ class WorkerPool(service.Service):
                 worker, self.executable,
                 [self.executable, "-m", "upasmail.workers", str(number), *self.argv],
                 env=os.environ.copy(),
-                childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno(),
+                childFDs={0: "w", 1: "r", 2: 2, LISTEN_FD: self.port.fileno(),
                           CHANNEL_FD: theirs.fileno()})
         finally:
             theirs.close()
         worker.started = self.clock.seconds()
         store = self.top.factory.store
-        worker.channel = statestore.StateServer(
-            store, enqueued=self.enqueued,
-            log=lambda **e: globalLogPublisher(relayed_event(number, **e)))
+        worker.channel = statestore.StateServer(store, enqueued=self.enqueued)
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
                                            protocol.Factory.forProtocol(lambda: worker.channel))
         ours.close()  # the reactor has its own copy
@@ -247,17 +262,18 @@ class WorkerChannel(statestore.Channel):
             self.reactor.stop()
 
 
-def log_relay(channel, reactor):
-    """A log observer sending the events, formatted, over the channel: those
-    of one reactor turn together."""
+def log_relay(write, reactor):
+    """A log observer writing the events, formatted, as JSON lines with
+    ``write`` (the worker's standard output): those of one reactor turn
+    together."""
     pending = []
 
     def send():
-        events = pending[:]
+        data = "".join(pending).encode("utf-8")
         del pending[:]
         try:
-            channel.callRemote(statestore.Log, events=events)
-        except Exception:  # the channel is gone: there is no log to write to
+            write(data)
+        except OSError:  # the main process is gone: there is no log to write to
             pass
 
     def observe(event):
@@ -267,13 +283,20 @@ def log_relay(channel, reactor):
             text += "\n" + failure.getTraceback()
         if not pending:
             reactor.callLater(0, send)
-        pending.append({"time": event.get("log_time", 0.0),
-                        "namespace": event.get("log_namespace") or "-",
-                        "system": event.get("log_system") or "",
-                        "level": (event.get("log_level") or LogLevel.info).name,
-                        "text": text})
+        pending.append(json.dumps([event.get("log_time") or time_now(),
+                                   event.get("log_namespace") or "-",
+                                   event.get("log_system") or "",
+                                   (event.get("log_level") or LogLevel.info).name,
+                                   text]) + "\n")
 
     return FilteringLogObserver(observe, [logs.DNSNoise()])
+
+
+def write_all(fd):
+    def write(data):
+        while data:
+            data = data[os.write(fd, data):]
+    return write
 
 
 def run(number, argv, reactor=None):
@@ -288,7 +311,8 @@ def run(number, argv, reactor=None):
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX,
                                   protocol.Factory.forProtocol(lambda: channel))
     os.close(CHANNEL_FD)  # the reactor has its own copy
-    globalLogBeginner.beginLoggingTo([log_relay(channel, reactor)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([log_relay(write_all(sys.stdout.fileno()), reactor)],
+                                     redirectStandardIO=False)
     options = tap_smtpd.Options()
     try:
         options.parseOptions(argv)
