@@ -77,7 +77,9 @@ def run_once(workers, messages, untrusted, dns_port, mailboxes=1, sessions=10):
         conf = os.path.join(work, "smtpd.conf")
         with open(conf, "w") as f:
             f.write("ournets 10.99.0.0/16\n")
-        args += ["--conf", conf, "--resolver", "127.0.0.1:%d" % dns_port]
+        # one generator address: the per-peer limit must not refuse its sessions
+        args += ["--conf", conf, "--resolver", "127.0.0.1:%d" % dns_port,
+                 "--max-connections-per-peer", "1000"]
     logpath = os.path.join(work, "log")
     log = open(logpath, "w")
     proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "upas-smtpd", "--listen",

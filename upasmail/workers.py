@@ -108,6 +108,8 @@ class Worker(protocol.ProcessProtocol):
             self.publish(event)
 
     def processEnded(self, reason):
+        if self._partial:  # its last words, without their line end
+            self.outReceived(b"\n")
         self.pool.workerEnded(self, reason)
         self.ended.callback(None)
 
@@ -177,8 +179,8 @@ class WorkerPool(service.Service):
     def workerEnded(self, worker, reason):
         self.workers.pop(worker.number, None)
         code = getattr(reason.value, "exitCode", None)
-        signal = getattr(reason.value, "signal", None)
-        how = "signal %s" % signal if signal else "status %s" % code
+        sig = getattr(reason.value, "signal", None)
+        how = "signal %s" % sig if sig else "status %s" % code
         if not self.running:
             log.info("worker {n} stopped ({how})", n=worker.number, how=how)
             return
