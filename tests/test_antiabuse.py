@@ -101,7 +101,7 @@ class ConnectTests(Case):
     def test_temporary_grant_trusts_for_two_hours(self):
         clock = task.Clock()
         clock.advance(time.time())
-        self.dialogue(clock=clock).factory.spam.grants.grant("127.0.0.9")
+        self.dialogue(clock=clock).factory.store.grant("127.0.0.9")
         d = self.dialogue(peer="127.0.0.9", clock=clock)
         self.assertEqual(d.send("HELO gnot"), ["250 gnot.example.org you are 127.0.0.9"])
         clock.advance(2 * 3600 + 1)

@@ -467,8 +467,8 @@ class BruteForceTests(Case):
         # a success clears the record
         again.dataReceived(b"AUTH PLAIN " + plain().encode() + b"\r\n")
         self.assertEqual(t.value().splitlines()[-1], b"235 2.0.0 Authentication successful")
-        self.assertTrue(d.factory.throttle.begin(self.peer))
-        self.assertEqual(d.factory.throttle.failed(self.peer), (1.0, 1))
+        self.assertTrue(d.factory.store.throttle.begin(self.peer))
+        self.assertEqual(d.factory.store.throttle.failed(self.peer), (1.0, 1))
         again.connectionLost(None)
         again.setTimeout(None)
         d.close()

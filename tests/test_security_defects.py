@@ -97,7 +97,7 @@ class CramTests(Case):
             self.challenge(d)
             self.assertEqual(d.send(b64(blob)), [POOR_CRAM], blob)
             self.assertEqual(d.proto.session.rejects, n, blob)
-            self.assertEqual(d.factory.throttle._records[self.peer].failures, n, blob)
+            self.assertEqual(d.factory.store.throttle._records[self.peer].failures, n, blob)
         self.assertEqual(d.send("NOOP"), NOOP_OK)
         self.assertFalse(d.transport.disconnecting)
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -37,6 +37,13 @@ MIN_AGE = 5 * 60
 MAX_AGE = 14 * 60 * 60
 NEWLY_WHITE = "newly white"
 TRY_AGAIN = "please try again soon from the same IP."
+# what an attempt found for one recipient
+NEW, RECENT, OTHER = "new", "recent", "other"
+_OUTCOME_LINES = {
+    NEW: "no call registered for {rsys}/{rcpt}; registering",
+    RECENT: "{rsys}/{rcpt} was grey; adding IP to white",
+    OTHER: "call for {rsys}/{rcpt} was just minutes ago or long ago",
+}
 
 
 def parse_whitelist(text, filename="whitelist"):
@@ -78,13 +85,11 @@ class Greylist:
     def whitelisted(self, rsys):
         return in_nets(rsys, self._whitelist.current())
 
-    def check(self, lsys, rsys, recipients, log=log):
-        """Record this attempt; True when some recipient's earlier one was recent.
-
-        ``log`` is the session's logger (logs.SessionLogger).
-        """
+    def attempt(self, lsys, rsys, recipients):
+        """Record this attempt: ``[(rcpt, NEW | RECENT | OTHER)]``, RECENT
+        when that recipient's earlier attempt was recent."""
         now = self.clock.seconds()
-        recent = False
+        outcomes = []
         for rcpt in recipients:
             user = user_of(rcpt)
             if user is None:
@@ -94,33 +99,34 @@ class Greylist:
             os.makedirs(d, exist_ok=True)
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                log.info("no call registered for {rsys}/{rcpt}; registering",
-                         rsys=rsys, rcpt=rcpt)
+                outcomes.append((rcpt, NEW))
             except OSError as e:
                 if e.errno != errno.EEXIST:
                     raise
                 age = now - os.stat(path).st_mtime
-                if is_recent(age):
-                    log.info("{rsys}/{rcpt} was grey; adding IP to white", rsys=rsys, rcpt=rcpt)
-                    recent = True
-                else:
-                    log.info("call for {rsys}/{rcpt} was just minutes ago or long ago",
-                             rsys=rsys, rcpt=rcpt)
+                outcomes.append((rcpt, RECENT if is_recent(age) else OTHER))
             os.utime(path, (now, now))
-        return recent
+        return outcomes
 
     def whitelist(self, rsys, name=None):
         os.makedirs(self.directory, exist_ok=True)
         with open(self.whitelist_path, "a") as f:
             f.write("%s %s\n" % (rsys, name) if name else "%s\n" % rsys)
 
-    def verdict(self, lsys, rsys, recipients, log=log):
-        """ACCEPT, the 451 hang-up, or ``Accept(NEWLY_WHITE)``: pass and
-        append the peer to the whitelist."""
-        if self.whitelisted(rsys):
-            return ACCEPT
-        if self.check(lsys, rsys, recipients, log):
-            return Accept(NEWLY_WHITE)
-        log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
-                 rsys=rsys)
-        return reject(451, TRY_AGAIN, hangup=True)
+
+def verdict(whitelisted, rsys, outcomes, log=log):
+    """ACCEPT, the 451 hang-up, or ``Accept(NEWLY_WHITE)``: pass and
+    append the peer to the whitelist.
+
+    ``outcomes`` are ``Greylist.attempt``'s, logged here with ``log``, the
+    session's logger (logs.SessionLogger), wherever the attempt was recorded.
+    """
+    if whitelisted:
+        return ACCEPT
+    for rcpt, state in outcomes:
+        log.info(_OUTCOME_LINES[state], rsys=rsys, rcpt=rcpt)
+    if any(state == RECENT for _, state in outcomes):
+        return Accept(NEWLY_WHITE)
+    log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
+             rsys=rsys)
+    return reject(451, TRY_AGAIN, hangup=True)

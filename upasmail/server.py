@@ -25,7 +25,8 @@ twisted-notes.md §5 shows to be unsafe:
 Check order per command (upas smtpd.c); every command marked * first
 passes the tarpit (``tarpit``: wait, too many errors, dial hard reject):
 
-connect    -k banned → no protocol at all (factory); trusted? ratify IP action
+connect    -k banned → no protocol at all (factory); trusted? ratify IP action,
+           the store's grant → connection limits (the store) → greeting
 HELO/EHLO* syntax → lie checks (untrusted; ``helo``) → -D wait → reply
 MAIL*      path length (ours) → AUTH required (-a, -E) → HELO given → no open
            transaction (ours) → filterstate (ratify) → -r sender domain
@@ -43,9 +44,11 @@ AUTH*      checker present → not yet authenticated → HELO given → no open
            after another per address, the --auth-max-failures'th from the
            address closes the connection
 STARTTLS   -c given → not yet encrypted → 220, then TLS
-"""
 
-from collections import Counter
+Connection counts, the AUTH budget, the greylist and the grants live in
+the state store (``statestore.IStateStore``), which may be another
+process: its answers are Deferreds.
+"""
 
 from twisted.cred import credentials, error
 from twisted.internet import defer, protocol, task
@@ -55,7 +58,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, framing, grammar, helo, logs, ratify, relay, replies, spam, tarpit
+from . import auth, framing, grammar, helo, logs, ratify, relay, replies, spam, statestore, tarpit
 from .tls import describe as describe_tls
 from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
@@ -104,15 +107,16 @@ class UpasESMTP(smtp.ESMTP):
     _closing = False  # the server is shutting down
     _closeWaiters = ()
     _accepted = 0  # messages answered 250, for the disconnect line
+    _greeted = False  # the store admitted the connection and it was greeted
 
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
-                 spamfilter=None, throttle=None):
+                 spamfilter=None, store=None):
         # not smtp.ESMTP.__init__: what it sets is above, as class defaults
         if contextFactory is not None:
             self.ctx = contextFactory
         self.settings = settings
         self.spam = spamfilter
-        self.throttle = throttle or auth.Throttle.configured(clock, settings)
+        self.store = store or spamfilter.store
         self.makeDelivery = makeDelivery
         self.clock = clock
         self.timeout = settings.idle_timeout
@@ -133,12 +137,23 @@ class UpasESMTP(smtp.ESMTP):
     # -- connection ------------------------------------------------------
 
     def connectionMade(self):
+        # the greeting waits for the store (a grant? over a connection
+        # limit?); nothing the client sends is read before it
+        self._busy = self._paused = True
+        self.transport.pauseProducing()
+        self.factory.admit(self).addCallback(self._admitted)
+
+    def _admitted(self, facts):
+        """Greet, once the factory has admitted the connection with (trusted,
+        IP action); None: it has been refused and closed."""
+        if facts is None or self._lost:
+            return
         peer, host = self.transport.getPeer(), self.transport.getHost()
         rsys = relay.normalize_ip(getattr(peer, "host", str(peer)))
         lsys = relay.normalize_ip(getattr(host, "host", str(host)))
         self.session = s = Session(rsys=rsys, lsys=lsys, id=logs.new_session_id())
         self.log = logs.SessionLogger(s.id)
-        s.trusted, s.hisaction = self.spam.peer(rsys)
+        s.trusted, s.hisaction = facts
         s.auth_required = self.settings.require_auth
         s.ours = self.settings.ours.with_local_ip(lsys)
         s.encrypted = ISSLTransport.providedBy(self.transport)  # implicit TLS
@@ -149,27 +164,30 @@ class UpasESMTP(smtp.ESMTP):
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not s.encrypted)
         self.sendReply(220, replies.GREETING.format(dom=self.settings.dom))
-        self.setTimeout(self.timeout)
+        self._greeted = True
+        if self._handshakeDone:
+            self.log.info("started TLS with {rsys}", rsys=rsys)
         # upas: one alarm for the whole command phase, until DATA starts
         self._setPhaseTimer(self.settings.session_timeout)
+        self._replied(None)  # read what the client has sent meanwhile
 
     def handshakeCompleted(self):
         self._handshakeDone = True
-        self.log.info("started TLS with {rsys}", rsys=self.session.rsys)
+        if self._greeted:  # else the greeting logs it
+            self.log.info("started TLS with {rsys}", rsys=self.session.rsys)
 
     def connectionLost(self, reason):
-        if self.session.encrypted and not self._handshakeDone:
-            self.log.info("TLS start-up failed with {rsys}", rsys=self.session.rsys)
         self._lost = True
-        self.log.info("disconnect from {rsys}: {accepted} accepted, {rejects} refused",
-                      rsys=self.session.rsys, accepted=self._accepted,
-                      rejects=self.session.rejects)
-        self._setPhaseTimer(None)
-        self._abortMessages()
+        if self._greeted:  # not when refused, or gone before the store answered
+            if self.session.encrypted and not self._handshakeDone:
+                self.log.info("TLS start-up failed with {rsys}", rsys=self.session.rsys)
+            self.log.info("disconnect from {rsys}: {accepted} accepted, {rejects} refused",
+                          rsys=self.session.rsys, accepted=self._accepted,
+                          rejects=self.session.rejects)
+            self._setPhaseTimer(None)
+            self._abortMessages()
         smtp.ESMTP.connectionLost(self, reason)
-        gone = getattr(self.factory, "connectionGone", None)
-        if gone is not None:
-            gone(self)
+        self.factory.connectionGone(self)
         waiters, self._closeWaiters = self._closeWaiters, ()
         for d in waiters:
             d.callback(None)
@@ -830,8 +848,16 @@ class UpasESMTP(smtp.ESMTP):
         exchange, self._exchange = self._exchange, None
         if not (step.ok or auth.is_failure(step)):
             return self.reply(step)
+        d = self.store.authBegin(self.session.rsys)
+        return d.addCallback(self._authBegun, step, exchange)
+
+    def _authBegun(self, begun, step, exchange):
         s = self.session
-        if not self.throttle.begin(s.rsys):
+        if self._lost:  # gone while the store answered: the check is not made
+            if begun:
+                self.store.authAbandoned(s.rsys)
+            return None
+        if not begun:
             # the address has spent its failures: nothing more is checked
             self.log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys)
             return self.reply(self._tooManyFailures())
@@ -849,7 +875,7 @@ class UpasESMTP(smtp.ESMTP):
     def _authenticated(self, result, user):
         _, avatar, logout = result
         s = self.session
-        self.throttle.succeeded(s.rsys)
+        self.store.authSucceeded(s.rsys)
         if self._lost:
             logout()
             return None
@@ -864,7 +890,7 @@ class UpasESMTP(smtp.ESMTP):
     def _authFailed(self, failure, user, mech):
         s = self.session
         if not failure.check(error.LoginFailed):
-            self.throttle.abandoned(s.rsys)
+            self.store.authAbandoned(s.rsys)
             self.log.error("temporary authentication failure for {user} from {rsys}: {err}",
                       user=user, rsys=s.rsys, err=failure.getErrorMessage())
             return self.reply(reject(454, auth.TEMPORARY))
@@ -873,12 +899,15 @@ class UpasESMTP(smtp.ESMTP):
     def _authFailure(self, verdict, user, mech):
         """Answer a failed attempt once the address's turn comes (``auth.Throttle``)."""
         s = self.session
-        wait, n = self.throttle.failed(s.rsys)
-        self.log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
-                 user=user, rsys=s.rsys, mech=mech, n=n)
-        if n >= self.throttle.limit:
-            verdict = self._tooManyFailures()
-        return self._after(wait, self._answerFailure, verdict)
+
+        def counted(result):
+            wait, n, limit = result
+            self.log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
+                          user=user, rsys=s.rsys, mech=mech, n=n)
+            answer = self._tooManyFailures() if n >= limit else verdict
+            return self._after(wait, self._answerFailure, answer)
+
+        return self.store.authFailed(s.rsys).addCallback(counted)
 
     def _answerFailure(self, verdict):
         if not self._lost:
@@ -901,7 +930,9 @@ class UpasSMTPFactory(smtp.SMTPFactory):
 
     It counts connections (in all, and per untrusted peer address: over a
     limit the peer gets ``421`` and is closed), and can reload its settings
-    (SIGHUP) and shut down gracefully (SIGTERM).
+    (SIGHUP) and shut down gracefully (SIGTERM).  The counts over every
+    process are the store's (``spamfilter.store``); this process's own
+    connections are bounded by the open-file limit here, at once.
     """
 
     protocol = UpasESMTP
@@ -915,10 +946,9 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         self.clock = clock
         self.contextFactory = contextFactory
         self.domain = settings.dom
-        # one failure budget per client address, shared by its connections
-        self.throttle = auth.Throttle.configured(clock, settings)
+        # connection counts and the AUTH budget, shared by every process
+        self.store = spamfilter.store
         self.connections = set()
-        self.perPeer = Counter()
         self.fdCap = None  # what the open-file limit allows; set at start-up
         self.closing = False
 
@@ -941,25 +971,60 @@ class UpasSMTPFactory(smtp.SMTPFactory):
             logs.SessionLogger(logs.new_session_id()).warn(
                 "too many connections ({n}); refusing {ip}", n=len(self.connections), ip=ip)
             return _Busy(replies.TOO_MANY_CONNECTIONS.format(dom=s.dom))
-        if self.perPeer[ip] >= s.max_connections_per_peer and not self.spam.peer(ip)[0]:
-            logs.SessionLogger(logs.new_session_id()).info(
-                "too many connections from {ip}", ip=ip)
-            return _Busy(replies.TOO_MANY_FROM_PEER.format(dom=s.dom, ip=ip))
         p = self.protocol(s, self.makeDelivery, self.clock,
-                          self.contextFactory, self.spam, self.throttle)
+                          self.contextFactory, self.spam, self.store)
         p.factory = self
         p.portal = self.portal
         p.peerIP = ip
+        p.exempt = None  # counted by the store: exempt from the per-peer limit?
         self.connections.add(p)
-        self.perPeer[ip] += 1
         return p
+
+    def admit(self, p):
+        """Ask the store whether ``p``'s peer may connect: fires with
+        (trusted, IP action), or None once it has been refused (``421``)
+        and closed."""
+        ip = p.peerIP
+
+        def count(facts):
+            s = self.settings
+            return self.store.acquireConnection(
+                ip, facts[0], s.max_connections_per_peer, s.max_connections).addCallback(
+                decided, facts, s)
+
+        def decided(refused, facts, s):
+            if refused is None:
+                if p not in self.connections:  # gone while the store answered
+                    self.store.releaseConnection(ip, facts[0])
+                    return None
+                p.exempt = facts[0]
+                return facts
+            self.connections.discard(p)  # refused: no session to count or close
+            session = logs.SessionLogger(logs.new_session_id())
+            if refused == statestore.TOTAL:
+                session.warn("too many connections ({n}); refusing {ip}",
+                             n=s.max_connections, ip=ip)
+                text = replies.TOO_MANY_CONNECTIONS.format(dom=s.dom)
+            else:
+                session.info("too many connections from {ip}", ip=ip)
+                text = replies.TOO_MANY_FROM_PEER.format(dom=s.dom, ip=ip)
+            _Busy(text).makeConnection(p.transport)
+            return None
+
+        def failed(failure):
+            log.failure("connection state unavailable; closing the connection from {ip}",
+                        failure, ip=ip)
+            self.connections.discard(p)
+            p.transport.loseConnection()
+            return None
+
+        return self.spam.peer_facts(ip).addCallback(count).addErrback(failed)
 
     def connectionGone(self, p):
         if p in self.connections:
             self.connections.discard(p)
-            self.perPeer[p.peerIP] -= 1
-            if self.perPeer[p.peerIP] <= 0:
-                del self.perPeer[p.peerIP]
+            if p.exempt is not None:
+                self.store.releaseConnection(p.peerIP, p.exempt)
 
     def reload(self, settings):
         """New settings for new connections (SIGHUP); sessions under way keep theirs.

@@ -70,12 +70,15 @@ def makeResolver(reactor, address=None, hosts=None):
 
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
-                     contextFactory=None, clock=None, resolver=None, checker=None):
+                     contextFactory=None, clock=None, resolver=None, checker=None,
+                     store=None):
     """The protocol factory; ``factory.root`` is its MailRoot.
 
     ``reactor`` starts mailer and validator processes; ``clock`` (default:
     the reactor) times sessions, tarpits, AUTH failures, dates messages and
-    limits helper programs; ``resolver`` answers every DNS question.
+    limits helper programs; ``resolver`` answers every DNS question;
+    ``store`` (an ``IStateStore``; default: a ``LocalStateStore``) keeps
+    the state every connection shares.
     A ``settings.cert`` that cannot be used raises ConfigError.
     """
     reactor = _reactor(reactor)
@@ -104,7 +107,7 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
         # factory.settings, not settings: SIGHUP may have replaced them
         return UpasDelivery(session, factory.settings, root, backend, clock)
 
-    spamfilter = SpamFilter(settings, resolver, reactor, clock)
+    spamfilter = SpamFilter(settings, resolver, reactor, clock, store)
     factory = UpasSMTPFactory(settings, makeDelivery, clock, portal=portal,
                               contextFactory=contextFactory, spamfilter=spamfilter)
     factory.root = root
@@ -196,7 +199,8 @@ class SmtpdService(service.MultiService):
         self.factory.root.mailboxes.reread()
         if self.queue is not None:
             self.queue.settings = settings
-        record_routing(self.factory.root.root, settings)
+        if self.recordsRouting:
+            record_routing(self.factory.root.root, settings)
         log.info("settings reloaded")
 
 
@@ -257,26 +261,33 @@ def listener_endpoint(reactor, description):
     return endpoint
 
 
-def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
+def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=None, **kw):
     """The listener plus, unless ``settings.queue_runner`` is off, the queue
     runner (``top.queue``) on the same mail root, resolver and clock.
 
     A ``haproxy:`` listener raises ConfigError (``listener_endpoint``).
+    ``endpoint``, when given, is used instead of ``listen``'s (a worker's
+    adopted socket: the process that bound it has given the warnings).
     """
     reactor = _reactor(reactor)
-    endpoint = listener_endpoint(reactor, listen)
+    adopted = endpoint is not None
+    if not adopted:
+        endpoint = listener_endpoint(reactor, listen)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
     factory = makeSmtpdFactory(settings, reactor, **kw)
-    if not settings.relay_control and not listens_on_loopback_only(listen):
+    if not (adopted or settings.relay_control or listens_on_loopback_only(listen)):
         log.warn(
             "WARNING: relay control is OFF (norelay off) and {listen} is not "
             "loopback-only: this server is an OPEN RELAY for anyone who can reach it",
             listen=listen,
         )
     factory.fdCap = fd_cap()
-    # upas-runq on the same root routes as we do (smarthost, our domains)
-    record_routing(factory.root.root, settings)
     top = SmtpdService()
+    # upas-runq on the same root routes as we do (smarthost, our domains);
+    # of the processes sharing a listener, the one that bound it says so
+    top.recordsRouting = not adopted
+    if top.recordsRouting:
+        record_routing(factory.root.root, settings)
     top.factory = factory
     top.queue = None
     if settings.queue_runner:
@@ -294,7 +305,7 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, **kw):
         listening = ImplicitTLSFactory(factory.contextFactory, listening)
     if wraps_its_factory(endpoint):
         listening = RefusalsClose(listening)
-    server = internet.StreamServerEndpointService(endpoint, listening)
+    top.server = server = internet.StreamServerEndpointService(endpoint, listening)
     server._raiseSynchronously = True  # a port we cannot bind stops start-up
     server.setServiceParent(top)
     return top

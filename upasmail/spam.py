@@ -1,11 +1,13 @@
 """upas spam.c: the anti-abuse state shared by every connection.
 
 ``SpamFilter`` holds what the checks need that outlives one connection:
-the ratify lists (re-read when the file changes), temporary trusted
-grants, the greylist, the validator hooks and the DNS resolver.  The
+the ratify lists (re-read when the file changes), the validator hooks,
+the DNS resolver, and the state store (``statestore.IStateStore``: the
+temporary trusted grants and the greylist, shared by every process).  The
 protocol asks it for facts and verdicts at upas's points:
 
-connect  ``banned`` (-k) → ``peer`` (trusted?, ratify IP action)
+connect  ``banned`` (-k) → ``peer`` (trusted?, ratify IP action; the store's
+         grant, asked only when nothing else trusts the peer)
 HELO     ``helo_verdict`` (lie checks, §1.7)
 MAIL     ``filterstate`` (TRUSTED / IP action / account action, §1.13)
          → ``sender_domain`` (-r, §1.15)
@@ -23,10 +25,11 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import dnscheck, helo, logs, ratify, relay
+from . import dnscheck, greylist, helo, logs, ratify, relay
 from .conf import WatchedFile
 from .decision import ACCEPT, reject
-from .greylist import NEWLY_WHITE, Greylist
+from .greylist import NEWLY_WHITE
+from .statestore import LocalStateStore
 from .validators import Validators
 
 log = Logger(namespace="smtpd")
@@ -73,13 +76,12 @@ LOG_WORD = {"dial": "Dialup", "deny": "Denied", "block": "Blocked", "delay": "Bl
 
 
 class SpamFilter:
-    def __init__(self, settings, resolver, reactor, clock):
+    def __init__(self, settings, resolver, reactor, clock, store=None):
         self.settings = settings
         self.resolver = resolver
         self.clock = clock
+        self.store = store or LocalStateStore(settings, clock)
         self.ratify = WatchedFile(settings.path("blocked"), ratify.parse, ratify.EMPTY)
-        self.grants = ratify.TrustedGrants(settings.path("trusted_dir"), clock)
-        self.greylist = Greylist(settings.path("grey"), clock)
         self.validators = Validators(settings.path("lib"), reactor, clock, resolver,
                                      settings.validator_timeout)
 
@@ -87,19 +89,28 @@ class SpamFilter:
         """SIGHUP: every watched policy file is read again."""
         self.ratify.reread()
         self.validators.reread()
-        self.greylist.reread()
+        getattr(self.store, "reread", lambda: None)()  # a local store's whitelist
 
     # -- connect ---------------------------------------------------------
 
     def banned(self, ip):
         return relay.in_nets(ip, self.settings.evil)
 
-    def peer(self, rsys):
-        """(trusted, IP action) for a new connection."""
+    def peer(self, rsys, granted=False):
+        """(trusted, IP action) for a new connection; ``granted``: the
+        store's temporary grant (``peer_facts`` asks for it)."""
         lists = self.ratify.current()
         trusted = (relay.is_trusted(rsys, self.settings.ournets)
-                   or lists.is_trusted(rsys) or self.grants.is_trusted(rsys))
+                   or lists.is_trusted(rsys) or granted)
         return trusted, lists.ip_action(rsys)
+
+    def peer_facts(self, rsys):
+        """``peer`` once the store has said whether a grant trusts the peer;
+        it is asked only when nothing else does."""
+        trusted, action = self.peer(rsys)
+        if trusted:
+            return defer.succeed((trusted, action))
+        return self.store.isGranted(rsys).addCallback(lambda granted: self.peer(rsys, granted))
 
     # -- HELO ------------------------------------------------------------
 
@@ -160,15 +171,18 @@ class SpamFilter:
         env = session.envelope
         log = logs.SessionLogger(session.id)
         try:
-            v = self.greylist.verdict(session.lsys, session.rsys, env.recipients, log)
+            white = yield self.store.isWhitelisted(session.rsys)
+            outcomes = [] if white else (
+                yield self.store.greylistAttempt(session.lsys, session.rsys, env.recipients))
         except OSError as e:
             log.error("greylist: {err}; letting {rsys} through", err=e, rsys=session.rsys)
             return ACCEPT
+        v = greylist.verdict(white, session.rsys, outcomes, log)
         if v.ok and v.value == NEWLY_WHITE:
             names = yield dnscheck.ptr_names(self.resolver, session.rsys, self.clock,
                                              self.settings.dns_timeout)
             try:
-                self.greylist.whitelist(session.rsys, names[0] if names else None)
+                yield self.store.addToWhitelist(session.rsys, names[0] if names else None)
             except OSError as e:
                 log.error("greylist whitelist: {err}", err=e)
             return ACCEPT

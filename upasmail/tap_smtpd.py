@@ -25,7 +25,7 @@ from twisted.python import usage
 from twisted.python.systemd import ListenFDs
 
 from . import conf as smtpdconf
-from . import local, logs, passwd, ratify, service, settings, tls
+from . import local, logs, passwd, ratify, service, settings, tls, workers
 from .mailer import resolve as resolve_mailer
 from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
 
@@ -149,6 +149,8 @@ class Options(usage.Options):
                                                "address", int],
         ["shutdown-grace", None, 60.0, "SIGTERM: seconds a message in DATA may take to "
                                        "finish", float],
+        ["workers", None, 1, "processes serving the listener (tcp: or ssl:), this one "
+                             "included; recommended: the number of CPU cores", int],
     ] + QUEUE_PARAMETERS
     optParameters = named_coercions(optParameters)
 
@@ -166,6 +168,8 @@ class Options(usage.Options):
     opt_evil = opt_k
 
     def parseOptions(self, options=None):
+        # the workers (--workers) parse the same options again
+        self["argv"] = list(sys.argv[1:] if options is None else options)
         # Under twistd (a sub-command: ``parent`` is twistd's options) a
         # usage error is one line and exit 1, as a config error is; twistd
         # itself would print the whole usage text before it.
@@ -205,6 +209,11 @@ class Options(usage.Options):
         if self["resolver"]:
             self["resolverAddress"] = parse_hostport(self["resolver"])
         check_endpoint(self["listen"])
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["workers"] > 1 and not workers.adoptable(listener(self["listen"])):
+            raise usage.UsageError("--workers %d: the workers can share only a tcp: or ssl: "
+                                   "listener, not %s" % (self["workers"], self["listen"]))
         if self["mailer"] and resolve_mailer(self["mailer"]) is None:
             raise SystemExit("upas-smtpd: -m %s: no such executable" % self["mailer"])
         for name in ("idle-timeout", "mailer-timeout", "validator-timeout", "dns-timeout",
@@ -284,13 +293,18 @@ class Options(usage.Options):
             raise SystemExit("upas-smtpd: %s" % e)
 
 
+def listener(description):
+    """The endpoint Twisted builds for ``--listen`` (not listening yet)."""
+    from twisted.internet import reactor
+
+    return service.listener_endpoint(reactor, description)
+
+
 def check_endpoint(description):
     """A --listen value Twisted cannot parse, or a PROXY one, is a usage
     error naming it, not a traceback."""
-    from twisted.internet import reactor
-
     try:
-        service.listener_endpoint(reactor, description)
+        listener(description)
     except smtpdconf.ConfigError as e:
         raise usage.UsageError(str(e))
     except Exception as e:  # endpoint parsers raise TypeError, IndexError, ... too
@@ -371,6 +385,14 @@ def reloaded_settings(options):
     return settings.merge(config, **options["mergeArgs"])
 
 
+def reload_service(top, options):
+    """SIGHUP: smtpd.conf read again; a broken one keeps the running settings."""
+    try:
+        top.reload(reloaded_settings(options))
+    except smtpdconf.ConfigError as e:
+        log.error("SIGHUP: {err}; keeping the running settings", err=e)
+
+
 def makeService(options):
     s = options["settings"]
     if options["netdir"]:
@@ -388,14 +410,19 @@ def makeService(options):
         raise SystemExit("upas-smtpd: %s" % e)
     log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
              soft=soft, hard=hard, n=top.factory.maxConnections)
+    pool = None
+    if options["workers"] > 1:
+        pool = workers.WorkerPool(top, options["argv"], options["workers"] - 1, reactor)
 
     def reload():
-        try:
-            top.reload(reloaded_settings(options))
-        except smtpdconf.ConfigError as e:
-            log.error("SIGHUP: {err}; keeping the running settings", err=e)
+        reload_service(top, options)
+        if pool is not None:
+            pool.reload()
 
     # twistd leaves SIGHUP alone; the handler only hands over to the reactor
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-    return TwistdService(top, options["listen"])
+    twistd_service = TwistdService(top, options["listen"])
+    if pool is not None:
+        pool.setServiceParent(twistd_service)  # after the listener: it hands on its socket
+    return twistd_service
 
