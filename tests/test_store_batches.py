@@ -118,3 +118,16 @@ def test_a_mailbox_cut_mid_line_gets_its_next_message_on_a_line_of_its_own(tmp_p
     assert subjects[-1] == "new" and len(subjects) == 3
     assert mbox.separator(b"") == b"" and mbox.separator(b"x\n\n") == b""
     assert mbox.separator(b"x\n") == b"\n" and mbox.separator(b"xy") == b"\n\n"
+
+
+def test_a_worker_leaves_the_spool_of_live_processes_alone(tmp_path):
+    from twisted.internet import task
+    root = store.MailRoot(str(tmp_path / "mail"), None, task.Clock())
+    root.make_directories()
+    live = os.path.join(root.tmp, "1700000000.0123456789ab")
+    with open(live, "wb") as f:
+        f.write(b"a message the main process is receiving")
+    root.prepare(tidy=False)  # a worker starting beside a busy main process
+    assert os.path.exists(live)
+    root.prepare()  # the main process at start-up: nothing is live yet
+    assert not os.path.exists(live)

@@ -71,7 +71,7 @@ def makeResolver(reactor, address=None, hosts=None):
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
                      contextFactory=None, clock=None, resolver=None, checker=None,
-                     store=None):
+                     store=None, tidy=True):
     """The protocol factory; ``factory.root`` is its MailRoot.
 
     ``reactor`` starts mailer and validator processes; ``clock`` (default:
@@ -98,7 +98,7 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
         reactor.addSystemEventTrigger("after", "shutdown", sync_blocking.stop)
     root = MailRoot(settings.root, run_blocking, clock, settings.dom, settings.path("lib"),
                     settings.ours, sync_blocking=sync_blocking)
-    root.prepare()
+    root.prepare(tidy)  # a worker (tidy=False) must not clear a live process's spool
     backend = root
     if settings.mailer:
         backend = Mailer(settings.mailer, reactor, settings.mailer_timeout, clock)
@@ -274,7 +274,7 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     if not adopted:
         endpoint = listener_endpoint(reactor, listen)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
-    factory = makeSmtpdFactory(settings, reactor, **kw)
+    factory = makeSmtpdFactory(settings, reactor, tidy=not adopted, **kw)
     if not (adopted or settings.relay_control or listens_on_loopback_only(listen)):
         log.warn(
             "WARNING: relay control is OFF (norelay off) and {listen} is not "

@@ -420,15 +420,17 @@ class MailRoot:
         self.domain = domain
         self.ours = ours or Ours([domain])
 
-    def prepare(self):
+    def prepare(self, tidy=True):
         """Create the directories; a root we cannot write is a start-up error.
 
         Spool files left in ``tmp/`` by a crash were never acknowledged
         (the client got no 250 and will send again), so they go, and so
-        does a partial message a crash left in a mailbox.
+        does a partial message a crash left in a mailbox.  ``tidy=False``
+        (a worker process, started beside a main process that is already
+        taking mail) leaves both alone: they may be a live process's.
         """
         self.make_directories()
-        for name in os.listdir(self.tmp):
+        for name in os.listdir(self.tmp) if tidy else ():
             try:
                 os.unlink(os.path.join(self.tmp, name))
             except OSError as e:
@@ -437,7 +439,8 @@ class MailRoot:
         with open(probe, "wb") as f:
             f.write(b"x")
         os.unlink(probe)
-        self._recover_mailboxes()
+        if tidy:
+            self._recover_mailboxes()
         self.mailboxes.load()
 
     def make_directories(self):
