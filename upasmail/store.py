@@ -48,7 +48,8 @@ from .relay import Ours, route
 log = Logger(namespace="smtpd")
 
 LOCK_TIMEOUT = 30.0  # seconds a message waits for a mailbox another program holds
-LOCK_RETRY = 0.05  # first wait before trying a held mailbox again; it doubles
+LOCK_RETRY = 0.002  # first wait before trying a held mailbox again; it doubles
+# (short: the usual holder is another of our processes, for a millisecond)
 LOCK_RETRY_MAX = 1.0
 SPOOL_MEMORY = 256 * 1024  # a message larger than this is spooled to a file
 
