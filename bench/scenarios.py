@@ -8,13 +8,12 @@ store.
 """
 
 import asyncio
-import shutil
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
-from . import loadgen, servers, verify
+from . import loadgen, postfix, servers, verify
 
 
 @dataclass(frozen=True)
@@ -102,14 +101,9 @@ def _load_result(sc, acked, elapsed, cpu, errors, verdict, latencies=(), samples
     }
 
 
-def smtp_source_path():
-    return shutil.which("smtp-source") or (
-        "/usr/sbin/smtp-source" if shutil.os.path.exists("/usr/sbin/smtp-source") else None)
-
-
 def run_source(server, sc, tag):
     """Postfix's smtp-source: no ids, so only the count stored is checked."""
-    argv = [smtp_source_path(), "-s", str(sc.concurrency), "-l", str(sc.size),
+    argv = [postfix.find("smtp-source"), "-s", str(sc.concurrency), "-l", str(sc.size),
             "-m", str(sc.total), "-d", "-f", servers.SENDER,
             "-t", servers.local_recipients()[0], "-M", servers.EHLO,
             "127.0.0.1:%d" % server.port]

@@ -12,7 +12,7 @@ import argparse
 import itertools
 import os
 
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 from twisted.mail import smtp
 from zope.interface import implementer
 
@@ -47,7 +47,6 @@ class FileMessage:
         if d.fsync:
             return threads.deferToThread(store, d.directory, name, data, True)
         store(d.directory, name, data, False)
-        from twisted.internet import defer
         return defer.succeed(None)
 
     def connectionLost(self):
