@@ -14,6 +14,8 @@ import traceback
 from . import loadgen, scenarios, servers
 
 SERVERS = ["upasmail", "upasmail-trusted", "postfix", "twisted", "aiosmtpd"]
+# not run unless asked for: upasmail's full policy with --workers 2 (both cores)
+MORE_SERVERS = ["upasmail-w2"]
 # the relay needs a peer that may relay: "upasmail" runs as upasmail-trusted
 # there (Postfix's mynetworks holds 127.0.0.1)
 RELAY_SERVERS = {"upasmail", "postfix"}
@@ -51,9 +53,11 @@ class Bench:
         return path
 
     def start(self, name, work, smarthost=None):
-        if name in ("upasmail", "upasmail-trusted"):
+        if name in ("upasmail", "upasmail-trusted", "upasmail-w2"):
             s = servers.Upasmail(work, self.dns.port, trusted=name.endswith("trusted"),
-                                 smarthost=smarthost)
+                                 smarthost=smarthost,
+                                 extra=("--workers", "2") if name.endswith("w2") else ())
+            s.name = name
         elif name == "postfix":
             from . import postfix
             s = postfix.Postfix(work, relayhost=smarthost)
