@@ -54,11 +54,12 @@ other name, from the command line or the queue directory, becomes a path.
 import copy
 import errno
 import fcntl
+import heapq
 import json
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from twisted.application import service
 from twisted.internet import defer
@@ -417,6 +418,21 @@ class QueueRunner(service.Service):
         # the usual backoff, so a scan never repeats it at once
         self.held = {}
         self.started = set()  # once=True: (qid, dest) already tried in this pass
+        # the index: every job we know of, and when to look at it next
+        # (``due_at``; ``_heap`` orders it, stale entries are skipped), so a
+        # scan touches only what is due.  ``fresh`` holds the records the
+        # enqueue hook handed over (with the envelope's inode, to notice a
+        # second runner's write), ``blocked`` the jobs waiting for a slot at
+        # a destination, ``elsewhere`` the jobs another runner holds.
+        self.known = set()
+        self.due_at = {}
+        self._heap = []
+        self.fresh = {}
+        self.blocked = {}
+        self.elsewhere = set()
+        self.flushing = set()
+        self._listed = None  # the queue directory's mtime when it was last listed
+        self._relist_at = 0.0  # when a scan next checks that mtime
 
     # -- service ---------------------------------------------------------
 
@@ -424,6 +440,7 @@ class QueueRunner(service.Service):
         service.Service.startService(self)
         self.stopping = False
         self.queue.tidy(self.clock.seconds())
+        self._reindex(self.clock.seconds(), force=True)
         root_hooks = getattr(self.root, "enqueued", None)
         if root_hooks is not None and self.wake not in root_hooks:
             root_hooks.append(self.wake)
@@ -454,15 +471,82 @@ class QueueRunner(service.Service):
         self._idle_waiters.append(d)
         return d
 
-    def wake(self, qid=None):
-        """New mail (or a flush): look at the queue now."""
-        if not self.stopping:
-            self._schedule(0)
+    def wake(self, qid=None, record=None, inode=None):
+        """New mail (the enqueue hook: its id, record and envelope inode), or
+        a nudge (no id: look at the disk, where another program may have
+        written); O(1) for new mail: nothing is read."""
+        if self.stopping:
+            return
+        if qid is None:
+            self._listed = None  # the next scan lists the directory
+        elif is_queue_id(qid):
+            if record is not None:
+                try:
+                    self.fresh[qid] = (normalize(copy.deepcopy(record), qid), inode)
+                except CorruptJob:
+                    pass  # read from disk when its turn comes, and judged there
+            self._due(qid, self.clock.seconds())
+        self._schedule(0)
 
     def flush(self):
         """Retry everything now (``upas-mailq --flush``)."""
         self.flush_all = True
         self.wake()
+
+    # -- the index ---------------------------------------------------------
+
+    def _due(self, qid, when):
+        """Look at ``qid`` at ``when`` (earlier than a time it already has)."""
+        self.known.add(qid)
+        if self.due_at.get(qid, when + 1) <= when:
+            return
+        self.due_at[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+
+    def _forget(self, qid):
+        self.known.discard(qid)
+        self.due_at.pop(qid, None)
+        self.fresh.pop(qid, None)
+        self.elsewhere.discard(qid)
+        self.flushing.discard(qid)
+
+    def _pop_due(self, now):
+        """The next job whose time has come, or None; stale entries go."""
+        while self._heap and self._heap[0][0] <= now:
+            when, qid = heapq.heappop(self._heap)
+            if self.due_at.get(qid) == when:
+                del self.due_at[qid]
+                return qid
+        return None
+
+    def _reindex(self, now, force=False, flush=False):
+        """Bring the index in line with the directory, when it changed (a job
+        another program queued, delivered or deleted) or when ``force``d.
+
+        One ``listdir`` and one ``stat``; no envelope is read here (a job
+        new to us is looked at, and read, when its turn comes).
+        """
+        try:
+            mtime = os.stat(self.queue.dir).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if not force and mtime == self._listed:
+            return
+        self._listed = mtime  # before listing: a change meanwhile is seen next time
+        for name in self.queue.strays():
+            try:
+                self.queue.quarantine(name[:-4], "not a queue id")
+            except OSError as e:
+                log.error("{name}: cannot move it to queue/corrupt: {err}", name=name, err=e)
+        on_disk = set(self.queue.ids())
+        for qid in [q for q in self.known if q not in on_disk and q not in self.jobs]:
+            self._forget(qid)
+        for qid in on_disk:
+            if flush:
+                self.flushing.add(qid)
+                self._due(qid, now)
+            elif qid not in self.known:
+                self._due(qid, now)  # news to us: read when its turn comes
 
     def _poll(self):
         self._poll_call = None
@@ -508,29 +592,46 @@ class QueueRunner(service.Service):
         self._schedule(wait)
 
     def _scan_jobs(self, now, flush):
-        """Consider every job; return when the earliest one next wants attention."""
-        earliest = None
-        for name in self.queue.strays():
+        """Consider the jobs that are due; return when the index next has one.
+
+        The directory is listed only at start-up, for a flush, and when it
+        changed since the last timed look (``queue_scan``): a wake-up for
+        new mail reads nothing but what it was handed.
+        """
+        if flush:
+            self.held.clear()
+            self._reindex(now, force=True, flush=True)
+        elif self._listed is None or now >= self._relist_at:
+            self._reindex(now)
+            self._relist_at = now + self.settings.queue_scan
+        for qid in list(self.elsewhere):  # held by another runner: ask again
+            self.elsewhere.discard(qid)
+            self._due(qid, now)
+        while not self._full():
+            qid = self._pop_due(now)
+            if qid is None:
+                break
+            self._look(qid, now)
+        return self._heap[0][0] if self._heap else None
+
+    def _look(self, qid, now):
+        """Consider one job and put it back in the index for its next time."""
+        flush = qid in self.flushing
+        self.flushing.discard(qid)
+        try:
             try:
-                self.queue.quarantine(name[:-4], "not a queue id")
-            except OSError as e:
-                log.error("{name}: cannot move it to queue/corrupt: {err}", name=name, err=e)
-        for qid in self.queue.ids():
-            if self._full():
-                break  # a delivery that ends frees a slot and scans again
-            try:
-                try:
-                    when = self._consider(qid, now, flush)
-                except CorruptJob as e:
-                    self._quarantine(qid, str(e))
-                    continue
-            except FileNotFoundError:
-                continue  # deleted meanwhile (upas-mailq --delete)
-            except Exception:
-                when = self._hold(qid, Failure(), "cannot handle this job")
-            if when is not None and (earliest is None or when < earliest):
-                earliest = when
-        return earliest
+                when = self._consider(qid, now, flush)
+            except CorruptJob as e:
+                self._forget(qid)
+                self._quarantine(qid, str(e))
+                return
+        except FileNotFoundError:
+            self._forget(qid)  # deleted meanwhile (upas-mailq --delete)
+            return
+        except Exception:
+            when = self._hold(qid, Failure(), "cannot handle this job")
+        if when is not None:
+            self._due(qid, when)
 
     def _hold(self, qid, failure, what):
         """Work on a job failed: log it once and hold the job for the usual backoff."""
@@ -549,7 +650,9 @@ class QueueRunner(service.Service):
         held = self.held.get(qid)
         if held is not None and held[1] > now:
             return held[1]
-        record = self.jobs.get(qid)
+        record, inode = self.jobs.get(qid), None
+        if record is None:
+            record, inode = self.fresh.pop(qid, (None, None))
         if record is None:
             record = self.queue.load(qid)
         smarthost = self.settings.smarthost
@@ -568,21 +671,52 @@ class QueueRunner(service.Service):
             return None
         if flush:
             record["next"] = {}
+        full = False
         for dest, rcpts in due_groups(record, now, smarthost).items():
             if (qid, dest) in self.inflight or (qid, dest) in self.started:
                 continue
-            if self._full() or self.per_dest[dest] >= self.settings.max_per_destination:
-                continue  # a delivery that ends scans again
+            if self._full():
+                full = True  # a delivery that ends scans again
+                break
+            if self.per_dest[dest] >= self.settings.max_per_destination:
+                # a delivery to ``dest`` that ends brings it back
+                self.blocked.setdefault(dest, deque()).append(qid)
+                continue
             if qid not in self.locks:
                 fd = self.queue.lock(qid)
                 if fd is None:
-                    return None  # another runner has it
+                    self.fresh.pop(qid, None)
+                    self._elsewhere(qid)
+                    return None
                 self.locks[qid] = fd
+                if inode is not None and inode != self._inode(qid):
+                    record = self.queue.load(qid)  # another runner wrote it first
+                    self.jobs[qid] = record
+                    return self._consider(qid, now, flush)
                 self.jobs[qid] = record
             self._start(record, dest, rcpts)
+        if inode is not None and qid not in self.locks:
+            self.fresh[qid] = (record, inode)  # not started: keep it for its turn
+        if full:
+            return now
         busy = {dest for (q, dest) in self.inflight if q == qid}
         when = next_due(record, smarthost, busy)
         return when if when is not None and when > now else None
+
+    def _elsewhere(self, qid):
+        """Another runner holds the job: ask again at the next scan; a job
+        that is gone is forgotten."""
+        _, env = self.queue.paths(qid)
+        if os.path.exists(env):
+            self.elsewhere.add(qid)
+        else:
+            self._forget(qid)
+
+    def _inode(self, qid):
+        try:
+            return os.stat(self.queue.paths(qid)[1]).st_ino
+        except FileNotFoundError:
+            return None
 
     def _quarantine(self, qid, why):
         self._unlock(qid)
@@ -593,6 +727,31 @@ class QueueRunner(service.Service):
         self.jobs.pop(qid, None)
         if fd is not None:
             os.close(fd)
+
+    def _reschedule(self, qid):
+        """A job's work ended: its next time, from the record in hand (no read)."""
+        if qid not in self.known:
+            return  # removed
+        held = self.held.get(qid)
+        if held is not None:
+            self._due(qid, held[1])
+            return
+        record = self.jobs.get(qid)
+        when = next_due(record, self.settings.smarthost) if record is not None else None
+        if when is None:
+            when = self.clock.seconds()  # left to finish off, or a record we lack
+        self._due(qid, when)
+
+    def _unblock(self, dest):
+        """A slot at ``dest`` is free: the first job waiting for one is due."""
+        waiting = self.blocked.get(dest)
+        while waiting:
+            qid = waiting.popleft()
+            if qid in self.known:
+                self._due(qid, self.clock.seconds())
+                break
+        if not waiting:
+            self.blocked.pop(dest, None)
 
     # -- delivering ------------------------------------------------------
 
@@ -633,7 +792,10 @@ class QueueRunner(service.Service):
             if not self.per_dest[dest]:
                 del self.per_dest[dest]
             if not any(k[0] == qid for k in self.inflight):
+                if qid in self.locks:
+                    self._reschedule(qid)
                 self._unlock(qid)
+            self._unblock(dest)
             self._schedule(0)  # a slot is free: see what else is due
             if not self.inflight:
                 waiters, self._idle_waiters = self._idle_waiters, []
@@ -771,6 +933,7 @@ class QueueRunner(service.Service):
         yield self._return_failures(record)
         yield self._save(record)  # wait for earlier writes before removing
         yield self.root.run_blocking(self.queue.remove, qid)
+        self._forget(qid)
         log.info("{id}: removed from the queue", id=qid)
 
     def _expire(self, record, now):

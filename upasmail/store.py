@@ -177,7 +177,8 @@ class MailRoot:
         self.commit = GroupCommit(run_blocking)
         self.lock_timeout = lock_timeout
         self._mailboxes = {}  # mbox path -> DeferredLock, while in use
-        self.enqueued = []  # callables(queue id): the queue runner wakes up
+        self.enqueued = []  # callables(queue id, record, inode): the queue runner wakes up
+        self._queued = {}  # queue id -> (record, inode of its .env) until the hooks have it
 
     def configure(self, domain, ours=None):
         """Our domain (Delivered-To, bare senders) and which alias targets are local.
@@ -295,9 +296,11 @@ class MailRoot:
         return tuple(dict.fromkeys(names)), paths
 
     def _wake(self, result, qid):
+        # the runner gets the record it would otherwise read back from disk
+        record, inode = self._queued.pop(qid, (None, None))
         for hook in list(self.enqueued):
             try:
-                hook(qid)
+                hook(qid, record, inode)
             except Exception:
                 log.failure("queue wake-up failed")
         return result
@@ -399,4 +402,6 @@ class MailRoot:
         }
         # the .env file appears last and atomically: it marks a whole job
         write_envelope(env, record)
+        if self.enqueued:
+            self._queued[qid] = (record, os.stat(env).st_ino)
         return [self.queue]
