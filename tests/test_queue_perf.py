@@ -124,3 +124,213 @@ class IndexTests(Case):
         self.clock.advance(r.settings.queue_scan)
         self.assertNotIn(qid, r.known)
         self.assertEqual(self.delivered, [])
+
+
+# -- connection reuse and pipelining ------------------------------------------------
+
+from twisted.internet import protocol, reactor  # noqa: E402
+from twisted.internet.testing import StringTransport  # noqa: E402
+from twisted.protocols import basic  # noqa: E402
+
+import test_queue  # noqa: E402
+from upasmail import convert, mxdial  # noqa: E402
+
+
+class ReuseTests(test_queue.Case):
+    @defer.inlineCallbacks
+    def test_messages_to_one_destination_share_a_connection(self):
+        s = self.sink()
+        qids = [self.enqueue(["a.example!u%d" % i]) for i in range(5)]
+        r = self.runner(self.settings(max_per_destination=1))
+        yield self.until(lambda: not self.jobs())
+        yield self.settle(r)
+        self.assertEqual(len(s.sessions), 1)
+        verbs = [c.split(" ", 1)[0].split(":", 1)[0] for c in s.sessions[0].commands]
+        self.assertEqual(verbs, ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 5)
+        self.assertEqual(s.sessions[0].data.count(b"Subject: queued mail"), len(qids))
+        self.clock.advance(r.connections.idle)  # no next message: QUIT
+        yield s.seen("QUIT")
+
+    @defer.inlineCallbacks
+    def test_a_connection_carries_at_most_max_messages(self):
+        s = self.sink()
+        for i in range(5):
+            self.enqueue(["a.example!u%d" % i])
+        r = self.runner(self.settings(max_per_destination=1))
+        r.connections.max_messages = 2
+        yield self.until(lambda: not self.jobs())
+        yield self.settle(r)
+        self.assertEqual([sum(c.startswith("MAIL") for c in sess.commands)
+                          for sess in s.sessions], [2, 2, 1])
+
+    @defer.inlineCallbacks
+    def test_refused_recipients_end_the_connection_with_quit(self):
+        s = self.sink(replies={"RCPT": "550 no such user"})
+        self.enqueue(["a.example!eve"])
+        self.enqueue(["a.example!mallory"])
+        r = self.runner(self.settings(max_per_destination=1))
+        yield self.until(lambda: len(s.sessions) == 2)
+        yield s.sessions[1].closed
+        yield self.settle(r)
+        self.assertEqual([sess.commands[-1] for sess in s.sessions], ["QUIT", "QUIT"])
+
+
+class _DroppingSMTP(basic.LineOnlyReceiver):
+    """Finishes ``keep`` messages on the first connection, then drops it at the next
+    ``drop_at`` (``MAIL``: before the transaction; ``.``: after the message, before
+    its reply).  Later connections behave."""
+
+    def connectionMade(self):
+        self.sink = self.factory.sink
+        self.sink.connections += 1
+        self.first = self.sink.connections == 1
+        self.data = None
+        self.sendLine(b"220 drop.example ESMTP")
+
+    def lineReceived(self, line):
+        if self.data is not None:
+            if line != b".":
+                self.data.append(line)
+                return
+            done, self.data = b"\r\n".join(self.data), None
+            if self.first and self.sink.drop_at == "." and self.sink.kept == self.sink.keep:
+                self.sink.lost.append(done)
+                self.transport.loseConnection()
+                return
+            self.sink.messages.append(done)
+            self.sink.kept += self.first
+            self.sendLine(b"250 2.0.0 queued")
+            return
+        verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+        if verb == b"MAIL" and self.first and self.sink.drop_at == "MAIL" and \
+                self.sink.kept == self.sink.keep:
+            self.transport.loseConnection()
+            return
+        if verb == b"DATA":
+            self.data = []
+            self.sendLine(b"354 go ahead")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(b"250 ok")
+
+
+class _DroppingSink(protocol.ServerFactory):
+    protocol = _DroppingSMTP
+
+    def __init__(self, keep, drop_at):
+        self.sink = self
+        self.keep, self.drop_at = keep, drop_at
+        self.kept = 0
+        self.connections = 0
+        self.messages = []
+        self.lost = []  # messages sent whose reply never came
+
+
+class DroppedConnectionTests(test_queue.Case):
+    def dropping_sink(self, keep, drop_at):
+        sink = _DroppingSink(keep, drop_at)
+        listening = reactor.listenTCP(0, sink, interface="127.0.0.2")
+        self.port = listening.getHost().port
+        self.addCleanup(listening.stopListening)
+        return sink
+
+    def subjects(self, messages):
+        return sorted(m.split(b"X-N: ", 1)[1].split(b"\r\n", 1)[0] for m in messages)
+
+    def enqueue_numbered(self, n):
+        return [self.enqueue(["a.example!u%d" % i], data=test_queue.MESSAGE.replace(
+            b"\n\nhello", b"\nX-N: %d\n\nhello" % i)) for i in range(n)]
+
+    @defer.inlineCallbacks
+    def test_a_server_that_drops_an_idle_connection_loses_nothing(self):
+        sink = self.dropping_sink(keep=2, drop_at="MAIL")
+        self.enqueue_numbered(4)
+        r = self.runner(self.settings(max_per_destination=1))
+        yield self.until(lambda: not self.jobs())
+        yield self.settle(r)
+        # the message that found the connection gone went on a new one, at once
+        self.assertEqual(self.subjects(sink.messages), [b"0", b"1", b"2", b"3"])
+        self.assertEqual(sink.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_a_server_that_drops_after_the_message_gets_it_again_later(self):
+        sink = self.dropping_sink(keep=1, drop_at=".")
+        self.enqueue_numbered(3)
+        r = self.runner(self.settings(max_per_destination=1))
+        yield self.until(lambda: len(self.jobs()) == 1 and not r.inflight)
+        yield self.settle(r)
+        # no reply to the second message: it waits for its retry, the rest went on
+        self.assertEqual(len(sink.lost), 1)
+        [left] = self.jobs()
+        self.assertEqual(len(sink.messages), 2)
+        self.clock.advance(r.settings.retry_min)
+        yield self.until(lambda: not self.jobs())
+        yield self.settle(r)
+        # every message exactly once among those that got a 250
+        self.assertEqual(self.subjects(sink.messages), [b"0", b"1", b"2"])
+
+
+class PipeliningTests(unittest.TestCase):
+    def conversation(self, rcpts):
+        self.clock = task.Clock()
+        self.transport = StringTransport()
+        wire = client.Wire(self.clock)
+        wire.makeConnection(self.transport)
+        options = client.ClientOptions(sysname="gnot.example.org", domain="example.org")
+        message = convert.OutboundMessage(__import__("io").BytesIO(MESSAGE),
+                                          "gnot.example.org!alice", options.hostdomain)
+        self.results = [client.RecipientResult(r) for r in rcpts]
+        conv = client.Conversation(wire, options, message, "gnot.example.org!alice",
+                                   self.results, "tcp!a.example", "a.example", "a.example",
+                                   mxdial.Target("127.0.0.2", 25), self.clock)
+        conv.offered = frozenset(["PIPELINING", "8BITMIME"])
+        self.wire = wire
+        return conv
+
+    def sent(self):
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def test_mail_and_rcpts_go_together_and_each_reply_is_kept(self):
+        conv = self.conversation(["a.example!bob", "a.example!eve", "a.example!carol"])
+        d = conv.transaction()
+        self.assertEqual(self.sent(), b"MAIL FROM:<alice@gnot.example.org>\r\n"
+                         b"RCPT TO:<bob@a.example>\r\nRCPT TO:<eve@a.example>\r\n"
+                         b"RCPT TO:<carol@a.example>\r\n")
+        self.wire.dataReceived(b"250 ok\r\n250 bob ok\r\n550 5.1.1 no eve\r\n")
+        self.assertEqual(self.sent(), b"")  # DATA waits for every RCPT reply
+        self.wire.dataReceived(b"250 carol ok\r\n")
+        self.assertEqual(self.sent(), b"DATA\r\n")
+        self.wire.dataReceived(b"354 go\r\n")
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        self.assertTrue(self.sent().endswith(b"\r\n.\r\n"))
+        self.wire.dataReceived(b"250 2.0.0 queued as X\r\n")
+        self.assertEqual(self.successResultOf(d), client.PERMANENT)
+        self.assertEqual([(r.status, r.reply) for r in self.results], [
+            (client.DELIVERED, "250 2.0.0 queued as X"),
+            (client.PERMANENT_FAILURE, "550 5.1.1 no eve"),
+            (client.DELIVERED, "250 2.0.0 queued as X")])
+        self.assertTrue(conv.clean)
+
+    def test_a_refused_sender_reads_every_reply_and_sends_no_data(self):
+        conv = self.conversation(["a.example!bob"])
+        d = conv.transaction()
+        self.sent()
+        self.wire.dataReceived(b"553 5.1.8 bad sender\r\n503 5.5.1 need MAIL\r\n")
+        f = self.failureResultOf(d, client.Failed)
+        self.assertEqual(str(f.value.reply), "553 5.1.8 bad sender")
+        self.assertEqual(self.sent(), b"")
+        self.assertFalse(conv.clean)
+        self.assertEqual(self.results[0].rcpt, "")
+
+    def test_without_pipelining_each_command_waits(self):
+        conv = self.conversation(["a.example!bob", "a.example!carol"])
+        conv.offered = frozenset()
+        conv.transaction()
+        self.assertEqual(self.sent(), b"MAIL FROM:<alice@gnot.example.org>\r\n")
+        self.wire.dataReceived(b"250 ok\r\n")
+        self.assertEqual(self.sent(), b"RCPT TO:<bob@a.example>\r\n")

@@ -39,6 +39,7 @@ class Sink(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         self.messages = []  # (recipients, data)
         self.quits = 0
+        self.connections = 0
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -60,6 +61,8 @@ class Sink(socketserver.ThreadingTCPServer):
 class _SinkSession(socketserver.StreamRequestHandler):
     def handle(self):
         sink = self.server
+        with sink.lock:
+            sink.connections += 1
         try:
             self.say("220 sink.example ESMTP")
             rcpts = []
@@ -182,8 +185,10 @@ def test_kill_9_mid_flush_delivers_nothing_twice(server):
             for i in range(n):
                 c.sendmail("alice@example.org", ["x%d@far.example" % i],
                            b"Subject: m%02d\r\n\r\nbody\r\n" % i)
-        # every message has had its 250; each connection waits for QUIT's answer
-        poll(lambda: holding.quits == n, "every relay connection at QUIT")
+        # every message has had its 250 (a connection carries several, each
+        # saved before the next MAIL); each connection waits for QUIT's answer
+        poll(lambda: len(holding.subjects()) == n and holding.quits == holding.connections,
+             "every message sent, every relay connection at QUIT")
         s.proc.kill()
         s.proc.wait(30)
         again = server(*relay_args(after), where="relay")

@@ -406,6 +406,7 @@ class QueueRunner(service.Service):
         self.inflight = {}  # (qid, dest) -> Deferred
         self.per_dest = Counter()
         self.wires = set()
+        self.connections = client.Connections(self.clock)
         self.stopping = False
         self.done = defer.Deferred()  # once=True: fires after the pass
         self._scan_call = None
@@ -455,12 +456,14 @@ class QueueRunner(service.Service):
             if call is not None and call.active():
                 call.cancel()
         self._scan_call = self._poll_call = None
-        for wire in list(self.wires):
+        idle = self.connections.wires()
+        closing = self.connections.close()  # idle ones say QUIT
+        for wire in list(self.wires - idle):
             wire.transport.abortConnection()  # their recipients stay pending
         hooks = getattr(self.root, "enqueued", None)
         if hooks is not None and self.wake in hooks:
             hooks.remove(self.wake)
-        return defer.DeferredList(list(self.inflight.values())).addCallback(
+        return defer.DeferredList(list(self.inflight.values()) + [closing]).addCallback(
             lambda _: defer.DeferredList(list(self._saving)))
 
     def whenIdle(self):
@@ -823,7 +826,8 @@ class QueueRunner(service.Service):
                                         rcpts, self.client_options(), self.reactor,
                                         self.resolver, self.clock, watch=self._watch,
                                         outcome=outcome, queue_id=qid,
-                                        smtputf8=bool(record.get("smtputf8")))
+                                        smtputf8=bool(record.get("smtputf8")),
+                                        connections=self.connections)
         if not recorded:  # no conversation took place (DNS, dialling)
             yield self._record(record, dest, result)
         if qid not in self.jobs:
