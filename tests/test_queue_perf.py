@@ -334,3 +334,39 @@ class PipeliningTests(unittest.TestCase):
         self.assertEqual(self.sent(), b"MAIL FROM:<alice@gnot.example.org>\r\n")
         self.wire.dataReceived(b"250 ok\r\n")
         self.assertEqual(self.sent(), b"RCPT TO:<bob@a.example>\r\n")
+
+
+class GroupCommitTests(Case):
+    def test_outcomes_of_jobs_that_finish_together_share_fsyncs(self):
+        qids = [self.enqueue("far.example!u%d" % i) for i in range(6)]
+        pending = []
+
+        def later(f, *args):  # a thread pool that the test lets run
+            d = defer.Deferred()
+            pending.append((f, args, d))
+            return d
+
+        synced = []
+        real_fsync = queue.fsync_paths
+
+        def fsync_paths(paths):
+            synced.extend(paths)
+            return real_fsync(paths)
+
+        self.patch(queue, "fsync_paths", fsync_paths)
+        self.root.run_blocking = later
+        settings = testing.make_settings("", root=self.root.root, outbound_tls=False,
+                                         smarthost="tcp!192.0.2.1!25", max_per_destination=10)
+        r = queue.QueueRunner(self.root, settings, None, None, self.clock, deliver=self.deliver)
+        r.startService()
+        self.addCleanup(lambda: r.stopService() if r.running else None)
+        self.clock.advance(0)
+        self.assertEqual(sorted(q for q, _ in self.delivered), sorted(qids))
+        while pending:
+            f, args, d = pending.pop(0)
+            d.callback(f(*args))
+        self.assertEqual(self.jobs(), [])
+        # 6 outcomes and 6 removals: before, 6 x (outcome, save again, removal)
+        # = 18 fsyncs of the directory; now a batch shares one
+        self.assertLessEqual(synced.count(self.root.queue), 4)
+        self.assertEqual(r.writes.batches, synced.count(self.root.queue))

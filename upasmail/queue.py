@@ -60,6 +60,8 @@ import os
 import re
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Optional
 
 from twisted.application import service
 from twisted.internet import defer
@@ -70,7 +72,7 @@ from . import bounce, client, convert, crashpoint, factotum, relay
 from .local import at_form
 from .logs import printable
 from .session import Transaction
-from .store import by_relay, fsync_paths, write_envelope
+from .store import GroupCommit, by_relay, fsync_paths, write_envelope
 from .tarpit import doubling
 
 log = Logger(namespace="queue")
@@ -220,6 +222,14 @@ def normalize(record, qid):
 
 # -- files ----------------------------------------------------------------
 
+@dataclass(eq=False)
+class Write:
+    """One change to a job's files: its envelope (``record``) or, with None, removal."""
+
+    qid: str
+    record: Optional[dict]
+
+
 class Queue:
     """The queue directory: listing, loading, saving, quarantine, deletion."""
 
@@ -262,19 +272,26 @@ class Queue:
 
     def save(self, record):
         """Write the envelope durably: temp file, fsync, rename, fsync the directory."""
-        _, env = self.paths(record["id"])
-        write_envelope(env, record)
-        fsync_paths([self.dir])
+        self.apply([Write(record["id"], record)])
 
     def remove(self, qid):
-        msg, env = self.paths(qid)
-        # the envelope goes first: a crash in between leaves an orphan
-        # message (quarantined later), never a job without its message
-        for path in (env, msg):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self.apply([Write(qid, None)])
+
+    def apply(self, writes):
+        """Envelope writes and removals, in order, then one fsync of the
+        directory for all of them (``GroupCommit`` hands over a batch)."""
+        for w in writes:
+            msg, env = self.paths(w.qid)
+            if w.record is not None:
+                write_envelope(env, w.record)
+                continue
+            # the envelope goes first: a crash in between leaves an orphan
+            # message (quarantined later), never a job without its message
+            for path in (env, msg):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         fsync_paths([self.dir])
 
     def quarantine(self, stem, why):
@@ -407,6 +424,9 @@ class QueueRunner(service.Service):
         self.per_dest = Counter()
         self.wires = set()
         self.connections = client.Connections(self.clock)
+        # outcome writes and removals of jobs that finish together share
+        # one thread hop and one fsync of the queue directory
+        self.writes = GroupCommit(root.run_blocking, lambda ws: self.queue.apply(ws))
         self.stopping = False
         self.done = defer.Deferred()  # once=True: fires after the pass
         self._scan_call = None
@@ -882,7 +902,7 @@ class QueueRunner(service.Service):
         qid = record["id"]
         lock = self._save_locks.setdefault(qid, defer.DeferredLock())
         snapshot = copy.deepcopy(record)
-        d = lock.run(self.root.run_blocking, self.queue.save, snapshot)
+        d = lock.run(self.writes.sync, [Write(qid, snapshot)])
         self._saving.add(d)
 
         def done(result):
@@ -892,6 +912,11 @@ class QueueRunner(service.Service):
             return result
 
         return d.addBoth(done)
+
+    def _written(self, qid):
+        """Fires once the writes of ``qid`` under way are durable."""
+        lock = self._save_locks.get(qid)
+        return lock.run(lambda: None) if lock is not None else defer.succeed(None)
 
     @defer.inlineCallbacks
     def _return_failures(self, record):
@@ -935,8 +960,8 @@ class QueueRunner(service.Service):
         """Every recipient is done: return the failures, then remove the job."""
         qid = record["id"]
         yield self._return_failures(record)
-        yield self._save(record)  # wait for earlier writes before removing
-        yield self.root.run_blocking(self.queue.remove, qid)
+        yield self._written(qid)  # earlier writes first: a removal is the last word
+        yield self.writes.sync([Write(qid, None)])
         self._forget(qid)
         log.info("{id}: removed from the queue", id=qid)
 
