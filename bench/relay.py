@@ -1,6 +1,7 @@
 """Relaying through a smarthost, end to end, with a real server.
 
     .venv/bin/python bench/relay.py [--messages N] [--sessions S] [--mode MODE] [--reps R]
+                                    [--server-args '--max-per-destination 20']
 
 A real ``twistd upas-smtpd`` (127.0.0.1 is trusted, so relaying is
 allowed) with ``--smarthost tcp!127.0.0.1!SINK`` gets ``smtp-source -s S
@@ -179,12 +180,13 @@ def smtp_source(port, n, sessions, size):
 
 
 @defer.inlineCallbacks
-def one(mode, n, sessions, size):
+def one(mode, n, sessions, size, extra=()):
     work = tempfile.mkdtemp(prefix="upasmail-relay-")
     sink = Sink()
     listening = reactor.listenTCP(0, sink, interface="127.0.0.1")
     sink_port = listening.getHost().port
-    server = Server(work, sink_port, *(["--no-queue-runner"] if mode != "runner" else []))
+    server = Server(work, sink_port, *(["--no-queue-runner"] if mode != "runner" else []),
+                    *extra)
     result = {}
     try:
         port = yield server.started()
@@ -215,7 +217,7 @@ def one(mode, n, sessions, size):
             start = time.monotonic()
             code, out = yield run([PYTHON, "-c", "from upasmail.tap_runq import runq_main; "
                                    "runq_main()", "--root", server.root, "--flush",
-                                   "--logfile", os.path.join(work, "runq.log")])
+                                   "--logfile", os.path.join(work, "runq.log"), *extra])
             took = time.monotonic() - start
             if code or sink.count != n:
                 raise RuntimeError("upas-runq exit %s, sink %d of %d" % (code, sink.count, n))
@@ -232,7 +234,8 @@ def one(mode, n, sessions, size):
 def main(reactor_, args):
     rows = []
     for rep in range(args.reps):
-        r = yield one(args.mode, args.messages, args.sessions, args.size)
+        r = yield one(args.mode, args.messages, args.sessions, args.size,
+                      args.server_args.split())
         rows.append(r)
         print("rep %d: %s" % (rep + 1, "  ".join(
             "%s=%.1f" % (k, v) for k, v in r.items() if v is not None)), flush=True)
@@ -248,5 +251,7 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--mode", choices=("runner", "norunner", "runq"), default="runner")
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--server-args", default="", help="more options for the server "
+                    "(and upas-runq), e.g. '--max-per-destination 20'")
     a = ap.parse_args()
     task.react(main, [a])

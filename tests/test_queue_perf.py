@@ -370,3 +370,30 @@ class GroupCommitTests(Case):
         # = 18 fsyncs of the directory; now a batch shares one
         self.assertLessEqual(synced.count(self.root.queue), 4)
         self.assertEqual(r.writes.batches, synced.count(self.root.queue))
+
+    def test_a_delivered_job_is_removed_with_its_outcome(self):
+        synced = []
+        real_apply = queue.Queue.apply
+
+        def apply(q, writes):
+            synced.append([w.record is None for w in writes])
+            return real_apply(q, writes)
+
+        self.patch(queue.Queue, "apply", apply)
+        self.runner()
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(synced, [[True]])  # one removal, no envelope written first
+        self.assertEqual(self.jobs(), [])
+
+    def test_a_job_left_with_everything_delivered_is_removed_at_start_up(self):
+        qid = self.waiting_job(wait=0)
+        path = os.path.join(self.root.queue, qid + ".env")
+        with open(path) as f:
+            record = json.load(f)
+        record["state"] = {"far.example!x": {"status": queue.DELIVERED}}
+        with open(path, "w") as f:
+            json.dump(record, f)
+        self.runner()
+        self.assertEqual(self.jobs(), [])
+        self.assertEqual(self.delivered, [])

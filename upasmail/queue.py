@@ -423,7 +423,9 @@ class QueueRunner(service.Service):
         self.inflight = {}  # (qid, dest) -> Deferred
         self.per_dest = Counter()
         self.wires = set()
-        self.connections = client.Connections(self.clock)
+        # as many idle connections per destination as may be busy at once
+        self.connections = client.Connections(self.clock,
+                                              max_idle=settings.max_per_destination)
         # outcome writes and removals of jobs that finish together share
         # one thread hop and one fsync of the queue directory
         self.writes = GroupCommit(root.run_blocking, lambda ws: self.queue.apply(ws))
@@ -890,8 +892,12 @@ class QueueRunner(service.Service):
                                                  self.settings.retry_max)
             record["last_error"] = " ".join((result.report[-1] if result.report
                                              else result.status).split())
-        return self._save(record).addCallback(
-            lambda _: crashpoint.reached("queue.after-save"))
+        others = any(q == qid and d != dest for q, d in self.inflight)
+        if nothing_pending(record) and not unreturned(record) and not others:
+            d = self._remove(qid)  # all done: the removal is the durable outcome
+        else:
+            d = self._save(record)
+        return d.addCallback(lambda _: crashpoint.reached("queue.after-save"))
 
     def _watch(self, wire):
         self.wires.add(wire)
@@ -960,10 +966,19 @@ class QueueRunner(service.Service):
         """Every recipient is done: return the failures, then remove the job."""
         qid = record["id"]
         yield self._return_failures(record)
-        yield self._written(qid)  # earlier writes first: a removal is the last word
-        yield self.writes.sync([Write(qid, None)])
-        self._forget(qid)
-        log.info("{id}: removed from the queue", id=qid)
+        if qid in self.known:  # not removed with its last outcome already
+            yield self._remove(qid)
+
+    def _remove(self, qid):
+        """Remove the job once its earlier writes are done; fires when durable."""
+        d = self._written(qid)  # a removal is the last word
+        d.addCallback(lambda _: self.writes.sync([Write(qid, None)]))
+
+        def removed(_):
+            self._forget(qid)
+            log.info("{id}: removed from the queue", id=qid)
+
+        return d.addCallback(removed)
 
     def _expire(self, record, now):
         qid = record["id"]
