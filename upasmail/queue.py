@@ -750,8 +750,15 @@ class QueueRunner(service.Service):
     def _unlock(self, qid):
         fd = self.locks.pop(qid, None)
         self.jobs.pop(qid, None)
-        if fd is not None:
+        if fd is None:
+            return
+        if qid in self.known:
             os.close(fd)
+        else:
+            # the last close of a removed job's message frees its blocks: a
+            # file-system transaction, kept off the reactor
+            self.root.run_blocking(os.close, fd).addErrback(
+                lambda f: log.failure("closing a removed job's message", f))
 
     def _reschedule(self, qid):
         """A job's work ended: its next time, from the record in hand (no read)."""
