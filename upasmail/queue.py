@@ -11,12 +11,21 @@ delivers them:
 * each group goes through ``client.deliver`` (MX lookup, STARTTLS when
   offered, AUTH at a smarthost); the result of every recipient is written
   back to ``<id>.env`` (fsync, rename) as soon as the server has answered
-  the message, before QUIT, so a crash or restart retries only recipients
-  that have not had their 250 (at least once: a crash between that 250
-  and the fsync sends again);
+  the message, before QUIT or the next message on the connection, so a
+  crash or restart retries only recipients that have not had their 250
+  (at least once: a crash between that 250 and the fsync sends again);
+  when that result leaves nothing to do (every recipient delivered, or
+  failed and returned), the job's removal is the durable outcome instead;
+* outcome writes and removals of jobs that finish together are one
+  ``GroupCommit`` batch: one thread hop, each envelope fsynced, one fsync
+  of the queue directory for all;
+* connections are reused (``client.Connections``, Postfix's scache): a
+  connection whose server finished a message waits up to 2 s for the
+  next message to the same destination, at most 100 messages each;
+  MAIL and the RCPTs are pipelined when the server offers PIPELINING;
 * a job with nothing pending, or with failures not yet returned (a crash
-  between saving an outcome and acting on it), is finished at start-up
-  and at every scan;
+  between saving an outcome and acting on it), is finished when it is
+  first looked at;
 * temporary failures wait ``retry_min``·2^(attempts-1) seconds, at most
   ``retry_max``; a job older than ``max_queue_age`` (2 days, upas runq)
   gives up; permanent failures and give-ups are returned to the sender
@@ -37,6 +46,18 @@ delivers them:
   ``.env`` for an hour (a crash while queueing, never acknowledged) too;
 * ``upas-mailq --flush`` creates ``queue/.flush``; the runner looks for it
   every few seconds and then retries everything at once.
+
+The runner keeps an index of the jobs (when each is next due), so that
+an enqueue, a wake-up and a scan cost nothing per job queued: the enqueue
+hook (``MailRoot.enqueued``) hands over the new job's record, the
+runner's own outcomes give each job its next time, and a scan takes only
+the jobs that are due.  The directory is listed (names only) at start-up
+and for a flush, and at a timed scan (``queue_scan``) when its mtime
+changed: that is how a job another program queued (stdio smtpd, a second
+server), delivered or deleted (``upas-runq``, ``upas-mailq --delete``) is
+noticed.  Envelopes are read when a job's turn comes, never to scan; a
+record handed over by the hook is checked against the envelope's inode
+once the job is locked, so a second runner's write is never overlooked.
 
 The server records its routing in ``<root>/routing.json`` for
 ``upas-runq`` (``record_routing``, ``reconcile``).
