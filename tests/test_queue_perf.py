@@ -397,3 +397,22 @@ class GroupCommitTests(Case):
         self.runner()
         self.assertEqual(self.jobs(), [])
         self.assertEqual(self.delivered, [])
+
+
+class SecondRunnerTests(Case):
+    def test_a_record_from_the_hook_yields_to_what_another_runner_wrote(self):
+        r = self.runner()
+        r.stopService()  # the hook is ours; no scan runs until we say
+        r.startService()
+        qid = self.enqueue()
+        self.assertIn(qid, r.fresh)
+        # meanwhile upas-runq delivered it and saved that (a new envelope)
+        q = queue.Queue(self.root.queue)
+        record = q.load(qid)
+        record["state"]["far.example!bob"]["status"] = queue.DELIVERED
+        q.save(record)
+        del self.loads[:]
+        self.clock.advance(0)
+        self.assertEqual(self.delivered, [])  # not sent again
+        self.assertEqual(self.loads, [qid])  # the handed-over record was stale: read
+        self.assertEqual(self.jobs(), [])  # the other runner's outcome finished here

@@ -736,8 +736,7 @@ class QueueRunner(service.Service):
                     return None
                 self.locks[qid] = fd
                 if inode is not None and inode != self._inode(qid):
-                    record = self.queue.load(qid)  # another runner wrote it first
-                    self.jobs[qid] = record
+                    self._unlock(qid)  # another runner wrote it first: read that
                     return self._consider(qid, now, flush)
                 self.jobs[qid] = record
             self._start(record, dest, rcpts)
