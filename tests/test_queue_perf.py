@@ -416,3 +416,42 @@ class SecondRunnerTests(Case):
         self.assertEqual(self.delivered, [])  # not sent again
         self.assertEqual(self.loads, [qid])  # the handed-over record was stale: read
         self.assertEqual(self.jobs(), [])  # the other runner's outcome finished here
+
+
+class FullTests(Case):
+    def test_a_full_runner_waits_for_a_delivery_to_end_not_in_a_loop(self):
+        for _ in range(3):
+            self.enqueue()
+        hanging = []
+
+        def deliver(*args, **kw):
+            hanging.append(defer.Deferred())
+            return hanging[-1]
+
+        self.deliver = deliver
+        scans = []
+        real_scan = queue.QueueRunner.scan
+
+        def scan(runner):
+            scans.append(1)
+            if len(scans) > 50:
+                raise AssertionError("scanning in a loop while full")
+            return real_scan(runner)
+
+        self.patch(queue.QueueRunner, "scan", scan)
+        settings = testing.make_settings("", root=self.root.root, outbound_tls=False,
+                                         smarthost="tcp!192.0.2.1!25", max_deliveries=1)
+        r = queue.QueueRunner(self.root, settings, None, None, self.clock, deliver=deliver)
+        r.startService()
+        self.addCleanup(r.stopService)
+
+        def answer():  # each delivery ends (a temporary failure), so the runner can stop
+            for d in hanging:
+                d.callback(client.Result(client.RETRY, [client.RecipientResult(
+                    "far.example!bob", status=client.TEMPORARY, reply="451 later")]))
+
+        self.addCleanup(answer)
+        for _ in range(5):
+            self.clock.advance(1)
+        self.assertEqual(len(hanging), 1)
+        self.assertLessEqual(len(scans), 3)

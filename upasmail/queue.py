@@ -633,7 +633,8 @@ class QueueRunner(service.Service):
                 self._finish_pass()
             return
         wait = self.settings.queue_scan
-        if earliest is not None:
+        if earliest is not None and not self._full():
+            # when full, a delivery that ends scans again: no busy loop
             wait = min(wait, max(earliest - now, 0))
         self._schedule(wait)
 
