@@ -33,7 +33,7 @@ from upasmail.store import MailRoot, new_id
 
 
 def instant_deliver(source, dest, sender, rcpts, options, reactor, resolver, clock=None,
-                    watch=None, outcome=None, queue_id=None, smtputf8=False):
+                    watch=None, outcome=None, queue_id=None, smtputf8=False, **kw):
     result = client.Result("", [client.RecipientResult(r, r, client.DELIVERED, "250 ok")
                                 for r in rcpts])
     if outcome is not None:
