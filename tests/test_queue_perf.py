@@ -455,3 +455,33 @@ class FullTests(Case):
             self.clock.advance(1)
         self.assertEqual(len(hanging), 1)
         self.assertLessEqual(len(scans), 3)
+
+    def test_a_long_start_up_lets_other_events_in(self):
+        for _ in range(queue.SCAN_BATCH + 20):
+            self.waiting_job()
+        settings = testing.make_settings("", root=self.root.root, outbound_tls=False,
+                                         smarthost="tcp!192.0.2.1!25")
+        r = queue.QueueRunner(self.root, settings, None, None, self.clock,
+                              deliver=self.deliver)
+        r.startService()
+        self.addCleanup(r.stopService)
+        r.scan()  # one turn reads at most SCAN_BATCH envelopes
+        self.assertEqual(len(self.loads), queue.SCAN_BATCH)
+        self.clock.advance(0)  # the rest in the next turns
+        self.assertEqual(len(self.loads), queue.SCAN_BATCH + 20)
+        self.assertEqual(len(r.due_at), queue.SCAN_BATCH + 20)
+
+    def test_one_pass_takes_every_due_job_however_many_turns(self):
+        for _ in range(queue.SCAN_BATCH + 5):
+            self.waiting_job(wait=0)
+        settings = testing.make_settings("", root=self.root.root, outbound_tls=False,
+                                         smarthost="tcp!192.0.2.1!25")
+        r = queue.QueueRunner(self.root, settings, None, None, self.clock,
+                              deliver=self.deliver, once=True)
+        at_the_end = []
+        r.done.addCallback(lambda _: at_the_end.append(len(self.delivered)))
+        r.startService()
+        self.addCleanup(r.stopService)
+        self.clock.advance(0)
+        self.assertEqual(at_the_end, [queue.SCAN_BATCH + 5])  # the pass ended after all
+        self.assertEqual(self.jobs(), [])

@@ -103,6 +103,9 @@ CORRUPT = "corrupt"
 FLUSH = ".flush"
 ROUTING = "routing.json"  # in the mail root
 FLUSH_POLL = 5.0
+# jobs looked at in one turn of the reactor: a start-up over a long queue
+# (every envelope read once) lets the server answer in between
+SCAN_BATCH = 500
 ORPHAN_AGE = 3600.0
 NULL_SENDER = "/dev/null"
 # the only names a job has: ``store.new_id``'s seconds, a dot, 12 hex digits
@@ -629,7 +632,9 @@ class QueueRunner(service.Service):
             _log_trouble(Failure(), "cannot scan the queue", self.settings.retry_min)
             earliest = now + self.settings.retry_min
         if self.once:
-            if not self.inflight:
+            if earliest is not None and earliest <= now and not self._full():
+                self._schedule(0)  # the rest of what is due, after other events
+            elif not self.inflight:
                 self._finish_pass()
             return
         wait = self.settings.queue_scan
@@ -654,7 +659,9 @@ class QueueRunner(service.Service):
         for qid in list(self.elsewhere):  # held by another runner: ask again
             self.elsewhere.discard(qid)
             self._due(qid, now)
-        while not self._full():
+        for _ in range(SCAN_BATCH):
+            if self._full():
+                break
             qid = self._pop_due(now)
             if qid is None:
                 break
