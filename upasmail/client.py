@@ -433,6 +433,8 @@ class Conversation:
         self.clock = clock
         self.smtputf8 = smtputf8  # the message came with SMTPUTF8
         self.encrypted = False
+        self.offered = None  # the EHLO keywords, once the connection is open
+        self.clean = False  # the server finished the last transaction
         self.phase = "hello"
         self.report = []
         self.log = ClientLogger("smtp", queue_id)
@@ -444,6 +446,10 @@ class Conversation:
         if reply.kind == want:
             return reply
         raise Failed(PERMANENT if reply.kind == 5 else RETRY, reply)
+
+    def _rcpt(self, r):
+        r.rcpt = convert.rcpt_to(r.address, self.ddomain or self.o.maildomain)
+        return r.rcpt
 
     def _auth_step(self, reply, want):
         """upas: any failed AUTH exchange is worth a retry."""
@@ -519,9 +525,13 @@ class Conversation:
 
     # -- the conversation ------------------------------------------------
 
-    @defer.inlineCallbacks
     def run(self):
         """Fire with the upas status; per-recipient results in self.results."""
+        return self.open().addCallback(lambda _: self.transaction())
+
+    @defer.inlineCallbacks
+    def open(self):
+        """Greeting, EHLO, STARTTLS and AUTH: the connection is ready for MAIL."""
         w, o = self.wire, self.o
         w.arm(10 * o.unit)  # greeting, EHLO, STARTTLS and AUTH together
         if o.implicit_tls:
@@ -549,8 +559,23 @@ class Conversation:
                     break
             if not restart:
                 break
+        self.offered = frozenset(ext.strip().upper() for ext in extensions)
+
+    @defer.inlineCallbacks
+    def transaction(self):
+        """MAIL, RCPTs, DATA: one message on an open connection; fires with
+        the upas status.  ``clean`` tells whether the server finished the
+        transaction (its reply to the message, whatever it was), so the
+        connection can carry another one.
+
+        With PIPELINING offered (RFC 2920), MAIL and the RCPTs go out
+        together and their replies are read in order; DATA still waits for
+        them, so it is sent only when upas would send it.
+        """
+        w, o = self.wire, self.o
         self.phase = "mailfrom"
-        offered = {ext.strip().upper() for ext in extensions}
+        self.clean = False
+        offered = self.offered
         utf8 = needs_smtputf8(self.sender, [r.address for r in self.results
                                             if r.status == NOT_SENT],
                               self.smtputf8, "".join(self.message.header.lines))
@@ -559,18 +584,36 @@ class Conversation:
             raise Failed(PERMANENT, Reply(0, [replies.SMTPUTF8_NOT_OFFERED.format(
                 host="%s[%s]" % (self.target.mx or self.target.ip, self.target.ip))]))
         w.arm(10 * o.unit)
-        self._expect((yield w.command("MAIL FROM:" + convert.mail_from(
-            self.sender, o.hostdomain) + (" SMTPUTF8" if utf8 else ""))), 2)
-        self.phase = "rcptto"
+        mail = "MAIL FROM:" + convert.mail_from(self.sender, o.hostdomain) + (
+            " SMTPUTF8" if utf8 else "")
         # recipients refused before the connection (illegal addresses) count
         # as refused by the server
         worst = PERMANENT if any(r.status == PERMANENT_FAILURE for r in self.results) else ""
-        for r in self.results:
-            if r.status != NOT_SENT:
-                continue
+        todo = [r for r in self.results if r.status == NOT_SENT]
+        if "PIPELINING" in offered:
+            w.send(mail)
+            for r in todo:
+                w.send("RCPT TO:<%s>" % self._rcpt(r))
+            mail_reply = yield w.read()
+            rcpt_replies = []
+            for r in todo:  # read all: the stream stays in step even when MAIL failed
+                w.arm(10 * o.unit)
+                rcpt_replies.append((yield w.read()))
+            if mail_reply.kind != 2:
+                for r in todo:
+                    r.rcpt = ""  # not sent, as far as the report goes
+            self._expect(mail_reply, 2)
+            replies_in = iter(rcpt_replies)
+        else:
+            self._expect((yield w.command(mail)), 2)
+            replies_in = None
+        self.phase = "rcptto"
+        for r in todo:
             w.arm(10 * o.unit)
-            r.rcpt = convert.rcpt_to(r.address, self.ddomain or o.maildomain)
-            reply = yield w.command("RCPT TO:<%s>" % r.rcpt)
+            if replies_in is not None:
+                reply = next(replies_in)
+            else:
+                reply = yield w.command("RCPT TO:<%s>" % self._rcpt(r))
             r.reply = str(reply)
             if reply.kind == 2:
                 r.status = ACCEPTED
@@ -593,7 +636,9 @@ class Conversation:
         w.transport.registerProducer(body, False)
         size = yield body.done
         w.arm(10 * o.unit)
-        final = self._expect((yield w.read()), 2)
+        final = yield w.read()
+        self.clean = final.kind in (2, 4, 5)
+        self._expect(final, 2)
         for r in accepted:
             # the server's word on the message (its queue id), not on the RCPT
             r.status, r.reply = DELIVERED, str(final)
@@ -613,6 +658,21 @@ class Conversation:
             return PERMANENT
         return ""
 
+    def ready_for_more(self):
+        """Can this connection carry another message?  Only after a
+        transaction the server finished (its reply to the message): the
+        next one starts with MAIL (RFC 5321 4.1.4).  Any other ending says
+        QUIT, as before."""
+        return self.clean and not self.wire.closed
+
+    def hang_up(self):
+        """QUIT without waiting for its answer (shutting down); fires once closed."""
+        w = self.wire
+        if not w.closed:
+            w.send("QUIT")
+            w.transport.loseConnection()
+        return w.whenClosed()
+
     @defer.inlineCallbacks
     def quit(self):
         w = self.wire
@@ -623,6 +683,8 @@ class Conversation:
             yield w.command("QUIT")
         except Exception:
             pass
+        if w.closed:
+            return
         w.arm(60 * self.o.unit)  # a peer that never lets go is cut off
         w.transport.loseConnection()
         yield w.whenClosed()
@@ -696,9 +758,85 @@ def dial_report(text, destaddr):
     return "smtp: %s (%s)" % (text, destaddr)
 
 
+class Connections:
+    """Idle connections by destination, for the next message (Postfix's scache).
+
+    After a message, a connection whose server finished the transaction
+    waits here up to ``idle`` seconds for the next message to
+    the same destination, which then starts at MAIL.  A connection carries
+    at most ``max_messages`` messages; at most ``max_idle`` wait per
+    destination; the rest say QUIT.
+    """
+
+    def __init__(self, clock, idle=2.0, max_messages=100, max_idle=8):
+        self.clock = clock
+        self.idle = idle
+        self.max_messages = max_messages
+        self.max_idle = max_idle
+        self._idle = {}  # destination -> [_Idle]
+
+    def take(self, key):
+        """An open connection to ``key`` that is ready for MAIL, or None."""
+        waiting = self._idle.get(key)
+        while waiting:
+            cached = waiting.pop()
+            if cached.timer.active():
+                cached.timer.cancel()
+            if not cached.conv.wire.closed:
+                if not waiting:
+                    del self._idle[key]
+                return cached
+        self._idle.pop(key, None)
+        return None
+
+    def put(self, key, conv, messages):
+        """Keep ``conv``'s connection for the next message, or end it; fires when done."""
+        waiting = self._idle.setdefault(key, [])
+        if messages >= self.max_messages or len(waiting) >= self.max_idle \
+                or conv.wire.closed:
+            if not waiting:
+                del self._idle[key]
+            return conv.quit()
+        cached = _Idle(conv, messages)
+        cached.timer = self.clock.callLater(self.idle, self._expire, key, cached)
+        waiting.append(cached)
+        return defer.succeed(None)
+
+    def _expire(self, key, cached):
+        waiting = self._idle.get(key, [])
+        if cached in waiting:
+            waiting.remove(cached)
+            if not waiting:
+                del self._idle[key]
+            cached.conv.quit()
+
+    def wires(self):
+        """The idle connections' wires."""
+        return {cached.conv.wire for waiting in self._idle.values() for cached in waiting}
+
+    def close(self):
+        """End every idle connection (QUIT); fires when they are gone."""
+        idle, self._idle = self._idle, {}
+        done = []
+        for waiting in idle.values():
+            for cached in waiting:
+                if cached.timer.active():
+                    cached.timer.cancel()
+                done.append(cached.conv.hang_up())
+        return defer.DeferredList(done)
+
+
+class _Idle:
+    def __init__(self, conv, messages):
+        self.conv = conv
+        self.messages = messages
+        self.timer = None
+
+
 @defer.inlineCallbacks
 def deliver(source, destaddr, sender, recipients, options, reactor, resolver, clock=None,
-            watch=None, outcome=None, queue_id=None, smtputf8=False):
+            watch=None, outcome=None, queue_id=None, smtputf8=False, connections=None,
+            _reuse=True):
     """Send the message in the binary file ``source`` to ``destaddr``; fire with a Result.
 
     ``watch(wire)``, if given, is called once connected (the queue uses it
@@ -709,6 +847,11 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
     queue can make the outcome durable first.  ``queue_id`` starts every
     log line of this delivery.  ``smtputf8``: the message was received with
     SMTPUTF8 (its header may need it).
+
+    ``connections`` (a ``Connections``): take an idle connection to
+    ``destaddr`` from it if there is one, and leave this one there after
+    the message instead of QUIT.  A reused connection that the server
+    closed before DATA costs nothing: the message goes on a new one.
 
     A sender with a control character refuses the whole delivery before
     any connection (permanent); such a recipient is refused alone, as if
@@ -735,46 +878,38 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
                                               options.full_name)
         except OSError as e:
             raise mxdial.DialError("reading the message: %s" % e, False)
-        ddomain, targets = "", []
-        errors = []
-        try:
-            ddomain, targets = yield mxdial.plan(resolver, clock, dial, options.busted,
-                                                 options.ipv6, options.ours,
-                                                 options.dns_timeout)
-        except mxdial.DialError as e:
-            if not options.gateway or "illegal" in e.text:
-                raise
-            errors.append(e.text)
-        target, wire = yield _dial(reactor, clock, targets, options, errors)
-        if wire is None and options.gateway:
-            gw = mxdial.parse_dial(options.gateway)
-            try:
-                gw_targets = yield mxdial.gateway_targets(resolver, clock, gw, options.ipv6,
-                                                          options.dns_timeout)
-                target, wire = yield _dial(reactor, clock, gw_targets, options, errors)
-            except mxdial.DialError as e:
-                errors.append(e.text)
-        if wire is None:
-            raise mxdial.DialError(errors[-1] if errors else "no address to dial", False)
+        cached = connections.take(destaddr) if connections is not None and _reuse else None
+        if cached is not None:
+            target, wire, ddomain = cached.conv.target, cached.conv.wire, cached.conv.ddomain
     except mxdial.DialError as e:
-        permanent = e.permanent or any(w in e.text for w in ("illegal", "unknown",
-                                                             "can't translate"))
-        faillog.info("{kind} {err} ({addr})", kind=kind, err=e.text, addr=destaddr)
-        status = PERMANENT if permanent else RETRY
-        report = [dial_report(e.text, destaddr)]
-        _settle(results, status, report)
-        return Result(status, results, report, phase="dial")
-    if watch is not None:
-        watch(wire)
+        return _dial_failed(results, e, kind, faillog, destaddr)
+    if cached is None:
+        try:
+            target, wire, ddomain = yield _connect(reactor, resolver, clock, dial, options)
+        except mxdial.DialError as e:
+            return _dial_failed(results, e, kind, faillog, destaddr)
+        if watch is not None:
+            watch(wire)
     conv = Conversation(wire, options, message, sender, results, destaddr, dial.host,
                         ddomain, target, clock, queue_id, smtputf8)
     report = []
     try:
-        status = yield conv.run()
+        if cached is None:
+            status = yield conv.run()
+        else:
+            conv.offered, conv.encrypted = cached.conv.offered, cached.conv.encrypted
+            status = yield conv.transaction()
     except Failed as f:
         status = f.status
         report = _failure_report(conv, f.status, f.reply, f.note, destaddr, clock)
     except Closed as c:
+        if cached is not None and conv.phase in ("mailfrom", "rcptto"):
+            # the server ended a connection it had let wait: nothing was
+            # sent, so the message goes on a new connection
+            source.seek(0)
+            return (yield deliver(source, destaddr, sender, recipients, options, reactor,
+                                  resolver, clock, watch, outcome, queue_id, smtputf8,
+                                  connections, _reuse=False))
         status = RETRY
         if c.timed_out:
             report = ["smtp timeout: connection to %s timed out" % destaddr]
@@ -793,8 +928,49 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
             yield outcome(result)
         except Exception:  # the caller's trouble must not keep the connection open
             conv.log.failure("recording the outcome for {addr} failed", addr=destaddr)
-    yield conv.quit()
+    if connections is not None and conv.ready_for_more():
+        yield connections.put(destaddr, conv, (cached.messages if cached else 0) + 1)
+    else:
+        yield conv.quit()
     return result
+
+
+def _dial_failed(results, e, kind, faillog, destaddr):
+    """The Result when no conversation takes place."""
+    permanent = e.permanent or any(w in e.text for w in ("illegal", "unknown",
+                                                         "can't translate"))
+    faillog.info("{kind} {err} ({addr})", kind=kind, err=e.text, addr=destaddr)
+    status = PERMANENT if permanent else RETRY
+    report = [dial_report(e.text, destaddr)]
+    _settle(results, status, report)
+    return Result(status, results, report, phase="dial")
+
+
+@defer.inlineCallbacks
+def _connect(reactor, resolver, clock, dial, options):
+    """(target, wire, ddomain) of a new connection; DialError when there is none."""
+    ddomain, targets = "", []
+    errors = []
+    try:
+        ddomain, targets = yield mxdial.plan(resolver, clock, dial, options.busted,
+                                             options.ipv6, options.ours,
+                                             options.dns_timeout)
+    except mxdial.DialError as e:
+        if not options.gateway or "illegal" in e.text:
+            raise
+        errors.append(e.text)
+    target, wire = yield _dial(reactor, clock, targets, options, errors)
+    if wire is None and options.gateway:
+        gw = mxdial.parse_dial(options.gateway)
+        try:
+            gw_targets = yield mxdial.gateway_targets(resolver, clock, gw, options.ipv6,
+                                                      options.dns_timeout)
+            target, wire = yield _dial(reactor, clock, gw_targets, options, errors)
+        except mxdial.DialError as e:
+            errors.append(e.text)
+    if wire is None:
+        raise mxdial.DialError(errors[-1] if errors else "no address to dial", False)
+    return target, wire, ddomain
 
 
 def _settle(results, status, report):

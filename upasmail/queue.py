@@ -11,12 +11,21 @@ delivers them:
 * each group goes through ``client.deliver`` (MX lookup, STARTTLS when
   offered, AUTH at a smarthost); the result of every recipient is written
   back to ``<id>.env`` (fsync, rename) as soon as the server has answered
-  the message, before QUIT, so a crash or restart retries only recipients
-  that have not had their 250 (at least once: a crash between that 250
-  and the fsync sends again);
+  the message, before QUIT or the next message on the connection, so a
+  crash or restart retries only recipients that have not had their 250
+  (at least once: a crash between that 250 and the fsync sends again);
+  when that result leaves nothing to do (every recipient delivered, or
+  failed and returned), the job's removal is the durable outcome instead;
+* outcome writes and removals of jobs that finish together are one
+  ``GroupCommit`` batch: one thread hop, each envelope fsynced, one fsync
+  of the queue directory for all;
+* connections are reused (``client.Connections``, Postfix's scache): a
+  connection whose server finished a message waits up to 2 s for the
+  next message to the same destination, at most 100 messages each;
+  MAIL and the RCPTs are pipelined when the server offers PIPELINING;
 * a job with nothing pending, or with failures not yet returned (a crash
-  between saving an outcome and acting on it), is finished at start-up
-  and at every scan;
+  between saving an outcome and acting on it), is finished when it is
+  first looked at;
 * temporary failures wait ``retry_min``·2^(attempts-1) seconds, at most
   ``retry_max``; a job older than ``max_queue_age`` (2 days, upas runq)
   gives up; permanent failures and give-ups are returned to the sender
@@ -38,6 +47,18 @@ delivers them:
 * ``upas-mailq --flush`` creates ``queue/.flush``; the runner looks for it
   every few seconds and then retries everything at once.
 
+The runner keeps an index of the jobs (when each is next due), so that
+an enqueue, a wake-up and a scan cost nothing per job queued: the enqueue
+hook (``MailRoot.enqueued``) hands over the new job's record, the
+runner's own outcomes give each job its next time, and a scan takes only
+the jobs that are due.  The directory is listed (names only) at start-up
+and for a flush, and at a timed scan (``queue_scan``) when its mtime
+changed: that is how a job another program queued (stdio smtpd, a second
+server), delivered or deleted (``upas-runq``, ``upas-mailq --delete``) is
+noticed.  Envelopes are read when a job's turn comes, never to scan; a
+record handed over by the hook is checked against the envelope's inode
+once the job is locked, so a second runner's write is never overlooked.
+
 The server records its routing in ``<root>/routing.json`` for
 ``upas-runq`` (``record_routing``, ``reconcile``).
 
@@ -54,11 +75,14 @@ other name, from the command line or the queue directory, becomes a path.
 import copy
 import errno
 import fcntl
+import heapq
 import json
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Optional
 
 from twisted.application import service
 from twisted.internet import defer
@@ -69,7 +93,7 @@ from . import bounce, client, convert, crashpoint, factotum, relay
 from .local import at_form
 from .logs import printable
 from .session import Transaction
-from .store import by_relay, fsync_paths, write_envelope
+from .store import GroupCommit, by_relay, fsync_paths, write_envelope
 from .tarpit import doubling
 
 log = Logger(namespace="queue")
@@ -79,6 +103,9 @@ CORRUPT = "corrupt"
 FLUSH = ".flush"
 ROUTING = "routing.json"  # in the mail root
 FLUSH_POLL = 5.0
+# jobs looked at in one turn of the reactor: a start-up over a long queue
+# (every envelope read once) lets the server answer in between
+SCAN_BATCH = 500
 ORPHAN_AGE = 3600.0
 NULL_SENDER = "/dev/null"
 # the only names a job has: ``store.new_id``'s seconds, a dot, 12 hex digits
@@ -219,6 +246,14 @@ def normalize(record, qid):
 
 # -- files ----------------------------------------------------------------
 
+@dataclass(eq=False)
+class Write:
+    """One change to a job's files: its envelope (``record``) or, with None, removal."""
+
+    qid: str
+    record: Optional[dict]
+
+
 class Queue:
     """The queue directory: listing, loading, saving, quarantine, deletion."""
 
@@ -261,19 +296,26 @@ class Queue:
 
     def save(self, record):
         """Write the envelope durably: temp file, fsync, rename, fsync the directory."""
-        _, env = self.paths(record["id"])
-        write_envelope(env, record)
-        fsync_paths([self.dir])
+        self.apply([Write(record["id"], record)])
 
     def remove(self, qid):
-        msg, env = self.paths(qid)
-        # the envelope goes first: a crash in between leaves an orphan
-        # message (quarantined later), never a job without its message
-        for path in (env, msg):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self.apply([Write(qid, None)])
+
+    def apply(self, writes):
+        """Envelope writes and removals, in order, then one fsync of the
+        directory for all of them (``GroupCommit`` hands over a batch)."""
+        for w in writes:
+            msg, env = self.paths(w.qid)
+            if w.record is not None:
+                write_envelope(env, w.record)
+                continue
+            # the envelope goes first: a crash in between leaves an orphan
+            # message (quarantined later), never a job without its message
+            for path in (env, msg):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         fsync_paths([self.dir])
 
     def quarantine(self, stem, why):
@@ -405,6 +447,12 @@ class QueueRunner(service.Service):
         self.inflight = {}  # (qid, dest) -> Deferred
         self.per_dest = Counter()
         self.wires = set()
+        # as many idle connections per destination as may be busy at once
+        self.connections = client.Connections(self.clock,
+                                              max_idle=settings.max_per_destination)
+        # outcome writes and removals of jobs that finish together share
+        # one thread hop and one fsync of the queue directory
+        self.writes = GroupCommit(root.run_blocking, lambda ws: self.queue.apply(ws))
         self.stopping = False
         self.done = defer.Deferred()  # once=True: fires after the pass
         self._scan_call = None
@@ -417,6 +465,21 @@ class QueueRunner(service.Service):
         # the usual backoff, so a scan never repeats it at once
         self.held = {}
         self.started = set()  # once=True: (qid, dest) already tried in this pass
+        # the index: every job we know of, and when to look at it next
+        # (``due_at``; ``_heap`` orders it, stale entries are skipped), so a
+        # scan touches only what is due.  ``fresh`` holds the records the
+        # enqueue hook handed over (with the envelope's inode, to notice a
+        # second runner's write), ``blocked`` the jobs waiting for a slot at
+        # a destination, ``elsewhere`` the jobs another runner holds.
+        self.known = set()
+        self.due_at = {}
+        self._heap = []
+        self.fresh = {}
+        self.blocked = {}
+        self.elsewhere = set()
+        self.flushing = set()
+        self._listed = None  # the queue directory's mtime when it was last listed
+        self._relist_at = 0.0  # when a scan next checks that mtime
 
     # -- service ---------------------------------------------------------
 
@@ -424,6 +487,7 @@ class QueueRunner(service.Service):
         service.Service.startService(self)
         self.stopping = False
         self.queue.tidy(self.clock.seconds())
+        self._reindex(self.clock.seconds(), force=True)
         root_hooks = getattr(self.root, "enqueued", None)
         if root_hooks is not None and self.wake not in root_hooks:
             root_hooks.append(self.wake)
@@ -438,12 +502,14 @@ class QueueRunner(service.Service):
             if call is not None and call.active():
                 call.cancel()
         self._scan_call = self._poll_call = None
-        for wire in list(self.wires):
+        idle = self.connections.wires()
+        closing = self.connections.close()  # idle ones say QUIT
+        for wire in list(self.wires - idle):
             wire.transport.abortConnection()  # their recipients stay pending
         hooks = getattr(self.root, "enqueued", None)
         if hooks is not None and self.wake in hooks:
             hooks.remove(self.wake)
-        return defer.DeferredList(list(self.inflight.values())).addCallback(
+        return defer.DeferredList(list(self.inflight.values()) + [closing]).addCallback(
             lambda _: defer.DeferredList(list(self._saving)))
 
     def whenIdle(self):
@@ -454,15 +520,82 @@ class QueueRunner(service.Service):
         self._idle_waiters.append(d)
         return d
 
-    def wake(self, qid=None):
-        """New mail (or a flush): look at the queue now."""
-        if not self.stopping:
-            self._schedule(0)
+    def wake(self, qid=None, record=None, inode=None):
+        """New mail (the enqueue hook: its id, record and envelope inode), or
+        a nudge (no id: look at the disk, where another program may have
+        written); O(1) for new mail: nothing is read."""
+        if self.stopping:
+            return
+        if qid is None:
+            self._listed = None  # the next scan lists the directory
+        elif is_queue_id(qid):
+            if record is not None:
+                try:
+                    self.fresh[qid] = (normalize(copy.deepcopy(record), qid), inode)
+                except CorruptJob:
+                    pass  # read from disk when its turn comes, and judged there
+            self._due(qid, self.clock.seconds())
+        self._schedule(0)
 
     def flush(self):
         """Retry everything now (``upas-mailq --flush``)."""
         self.flush_all = True
         self.wake()
+
+    # -- the index ---------------------------------------------------------
+
+    def _due(self, qid, when):
+        """Look at ``qid`` at ``when`` (earlier than a time it already has)."""
+        self.known.add(qid)
+        if self.due_at.get(qid, when + 1) <= when:
+            return
+        self.due_at[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+
+    def _forget(self, qid):
+        self.known.discard(qid)
+        self.due_at.pop(qid, None)
+        self.fresh.pop(qid, None)
+        self.elsewhere.discard(qid)
+        self.flushing.discard(qid)
+
+    def _pop_due(self, now):
+        """The next job whose time has come, or None; stale entries go."""
+        while self._heap and self._heap[0][0] <= now:
+            when, qid = heapq.heappop(self._heap)
+            if self.due_at.get(qid) == when:
+                del self.due_at[qid]
+                return qid
+        return None
+
+    def _reindex(self, now, force=False, flush=False):
+        """Bring the index in line with the directory, when it changed (a job
+        another program queued, delivered or deleted) or when ``force``d.
+
+        One ``listdir`` and one ``stat``; no envelope is read here (a job
+        new to us is looked at, and read, when its turn comes).
+        """
+        try:
+            mtime = os.stat(self.queue.dir).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if not force and mtime == self._listed:
+            return
+        self._listed = mtime  # before listing: a change meanwhile is seen next time
+        for name in self.queue.strays():
+            try:
+                self.queue.quarantine(name[:-4], "not a queue id")
+            except OSError as e:
+                log.error("{name}: cannot move it to queue/corrupt: {err}", name=name, err=e)
+        on_disk = set(self.queue.ids())
+        for qid in [q for q in self.known if q not in on_disk and q not in self.jobs]:
+            self._forget(qid)
+        for qid in on_disk:
+            if flush:
+                self.flushing.add(qid)
+                self._due(qid, now)
+            elif qid not in self.known:
+                self._due(qid, now)  # news to us: read when its turn comes
 
     def _poll(self):
         self._poll_call = None
@@ -499,38 +632,60 @@ class QueueRunner(service.Service):
             _log_trouble(Failure(), "cannot scan the queue", self.settings.retry_min)
             earliest = now + self.settings.retry_min
         if self.once:
-            if not self.inflight:
+            if earliest is not None and earliest <= now and not self._full():
+                self._schedule(0)  # the rest of what is due, after other events
+            elif not self.inflight:
                 self._finish_pass()
             return
         wait = self.settings.queue_scan
-        if earliest is not None:
+        if earliest is not None and not self._full():
+            # when full, a delivery that ends scans again: no busy loop
             wait = min(wait, max(earliest - now, 0))
         self._schedule(wait)
 
     def _scan_jobs(self, now, flush):
-        """Consider every job; return when the earliest one next wants attention."""
-        earliest = None
-        for name in self.queue.strays():
-            try:
-                self.queue.quarantine(name[:-4], "not a queue id")
-            except OSError as e:
-                log.error("{name}: cannot move it to queue/corrupt: {err}", name=name, err=e)
-        for qid in self.queue.ids():
+        """Consider the jobs that are due; return when the index next has one.
+
+        The directory is listed only at start-up, for a flush, and when it
+        changed since the last timed look (``queue_scan``): a wake-up for
+        new mail reads nothing but what it was handed.
+        """
+        if flush:
+            self.held.clear()
+            self._reindex(now, force=True, flush=True)
+        elif self._listed is None or now >= self._relist_at:
+            self._reindex(now)
+            self._relist_at = now + self.settings.queue_scan
+        for qid in list(self.elsewhere):  # held by another runner: ask again
+            self.elsewhere.discard(qid)
+            self._due(qid, now)
+        for _ in range(SCAN_BATCH):
             if self._full():
-                break  # a delivery that ends frees a slot and scans again
+                break
+            qid = self._pop_due(now)
+            if qid is None:
+                break
+            self._look(qid, now)
+        return self._heap[0][0] if self._heap else None
+
+    def _look(self, qid, now):
+        """Consider one job and put it back in the index for its next time."""
+        flush = qid in self.flushing
+        self.flushing.discard(qid)
+        try:
             try:
-                try:
-                    when = self._consider(qid, now, flush)
-                except CorruptJob as e:
-                    self._quarantine(qid, str(e))
-                    continue
-            except FileNotFoundError:
-                continue  # deleted meanwhile (upas-mailq --delete)
-            except Exception:
-                when = self._hold(qid, Failure(), "cannot handle this job")
-            if when is not None and (earliest is None or when < earliest):
-                earliest = when
-        return earliest
+                when = self._consider(qid, now, flush)
+            except CorruptJob as e:
+                self._forget(qid)
+                self._quarantine(qid, str(e))
+                return
+        except FileNotFoundError:
+            self._forget(qid)  # deleted meanwhile (upas-mailq --delete)
+            return
+        except Exception:
+            when = self._hold(qid, Failure(), "cannot handle this job")
+        if when is not None:
+            self._due(qid, when)
 
     def _hold(self, qid, failure, what):
         """Work on a job failed: log it once and hold the job for the usual backoff."""
@@ -549,7 +704,9 @@ class QueueRunner(service.Service):
         held = self.held.get(qid)
         if held is not None and held[1] > now:
             return held[1]
-        record = self.jobs.get(qid)
+        record, inode = self.jobs.get(qid), None
+        if record is None:
+            record, inode = self.fresh.pop(qid, (None, None))
         if record is None:
             record = self.queue.load(qid)
         smarthost = self.settings.smarthost
@@ -568,21 +725,51 @@ class QueueRunner(service.Service):
             return None
         if flush:
             record["next"] = {}
+        full = False
         for dest, rcpts in due_groups(record, now, smarthost).items():
             if (qid, dest) in self.inflight or (qid, dest) in self.started:
                 continue
-            if self._full() or self.per_dest[dest] >= self.settings.max_per_destination:
-                continue  # a delivery that ends scans again
+            if self._full():
+                full = True  # a delivery that ends scans again
+                break
+            if self.per_dest[dest] >= self.settings.max_per_destination:
+                # a delivery to ``dest`` that ends brings it back
+                self.blocked.setdefault(dest, deque()).append(qid)
+                continue
             if qid not in self.locks:
                 fd = self.queue.lock(qid)
                 if fd is None:
-                    return None  # another runner has it
+                    self.fresh.pop(qid, None)
+                    self._elsewhere(qid)
+                    return None
                 self.locks[qid] = fd
+                if inode is not None and inode != self._inode(qid):
+                    self._unlock(qid)  # another runner wrote it first: read that
+                    return self._consider(qid, now, flush)
                 self.jobs[qid] = record
             self._start(record, dest, rcpts)
+        if inode is not None and qid not in self.locks:
+            self.fresh[qid] = (record, inode)  # not started: keep it for its turn
+        if full:
+            return now
         busy = {dest for (q, dest) in self.inflight if q == qid}
         when = next_due(record, smarthost, busy)
         return when if when is not None and when > now else None
+
+    def _elsewhere(self, qid):
+        """Another runner holds the job: ask again at the next scan; a job
+        that is gone is forgotten."""
+        _, env = self.queue.paths(qid)
+        if os.path.exists(env):
+            self.elsewhere.add(qid)
+        else:
+            self._forget(qid)
+
+    def _inode(self, qid):
+        try:
+            return os.stat(self.queue.paths(qid)[1]).st_ino
+        except FileNotFoundError:
+            return None
 
     def _quarantine(self, qid, why):
         self._unlock(qid)
@@ -591,8 +778,40 @@ class QueueRunner(service.Service):
     def _unlock(self, qid):
         fd = self.locks.pop(qid, None)
         self.jobs.pop(qid, None)
-        if fd is not None:
+        if fd is None:
+            return
+        if qid in self.known:
             os.close(fd)
+        else:
+            # the last close of a removed job's message frees its blocks: a
+            # file-system transaction, kept off the reactor
+            self.root.run_blocking(os.close, fd).addErrback(
+                lambda f: log.failure("closing a removed job's message", f))
+
+    def _reschedule(self, qid):
+        """A job's work ended: its next time, from the record in hand (no read)."""
+        if qid not in self.known:
+            return  # removed
+        held = self.held.get(qid)
+        if held is not None:
+            self._due(qid, held[1])
+            return
+        record = self.jobs.get(qid)
+        when = next_due(record, self.settings.smarthost) if record is not None else None
+        if when is None:
+            when = self.clock.seconds()  # left to finish off, or a record we lack
+        self._due(qid, when)
+
+    def _unblock(self, dest):
+        """A slot at ``dest`` is free: the first job waiting for one is due."""
+        waiting = self.blocked.get(dest)
+        while waiting:
+            qid = waiting.popleft()
+            if qid in self.known:
+                self._due(qid, self.clock.seconds())
+                break
+        if not waiting:
+            self.blocked.pop(dest, None)
 
     # -- delivering ------------------------------------------------------
 
@@ -633,7 +852,10 @@ class QueueRunner(service.Service):
             if not self.per_dest[dest]:
                 del self.per_dest[dest]
             if not any(k[0] == qid for k in self.inflight):
+                if qid in self.locks:
+                    self._reschedule(qid)
                 self._unlock(qid)
+            self._unblock(dest)
             self._schedule(0)  # a slot is free: see what else is due
             if not self.inflight:
                 waiters, self._idle_waiters = self._idle_waiters, []
@@ -661,7 +883,8 @@ class QueueRunner(service.Service):
                                         rcpts, self.client_options(), self.reactor,
                                         self.resolver, self.clock, watch=self._watch,
                                         outcome=outcome, queue_id=qid,
-                                        smtputf8=bool(record.get("smtputf8")))
+                                        smtputf8=bool(record.get("smtputf8")),
+                                        connections=self.connections)
         if not recorded:  # no conversation took place (DNS, dialling)
             yield self._record(record, dest, result)
         if qid not in self.jobs:
@@ -704,8 +927,12 @@ class QueueRunner(service.Service):
                                                  self.settings.retry_max)
             record["last_error"] = " ".join((result.report[-1] if result.report
                                              else result.status).split())
-        return self._save(record).addCallback(
-            lambda _: crashpoint.reached("queue.after-save"))
+        others = any(q == qid and d != dest for q, d in self.inflight)
+        if nothing_pending(record) and not unreturned(record) and not others:
+            d = self._remove(qid)  # all done: the removal is the durable outcome
+        else:
+            d = self._save(record)
+        return d.addCallback(lambda _: crashpoint.reached("queue.after-save"))
 
     def _watch(self, wire):
         self.wires.add(wire)
@@ -716,7 +943,7 @@ class QueueRunner(service.Service):
         qid = record["id"]
         lock = self._save_locks.setdefault(qid, defer.DeferredLock())
         snapshot = copy.deepcopy(record)
-        d = lock.run(self.root.run_blocking, self.queue.save, snapshot)
+        d = lock.run(self.writes.sync, [Write(qid, snapshot)])
         self._saving.add(d)
 
         def done(result):
@@ -726,6 +953,11 @@ class QueueRunner(service.Service):
             return result
 
         return d.addBoth(done)
+
+    def _written(self, qid):
+        """Fires once the writes of ``qid`` under way are durable."""
+        lock = self._save_locks.get(qid)
+        return lock.run(lambda: None) if lock is not None else defer.succeed(None)
 
     @defer.inlineCallbacks
     def _return_failures(self, record):
@@ -769,9 +1001,19 @@ class QueueRunner(service.Service):
         """Every recipient is done: return the failures, then remove the job."""
         qid = record["id"]
         yield self._return_failures(record)
-        yield self._save(record)  # wait for earlier writes before removing
-        yield self.root.run_blocking(self.queue.remove, qid)
-        log.info("{id}: removed from the queue", id=qid)
+        if qid in self.known:  # not removed with its last outcome already
+            yield self._remove(qid)
+
+    def _remove(self, qid):
+        """Remove the job once its earlier writes are done; fires when durable."""
+        d = self._written(qid)  # a removal is the last word
+        d.addCallback(lambda _: self.writes.sync([Write(qid, None)]))
+
+        def removed(_):
+            self._forget(qid)
+            log.info("{id}: removed from the queue", id=qid)
+
+        return d.addCallback(removed)
 
     def _expire(self, record, now):
         qid = record["id"]

@@ -93,7 +93,7 @@ class Settings:
     mx_port: int = 25  # port MX hosts are dialled on (labs and tests change it)
     ipv6: bool = False  # also dial AAAA addresses
     max_deliveries: int = 20  # concurrent deliveries in all
-    max_per_destination: int = 4  # concurrent deliveries to one domain
+    max_per_destination: int = 20  # concurrent deliveries to one domain (Postfix: 20)
     retry_min: float = 300.0  # first retry after a temporary failure
     retry_max: float = 3600.0  # longest wait between retries
     max_queue_age: float = 2 * 86400.0  # then the message is returned (upas runq)

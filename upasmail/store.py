@@ -411,7 +411,8 @@ class MailRoot:
         self.spool_limit = SPOOL_MEMORY
         self.fsync = fsync_paths
         self._mailboxes = {}  # mbox path -> DeferredLock, while another program holds it
-        self.enqueued = []  # callables(queue id): the queue runner wakes up
+        self.enqueued = []  # callables(queue id, record, inode): the queue runner wakes up
+        self._queued = {}  # queue id -> (record, inode of its .env) until the hooks have it
 
     def configure(self, domain, ours=None):
         """Our domain (Delivered-To, bare senders) and which alias targets are local.
@@ -539,9 +540,11 @@ class MailRoot:
         return tuple(dict.fromkeys(names)), paths
 
     def _wake(self, result, qid):
+        # the runner gets the record it would otherwise read back from disk
+        record, inode = self._queued.pop(qid, (None, None))
         for hook in list(self.enqueued):
             try:
-                hook(qid)
+                hook(qid, record, inode)
             except Exception:
                 log.failure("queue wake-up failed")
         return result
@@ -701,24 +704,30 @@ class MailRoot:
         if not queued:
             return results
         renamed = []
-        for i, msg, tmp, env in queued:
+        for i, msg, tmp, env, record in queued:
             try:
                 self.fsync([msg, tmp])
                 os.rename(tmp, env)
+                inode = os.stat(env).st_ino
             except Exception:
                 results[i] = (False, Failure())
                 continue
-            renamed.append(i)
+            renamed.append((i, record, inode))
         try:
             self.fsync([self.queue])
         except Exception:
             failure = Failure()
-            for i in renamed:
+            for i, _, _ in renamed:
                 results[i] = (False, failure)
+            return results
+        if self.enqueued:  # the runner gets the record instead of reading it back
+            for i, record, inode in renamed:
+                self._queued[record["id"]] = (record, inode)
         return results
 
     def _enqueue(self, spool, envelope, remote):
-        """Write one job's files, unsynced: ``(.msg, .env temp file, .env)``.
+        """Write one job's files, unsynced: ``(.msg, .env temp file, .env,
+        record)``.
 
         ``_sync_batch`` fsyncs both and only then renames the temp file:
         the ``.env`` file appears last, whole and atomically, and marks the
@@ -744,4 +753,4 @@ class MailRoot:
         }
         with open(env + ".tmp", "w") as f:
             json.dump(record, f)
-        return msg, env + ".tmp", env
+        return msg, env + ".tmp", env, record

@@ -52,7 +52,7 @@ QUEUE_PARAMETERS = [
                                     "AUTH at the smarthost"],
     ["mx-port", None, 25, "port mail servers are dialled on (labs and tests only)", int],
     ["max-deliveries", None, 20, "deliveries at once", int],
-    ["max-per-destination", None, 4, "deliveries at once to one domain", int],
+    ["max-per-destination", None, 20, "deliveries at once to one domain", int],
     ["retry-min", None, 300.0, "first retry after a temporary failure, seconds", float],
     ["retry-max", None, 3600.0, "longest wait between retries, seconds", float],
     ["max-queue-age", None, 172800.0, "seconds before an undeliverable message is returned "

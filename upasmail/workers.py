@@ -330,7 +330,8 @@ def run(number, argv, reactor=None):
         settings, options["listen"], reactor, endpoint=adopted_endpoint(reactor, original),
         store=store, resolver=smtpd_service.makeResolver(reactor, options.get("resolverAddress")))
     top.factory.root.enqueued.append(
-        lambda qid: channel.callRemote(statestore.Enqueued, qid=qid))
+        # the id is enough: the main process reads that one envelope
+        lambda qid, record=None, inode=None: channel.callRemote(statestore.Enqueued, qid=qid))
 
     def reload():
         tap_smtpd.reload_service(top, options)
