@@ -121,6 +121,12 @@ class UpasESMTP(smtp.ESMTP):
         self.clock = clock
         self.timeout = settings.idle_timeout
         self.host = settings.dom
+        # what every connection sets, set first and in one order: the
+        # instance dictionaries then share one key table and stay small
+        self._busy = self._waiting = self._paused = self._draining = False
+        self._buf = b""
+        self.session = self.log = self.delivery = self._helo = self._phaseTimer = None
+        self.canStartTLS = self._greeted = False
 
     @property
     def callLater(self):
@@ -378,9 +384,10 @@ class UpasESMTP(smtp.ESMTP):
             if not self._waiting:  # else answered at once: _drain goes on
                 self._drain()
         if not self._busy:
-            waiters, self._quietWaiters = self._quietWaiters, ()
-            for d in waiters:
-                d.callback(None)
+            if self._quietWaiters:
+                waiters, self._quietWaiters = self._quietWaiters, ()
+                for d in waiters:
+                    d.callback(None)
             self._closeIfIdle()
         return None
 
