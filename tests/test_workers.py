@@ -141,6 +141,20 @@ class StateChannelTests(unittest.TestCase):
         self.assertEqual((dict(self.local.perPeer), self.local.total), ({"192.0.2.1": 1}, 1))
 
 
+    def test_a_dead_worker_gives_back_its_auth_checks_under_way(self):
+        # two failures, then a check under way when the worker dies (found
+        # by the review: it counted for ever and locked the address out)
+        for _ in range(2):
+            self.assertTrue(self.ask(self.remote.authBegin("192.0.2.1")))
+            self.ask(self.remote.authFailed("192.0.2.1"))
+        self.local.throttle.limit = 3
+        self.assertTrue(self.ask(self.remote.authBegin("192.0.2.1")))
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.local.throttle._records["192.0.2.1"].pending, 0)
+        self.assertTrue(self.successResultOf(self.local.authBegin("192.0.2.1")))
+
+
 class HeldStore(statestore.LocalStateStore):
     """A store whose connection answers wait until the test gives them."""
 

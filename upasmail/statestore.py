@@ -247,6 +247,7 @@ class StateServer(Channel):
         self.enqueued = enqueued
         self.lost = lost
         self.held = Counter()  # (ip, exempt) -> connections of this worker
+        self.checking = Counter()  # ip -> AUTH checks of this worker under way
 
     @AcquireConnection.responder
     def acquireConnection(self, ip, exempt, perPeer, total):
@@ -267,19 +268,34 @@ class StateServer(Channel):
 
     @AuthBegin.responder
     def authBegin(self, ip):
-        return self.store.authBegin(ip).addCallback(lambda ok: {"ok": ok})
+        def begun(ok):
+            if ok:
+                self.checking[ip] += 1
+            return {"ok": ok}
+
+        return self.store.authBegin(ip).addCallback(begun)
+
+    def _checked(self, ip):
+        """One of this worker's AUTH checks for ``ip`` has ended."""
+        if self.checking[ip] > 0:
+            self.checking[ip] -= 1
+            if not self.checking[ip]:
+                del self.checking[ip]
 
     @AuthFailed.responder
     def authFailed(self, ip):
+        self._checked(ip)
         return self.store.authFailed(ip).addCallback(
             lambda r: {"wait": r[0], "failures": r[1], "limit": r[2]})
 
     @AuthSucceeded.responder
     def authSucceeded(self, ip):
+        self._checked(ip)
         return self.store.authSucceeded(ip).addCallback(lambda _: {})
 
     @AuthAbandoned.responder
     def authAbandoned(self, ip):
+        self._checked(ip)
         return self.store.authAbandoned(ip).addCallback(lambda _: {})
 
     @IsWhitelisted.responder
@@ -309,11 +325,17 @@ class StateServer(Channel):
         return {}
 
     def releaseAll(self):
-        """The worker is gone: nothing it held counts any more."""
+        """The worker is gone: nothing it held counts any more (its
+        connections, and the AUTH checks it had under way, which would
+        otherwise count against their addresses for ever)."""
         held, self.held = self.held, Counter()
         for (ip, exempt), n in held.items():
             for _ in range(n):
                 self.store.releaseConnection(ip, exempt)
+        checking, self.checking = self.checking, Counter()
+        for ip, n in checking.items():
+            for _ in range(n):
+                self.store.authAbandoned(ip)
 
     def connectionLost(self, reason):
         Channel.connectionLost(self, reason)
