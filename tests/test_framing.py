@@ -50,3 +50,20 @@ def test_end_of_data_only_on_a_crlf_dot_line():
     assert framing.next_block(b"a\r\n.\r\nRSET\r\n", 0) == (6, b"a\r\n", True)
     assert framing.next_block(b"a\n.\nb\r\n", 0) == (7, b"a\n.\nb\r\n", False)
     assert framing.next_block(b"partial", 0) == (0, b"", False)
+
+
+def test_a_line_of_exactly_the_limit_with_its_cr_and_lf_in_two_reads():
+    # found by the review: the CR was counted as part of the line
+    from upasmail import testing
+    import tempfile
+    s = testing.make_settings("", root=tempfile.mkdtemp(), max_data_line=100)
+    d = testing.Dialogue(s, peer="127.0.0.1", mailboxes=("bob",))
+    d.send("HELO client.example.net")
+    d.send("MAIL FROM:<a@example.org>")
+    d.send("RCPT TO:<bob>")
+    assert d.send("DATA")[0].startswith("354")
+    assert d.raw(b"Subject: L\r\n\r\n" + b"x" * 100 + b"\r") == []
+    assert d.raw(b"\n.\r\n")[0].startswith("250")
+    command = b"NOOP" + b" " * (s.max_command_line - 4)
+    assert d.raw(command + b"\r") == []
+    assert d.raw(b"\n")[0].startswith("250")

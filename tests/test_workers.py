@@ -253,6 +253,20 @@ class LogRelayTests(unittest.TestCase):
                           ("stdout#info w2", LogLevel.info, "printed by someone")])
 
 
+    def test_lines_logged_as_the_reactor_stops_are_flushed(self):
+        # a worker's last disconnect lines were lost at SIGTERM (the review)
+        written = []
+        clock = task.Clock()
+        relay = workers.log_relay(written.append, clock)
+        from twisted.logger import Logger
+        Logger(namespace="smtpd", observer=relay).info("disconnect from {ip}", ip="192.0.2.1")
+        relay.flush()  # no reactor turn comes any more
+        self.assertEqual(len(written), 1)
+        self.assertIn(b"disconnect from 192.0.2.1", written[0])
+        clock.advance(0)  # the turn that was scheduled finds nothing left
+        self.assertEqual(len(written), 1)
+
+
 class BackoffTests(unittest.TestCase):
     def test_a_dying_worker_waits_longer_each_time_up_to_a_bound(self):
         clock = task.Clock()

@@ -77,6 +77,12 @@ def _text(resp):
     return str(resp)
 
 
+def _partial_too_long(buf, start, limit):
+    """Is the line still arriving at ``buf[start:]`` already over ``limit``?
+    A CR at its end may be the start of its CRLF, so it is not counted."""
+    return len(buf) - start - buf.endswith(b"\r") > limit
+
+
 @implementer(IHandshakeListener)
 class UpasESMTP(smtp.ESMTP):
     # Per-connection state that most connections never change lives here,
@@ -271,7 +277,7 @@ class UpasESMTP(smtp.ESMTP):
                 limit = (self.settings.max_data_line if self.mode == DATA
                          else self.settings.max_command_line)
                 if end < 0:
-                    if len(buf) - pos > limit:
+                    if _partial_too_long(buf, pos, limit):
                         if not self._skipping:
                             self._lineTooLong()
                             self._skipping = True
@@ -325,7 +331,7 @@ class UpasESMTP(smtp.ESMTP):
         if ended:
             self._handle(self._lineResult, b".")
             return consumed, True
-        if len(buf) - consumed > limit:  # an over-long line still arriving
+        if _partial_too_long(buf, consumed, limit):  # an over-long line still arriving
             self._lineTooLong()
             self._skipping = True
             return len(buf) - 1, False  # keep a CR that may start CRLF

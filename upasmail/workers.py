@@ -271,6 +271,8 @@ def log_relay(write, reactor):
     pending = []
 
     def send():
+        if not pending:  # already sent (a flush came before the reactor's turn)
+            return
         data = "".join(pending).encode("utf-8")
         del pending[:]
         try:
@@ -291,7 +293,9 @@ def log_relay(write, reactor):
                                    (event.get("log_level") or LogLevel.info).name,
                                    text]) + "\n")
 
-    return FilteringLogObserver(observe, [logs.DNSNoise()])
+    observer = FilteringLogObserver(observe, [logs.DNSNoise()])
+    observer.flush = send  # events logged after the reactor's last turn
+    return observer
 
 
 def write_all(fd):
@@ -313,8 +317,8 @@ def run(number, argv, reactor=None):
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX,
                                   protocol.Factory.forProtocol(lambda: channel))
     os.close(CHANNEL_FD)  # the reactor has its own copy
-    globalLogBeginner.beginLoggingTo([log_relay(write_all(sys.stdout.fileno()), reactor)],
-                                     redirectStandardIO=False)
+    relay = log_relay(write_all(sys.stdout.fileno()), reactor)
+    globalLogBeginner.beginLoggingTo([relay], redirectStandardIO=False)
     options = tap_smtpd.Options()
     try:
         options.parseOptions(argv)
@@ -341,6 +345,7 @@ def run(number, argv, reactor=None):
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
+    relay.flush()  # the lines of the last sessions, logged as the reactor stopped
     return 0
 
 
