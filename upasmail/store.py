@@ -12,17 +12,21 @@ Layout under ``<root>`` (upas's /mail, relocated):
 
 Durability promise: a message is acknowledged (250) only after every file
 it went into, and every directory entry that was created for it, has been
-fsynced.  ``GroupCommit`` lets many messages that finish together share
-one batch of fsyncs: each caller still waits for a batch that started after
-its own write, so the promise is not weakened.
+fsynced.  A message being received is kept in memory (``Spool``) unless it
+is large.  The ``Batcher`` writes every message finished since the last
+batch together (each mailbox locked once, queue jobs with them) and syncs
+them together; each message still waits for an fsync that started after
+its own write, and replies follow the order batches were written, so the
+promise is not weakened.  ``GroupCommit`` does the same for the queue's
+state writes.
 
-Mailboxes: appends to one mailbox are serialised here, in the reactor (a
-``DeferredLock`` per mailbox), so at most one pool thread works on a
-mailbox at a time.  When another program holds a mailbox, the retries are
-scheduled on the clock (``LOCK_RETRY`` doubling up to ``LOCK_RETRY_MAX``)
-and no thread waits; after ``LOCK_TIMEOUT`` seconds the message fails
-(451).  ``prepare`` breaks the mailbox locks a crash left behind and cuts
-back the partial message they record (``mbox.recover``).
+Mailboxes: when another program holds a mailbox (``mbox.Busy``), its
+copies wait in the reactor (a ``DeferredLock`` per held mailbox) and are
+tried again on the clock (``LOCK_RETRY`` doubling up to
+``LOCK_RETRY_MAX``); no thread waits, and other mailboxes go on at once;
+after ``LOCK_TIMEOUT`` seconds the message fails (451).  ``prepare``
+breaks the mailbox locks a crash left behind and cuts back the partial
+message they record (``mbox.recover``).
 """
 
 import collections
@@ -402,7 +406,6 @@ class MailRoot:
         self.configure(domain, ours)
         self._run = self.run_blocking = run_blocking
         self._clock = clock
-        self.commit = GroupCommit(run_blocking)
         # ``sync_blocking``: where the writer's batches run off the reactor
         # thread (a ``SyncThread`` in the server; ``run_blocking`` if not given)
         self.writer = Batcher(sync_blocking or run_blocking, self._write_batch,
