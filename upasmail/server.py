@@ -95,17 +95,10 @@ class UpasESMTP(smtp.ESMTP):
     ctx = None
     challengers = {}  # Twisted's AUTH table, unused: AUTH is ours (``auth``)
     authenticated = False
-    session = None
-    _buf = b""
-    _busy = False
-    _waiting = False  # inside _handle, for a reply that comes at once
-    _paused = False
-    _draining = False
     _skipping = False
     _messages = None
     _dataRefused = None
     _quietWaiters = ()
-    _phaseTimer = None
     _lost = False
     _exchange = None  # the AUTH exchange under way
     _dropPlaintext = False
@@ -113,7 +106,6 @@ class UpasESMTP(smtp.ESMTP):
     _closing = False  # the server is shutting down
     _closeWaiters = ()
     _accepted = 0  # messages answered 250, for the disconnect line
-    _greeted = False  # the store admitted the connection and it was greeted
 
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
                  spamfilter=None, store=None):
@@ -129,6 +121,8 @@ class UpasESMTP(smtp.ESMTP):
         self.host = settings.dom
         # what every connection sets, set first and in one order: the
         # instance dictionaries then share one key table and stay small
+        # (_waiting: inside _handle, for a reply that comes at once;
+        # _greeted: the store admitted the connection and it was greeted)
         self._busy = self._waiting = self._paused = self._draining = False
         self._buf = b""
         self.session = self.log = self.delivery = self._helo = self._phaseTimer = None
@@ -293,7 +287,7 @@ class UpasESMTP(smtp.ESMTP):
                 if len(line) > limit:
                     self._lineTooLong()
                     continue
-                self._handle(self._lineResult, line)
+                self._handle(self.lineReceived, line)
                 if self._dropPlaintext:
                     # CVE-2011-0411: bytes behind STARTTLS were sent in the
                     # clear and may be an attacker's; the client must resend
@@ -321,15 +315,15 @@ class UpasESMTP(smtp.ESMTP):
             elif (framing.clean(block, limit)
                   and self._dataSize + len(block) <= self.settings.message_limit):
                 self._dataSize += len(block)
-                self._handle(self._blockResult, block)
+                self._blockReceived(block)
             else:
                 for line in framing.lines(block):
                     if len(line) > limit:
                         self._lineTooLong()
                     else:
-                        self._handle(self._lineResult, line)
+                        self._handle(self.lineReceived, line)
         if ended:
-            self._handle(self._lineResult, b".")
+            self._handle(self.lineReceived, b".")
             return consumed, True
         if _partial_too_long(buf, consumed, limit):  # an over-long line still arriving
             self._lineTooLong()
@@ -337,10 +331,8 @@ class UpasESMTP(smtp.ESMTP):
             return len(buf) - 1, False  # keep a CR that may start CRLF
         return consumed, False
 
-    def _lineResult(self, line):
-        return self.lineReceived(line)
-
-    def _blockResult(self, block):
+    def _blockReceived(self, block):
+        """Clean DATA lines, many at once: to every message of the transaction."""
         data = framing.unstuff(block)
         try:
             for m in self._messages:
