@@ -33,6 +33,15 @@ class ConfigError(Exception):
     """A configuration problem, with file and line where known."""
 
 
+def report(errors, text):
+    """A broken line: raised when ``errors`` is None (the server stops at
+    the first), else added to it and the line skipped (``--check-config``
+    lists them all)."""
+    if errors is None:
+        raise ConfigError(text)
+    errors.append(text)
+
+
 @dataclass(frozen=True)
 class SmtpdConf:
     defaultdomain: Optional[str] = None
@@ -92,8 +101,8 @@ def _onoff(values):
     return values[0] == "on"
 
 
-def parse(text, filename="smtpd.conf"):
-    """Parse smtpd.conf text into an SmtpdConf; raise ConfigError."""
+def parse(text, filename="smtpd.conf", errors=None):
+    """Parse smtpd.conf text into an SmtpdConf; raise ConfigError (see ``report``)."""
     fields = {}
     ournets = None
     ourdomains = []
@@ -135,7 +144,7 @@ def parse(text, filename="smtpd.conf"):
             else:
                 raise ValueError("unknown keyword %r" % keyword)
         except ValueError as e:
-            raise ConfigError("%s:%d: %s" % (filename, lineno, e)) from None
+            report(errors, "%s:%d: %s" % (filename, lineno, e))
     return SmtpdConf(
         ournets=tuple(ournets) if ournets is not None else None,
         ourdomains=tuple(ourdomains),

@@ -31,7 +31,7 @@ import re
 import string
 
 from .address import NULL_SENDER
-from .conf import ConfigError, WatchedFile, read_text
+from .conf import WatchedFile, report
 from .decision import Accept, reject
 from .replies import ALIAS_TOO_LARGE, ALIASES_UNREADABLE, USER_UNKNOWN
 
@@ -69,11 +69,12 @@ def mailbox_name_ok(user):
     return bool(_MAILBOX_NAME.match(user))
 
 
-def parse_aliases(text, filename="aliases"):
+def parse_aliases(text, filename="aliases", errors=None):
     """``name: target, target`` lines -> {name: (target, ...)}; names lowercased.
 
     Programs (``|cmd``), files (``/path``) and ``:include:`` are not
-    supported: such a line is an error naming the file and line.
+    supported: such a line is an error naming the file and line
+    (``conf.report``).
     """
     table = {}
     entries = []  # [lineno, text] with continuation lines joined
@@ -83,8 +84,9 @@ def parse_aliases(text, filename="aliases"):
             continue
         if line[0] in " \t":
             if not entries:
-                raise ConfigError("%s:%d: continuation line without an alias" % (filename, lineno))
-            entries[-1][1] += " " + line.strip()
+                report(errors, "%s:%d: continuation line without an alias" % (filename, lineno))
+            else:
+                entries[-1][1] += " " + line.strip()
             continue
         entries.append([lineno, line])
     for lineno, line in entries:
@@ -92,19 +94,22 @@ def parse_aliases(text, filename="aliases"):
         name = fold(name.strip())
         targets = tuple(t.strip() for t in rest.split(",") if t.strip())
         where = "%s:%d: " % (filename, lineno)
+        bad = [t for t in targets
+               if t[0] in "|/\"" or t.startswith(":include:") or not _NAME.match(t)]
         if not colon or not _NAME.match(name):
-            raise ConfigError(where + "expected 'name: target, target'")
-        if not targets:
-            raise ConfigError(where + "alias %r has no target" % name)
-        for t in targets:
-            if t[0] in "|/\"" or t.startswith(":include:") or not _NAME.match(t):
-                raise ConfigError(where + "unsupported alias target %r "
-                                  "(local user names and addresses only)" % t)
-        table[name] = targets
+            report(errors, where + "expected 'name: target, target'")
+        elif not targets:
+            report(errors, where + "alias %r has no target" % name)
+        elif bad:
+            report(errors, where + "unsupported alias target %r "
+                   "(local user names and addresses only)" % bad[0])
+        else:
+            table[name] = targets
     return table
 
 
-def parse_users(text, filename="users"):
+def parse_users(text, filename="users", errors=None):
+    """One name a line; nothing in it can be wrong (``errors`` as the other parsers)."""
     names = set()
     for raw in text.splitlines():
         name = raw.split("#", 1)[0].strip()
@@ -164,15 +169,6 @@ def recipient_verdict(path, user, standing):
     if standing is Standing.UNSURE:
         return reject(451, ALIASES_UNREADABLE.format(path=path))
     return reject(550, USER_UNKNOWN.format(path=path))
-
-
-def check_files(lib):
-    """Parse ``<lib>/aliases`` and ``<lib>/users`` if they exist; ConfigError
-    (``file:line: ...``) if one is broken: start-up stops, as for ratify."""
-    for name, parse in (("aliases", parse_aliases), ("users", parse_users)):
-        path = os.path.join(lib, name)
-        if os.path.exists(path):
-            parse(read_text(path), path)
 
 
 def _host(component):

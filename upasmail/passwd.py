@@ -37,7 +37,7 @@ from twisted.cred import checkers, credentials, error
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .conf import ConfigError, WatchedFile, read_text
+from .conf import ConfigError, WatchedFile, read_text, report
 
 log = Logger(namespace="smtpd")
 
@@ -73,8 +73,9 @@ def parse_secret(text):
     return text.encode("utf-8"), hashed
 
 
-def parse(text, filename="passwd"):
-    """``{user: (secret, hashed)}`` from the file's text; ConfigError names the line."""
+def parse(text, filename="passwd", errors=None):
+    """``{user: (secret, hashed)}`` from the file's text; ConfigError names
+    the line (``conf.report``)."""
     entries = {}
     for n, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
@@ -82,14 +83,16 @@ def parse(text, filename="passwd"):
             continue
         fields = line.split(":")
         if len(fields) < 2 or not fields[0]:
-            raise ConfigError("%s:%d: expected user:secret" % (filename, n))
+            report(errors, "%s:%d: expected user:secret" % (filename, n))
+            continue
         user = fields[0].encode("utf-8")
         if user in entries:
-            raise ConfigError("%s:%d: user %s listed twice" % (filename, n, fields[0]))
+            report(errors, "%s:%d: user %s listed twice" % (filename, n, fields[0]))
+            continue
         try:
             entries[user] = parse_secret(fields[1])
         except ValueError as e:
-            raise ConfigError("%s:%d: %s" % (filename, n, e)) from None
+            report(errors, "%s:%d: %s" % (filename, n, e))
     return entries
 
 

@@ -32,7 +32,7 @@ from typing import Dict, Tuple
 
 from twisted.logger import Logger
 
-from .conf import ConfigError, parse_network, read_text, tokenize
+from .conf import parse_network, read_text, report, tokenize
 from .relay import NetSet, domain_matches, in_nets, normalize_ip
 
 log = Logger(namespace="smtpd")
@@ -170,8 +170,9 @@ def _value_network(value):
     return parse_network(value.replace("#", "/"))
 
 
-def parse(text, filename="blocked"):
-    """Parse a ``blocked`` file; raise ConfigError naming file and line."""
+def parse(text, filename="blocked", errors=None):
+    """Parse a ``blocked`` file; raise ConfigError naming file and line
+    (``conf.report``)."""
     ip = {a: [] for a in ACTIONS}
     account = {a: [] for a in ACTIONS}
     trusted = []
@@ -200,7 +201,7 @@ def parse(text, filename="blocked"):
             if not values:
                 raise ValueError("%s without values" % verb)
         except ValueError as e:
-            raise ConfigError("%s:%d: %s" % (filename, lineno, e)) from None
+            report(errors, "%s:%d: %s" % (filename, lineno, e))
     return RatifyLists(
         ip={a: tuple(v) for a, v in ip.items() if v},
         account={a: tuple(v) for a, v in account.items() if v},

@@ -243,6 +243,15 @@ def speaks_proxy_protocol(endpoint, description):
     return foreign and "haproxy" in re.sub(r"\\(.)", r"\1", description).lower()
 
 
+OPEN_RELAY = ("relay control is OFF (norelay off) and {listen} is not loopback-only: "
+              "this server is an OPEN RELAY for anyone who can reach it")
+
+
+def open_relay(settings, listen):
+    """Do these settings on this listener make an open relay (``OPEN_RELAY``)?"""
+    return not (settings.relay_control or listens_on_loopback_only(listen))
+
+
 def listener_endpoint(reactor, description):
     """Twisted's server endpoint for ``description``; ConfigError for PROXY.
 
@@ -275,12 +284,8 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
         endpoint = listener_endpoint(reactor, listen)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
     factory = makeSmtpdFactory(settings, reactor, tidy=not adopted, **kw)
-    if not (adopted or settings.relay_control or listens_on_loopback_only(listen)):
-        log.warn(
-            "WARNING: relay control is OFF (norelay off) and {listen} is not "
-            "loopback-only: this server is an OPEN RELAY for anyone who can reach it",
-            listen=listen,
-        )
+    if not adopted and open_relay(settings, listen):
+        log.warn("WARNING: " + OPEN_RELAY, listen=listen)
     factory.fdCap = fd_cap()
     top = SmtpdService()
     # upas-runq on the same root routes as we do (smarthost, our domains);

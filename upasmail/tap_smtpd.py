@@ -187,48 +187,74 @@ class Options(usage.Options):
                 config = smtpdconf.load(self["conf"])
             except smtpdconf.ConfigError as e:
                 raise SystemExit("upas-smtpd: %s" % e)
+        for problem in self.value_problems():
+            raise usage.UsageError(problem)
+        if self["mailer"] and resolve_mailer(self["mailer"]) is None:
+            raise SystemExit("upas-smtpd: -m %s: no such executable" % self["mailer"])
+        self["mergeArgs"] = self.merge_args()
+        self["settings"] = s = settings.merge(config, **self["mergeArgs"])
+        # a broken ratify file stops start-up; later edits that break it are
+        # logged and the last good version stays in force
+        try:
+            check_files(s, self["require-auth"], bool(self["passwd"]))
+        except smtpdconf.ConfigError as e:
+            raise SystemExit("upas-smtpd: %s" % e)
+
+    def value_problems(self):
+        """Each option value the server refuses, as its one-line reason
+        (start-up stops at the first; ``--check-config`` lists them all)."""
         if self["key"] and not self["cert"]:
-            raise usage.UsageError("--key needs -c")
+            yield "--key needs -c"
         if self["smtps"] and not self["cert"]:
-            raise usage.UsageError("--smtps needs a certificate (-c)")
+            yield "--smtps needs a certificate (-c)"
         for name, least in RFC5321_MINIMUMS:
             if self[name] < least:
-                raise usage.UsageError("--%s must be at least %d (RFC 5321 4.5.3.1)"
-                                       % (name, least))
+                yield "--%s must be at least %d (RFC 5321 4.5.3.1)" % (name, least)
         for name in ("message-size-limit", "max-data-line", "max-connections",
                      "max-connections-per-peer", "data-block-timeout"):
             if self[name] <= 0:
-                raise usage.UsageError("--%s must be positive" % name)
+                yield "--%s must be positive" % name
         if self["shutdown-grace"] < 0:
-            raise usage.UsageError("--shutdown-grace cannot be negative")
+            yield "--shutdown-grace cannot be negative"
         if self["auth-fail-delay"] < 0:
-            raise usage.UsageError("--auth-fail-delay cannot be negative")
+            yield "--auth-fail-delay cannot be negative"
         for name in ("auth-max-failures", "hop-limit"):  # 0 would refuse everything
             if self[name] < 1:
-                raise usage.UsageError("--%s must be at least 1" % name)
-        if self["resolver"]:
-            self["resolverAddress"] = parse_hostport(self["resolver"])
-        check_endpoint(self["listen"])
+                yield "--%s must be at least 1" % name
+        try:
+            if self["resolver"]:
+                self["resolverAddress"] = parse_hostport(self["resolver"])
+            check_endpoint(self["listen"])
+        except usage.UsageError as e:
+            yield str(e)
         if self["workers"] < 1:
-            raise usage.UsageError("--workers must be at least 1")
-        if self["workers"] > 1 and not workers.adoptable(listener(self["listen"])):
-            raise usage.UsageError("--workers %d: the workers can share only a tcp: or ssl: "
-                                   "listener, not %s" % (self["workers"], self["listen"]))
-        if self["mailer"] and resolve_mailer(self["mailer"]) is None:
-            raise SystemExit("upas-smtpd: -m %s: no such executable" % self["mailer"])
+            yield "--workers must be at least 1"
+        elif self["workers"] > 1 and not self._adoptable_listener():
+            yield ("--workers %d: the workers can share only a tcp: or ssl: "
+                   "listener, not %s" % (self["workers"], self["listen"]))
         for name in ("idle-timeout", "mailer-timeout", "validator-timeout", "dns-timeout",
                      "session-timeout", "data-timeout"):
             if self[name] <= 0:
-                raise usage.UsageError("--%s must be positive" % name)
+                yield "--%s must be positive" % name
         for name in ("tarpit-unit", "tarpit-max"):
             if self[name] < 0:
-                raise usage.UsageError("--%s cannot be negative" % name)
+                yield "--%s cannot be negative" % name
+
+    def _adoptable_listener(self):
+        try:
+            return workers.adoptable(listener(self["listen"]))
+        except Exception:  # --listen itself is reported as broken
+            return True
+
+    def merge_args(self):
+        """The ``settings.merge`` keywords these options give; UsageError
+        for a queue option that makes no sense."""
         root = os.path.abspath(self["root"])
         paths = {k: os.path.abspath(self[o]) if self[o] else None
                  for k, o in (("lib", "lib"), ("blocked", "blocked"),
                               ("trusted_dir", "trusted-dir"), ("log_dir", "log-dir"),
                               ("passwd", "passwd"), ("cert", "cert"), ("key", "key"))}
-        self["mergeArgs"] = dict(
+        return dict(
             sysname=self["sysname"],
             domain=self["domain"],
             norelay_flag=self["norelay"],
@@ -272,25 +298,38 @@ class Options(usage.Options):
             **queue_settings(self),
             **paths,
         )
-        self["settings"] = s = settings.merge(config, **self["mergeArgs"])
-        # a broken ratify file stops start-up; later edits that break it are
-        # logged and the last good version stays in force
+
+
+def check_files(s, require_auth=False, passwd_named=False, errors=None):
+    """Read every file start-up reads: the ratify list, aliases and users,
+    the password file (when AUTH is asked for, or the file is named or
+    there), the certificate and key.  ConfigError for the first problem,
+    or, with a list ``errors``, each problem added to it (``conf.report``)."""
+    def parsed(path, parse):
         try:
-            if os.path.exists(s.path("blocked")):
-                ratify.load(s.path("blocked"))
-            # the same for aliases and users: a broken one would make every
-            # alias, or every listed user, unknown (a permanent 550)
-            local.check_files(s.path("lib"))
-            # AUTH that cannot work is a start-up error when asked for
-            if self["require-auth"] or self["passwd"] or os.path.exists(s.path("passwd")):
-                users = passwd.load(s.path("passwd"))
-                if self["require-auth"] and not users:
-                    raise smtpdconf.ConfigError("%s: no users, so -a would refuse all mail"
-                                                % s.path("passwd"))
-            if s.cert:
-                tls.CertificateFile(s.cert, s.key).load()
+            return parse(smtpdconf.read_text(path), path, errors=errors)
         except smtpdconf.ConfigError as e:
-            raise SystemExit("upas-smtpd: %s" % e)
+            smtpdconf.report(errors, str(e))
+
+    if os.path.exists(s.path("blocked")):
+        parsed(s.path("blocked"), ratify.parse)
+    # the same for aliases and users: a broken one would make every
+    # alias, or every listed user, unknown (a permanent 550)
+    for name, parse in (("aliases", local.parse_aliases), ("users", local.parse_users)):
+        path = os.path.join(s.path("lib"), name)
+        if os.path.exists(path):
+            parsed(path, parse)
+    # AUTH that cannot work is a start-up error when asked for
+    if require_auth or passwd_named or os.path.exists(s.path("passwd")):
+        users = parsed(s.path("passwd"), passwd.parse)
+        if require_auth and users == {}:
+            smtpdconf.report(errors, "%s: no users, so -a would refuse all mail"
+                             % s.path("passwd"))
+    if s.cert:
+        try:
+            tls.CertificateFile(s.cert, s.key).load()
+        except smtpdconf.ConfigError as e:
+            smtpdconf.report(errors, str(e))
 
 
 def listener(description):
