@@ -1,0 +1,397 @@
+"""``upas-smtpd --check-config``: check a configuration without starting.
+
+Takes every flag ``twistd upas-smtpd`` takes (the same ``Options``, so the
+effective configuration is the server's), plus ``--uid``/``--gid`` (the
+user and group ``twistd --uid/--gid`` will run the server as: access is
+judged for them, from each file's owner, group and mode and the user's
+groups, without switching user) and ``--changed``.
+
+Everything start-up reads goes through the server's own parsers and checks
+(``tap_smtpd.Options.value_problems`` and ``check_files``, ``conf``,
+``ratify``, ``local``, ``passwd``, ``tls``), collecting every problem
+instead of stopping at the first.  On top of that it checks what the
+server would only find out later, after dropping privileges: files re-read
+on change readable by the run user, the mail root's directories writable
+by it, the ``-m`` mailer and the validator programs executable by it, the
+certificate's dates.
+
+Errors go to ``err`` one a line (``FILE:LINE: message``, ``FILE: message``
+or ``--flag: message``) and make the exit status 1; warnings
+(``FILE: warning: message``) go there too but do not.  With no error the
+effective configuration is printed to ``out``, ``name = value`` sorted by
+name (``--changed``: only what differs from the defaults).
+docs/operations.rst lists the checks.
+
+``python -m upasmail.checkconfig [flags]`` runs it too.
+"""
+
+import dataclasses
+import datetime
+import grp
+import os
+import pwd
+import stat
+import sys
+
+from twisted.internet import ssl
+from twisted.python import usage
+from twisted.python.util import gidFromString, uidFromString
+
+from . import conf as smtpdconf
+from . import relay, service, settings, tap_smtpd
+from .mailer import resolve as resolve_mailer
+
+R, W, X = 4, 2, 1
+SECRET_FILES = ("passwd", "key", "relay_auth_file")
+EXPIRY_WARNING = datetime.timedelta(days=14)
+PATHS = ("lib", "blocked", "passwd", "trusted_dir", "log_dir")  # Settings.path
+
+
+class Options(tap_smtpd.Options):
+    synopsis = "--check-config [--uid USER] [--gid GROUP] [--changed] [upas-smtpd options]"
+    optFlags = [
+        ["check-config", None, "check the configuration (what this program does)"],
+        ["changed", None, "print only the settings that differ from the defaults"],
+    ]
+    optParameters = [
+        ["uid", None, None, "user (name or number) the server will run as "
+                            "(twistd --uid; default: this process's)"],
+        ["gid", None, None, "group (name or number) the server will run as "
+                            "(twistd --gid; default: the --uid user's group)"],
+    ]
+
+    def postOptions(self):
+        # nothing here stops: check() looks at everything and lists it all
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAs:
+    """Who the server runs as: the identity access is judged for."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: frozenset
+
+    def bits(self, st):
+        """The rwx bits of ``st``'s mode that apply to this user."""
+        if self.uid == 0:
+            # root reads and writes anything, and executes what anyone may
+            x = X if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0
+            return R | W | x
+        if st.st_uid == self.uid:
+            return (st.st_mode >> 6) & 7
+        if st.st_gid in self.groups:
+            return (st.st_mode >> 3) & 7
+        return st.st_mode & 7
+
+
+def run_as(uid_text=None, gid_text=None):
+    """The run user as twistd would make it: ``--gid`` defaults to the
+    user's group, and the groups are those ``initgroups`` gives; without
+    ``--uid``, this process's identity.  ValueError names the bad flag."""
+    if uid_text is None:
+        uid = os.geteuid()
+        gid = os.getegid() if gid_text is None else _gid(gid_text)
+        groups = set(os.getgroups()) | {gid}
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return RunAs(name, uid, gid, frozenset(groups))
+    try:
+        entry = pwd.getpwuid(uidFromString(uid_text))
+    except (KeyError, ValueError):
+        raise ValueError("--uid: no such user: %s" % uid_text) from None
+    gid = entry.pw_gid if gid_text is None else _gid(gid_text)
+    groups = os.getgrouplist(entry.pw_name, gid)
+    return RunAs(entry.pw_name, entry.pw_uid, gid, frozenset(groups))
+
+
+def _gid(text):
+    try:
+        return gidFromString(text)
+    except (KeyError, ValueError):
+        raise ValueError("--gid: no such group: %s" % text) from None
+
+
+def owner_text(st):
+    """``root:root, mode 0600`` for a stat result."""
+    def name(lookup, ident, attr):
+        try:
+            return getattr(lookup(ident), attr)
+        except KeyError:
+            return str(ident)
+
+    return "%s:%s, mode %04o" % (name(pwd.getpwuid, st.st_uid, "pw_name"),
+                                 name(grp.getgrgid, st.st_gid, "gr_name"),
+                                 stat.S_IMODE(st.st_mode))
+
+
+def access_problem(path, want, user, what):
+    """Why ``user`` cannot ``what`` (read, write...) ``path`` (rwx bits
+    ``want``), every directory above it included; None when it can."""
+    path = os.path.abspath(path)
+    parts = path.split(os.sep)
+    try:
+        for i in range(1, len(parts)):
+            directory = os.sep.join(parts[:i]) or os.sep
+            st = os.stat(directory)
+            if not user.bits(st) & X:
+                return "%s cannot %s it: %s is not searchable by %s (%s)" % (
+                    user.name, what, directory, user.name, owner_text(st))
+        st = os.stat(path)
+    except OSError as e:  # a checker run by a user who cannot look
+        return "cannot stat %s: %s" % (e.filename, e.strerror)
+    if user.bits(st) & want != want:
+        return "not %s by %s (%s)" % (
+            {R: "readable", R | W: "readable and writable", W | X: "writable",
+             X: "executable"}[want], user.name, owner_text(st))
+    return None
+
+
+class Report:
+    """The problems found: errors (exit 1) and warnings."""
+
+    def __init__(self):
+        self.errors = []  # the parsers add to it too (conf.report)
+        self.warnings = []
+
+    def error(self, text):
+        self.errors.append(text)
+
+    def warn(self, where, text):
+        self.warnings.append("%s: warning: %s" % (where, text))
+
+    def access(self, path, want, user, what):
+        problem = access_problem(path, want, user, what)
+        if problem:
+            self.error("%s: %s" % (path, problem))
+
+
+def check(options, user, now):
+    """Every problem with these options for ``user`` at ``now`` (an aware
+    datetime): (Report, Settings or None when they could not be made)."""
+    report = Report()
+    config = smtpdconf.SmtpdConf()
+    if options["conf"]:
+        try:
+            text = smtpdconf.read_text(options["conf"])
+        except smtpdconf.ConfigError as e:
+            report.error(str(e))
+        else:
+            config = smtpdconf.parse(text, options["conf"], errors=report.errors)
+    for problem in options.value_problems():
+        report.error(problem)
+    mailer = resolve_mailer(options["mailer"]) if options["mailer"] else None
+    if options["mailer"] and mailer is None:
+        report.error("-m %s: no such executable" % options["mailer"])
+    try:
+        s = settings.merge(config, **options.merge_args())
+    except usage.UsageError as e:
+        report.error(str(e))
+        return report, None
+    tap_smtpd.check_files(s, options["require-auth"], bool(options["passwd"]),
+                          errors=report.errors)
+    check_rereads(report, s, options, user)
+    if mailer:
+        report.access(mailer, X, user, "run")
+    check_programs(report, s, user)
+    check_secrets(report, s)
+    if s.cert:
+        check_dates(report, s.cert, now)
+    check_mail_root(report, s, user)
+    if service.open_relay(s, options["listen"]):
+        report.warn("--listen", service.OPEN_RELAY.format(listen=options["listen"]))
+    return report, s
+
+
+def rereads(s, conf_path=None):
+    """The files the running server reads again when they change (or on
+    SIGHUP), so the run user must be able to read them."""
+    lib = s.path("lib")
+    paths = [conf_path, s.path("blocked"), s.path("passwd"), s.cert, s.key,
+             s.relay_auth_file]
+    paths += [os.path.join(lib, n) for n in ("aliases", "users", "names.blocked", "senders")]
+    return [p for p in paths if p]
+
+
+def check_rereads(report, s, options, user):
+    for path in rereads(s, options["conf"]):
+        if os.path.exists(path):
+            report.access(path, R, user, "read")
+        elif path in (options["conf"], s.relay_auth_file):
+            report.error("%s: no such file" % path)
+
+
+def check_programs(report, s, user):
+    """The validator hooks run only when executable: one the run user
+    cannot run is silently skipped by the server."""
+    for name in ("validateaddress", "validatesender"):
+        path = os.path.join(s.path("lib"), name)
+        if os.path.isfile(path):
+            problem = access_problem(path, X, user, "run")
+            if problem:
+                report.warn(path, "%s; the server will skip this check" % problem)
+
+
+def check_secrets(report, s):
+    for name in SECRET_FILES:
+        path = s.path(name) if name == "passwd" else getattr(s, name)
+        if name == "key" and not path:
+            path = s.cert  # the key is in the -c file
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        if st and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            report.warn(path, "holds secrets and is open to other users (%s); chmod 600 it"
+                        % owner_text(st))
+
+
+def check_dates(report, path, now):
+    """An expired certificate fails every handshake; one about to expire
+    is a warning."""
+    try:
+        with open(path, "rb") as f:
+            cert = ssl.Certificate.loadPEM(f.read()).original
+    except Exception:  # unusable: check_files has said why
+        return
+    after = _asn1_time(cert.get_notAfter())
+    before = _asn1_time(cert.get_notBefore())
+    if now >= after:
+        report.error("%s: the certificate expired on %s" % (path, after.isoformat()))
+    elif now < before:
+        report.error("%s: the certificate is not valid before %s" % (path, before.isoformat()))
+    elif after - now < EXPIRY_WARNING:
+        report.warn(path, "the certificate expires on %s" % after.isoformat())
+
+
+def _asn1_time(raw):
+    return datetime.datetime.strptime(raw.decode("ascii"), "%Y%m%d%H%M%SZ").replace(
+        tzinfo=datetime.timezone.utc)
+
+
+def check_mail_root(report, s, user):
+    """The directories start-up makes (``store.MailRoot.make_directories``,
+    the -d trace and -g greylist directories) exist or can be made by the
+    run user, and are writable by it; each mailbox directory too."""
+    directories = [s.root] + [os.path.join(s.root, d) for d in ("tmp", "box", "queue")]
+    if s.debug:
+        directories.append(s.path("log_dir"))
+    if s.greylist:
+        directories.append(s.path("grey"))
+    boxes = os.path.join(s.root, "box")
+    if os.path.isdir(boxes):
+        directories += [os.path.join(boxes, n) for n in sorted(os.listdir(boxes))
+                        if os.path.isdir(os.path.join(boxes, n))]
+    uncreatable = set()  # a missing root's directories: said once, for the root
+    for path in directories:
+        if os.path.isdir(path):
+            report.access(path, W | X, user, "write")
+            check_ownership(report, path, user)
+        elif os.path.lexists(path):
+            report.error("%s: not a directory" % path)
+        else:
+            parent = nearest_existing(path)
+            problem = access_problem(parent, W | X, user, "create")
+            if problem and parent not in uncreatable:
+                uncreatable.add(parent)
+                report.error("%s: does not exist, and %s cannot create it: %s: %s"
+                             % (path, user.name, parent, problem))
+    for path in directories:
+        mbox = os.path.join(path, "mbox")
+        if path.startswith(boxes + os.sep) and os.path.isfile(mbox):
+            report.access(mbox, R | W, user, "deliver to")
+
+
+def check_ownership(report, path, user):
+    st = os.stat(path)
+    if st.st_uid != user.uid:
+        report.warn(path, "owned by %s, not by the run user %s: what the server creates "
+                          "there is %s's" % (owner_text(st).split(",")[0], user.name,
+                                             user.name))
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        report.warn(path, "anyone may write here (%s)" % owner_text(st))
+
+
+def nearest_existing(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def effective(s, options):
+    """The effective configuration: {name: value text}, every setting.
+
+    Names are ``settings.Settings`` fields (``--max-recipients`` sets
+    ``max_recipients``), the identity's parts, resolved paths, and the
+    options that are not settings (``listen``, ``workers``, ``resolver``).
+    """
+    # twistd gives flags as 0/1: the field's type says which are yes/no
+    values = {f.name: bool(getattr(s, f.name)) if f.type is bool else getattr(s, f.name)
+              for f in dataclasses.fields(s) if f.name not in ("identity", "conf")}
+    values.update(sysname=s.identity.sysname, me=s.me, dom=s.dom, names=s.identity.names)
+    for name in PATHS:
+        values[name] = s.path(name)
+    if s.ournets is None:
+        values["ournets"] = relay.DEFAULT_OURNETS
+    values.update(listen=options["listen"], workers=options["workers"],
+                  resolver=options["resolver"])
+    return {name: value_text(v) for name, v in values.items()}
+
+
+def value_text(value):
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def defaults(root):
+    """The effective configuration of no flags and no smtpd.conf, but for
+    paths that follow the mail root: those follow ``root``, so that only a
+    path set on its own counts as changed."""
+    plain = Options()
+    s = settings.merge(smtpdconf.SmtpdConf(), **plain.merge_args())
+    values = effective(s, plain)
+    s = dataclasses.replace(s, root=root)
+    values.update((name, s.path(name)) for name in PATHS)
+    return values
+
+
+def main(argv=None, out=None, err=None, now=None):
+    """Check; print problems to ``err`` and, when there is no error, the
+    effective configuration to ``out``.  0 good, 1 not.  ``argv`` may
+    start with the program's name (``upas-smtpd --check-config ...``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if argv and not argv[0].startswith("-"):
+        argv = argv[1:]
+    options = Options()
+    try:
+        options.parseOptions(argv)
+        user = run_as(options["uid"], options["gid"])
+    except (usage.UsageError, ValueError) as e:
+        print("upas-smtpd: %s" % e, file=err)
+        return 1
+    report, s = check(options, user, now or datetime.datetime.now(datetime.timezone.utc))
+    for line in report.errors + report.warnings:
+        print(line, file=err)
+    if report.errors:
+        return 1
+    values = effective(s, options)
+    unchanged = defaults(s.root) if options["changed"] else {}
+    for name in sorted(values):
+        if values[name] != unchanged.get(name):
+            print(("%s = %s" % (name, values[name])).rstrip(), file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
