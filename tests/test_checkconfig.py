@@ -234,3 +234,17 @@ def test_python_dash_m(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert (proc.returncode, proc.stderr) == (0, "")
     assert "hop_limit = 7" in proc.stdout.splitlines()
+
+
+@as_root
+def test_a_mail_root_anyone_may_write_is_a_warning(site):
+    mail = os.path.join(site, "mail")
+    for d in ("", "box", "box/bob"):
+        os.chmod(os.path.join(mail, d), 0o777)
+    for name in ("mail/lib/passwd", "key.pem"):
+        os.chown(os.path.join(site, name), 65534, 65534)
+    status, out, err = run(*flags(site), "--uid", "nobody")
+    assert status == 0, err
+    assert ("%s: warning: owned by root:root, not by the run user nobody: what the server "
+            "creates there is nobody's" % mail) in err.splitlines()
+    assert "%s: warning: anyone may write here (root:root, mode 0777)" % mail in err.splitlines()

@@ -289,8 +289,11 @@ def check_mail_root(report, s, user):
     uncreatable = set()  # a missing root's directories: said once, for the root
     for path in directories:
         if os.path.isdir(path):
-            report.access(path, W | X, user, "write")
-            check_ownership(report, path, user)
+            problem = access_problem(path, W | X, user, "write")
+            if problem:
+                report.error("%s: %s" % (path, problem))
+            else:  # usable, but perhaps not as it should be
+                check_ownership(report, path, user)
         elif os.path.lexists(path):
             report.error("%s: not a directory" % path)
         else:
