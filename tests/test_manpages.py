@@ -131,8 +131,11 @@ def render_problems(path):
     problems = []
     env = dict(os.environ, MANWIDTH="80", MANPAGER="cat", PAGER="cat", LC_ALL="C.UTF-8")
     if shutil.which("man"):
-        run = subprocess.run(["man", "--warnings", "-l", path], capture_output=True,
-                             text=True, env=env, timeout=60)
+        # man-db passes groff's warnings on with --warnings; mandoc's man has no such flag
+        man_db = "--warnings" in subprocess.run(["man", "--help"], capture_output=True,
+                                                text=True, env=env).stdout
+        run = subprocess.run(["man"] + (["--warnings"] if man_db else []) + ["-l", path],
+                             capture_output=True, text=True, env=env, timeout=60)
         if run.returncode or run.stderr.strip():
             problems.append("man -l: exit %d: %s" % (run.returncode, run.stderr))
     if shutil.which("groff"):
