@@ -399,16 +399,20 @@ def power_cut(root, fsync_log):
     """Take from the killed server's mail root what a power cut would: the
     bytes of each file past its last fsync, and each name its directory's
     last fsync did not hold (``tests/powercut`` logged the fsyncs)."""
+    # Several batches fsync at once, so their lines come in any order: what
+    # is durable is the most any fsync covered (files only grow; a name once
+    # synced in its directory is never reused), not what the last line says.
     last = {}
     if os.path.exists(fsync_log):
         with open(fsync_log) as f:
             for line in f:
                 dev, ino, size, names = json.loads(line)
-                last[dev, ino] = size, names
+                size0, names0 = last.get((dev, ino), (0, frozenset()))
+                last[dev, ino] = max(size, size0), names0.union(names or ())
     lost = []
     for d in [os.path.join(root, "box", user) for user in USERS] + [os.path.join(root, "queue")]:
         st = os.stat(d)  # the directories themselves: made before the server started
-        kept = (last.get((st.st_dev, st.st_ino)) or (0, []))[1]
+        kept = last.get((st.st_dev, st.st_ino), (0, frozenset()))[1]
         for name in os.listdir(d):
             path = os.path.join(d, name)
             # a lock's record never reached the disk: as good as no lock
