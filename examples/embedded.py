@@ -1,6 +1,6 @@
 """upas-smtpd, a web page and the upasmail client in one Twisted program.
 
-    python examples/embedded.py [--port 2525] [--web-port 8080] [--root embedded-mail]
+    .venv/bin/python examples/embedded.py [--port 2525] [--web-port 8080] [--root embedded-mail]
 
 It serves SMTP on 127.0.0.1:PORT (the upas policy, mailboxes under
 ROOT/box/, the outbound queue and its runner), and a page on
