@@ -9,7 +9,9 @@ fold, so the Kelvin sign is not a ``k``) exists when
   sendmail/Postfix aliases(5) format: ``#`` comments, continuation lines
   start with a blank), or
 * ``<lib>/users`` lists it (one name a line, ``#`` comments), or
-* it is ``postmaster``, which RFC 5321 §4.5.1 requires us to accept.
+* it is ``postmaster``, which RFC 5321 §4.5.1 requires us to accept, or
+  ``abuse`` (RFC 2142 §4), which without a line or a mailbox of its own is
+  an alias of postmaster.
 
 Alias targets are local user names or remote addresses (``bob@example.net``
 or bang form); local targets are expanded again, a name that reaches
@@ -26,6 +28,7 @@ the rest is pure.
 
 import enum
 import ipaddress
+from collections import ChainMap
 import os
 import re
 import string
@@ -36,6 +39,10 @@ from .decision import Accept, reject
 from .replies import ALIAS_TOO_LARGE, ALIASES_UNREADABLE, USER_UNKNOWN
 
 POSTMASTER = "postmaster"
+ABUSE = "abuse"
+# RFC 2142's complaints address must reach a person even on a host whose
+# aliases file never heard of it: the one nobody wrote goes to postmaster
+BUILT_IN_ALIASES = {ABUSE: (POSTMASTER,)}
 MAX_EXPANSION = 1000  # alias targets per recipient: a loop or a typo, not a list
 _NAME = re.compile(r"[^\s:#,]+\Z")
 _MAILBOX_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,63}\Z")
@@ -294,10 +301,18 @@ class Mailboxes:
         name = fold(user)
         return name in self._users.current() or self.has_box(name)
 
+    def aliases(self):
+        """The aliases file, plus a built-in alias for a role name the
+        file does not have and that has no mailbox of its own."""
+        table = self._aliases.current()
+        builtin = {name: targets for name, targets in BUILT_IN_ALIASES.items()
+                   if name not in table and not self.is_user(name)}
+        return ChainMap(table, builtin) if builtin else table
+
     def standing(self, user, is_local):
         """May mail for ``user`` be accepted: a user or an alias?  An alias is
         expanded (cheap) to see that it fits."""
-        aliases = self._aliases.current()
+        aliases = self.aliases()
         if fold(user) in aliases:
             try:
                 expand(user, aliases, is_local)
@@ -312,4 +327,4 @@ class Mailboxes:
         return Standing.UNKNOWN
 
     def expand(self, user, is_local):
-        return expand(user, self._aliases.current(), is_local)
+        return expand(user, self.aliases(), is_local)

@@ -1,5 +1,7 @@
 """Embedding API: build the upas smtpd service or factory for any reactor.
 
+The stable API and its extension points: docs/embedding.rst.
+
     from upasmail import conf, service, settings
     s = settings.merge(conf.load("smtpd.conf"), root="/var/mail/upas")
     service.makeSmtpdService(s, "tcp:2525:interface=127.0.0.1").setServiceParent(app)
@@ -71,14 +73,17 @@ def makeResolver(reactor, address=None, hosts=None):
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
                      contextFactory=None, clock=None, resolver=None, checker=None,
-                     store=None, tidy=True):
+                     store=None, tidy=True, makeDelivery=None):
     """The protocol factory; ``factory.root`` is its MailRoot.
 
     ``reactor`` starts mailer and validator processes; ``clock`` (default:
     the reactor) times sessions, tarpits, AUTH failures, dates messages and
     limits helper programs; ``resolver`` answers every DNS question;
     ``store`` (an ``IStateStore``; default: a ``LocalStateStore``) keeps
-    the state every connection shares.
+    the state every connection shares.  ``makeDelivery(session)``, when
+    given, returns the ``IMessageDelivery`` of a new connection instead of
+    the built-in one (mailboxes and queue, or ``settings.mailer``): the
+    upas policy still decides who may send what, it only stores.
     A ``settings.cert`` that cannot be used raises ConfigError.
     """
     reactor = _reactor(reactor)
@@ -103,12 +108,12 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     if settings.mailer:
         backend = Mailer(settings.mailer, reactor, settings.mailer_timeout, clock)
 
-    def makeDelivery(session):
+    def builtInDelivery(session):
         # factory.settings, not settings: SIGHUP may have replaced them
         return UpasDelivery(session, factory.settings, root, backend, clock)
 
     spamfilter = SpamFilter(settings, resolver, reactor, clock, store)
-    factory = UpasSMTPFactory(settings, makeDelivery, clock, portal=portal,
+    factory = UpasSMTPFactory(settings, makeDelivery or builtInDelivery, clock, portal=portal,
                               contextFactory=contextFactory, spamfilter=spamfilter)
     factory.root = root
     return factory
