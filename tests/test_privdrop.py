@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 
 import pytest
 
@@ -336,3 +337,114 @@ def test_password_file_in_the_run_group_is_not_exposed():
     assert not exposed(st(0o640, NOBODY), egid=NOBODY)  # root:<run group> 640
     assert exposed(st(0o640, 0), egid=NOBODY)  # root's group: other users
     assert exposed(st(0o644, NOBODY), egid=NOBODY)  # everyone
+
+
+# -- socket activation: systemd binds, the server never is root -----------------
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def activated(world, python, *args):
+    """``systemd-socket-activate`` (systemd's socket unit, by hand) binds a
+    port as root and starts, at the first connection, ``twistd upas-smtpd``
+    as nobody (``setpriv``: systemd's ``User=``) on the socket it hands on."""
+    if not shutil.which("systemd-socket-activate") or not shutil.which("setpriv"):
+        pytest.skip("needs systemd-socket-activate and setpriv")
+    port = free_port()
+    run = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+    log = open(os.path.join(world, "activated.log"), "w+")
+    proc = subprocess.Popen(
+        # --fdname: systemd names every socket (LISTEN_FDNAMES); Twisted needs it
+        ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "--fdname=upas-smtpd.socket",
+         "-E", "PYTHONPATH=" + nobody_env()["PYTHONPATH"],  # it passes on no other
+         "setpriv", "--reuid=%d" % NOBODY, "--regid=%d" % NOBODY, "--clear-groups",
+         python, "-c", run, "-n", "--pidfile=", "upas-smtpd",
+         "--listen", "systemd:domain=INET:index=0", "--root", os.path.join(world, "mail"),
+         "--sysname", "gnot.example.org", *args],
+        env=nobody_env(), stdout=log, stderr=subprocess.STDOUT, cwd=world)
+    return proc, port, log
+
+
+def test_socket_activation_never_root(world):
+    python = python_for_nobody(world)
+    make_mailbox(os.path.join(world, "mail"), "bob")  # systemd's StateDirectory= does the root
+    proc, port, log = activated(world, python)
+    try:
+        for _ in range(600):  # until systemd-socket-activate listens
+            try:
+                c = smtplib.SMTP("127.0.0.1", port, timeout=30)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        with c:
+            assert c.sendmail("alice@example.org", ["bob"], b"Subject: activated\r\n\r\nhi\r\n") == {}
+        [msg] = mailbox.mbox(os.path.join(world, "mail", "box", "bob", "mbox"))
+        assert msg["Subject"] == "activated"
+        made = owners(os.path.join(world, "mail"))
+        assert {"tmp", "queue", "routing.json"} <= set(made)
+        assert set(made.values()) == {(NOBODY, NOBODY)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.seek(0)
+        out = log.read()
+        log.close()
+    assert "Traceback" not in out
+
+
+def test_socket_activation_refuses_workers(world):
+    python = python_for_nobody(world)
+    proc, port, log = activated(world, python, "--workers", "2")
+    try:
+        for _ in range(600):
+            try:
+                socket_ = __import__("socket").create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        socket_.settimeout(30)
+        try:  # the server refused to start: no greeting
+            assert socket_.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        socket_.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.seek(0)
+        out = log.read()
+        log.close()
+    assert ("upas-smtpd: --workers 2: the workers can share only a tcp: or ssl: listener, "
+            "not systemd:domain=INET:index=0") in out
+    assert "Traceback" not in out
+
+
+def test_mail_root_error_names_the_user(world):
+    python = python_for_nobody(world)
+    proc, port, log = activated(world, python)  # nobody cannot make <world>/mail
+    try:
+        for _ in range(600):
+            try:
+                __import__("socket").create_connection(("127.0.0.1", port)).close()
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        for _ in range(600):  # it exits on its own; systemd-socket-activate stays
+            log.seek(0)
+            if "upas-smtpd:" in log.read():
+                break
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.seek(0)
+        out = log.read()
+        log.close()
+    assert ("upas-smtpd: mail root %s/mail: permission denied: %s/mail; running as nobody "
+            "(uid 65534, group nogroup)\n" % (world, world)) in out
+

@@ -433,7 +433,8 @@ def makeService(options):
     try:
         top = service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
     except OSError as e:
-        raise SystemExit("upas-smtpd: mail root %s: %s" % (s.root, e.strerror or e))
+        raise SystemExit("upas-smtpd: mail root %s: %s; running as %s" % (
+            s.root, failure_reason(e), privileges.RunUser(None, None).describe()))
     except smtpdconf.ConfigError as e:  # a file changed since the options were read
         raise SystemExit("upas-smtpd: %s" % e)
     log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
