@@ -6,6 +6,7 @@ skipped, unless UPASMAIL_REQUIRE_ROOT_TESTS=1 (CI as root) makes that a
 failure, so CI can never pass them by skipping.
 """
 
+import atexit
 import mailbox
 import os
 import pwd
@@ -39,12 +40,18 @@ def need_root():
     pytest.skip(why)
 
 
+PYTHONPATH = [ROOT, sysconfig.get_paths()["purelib"]]
+
+
 def nobody_env():
     """Our code first, then this interpreter's packages (not as a site dir:
     the editable install's .pth would point elsewhere)."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([ROOT, sysconfig.get_paths()["purelib"]])
+    e["PYTHONPATH"] = os.pathsep.join(PYTHONPATH)
     return e
+
+
+_found = []
 
 
 def python_for_nobody(cwd):
@@ -53,8 +60,27 @@ def python_for_nobody(cwd):
     The server keeps importing modules after it switched users, and its
     workers run the interpreter again: a Python under a 0700 /root (pyenv)
     cannot serve nobody, so the system's Python of the same version is
-    tried next (the compiled packages fit any build of that version).
+    tried next (the compiled packages fit any build of that version).  A
+    checkout or virtualenv nobody cannot reach (a clone under a 0700
+    directory) is copied, once, to where nobody can read it.
     """
+    if not _found:
+        python, tried = _try_pythons(cwd)
+        if python is None:
+            PYTHONPATH[:] = _reachable_copy()
+            python, more = _try_pythons(cwd)
+            tried += more
+        _found.append((python, tried))
+    python, tried = _found[0]
+    if python is not None:
+        return python
+    why = "no Python that nobody can run with our packages: " + "; ".join(tried)
+    if os.environ.get("UPASMAIL_REQUIRE_ROOT_TESTS") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def _try_pythons(cwd):
     version = "python%d.%d" % sys.version_info[:2]
     tried = []
     for candidate in (sys.executable, shutil.which(version, path="/usr/bin:/usr/local/bin")):
@@ -68,12 +94,26 @@ def python_for_nobody(cwd):
             tried.append("%s: %s" % (candidate, e))
             continue
         if r.returncode == 0:
-            return candidate
+            return candidate, tried
         tried.append("%s: %s" % (candidate, (r.stderr.strip().splitlines() or ["?"])[-1]))
-    why = "no Python that nobody can run: " + "; ".join(tried)
-    if os.environ.get("UPASMAIL_REQUIRE_ROOT_TESTS") == "1":
-        pytest.fail(why)
-    pytest.skip(why)
+    return None, tried
+
+
+def _reachable_copy():
+    """Our code and this interpreter's packages copied under a 0755 directory."""
+    top = tempfile.mkdtemp(prefix="upasmail-privdrop-src-")
+    os.chmod(top, 0o755)
+    atexit.register(shutil.rmtree, top, True)
+    ours, packages = os.path.join(top, "src"), os.path.join(top, "site-packages")
+    for part in ("upasmail", os.path.join("twisted", "plugins")):
+        shutil.copytree(os.path.join(ROOT, part), os.path.join(ours, part),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PYTHONPATH[1], packages, ignore=shutil.ignore_patterns("__pycache__"))
+    for d, _, files in os.walk(top):
+        os.chmod(d, 0o755)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o644 | os.stat(os.path.join(d, name)).st_mode)
+    return [ours, packages]
 
 
 @pytest.fixture
