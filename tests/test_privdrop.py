@@ -488,3 +488,57 @@ def test_mail_root_error_names_the_user(world):
     assert ("upas-smtpd: mail root %s/mail: permission denied: %s/mail; running as nobody "
             "(uid 65534, group nogroup)\n" % (world, world)) in out
 
+
+
+def test_needs_covers_the_relay_auth_file(tmp_path):
+    auth = tmp_path / "relay-auth"
+    auth.write_text("relay.example.net alice pw\n")
+    needs = make_needs(tmp_path, relay_auth_file=str(auth))
+    problem = needs.problem(privileges.RunUser(NOBODY, NOBODY),
+                            can=lambda path, mode: path != str(auth))
+    assert problem.startswith("%s is not readable by nobody" % auth)
+
+
+# -- examples/systemd -------------------------------------------------------------
+
+UNITS = os.path.join(ROOT, "examples", "systemd")
+
+
+def test_systemd_units_verify(tmp_path):
+    """``systemd-analyze verify`` accepts every example unit, with the
+    install path made this virtualenv's (verify wants the programs to exist)."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("needs systemd-analyze")
+    bindir = os.path.dirname(sys.executable)
+    for program in ("twistd", "upas-runq"):
+        if not os.access(os.path.join(bindir, program), os.X_OK):
+            pytest.skip("%s is not installed beside %s" % (program, sys.executable))
+    names = sorted(os.listdir(UNITS))
+    assert names == ["upas-runq.service", "upas-runq.timer", "upas-smtpd-root.service",
+                     "upas-smtpd.service", "upas-smtpd.socket"]
+    for name in names:
+        with open(os.path.join(UNITS, name)) as f:
+            (tmp_path / name).write_text(f.read().replace("/opt/upasmail/bin", bindir))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                        *[str(tmp_path / n) for n in names]],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+def test_systemd_units_say_what_operations_rst_says():
+    def unit(name):
+        with open(os.path.join(UNITS, name)) as f:
+            return f.read()
+
+    daemon, root = unit("upas-smtpd.service"), unit("upas-smtpd-root.service")
+    assert "--listen systemd:domain=INET:index=0" in daemon
+    assert "ListenStream=0.0.0.0:25" in unit("upas-smtpd.socket")  # INET, as --listen says
+    assert "--uid upasmail --gid upasmail upas-smtpd" in root
+    for text in (daemon, root):
+        assert "twistd -n --pidfile= " in text  # no pid file
+        assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+        assert "Restart=on-failure" in text
+        assert "ReadWritePaths=/var/spool/upasmail" in text
+        assert "--root /var/spool/upasmail" in text
+    assert "User=upasmail" in daemon and "User=" not in root.split("# The third way")[0]
+    assert "OnUnitInactiveSec=" in unit("upas-runq.timer")

@@ -180,6 +180,8 @@ def needs(settings, conf=None, workers=1):
               for name in ("aliases", "users", "names.blocked", "senders")]
     why_tls = "when it changes" + (" and by each worker process" if workers > 1 else "")
     files += [(path, why_tls) for path in (settings.cert, settings.key) if path]
+    if settings.relay_auth_file:  # mode 0600 only: it must be the run user's
+        files.append((settings.relay_auth_file, "for each AUTH at the smarthost"))
     programs = [os.path.join(lib, "validateaddress"), os.path.join(lib, "validatesender")]
     if settings.mailer:
         programs.append(resolve_mailer(settings.mailer))
