@@ -7,6 +7,7 @@ failure, so CI can never pass them by skipping.
 """
 
 import atexit
+import contextlib
 import mailbox
 import os
 import pwd
@@ -14,11 +15,13 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -366,8 +369,6 @@ def test_mailbox_directories_the_run_user_cannot_write(tmp_path):
 
 
 def test_password_file_in_the_run_group_is_not_exposed():
-    from types import SimpleNamespace
-
     from upasmail.passwd import exposed
 
     def st(mode, gid):
@@ -382,17 +383,17 @@ def test_password_file_in_the_run_group_is_not_exposed():
 # -- socket activation: systemd binds, the server never is root -----------------
 
 def free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
 def activated(world, python, *args):
     """``systemd-socket-activate`` (systemd's socket unit, by hand) binds a
     port as root and starts, at the first connection, ``twistd upas-smtpd``
-    as nobody (``setpriv``: systemd's ``User=``) on the socket it hands on."""
+    as nobody (``setpriv``: systemd's ``User=``) on the socket it hands on.
+    Gives the port and, once it is stopped, the output."""
     if not shutil.which("systemd-socket-activate") or not shutil.which("setpriv"):
         pytest.skip("needs systemd-socket-activate and setpriv")
     port = free_port()
@@ -407,87 +408,65 @@ def activated(world, python, *args):
          "--listen", "systemd:domain=INET:index=0", "--root", os.path.join(world, "mail"),
          "--sysname", "gnot.example.org", *args],
         env=nobody_env(), stdout=log, stderr=subprocess.STDOUT, cwd=world)
-    return proc, port, log
+    run = SimpleNamespace(port=port, out=None)
+    try:
+        yield run
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.seek(0)
+        run.out = log.read()
+        log.close()
+
+
+def first_connection(port):
+    """A connection to the activator once it listens: the server starts for it."""
+    for _ in range(600):
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=30)
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+    raise AssertionError("nothing listens on %d" % port)
 
 
 def test_socket_activation_never_root(world):
     python = python_for_nobody(world)
     make_mailbox(os.path.join(world, "mail"), "bob")  # systemd's StateDirectory= does the root
-    proc, port, log = activated(world, python)
-    try:
-        for _ in range(600):  # until systemd-socket-activate listens
-            try:
-                c = smtplib.SMTP("127.0.0.1", port, timeout=30)
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.05)
-        with c:
+    with activated(world, python) as run:
+        first_connection(run.port).close()
+        with smtplib.SMTP("127.0.0.1", run.port, timeout=30) as c:
             assert c.sendmail("alice@example.org", ["bob"], b"Subject: activated\r\n\r\nhi\r\n") == {}
         [msg] = mailbox.mbox(os.path.join(world, "mail", "box", "bob", "mbox"))
         assert msg["Subject"] == "activated"
         made = owners(os.path.join(world, "mail"))
         assert {"tmp", "queue", "routing.json"} <= set(made)
         assert set(made.values()) == {(NOBODY, NOBODY)}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.seek(0)
-        out = log.read()
-        log.close()
-    assert "Traceback" not in out
+    assert "Traceback" not in run.out
 
 
 def test_socket_activation_refuses_workers(world):
     python = python_for_nobody(world)
-    proc, port, log = activated(world, python, "--workers", "2")
-    try:
-        for _ in range(600):
-            try:
-                socket_ = __import__("socket").create_connection(("127.0.0.1", port))
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.05)
-        socket_.settimeout(30)
-        try:  # the server refused to start: no greeting
-            assert socket_.recv(100) == b""
-        except ConnectionResetError:
-            pass
-        socket_.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.seek(0)
-        out = log.read()
-        log.close()
+    with activated(world, python, "--workers", "2") as run:
+        with first_connection(run.port) as c:
+            try:  # the server refused to start: no greeting
+                assert c.recv(100) == b""
+            except ConnectionResetError:
+                pass
     assert ("upas-smtpd: --workers 2: the workers can share only a tcp: or ssl: listener, "
-            "not systemd:domain=INET:index=0") in out
-    assert "Traceback" not in out
+            "not systemd:domain=INET:index=0") in run.out
+    assert "Traceback" not in run.out
 
 
 def test_mail_root_error_names_the_user(world):
     python = python_for_nobody(world)
-    proc, port, log = activated(world, python)  # nobody cannot make <world>/mail
-    try:
-        for _ in range(600):
-            try:
-                __import__("socket").create_connection(("127.0.0.1", port)).close()
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.05)
-        for _ in range(600):  # it exits on its own; systemd-socket-activate stays
-            log.seek(0)
-            if "upas-smtpd:" in log.read():
-                break
-            time.sleep(0.05)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.seek(0)
-        out = log.read()
-        log.close()
+    with activated(world, python) as run:  # nobody cannot make <world>/mail
+        with first_connection(run.port) as c:
+            try:  # the server stopped at start-up: no greeting
+                assert c.recv(100) == b""
+            except ConnectionResetError:
+                pass
     assert ("upas-smtpd: mail root %s/mail: permission denied: %s/mail; running as nobody "
-            "(uid 65534, group nogroup)\n" % (world, world)) in out
-
+            "(uid 65534, group nogroup)\n" % (world, world)) in run.out
 
 
 def test_needs_covers_the_relay_auth_file(tmp_path):
