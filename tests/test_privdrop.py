@@ -521,3 +521,27 @@ def test_systemd_units_say_what_operations_rst_says():
         assert "--root /var/spool/upasmail" in text
     assert "User=upasmail" in daemon and "User=" not in root.split("# The third way")[0]
     assert "OnUnitInactiveSec=" in unit("upas-runq.timer")
+
+
+def test_created_at_startup(tmp_path):
+    s = merge(SmtpdConf(), root=str(tmp_path / "mail"), debug=True,
+              log_dir=str(tmp_path / "log"))
+    made = privileges.created_at_startup(s, {"logfile": str(tmp_path / "twistd.log")})
+    assert made == [str(tmp_path / "mail" / p) for p in ("tmp", "box", "queue", "routing.json")
+                    ] + [str(tmp_path / "log" / "smtpdb"), str(tmp_path / "twistd.log")]
+    # no -d, twistd logging to standard output
+    assert len(privileges.created_at_startup(merge(SmtpdConf(), root="m"), {"logfile": "-"})) == 4
+
+
+def test_mailbox_left_to_root_is_said_at_start_without_a_switch(world):
+    """systemd's User=: no switch, and still a mailbox the user cannot write is logged."""
+    python = python_for_nobody(world)
+    make_mailbox(os.path.join(world, "mail"), "bob")
+    os.makedirs(os.path.join(world, "mail", "box", "carol"), mode=0o755)  # root's
+    with activated(world, python) as run:
+        first_connection(run.port).close()
+        with smtplib.SMTP("127.0.0.1", run.port, timeout=30) as c:
+            c.ehlo()
+    assert ("%s/mail/box/carol is not writable by nobody (uid 65534, group nogroup): mail to "
+            "carol gets 451" % world) in run.out
+    assert "box/bob" not in run.out

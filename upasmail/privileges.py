@@ -21,7 +21,7 @@ import grp
 import os
 import pwd
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .mailer import resolve as resolve_mailer

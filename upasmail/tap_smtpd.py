@@ -357,8 +357,8 @@ class TwistdService(MultiService):
 
     With twistd ``--uid``/``--gid`` (``user``), what start-up created
     (``created``) is given to the run user as the last thing done before
-    twistd switches, and once switched ``needs`` is checked: a mail root or
-    a file the run user cannot use ends start-up with one line.
+    twistd switches.  Once switched (or not), ``needs`` is checked: a mail
+    root or a file the run user cannot use ends start-up with one line.
     """
 
     def __init__(self, top, listen, user=None, created=(), needs=None):
@@ -387,11 +387,13 @@ class TwistdService(MultiService):
                     e.filename, self.user.describe(), failure_reason(e)))
 
     def startService(self):
-        if self.user is not None and self.needs is not None:
-            problem = self.needs.problem(self.user)
+        # also without a switch (systemd's User=): a mailbox left root's is said now
+        user = self.user or privileges.RunUser(None, None)
+        if self.needs is not None:
+            problem = self.needs.problem(user)
             if problem:
                 raise StartupError("upas-smtpd: %s" % problem)
-            for line in self.needs.mailbox_problems(self.user):
+            for line in self.needs.mailbox_problems(user):
                 log.warn("{problem}", problem=line)
         MultiService.startService(self)
 
