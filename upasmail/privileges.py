@@ -10,7 +10,8 @@ it: ``hand_over`` gives what did not exist before start-up to the run
 user, as the last thing done as root.  Nothing that existed before is
 chowned: an administrator's directory keeps its owner.
 
-After the switch, ``RunUserNeeds.problem`` checks that the run user can
+After the switch (or at start, when there is none: systemd's ``User=``),
+``RunUserNeeds.problem`` checks that the run user can
 write what the server writes and read what it reads again later (on
 SIGHUP or when the file changes), so that wrong ownership is one line at
 start-up rather than a ``451`` or a failed reload hours later.
@@ -36,7 +37,7 @@ class RunUser:
     gid: Optional[int]
 
     def describe(self):
-        """``nobody (uid 65534, gid 65534)``, for error lines."""
+        """``nobody (uid 65534, group nogroup)``, for error lines."""
         uid = os.geteuid() if self.uid is None else self.uid
         gid = os.getegid() if self.gid is None else self.gid
         try:
