@@ -545,3 +545,21 @@ def test_mailbox_left_to_root_is_said_at_start_without_a_switch(world):
     assert ("%s/mail/box/carol is not writable by nobody (uid 65534, group nogroup): mail to "
             "carol gets 451" % world) in run.out
     assert "box/bob" not in run.out
+
+
+def test_needs_covers_an_ssl_listeners_files_for_workers(tmp_path):
+    key = tmp_path / "key.pem"
+    key.write_text("")
+    listen = "ssl:465:privateKey=%s:certKey=%s" % (key, key)
+    root = str(tmp_path / "mail")
+    s = merge(SmtpdConf(), root=root)
+    assert privileges.endpoint_files(listen) == [str(key), str(key)]
+
+    def unreadable_key(path, mode):
+        return path != str(key)
+
+    user = privileges.RunUser(NOBODY, NOBODY)
+    assert privileges.needs(s, workers=1, listen=listen).problem(user, unreadable_key) is None
+    assert privileges.needs(s, workers=2, listen=listen).problem(user, unreadable_key) == (
+        "%s is not readable by nobody (uid 65534, group nogroup): it is read again by each "
+        "worker process; make it readable by that user or its group" % key)

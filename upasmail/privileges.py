@@ -164,7 +164,15 @@ class RunUserNeeds:
 AGAIN = "on SIGHUP and when it changes"
 
 
-def needs(settings, conf=None, workers=1):
+def endpoint_files(listen):
+    """The certificate and key an ``ssl:`` endpoint string names."""
+    from .service import endpoint_parts
+
+    return [part.split("=", 1)[1] for part in endpoint_parts(listen or "")
+            if part.split("=", 1)[0] in ("privateKey", "certKey", "extraCertChain")]
+
+
+def needs(settings, conf=None, workers=1, listen=None):
     """``RunUserNeeds`` for a server with these settings (after
     ``MailRoot.prepare``: the root's directories exist)."""
     root, lib = settings.root, settings.path("lib")
@@ -181,6 +189,8 @@ def needs(settings, conf=None, workers=1):
               for name in ("aliases", "users", "names.blocked", "senders")]
     why_tls = "when it changes" + (" and by each worker process" if workers > 1 else "")
     files += [(path, why_tls) for path in (settings.cert, settings.key) if path]
+    if workers > 1:  # each worker parses --listen again, reading them
+        files += [(path, "by each worker process") for path in endpoint_files(listen)]
     if settings.relay_auth_file:  # mode 0600 only: it must be the run user's
         files.append((settings.relay_auth_file, "for each AUTH at the smarthost"))
     programs = [os.path.join(lib, "validateaddress"), os.path.join(lib, "validatesender")]

@@ -453,7 +453,8 @@ def makeService(options):
     # twistd leaves SIGHUP alone; the handler only hands over to the reactor
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
     twistd_service = TwistdService(top, options["listen"], user, created,
-                                   privileges.needs(s, options["conf"], options["workers"]))
+                                   privileges.needs(s, options["conf"], options["workers"],
+                                                    options["listen"]))
     if pool is not None:
         pool.setServiceParent(twistd_service)  # after the listener: it hands on its socket
     return twistd_service
