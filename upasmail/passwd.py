@@ -113,6 +113,18 @@ def cram_md5_digest(secret, challenge):
     return hmac.new(secret, challenge, hashlib.md5).hexdigest().encode("ascii")
 
 
+def exposed(st, egid=None):
+    """May users other than its owner and our own group read the file?
+
+    A server that switched to an unprivileged user (twistd ``--gid``)
+    reads a root-owned file through the file's group: ``root:<our group>``
+    mode 640 is the recommended setting then, not a leak.
+    """
+    egid = os.getegid() if egid is None else egid
+    return bool(st.st_mode & stat.S_IRWXO
+                or (st.st_mode & stat.S_IRWXG and st.st_gid != egid))
+
+
 class PasswordFile(checkers.FilePasswordDB):
     """An ``ICredentialsChecker`` for UsernamePassword and CRAM-MD5 credentials.
 
@@ -131,12 +143,13 @@ class PasswordFile(checkers.FilePasswordDB):
     def _parse(self, text, path):
         entries = parse(text, path)
         try:
-            mode = os.stat(path).st_mode
+            st = os.stat(path)
         except OSError:
-            mode = 0
-        if mode & (stat.S_IRWXG | stat.S_IRWXO) and any(not h for _, h in entries.values()):
+            st = None
+        if st is not None and exposed(st) and any(not h for _, h in entries.values()):
             log.warn("{path} holds plaintext secrets and is readable by other users "
-                     "(mode {mode:o}); chmod 600 it", path=path, mode=stat.S_IMODE(mode))
+                     "(mode {mode:o}); chmod 600 it, or 640 with the server's group",
+                     path=path, mode=stat.S_IMODE(st.st_mode))
         return entries
 
     def entries(self):

@@ -25,7 +25,7 @@ from twisted.python import usage
 from twisted.python.systemd import ListenFDs
 
 from . import conf as smtpdconf
-from . import local, logs, passwd, ratify, service, settings, tls, workers
+from . import local, logs, passwd, privileges, ratify, service, settings, tls, workers
 from .mailer import resolve as resolve_mailer
 from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
 
@@ -392,12 +392,21 @@ class StartupError(SystemExit, Exception):
 class TwistdService(MultiService):
     """What twistd runs: Twisted's per-query DNS lines filtered out of the
     log (``logs.QuietDNS``), then the server.  A listener that cannot start
-    ends twistd with one line and exit 1 instead of a traceback."""
+    ends twistd with one line and exit 1 instead of a traceback.
 
-    def __init__(self, top, listen):
+    With twistd ``--uid``/``--gid`` (``user``), what start-up created
+    (``created``) is given to the run user as the last thing done before
+    twistd switches.  Once switched (or not), ``needs`` is checked: a mail
+    root or a file the run user cannot use ends start-up with one line.
+    """
+
+    def __init__(self, top, listen, user=None, created=(), needs=None):
         MultiService.__init__(self)
         self.top = top
         self.listen = listen
+        self.user = user
+        self.created = created
+        self.needs = needs
         logs.QuietDNS().setServiceParent(self)
         top.setServiceParent(self)
 
@@ -409,6 +418,23 @@ class TwistdService(MultiService):
         except Exception as e:  # listening is all that starts here: OverflowError, a lock...
             raise StartupError("upas-smtpd: cannot listen on %s: %s"
                                % (self.listen, failure_reason(e)))
+        if self.user is not None:
+            try:
+                privileges.hand_over(self.created, self.user)
+            except OSError as e:
+                raise StartupError("upas-smtpd: cannot give %s to %s: %s" % (
+                    e.filename, self.user.describe(), failure_reason(e)))
+
+    def startService(self):
+        # also without a switch (systemd's User=): a mailbox left root's is said now
+        user = self.user or privileges.RunUser(None, None)
+        if self.needs is not None:
+            problem = self.needs.problem(user)
+            if problem:
+                raise StartupError("upas-smtpd: %s" % problem)
+            for line in self.needs.mailbox_problems(user):
+                log.warn("{problem}", problem=line)
+        MultiService.startService(self)
 
 
 def parse_hostport(text):
@@ -441,10 +467,15 @@ def makeService(options):
 
     soft, hard = service.raise_fd_limit()
     resolver = service.makeResolver(reactor, options.get("resolverAddress"))
+    twistd_options = getattr(options, "parent", None)
+    user = privileges.run_user(twistd_options)
+    created = (privileges.not_yet_there(privileges.created_at_startup(s, twistd_options))
+               if user is not None else ())
     try:
         top = service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
     except OSError as e:
-        raise SystemExit("upas-smtpd: mail root %s: %s" % (s.root, e.strerror or e))
+        raise SystemExit("upas-smtpd: mail root %s: %s; running as %s" % (
+            s.root, failure_reason(e), privileges.RunUser(None, None).describe()))
     except smtpdconf.ConfigError as e:  # a file changed since the options were read
         raise SystemExit("upas-smtpd: %s" % e)
     log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
@@ -460,7 +491,9 @@ def makeService(options):
 
     # twistd leaves SIGHUP alone; the handler only hands over to the reactor
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-    twistd_service = TwistdService(top, options["listen"])
+    twistd_service = TwistdService(top, options["listen"], user, created,
+                                   privileges.needs(s, options["conf"], options["workers"],
+                                                    options["listen"]))
     if pool is not None:
         pool.setServiceParent(twistd_service)  # after the listener: it hands on its socket
     return twistd_service
