@@ -2,19 +2,23 @@
 inetd, xinetd or a systemd ``Accept=yes`` socket starts it."""
 
 import configparser
+import fcntl
 import importlib
 import mailbox
 import os
+import re
+import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 
 from test_twistd import PASSWORD, ROOT, dns_port, env, tls_files  # noqa: F401 (fixtures)
-from upasmail import stdio
+from upasmail import replies, stdio
 
 MESSAGE = b"Subject: hi\r\n\r\nhello from stdio\r\n"
 
@@ -108,21 +112,60 @@ def test_quit_right_after_the_dot_gets_250_first_and_the_mail_is_stored(tmp_path
 
 
 def test_hang_up_after_the_dot_still_stores_before_exit(tmp_path, resolver):
-    """No QUIT and no waiting for the 250: the process must not exit with
-    the message half written."""
+    """No QUIT, and the client's end shut right after the dot: the message
+    is stored before the process ends.  The test holds the mailbox's lock
+    (another mbox writer, say mutt), so the store has to wait; the process
+    must wait with it, not take the end of the connection as its own."""
+    box = tmp_path / "mail" / "box" / "bob"
+    box.mkdir(parents=True)
+    holder = open(box / "mbox", "ab")
+    fcntl.lockf(holder, fcntl.LOCK_EX)
     ours, theirs = socket.socketpair()
     session = Session(tmp_path, *resolver, conn=theirs)
     theirs.close()
     ours.sendall(b"HELO client.example.net\r\nMAIL FROM:<alice@example.org>\r\n"
                  b"RCPT TO:<bob>\r\nDATA\r\n" + MESSAGE + b".\r\n")
     ours.shutdown(socket.SHUT_WR)
-    ours.settimeout(20)
-    while ours.recv(65536):
-        pass
-    ours.close()
+    with pytest.raises(subprocess.TimeoutExpired):  # waiting for the lock
+        session.proc.wait(1)
+    holder.close()
     assert session.wait() == 0
     assert len(session.mbox()) == 1
     assert os.listdir(session.root / "tmp") == []
+
+
+def received(sock):
+    sock.settimeout(20)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def test_sigterm_waits_for_the_message_under_way(tmp_path, resolver):
+    """systemd stops a unit with SIGTERM: as in the daemon, a message being
+    stored is finished and answered (the grace period) before the 421."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    script = tmp_path / "mailer"
+    script.write_text("#!/bin/sh\ncat > %s.msg\n: > %s\nwhile [ ! -e %s ]; do sleep 0.05; done\n"
+                      % (started, started, go))
+    script.chmod(0o755)
+    ours, theirs = socket.socketpair()
+    session = Session(tmp_path, "-m", str(script), "-n", "127.0.0.1", *resolver, conn=theirs)
+    theirs.close()
+    ours.sendall(b"HELO client.example.net\r\nMAIL FROM:<alice@example.org>\r\n"
+                 b"RCPT TO:<bob@example.com>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+    for _ in range(200):  # poll for the mailer to have the message
+        if started.exists():
+            break
+        time.sleep(0.05)
+    session.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):  # the mailer has not finished
+        session.proc.wait(1)
+    go.touch()
+    assert session.wait() == 0
+    shutdown = replies.SHUTDOWN.format(dom="gnot.example.org")
+    assert received(ours).endswith(b"250 2.5.0 sent\r\n421 %s\r\n" % shutdown.encode())
 
 
 def test_relay_refused_for_an_untrusted_peer(tmp_path, resolver):
@@ -259,7 +302,8 @@ def test_stderr_on_the_connection_keeps_the_logs_off_it(tmp_path, resolver):
         got += chunk
     assert session.wait() == 0
     lines = got.split(b"\r\n")
-    assert lines[-1] == b"" and all(line[:3].isdigit() for line in lines[:-1]), got
+    assert lines[-1] == b"" and all(re.match(rb"\d{3}[ -]", line) for line in lines[:-1]), got
+    assert lines[-2] == b"221 2.0.0 Successful termination"
     assert len(session.mbox()) == 1
 
 

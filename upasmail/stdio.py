@@ -342,26 +342,23 @@ def serve(options, reactor, sock, remote, local, source, out):
         stdio.StandardIO(wrapper.buildProtocol(remote), 0, 1, reactor=reactor)
     sessions = list(factory.connections)
 
-    def quiet(_):
-        # the connection is gone; a message the client finished may still be
-        # on its way to the disk
-        return defer.gatherResults([p.whenQuiet() for p in sessions])
+    def finish():
+        """Every way out (the session's end, SIGTERM from systemd) passes
+        here: as in the daemon, a message in DATA may finish within the
+        grace period, and one whose end has been read is stored (fsynced)
+        even when the connection is already gone."""
+        d = factory.shutdown(s.shutdown_grace)
+        return d.addCallback(lambda _: defer.gatherResults([p.whenQuiet() for p in sessions]))
 
-    def shutdown():
-        """SIGTERM (systemd stopping the unit): as the daemon, a message in
-        DATA may finish within the grace period."""
-        return factory.shutdown(s.shutdown_grace).addCallback(quiet)
+    reactor.addSystemEventTrigger("before", "shutdown", finish)
 
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    def stop():
+    def stop(_):
         try:
             reactor.stop()
         except ReactorNotRunning:  # already stopping (SIGTERM)
             pass
 
-    done = wrapper.connection.ended.addCallback(quiet)
-    done.addErrback(lambda f: log.failure("session ended badly", f))
-    done.addBoth(lambda _: reactor.callWhenRunning(stop))
+    wrapper.connection.ended.addCallback(lambda _: reactor.callWhenRunning(stop, None))
     reactor.run()
     return EX_OK
 
