@@ -7,6 +7,7 @@ import importlib
 import mailbox
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -359,3 +360,67 @@ def test_console_script_entry_point():
                    cfg["options.entry_points"]["console_scripts"].strip().splitlines())
     module, func = scripts["upas-smtpd"].split(":")
     assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_socket_addresses_show_v4_mapped_as_v4_and_v6():
+    v6 = socket.socket(socket.AF_INET6)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack, as xinetd's IPv6
+    v6.bind(("::ffff:127.0.0.1", 0))
+    v6.listen()
+    with v6, socket.create_connection(("127.0.0.1", v6.getsockname()[1])) as c:
+        conn, _ = v6.accept()
+        with conn:
+            assert conn.getpeername()[0] == "::ffff:127.0.0.1"
+            peer, ours = stdio.socket_addresses(conn)
+            assert (peer.host, peer.port, ours.host) == ("127.0.0.1", c.getsockname()[1],
+                                                         "127.0.0.1")
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as listener, \
+            socket.create_connection(("::1", listener.getsockname()[1])):
+        conn, _ = listener.accept()
+        with conn:
+            assert stdio.socket_addresses(conn)[0].host == "::1"
+    a, b = socket.socketpair()
+    with a, b:
+        assert stdio.socket_addresses(a) == (None, None)  # no IP: the placeholders
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"),
+                    reason="systemd-socket-activate not installed")
+def test_accept_yes_under_systemd_socket_activate(tmp_path, resolver):
+    """``systemd-socket-activate --inetd`` accepts and starts one process per
+    connection with the socket on its stdin and stdout, as an ``Accept=yes``
+    unit does."""
+    with socket.socket() as probe:  # a free port (the activator wants a number)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "mail"
+    os.makedirs(root / "box" / "bob")
+    errors = open(tmp_path / "stderr", "w")
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "--inetd", "--accept", "-l", "127.0.0.1:%d" % port,
+         "-E", "PYTHONPATH=" + env()["PYTHONPATH"],  # it passes no environment on
+         sys.executable, "-m", "upasmail.stdio", "--root", str(root), "--sysname",
+         "gnot.example.org", "--tarpit-unit", "0", *resolver],
+        env=env(), stdout=subprocess.DEVNULL, stderr=errors, cwd=str(tmp_path))
+    try:
+        for _ in range(200):  # poll for the activator to listen
+            try:
+                client = socket.create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        s = client_on(client)
+        assert s.sendmail("alice@example.org", ["bob", "someone@far.example"], MESSAGE) == {}
+        s.quit()
+        for _ in range(200):  # poll for the session's process to end
+            if "Main loop terminated" in (tmp_path / "stderr").read_text():
+                break
+            time.sleep(0.05)
+    finally:
+        activator.terminate()
+        activator.wait(30)
+        errors.close()
+    log = (tmp_path / "stderr").read_text()
+    assert "connect from 127.0.0.1 (trusted)" in log
+    assert len(mailbox.mbox(str(root / "box" / "bob" / "mbox"))) == 1
+    assert len([n for n in os.listdir(root / "queue") if n.endswith(".env")]) == 1

@@ -138,7 +138,8 @@ def socket_addresses(sock):
 
     def address(name):
         try:
-            return ip_address(name()[0], "fd 0")
+            host, port = name()[:2]
+            return ip_address("%s!%d" % (host, port), "fd 0")
         except (OSError, NetdirError):
             return None
 
