@@ -424,3 +424,21 @@ def test_accept_yes_under_systemd_socket_activate(tmp_path, resolver):
     assert "connect from 127.0.0.1 (trusted)" in log
     assert len(mailbox.mbox(str(root / "box" / "bob" / "mbox"))) == 1
     assert len([n for n in os.listdir(root / "queue") if n.endswith(".env")]) == 1
+
+
+@pytest.mark.parametrize("over", ["pipe", "socket"])
+def test_k_banned_peer_gets_no_byte(tmp_path, over):
+    """-k: the connection is closed before a byte is written, on a pipe too
+    (StandardIO cannot abort a connection)."""
+    args = ("-n", "192.0.2.1", "-k", "192.0.2.0/24")
+    if over == "pipe":
+        session = Session(tmp_path, *args)
+        out, _ = session.proc.communicate(b"HELO client.example.net\r\n", timeout=30)
+    else:
+        ours, theirs = socket.socketpair()
+        session = Session(tmp_path, *args, conn=theirs)
+        theirs.close()
+        out = received(ours)
+    assert session.wait() == 0
+    assert out == b""
+    assert "Traceback" not in session.log()

@@ -45,17 +45,22 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from twisted.internet import defer
-from twisted.internet.error import ReactorNotRunning
+import syslog
+
+from twisted.internet import defer, stdio
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IAddress, IHandshakeListener
 from twisted.logger import (FilteringLogObserver, LegacyLogObserverWrapper, Logger,
                             globalLogBeginner, textFileLogObserver)
 from twisted.protocols import policies
 from twisted.python import usage
+from twisted.python.syslog import SyslogObserver
 from zope.interface import implementer
 
-from . import logs, relay
+from . import conf, logs, relay
+from .queue import record_routing, recorded_routing, routing_of
+from .service import RefusalsClose, connectionFactory, makeResolver, makeSmtpdFactory
 
 log = Logger(namespace="smtpd")
 
@@ -176,6 +181,10 @@ class NamedConnection(policies.ProtocolWrapper):
     def getHost(self):
         return self.factory.local
 
+    def abortConnection(self):
+        # StandardIO cannot abort; a refused peer (-k) has nothing to flush
+        getattr(self.transport, "abortConnection", self.transport.loseConnection)()
+
     def handshakeCompleted(self):  # STARTTLS on the adopted socket
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
@@ -194,8 +203,6 @@ class NamedConnectionFactory(policies.WrappingFactory):
         self.connection = None
 
     def buildProtocol(self, addr):
-        from .service import RefusalsClose
-
         # -k: a banned peer gets a protocol that closes at once, no byte sent
         inner = RefusalsClose(self.wrappedFactory).buildProtocol(self.remote)
         self.connection = self.protocol(self, inner)
@@ -218,8 +225,6 @@ class Output:
     def __init__(self, to_syslog):
         self.to_syslog = to_syslog
         if to_syslog:
-            import syslog
-
             syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_MAIL)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
@@ -228,18 +233,12 @@ class Output:
     def say(self, line):
         """One line before logging has begun (usage and start-up errors)."""
         if self.to_syslog:
-            import syslog
-
             syslog.syslog(syslog.LOG_ERR, line)
         else:
             print(line, file=sys.stderr, flush=True)
 
     def observer(self):
         if self.to_syslog:
-            import syslog
-
-            from twisted.python.syslog import SyslogObserver
-
             observer = LegacyLogObserverWrapper(
                 SyslogObserver(PROG, facility=syslog.LOG_MAIL).emit)
         else:
@@ -304,12 +303,6 @@ def main(argv=None, reactor=None):
 
 
 def serve(options, reactor, sock, remote, local, source, out):
-    from twisted.internet import stdio
-
-    from . import conf
-    from .queue import recorded_routing, record_routing, routing_of
-    from .service import connectionFactory, makeResolver, makeSmtpdFactory
-
     s = options["settings"]
     try:
         # tidy=False: the other sessions' processes share tmp/ and the mailboxes
