@@ -57,12 +57,32 @@ class Session:
         return sorted(n for n in os.listdir(self.root / "queue") if n.endswith(".env"))
 
 
-def over_socketpair(tmp_path, *args, **kw):
-    """(Session, smtplib client) joined by a socketpair: no IP address at all."""
+def on_socketpair(tmp_path, *args, **kw):
+    """(Session, our end of the socketpair it runs on: no IP address at all)."""
     ours, theirs = socket.socketpair()
     session = Session(tmp_path, *args, conn=theirs, **kw)
     theirs.close()
+    return session, ours
+
+
+def over_socketpair(tmp_path, *args, **kw):
+    """(Session, smtplib client) joined by a socketpair."""
+    session, ours = on_socketpair(tmp_path, *args, **kw)
     return session, client_on(ours)
+
+
+def received(sock):
+    """Everything the server sends until it closes."""
+    sock.settimeout(20)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+# a whole transaction in one write, as a pipelining client sends it
+TO_BOB = (b"HELO client.example.net\r\nMAIL FROM:<alice@example.org>\r\n"
+          b"RCPT TO:<bob>\r\nDATA\r\n" + MESSAGE + b".\r\n")
 
 
 def client_on(sock):
@@ -97,15 +117,9 @@ def test_local_delivery_over_a_socketpair(tmp_path, resolver):
 def test_quit_right_after_the_dot_gets_250_first_and_the_mail_is_stored(tmp_path, resolver):
     """Everything in one write: the 250 comes after the store (fsync) and
     before the 221, and the message is in the mailbox when the process ends."""
-    ours, theirs = socket.socketpair()
-    session = Session(tmp_path, *resolver, conn=theirs)
-    theirs.close()
-    ours.sendall(b"HELO client.example.net\r\nMAIL FROM:<alice@example.org>\r\n"
-                 b"RCPT TO:<bob>\r\nDATA\r\n" + MESSAGE + b".\r\nQUIT\r\n")
-    ours.settimeout(20)
-    got = b""
-    while chunk := ours.recv(65536):
-        got += chunk
+    session, ours = on_socketpair(tmp_path, *resolver)
+    ours.sendall(TO_BOB + b"QUIT\r\n")
+    got = received(ours)
     codes = [line[:3] for line in got.split(b"\r\n") if line]
     assert codes[-3:] == [b"354", b"250", b"221"], got
     assert session.wait() == 0
@@ -121,11 +135,8 @@ def test_hang_up_after_the_dot_still_stores_before_exit(tmp_path, resolver):
     box.mkdir(parents=True)
     holder = open(box / "mbox", "ab")
     fcntl.lockf(holder, fcntl.LOCK_EX)
-    ours, theirs = socket.socketpair()
-    session = Session(tmp_path, *resolver, conn=theirs)
-    theirs.close()
-    ours.sendall(b"HELO client.example.net\r\nMAIL FROM:<alice@example.org>\r\n"
-                 b"RCPT TO:<bob>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+    session, ours = on_socketpair(tmp_path, *resolver)
+    ours.sendall(TO_BOB)
     ours.shutdown(socket.SHUT_WR)
     with pytest.raises(subprocess.TimeoutExpired):  # waiting for the lock
         session.proc.wait(1)
@@ -133,14 +144,6 @@ def test_hang_up_after_the_dot_still_stores_before_exit(tmp_path, resolver):
     assert session.wait() == 0
     assert len(session.mbox()) == 1
     assert os.listdir(session.root / "tmp") == []
-
-
-def received(sock):
-    sock.settimeout(20)
-    got = b""
-    while chunk := sock.recv(65536):
-        got += chunk
-    return got
 
 
 def test_sigterm_waits_for_the_message_under_way(tmp_path, resolver):
@@ -151,9 +154,7 @@ def test_sigterm_waits_for_the_message_under_way(tmp_path, resolver):
     script.write_text("#!/bin/sh\ncat > %s.msg\n: > %s\nwhile [ ! -e %s ]; do sleep 0.05; done\n"
                       % (started, started, go))
     script.chmod(0o755)
-    ours, theirs = socket.socketpair()
-    session = Session(tmp_path, "-m", str(script), "-n", "127.0.0.1", *resolver, conn=theirs)
-    theirs.close()
+    session, ours = on_socketpair(tmp_path, "-m", str(script), "-n", "127.0.0.1", *resolver)
     ours.sendall(b"HELO client.example.net\r\nMAIL FROM:<alice@example.org>\r\n"
                  b"RCPT TO:<bob@example.com>\r\nDATA\r\n" + MESSAGE + b".\r\n")
     for _ in range(200):  # poll for the mailer to have the message
@@ -295,12 +296,8 @@ def test_stderr_on_the_connection_keeps_the_logs_off_it(tmp_path, resolver):
     ours, theirs = socket.socketpair()
     session = Session(tmp_path, *resolver, conn=theirs, stderr=theirs)
     theirs.close()
-    ours.sendall(b"HELO client.example.net\r\nMAIL FROM:<alice@example.org>\r\n"
-                 b"RCPT TO:<bob>\r\nDATA\r\n" + MESSAGE + b".\r\nQUIT\r\n")
-    ours.settimeout(20)
-    got = b""
-    while chunk := ours.recv(65536):
-        got += chunk
+    ours.sendall(TO_BOB + b"QUIT\r\n")
+    got = received(ours)
     assert session.wait() == 0
     lines = got.split(b"\r\n")
     assert lines[-1] == b"" and all(re.match(rb"\d{3}[ -]", line) for line in lines[:-1]), got
@@ -435,9 +432,7 @@ def test_k_banned_peer_gets_no_byte(tmp_path, over):
         session = Session(tmp_path, *args)
         out, _ = session.proc.communicate(b"HELO client.example.net\r\n", timeout=30)
     else:
-        ours, theirs = socket.socketpair()
-        session = Session(tmp_path, *args, conn=theirs)
-        theirs.close()
+        session, ours = on_socketpair(tmp_path, *args)
         out = received(ours)
     assert session.wait() == 0
     assert out == b""
