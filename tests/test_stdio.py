@@ -437,3 +437,16 @@ def test_k_banned_peer_gets_no_byte(tmp_path, over):
     assert session.wait() == 0
     assert out == b""
     assert "Traceback" not in session.log()
+
+
+def test_d_traces_the_session_as_the_daemon_does(tmp_path, resolver):
+    session, s = over_socketpair(tmp_path, "-d", "-n", "192.0.2.7!4711", *resolver)
+    s.helo("client.example.net")
+    s.quit()
+    assert session.wait() == 0
+    traces = session.root / "log" / "smtpdb"
+    [name] = os.listdir(traces)
+    assert name.endswith(".192.0.2.7")  # named by the peer -n gave
+    trace = (traces / name).read_text()
+    assert "C 1: b'helo client.example.net\\r\\n'" in trace  # smtplib's lower case
+    assert "b'221 2.0.0 Successful termination'" in trace
