@@ -510,6 +510,8 @@ class GarbageTests(Case):
         d.send("EHLO h.sender.net")
         for line in lines:
             line = line.replace(b"\r", b"").replace(b"\n", b"")
+            if [w.upper() for w in line.split()[:1]] == [b"QUIT"]:
+                continue  # the one line that rightly ends the session
             out = d.raw(line + b"\r\n")
             self.assertFalse(d.transport.disconnecting, (line, out))
             for reply in out:

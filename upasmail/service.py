@@ -275,6 +275,21 @@ def listener_endpoint(reactor, description):
     return endpoint
 
 
+def connectionFactory(factory, settings, clock):
+    """What a connection meets: the protocol factory, inside the ``-d`` trace,
+    inside implicit TLS (``--smtps``).  The listener and stdio mode both
+    serve through this."""
+    listening = factory
+    if settings.debug:
+        listening = TraceFactory(factory, settings.path("log_dir"), clock)
+    if settings.smtps:
+        if factory.contextFactory is None:
+            raise ConfigError("--smtps needs a certificate (-c)")
+        # the trace sits inside TLS, so it records the clear text
+        listening = ImplicitTLSFactory(factory.contextFactory, listening)
+    return listening
+
+
 def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=None, **kw):
     """The listener plus, unless ``settings.queue_runner`` is off, the queue
     runner (``top.queue``) on the same mail root, resolver and clock.
@@ -305,14 +320,7 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
                                 kw.get("clock") or reactor, ours=local_addresses())
         top.queue.setServiceParent(top)
     SessionDrain(factory).setServiceParent(top)
-    listening = factory
-    if settings.debug:
-        listening = TraceFactory(factory, settings.path("log_dir"), kw.get("clock") or reactor)
-    if settings.smtps:
-        if factory.contextFactory is None:
-            raise ConfigError("--smtps needs a certificate (-c)")
-        # the trace sits inside TLS, so it records the clear text
-        listening = ImplicitTLSFactory(factory.contextFactory, listening)
+    listening = connectionFactory(factory, settings, kw.get("clock") or reactor)
     if wraps_its_factory(endpoint):
         listening = RefusalsClose(listening)
     top.server = server = internet.StreamServerEndpointService(endpoint, listening)

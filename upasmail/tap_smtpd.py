@@ -96,8 +96,9 @@ class Options(usage.Options):
     ] + QUEUE_FLAGS
     optParameters = [
         ["domain", "h", None, "our mail domain (greeting, HELO replies)"],
-        ["netdir", "n", None, "upas network directory; accepted and ignored: the peer "
-                              "address comes from the connection"],
+        ["netdir", "n", None, "stdio mode (upas-smtpd): the connection's address, "
+                              "ip[!port] or a directory with upas remote and local files; "
+                              "ignored by twistd, where each connection has its own"],
         ["cert", "c", None, "PEM certificate (chain, and the key unless --key) for "
                             "STARTTLS; STARTTLS is offered only with -c"],
         ["key", None, None, "PEM private key, when -c holds only certificates"],
@@ -461,7 +462,8 @@ def reload_service(top, options):
 def makeService(options):
     s = options["settings"]
     if options["netdir"]:
-        print("upas-smtpd: -n %s ignored: the peer address comes from the connection"
+        print("upas-smtpd: -n %s ignored: under twistd each connection's address comes "
+              "from its socket; -n names the connection only in stdio mode (upas-smtpd)"
               % options["netdir"], file=sys.stderr)
     from twisted.internet import reactor
 
