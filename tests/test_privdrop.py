@@ -489,11 +489,12 @@ def test_systemd_units_verify(tmp_path):
     if not shutil.which("systemd-analyze"):
         pytest.skip("needs systemd-analyze")
     bindir = os.path.dirname(sys.executable)
-    for program in ("twistd", "upas-runq"):
+    for program in ("twistd", "upas-runq", "upas-smtpd"):
         if not os.access(os.path.join(bindir, program), os.X_OK):
             pytest.skip("%s is not installed beside %s" % (program, sys.executable))
     names = sorted(os.listdir(UNITS))
     assert names == ["upas-runq.service", "upas-runq.timer", "upas-smtpd-root.service",
+                     "upas-smtpd-stdio.socket", "upas-smtpd-stdio@.service",
                      "upas-smtpd.service", "upas-smtpd.socket"]
     for name in names:
         with open(os.path.join(UNITS, name)) as f:

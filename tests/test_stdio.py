@@ -305,26 +305,18 @@ def test_stderr_on_the_connection_keeps_the_logs_off_it(tmp_path, resolver):
     assert len(session.mbox()) == 1
 
 
-def test_check_config_goes_to_its_module(monkeypatch, capsys):
-    calls = []
-
-    class Checker:
-        @staticmethod
-        def main(argv, out, err):
-            calls.append((argv, out, err))
-            return 3
-
-    monkeypatch.setitem(sys.modules, "upasmail.checkconfig", Checker)
-    argv = ["--check-config", "--root", "mail"]
-    assert stdio.main(argv) == 3
-    assert calls == [(argv, sys.stdout, sys.stderr)]
-
-
-def test_check_config_missing_is_one_line_and_exit_70(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "upasmail.checkconfig", None)  # import fails
-    assert stdio.main(["--check-config"]) == 70
+def test_check_config_goes_to_its_module(tmp_path, capsys):
+    """``upas-smtpd --check-config`` is the checker: the effective settings,
+    exit 0; a broken smtpd.conf, its file:line, exit 1."""
+    root = str(tmp_path / "mail")
+    assert stdio.main(["--check-config", "--root", root]) == 0
     out, err = capsys.readouterr()
-    assert out == "" and len(err.splitlines()) == 1 and "--check-config" in err
+    assert "root = %s\n" % root in out
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text("ournets 10.0.0.0/8\nnosuchkeyword x\n")
+    assert stdio.main(["--check-config", "--root", root, "--conf", str(conf)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "%s:2: " % conf in err
 
 
 def test_parse_netdir_forms(tmp_path):

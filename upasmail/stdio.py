@@ -64,7 +64,7 @@ from .service import RefusalsClose, connectionFactory, makeResolver, makeSmtpdFa
 
 log = Logger(namespace="smtpd")
 
-EX_OK, EX_USAGE, EX_SOFTWARE = 0, 64, 70
+EX_OK, EX_USAGE = 0, 64
 PROG = "upas-smtpd"
 
 # Placeholders when nothing names an address.  Neither is an IP address, so
@@ -264,13 +264,9 @@ def options_class():
 
 
 def check_config(argv):
-    """``upas-smtpd --check-config ...``: the checker's own main."""
-    try:
-        from . import checkconfig
-    except ImportError:
-        print("%s: --check-config is not available in this installation" % PROG,
-              file=sys.stderr)
-        return EX_SOFTWARE
+    """``upas-smtpd --check-config ...``: the checker's own main (imported
+    only then: a session need not load it)."""
+    from . import checkconfig
     return checkconfig.main(argv, sys.stdout, sys.stderr)
 
 
