@@ -93,6 +93,16 @@ class SessionEventTests(unittest.TestCase):
                          (1, 0, "quit", "h.sender.net"))
         self.assertIn("end=quit", formatEvent(bye))
 
+    def test_a_message_without_message_id_has_it_null(self):
+        with capturedLogs() as events:
+            d = self.dialogue()
+            d.send("HELO h.sender.net", "MAIL FROM:<>", "RCPT TO:<bob>", "DATA")
+            d.raw(b"Subject: no id\r\n\r\nhi\r\n.\r\n")
+        [e] = named(events, "smtpd.accepted")
+        self.assertEqual((e["message_id"], e["sender"]), (None, ""))
+        self.assertIn("accepted from=<> to=<bob> ", formatEvent(e))
+        self.assertIn(" message-id=none ", formatEvent(e))
+
     def test_each_refusal_is_one_event_with_its_reason(self):
         with capturedLogs() as events:
             d = self.dialogue()
