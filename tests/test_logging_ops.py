@@ -391,7 +391,7 @@ def wait_until(predicate, what):
     raise AssertionError(what)
 
 
-def test_json_log_has_one_event_per_accepted_and_per_refused_message(server, tmp_path):  # noqa: F811
+def test_json_log_has_an_event_per_accepted_and_refused_message(server, tmp_path):  # noqa: F811
     path = tmp_path / "log.json"
     s = server("--log-json", str(path), "--tarpit-unit", "0")
     with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
