@@ -149,7 +149,7 @@ class PasswordFile(checkers.FilePasswordDB):
         if st is not None and exposed(st) and any(not h for _, h in entries.values()):
             log.warn("{path} holds plaintext secrets and is readable by other users "
                      "(mode {mode:o}); chmod 600 it, or 640 with the server's group",
-                     path=path, mode=stat.S_IMODE(st.st_mode))
+                     path=path, mode=stat.S_IMODE(st.st_mode), event="smtpd.config")
         return entries
 
     def entries(self):

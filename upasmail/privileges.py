@@ -94,14 +94,16 @@ def hand_over(paths, user):
             pass
 
 
-def created_at_startup(settings, twistd_options=None):
-    """What start-up may create before twistd switches users."""
+def created_at_startup(settings, twistd_options=None, log_json=None):
+    """What start-up may create before twistd switches users (``log_json``:
+    the ``--log-json`` file, opened as twistd's own log is)."""
     paths = [os.path.join(settings.root, d) for d in ("tmp", "box", "queue", ROUTING)]
     if settings.debug:
         paths.append(os.path.join(settings.path("log_dir"), "smtpdb"))
     logfile = (twistd_options or {}).get("logfile")
-    if logfile and logfile != "-":  # twistd opens it after makeService
-        paths.append(logfile)
+    for path in (logfile, log_json):  # opened after makeService
+        if path and path != "-":
+            paths.append(path)
     return paths
 
 

@@ -206,7 +206,7 @@ class SmtpdService(service.MultiService):
             self.queue.settings = settings
         if self.recordsRouting:
             record_routing(self.factory.root.root, settings)
-        log.info("settings reloaded")
+        log.info("settings reloaded", event="smtpd.reload", ok=True)
 
 
 def listens_on_loopback_only(description):
@@ -305,7 +305,7 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
     factory = makeSmtpdFactory(settings, reactor, tidy=not adopted, **kw)
     if not adopted and open_relay(settings, listen):
-        log.warn("WARNING: " + OPEN_RELAY, listen=listen)
+        log.warn("WARNING: " + OPEN_RELAY, listen=listen, event="smtpd.config")
     factory.fdCap = fd_cap()
     top = SmtpdService()
     # upas-runq on the same root routes as we do (smarthost, our domains);

@@ -116,6 +116,8 @@ class Options(usage.Options):
         ["trusted-dir", None, None, "temporary trusted grants, one file per IP "
                                     "(default: <lib>/trusted.d)"],
         ["log-dir", None, None, "directory for -d traces (default: <root>/log)"],
+        ["log-json", None, None, "also write every log event as a JSON line to this file "
+                                 "('-': standard output); see docs/logging.rst"],
         ["tarpit-unit", None, 1.0, "seconds per upas tarpit second (0 turns waits off)", float],
         ["tarpit-max", None, 300.0, "longest single tarpit wait, in seconds", float],
         ["mailer-timeout", None, 600.0, "seconds a -m mailer may run", float],
@@ -401,13 +403,15 @@ class TwistdService(MultiService):
     root or a file the run user cannot use ends start-up with one line.
     """
 
-    def __init__(self, top, listen, user=None, created=(), needs=None):
+    def __init__(self, top, listen, user=None, created=(), needs=None, json_path=None):
         MultiService.__init__(self)
         self.top = top
         self.listen = listen
         self.user = user
         self.created = created
         self.needs = needs
+        # first: QuietDNS then filters the observers it sets up too
+        logs.LogService(json_path).setServiceParent(self)
         logs.QuietDNS().setServiceParent(self)
         top.setServiceParent(self)
 
@@ -416,6 +420,8 @@ class TwistdService(MultiService):
             MultiService.privilegedStartService(self)
         except CannotListenError as e:
             raise StartupError("upas-smtpd: %s" % listen_error_text(e))
+        except logs.LogFileError as e:
+            raise StartupError("upas-smtpd: %s" % e)
         except Exception as e:  # listening is all that starts here: OverflowError, a lock...
             raise StartupError("upas-smtpd: cannot listen on %s: %s"
                                % (self.listen, failure_reason(e)))
@@ -456,7 +462,8 @@ def reload_service(top, options):
     try:
         top.reload(reloaded_settings(options))
     except smtpdconf.ConfigError as e:
-        log.error("SIGHUP: {err}; keeping the running settings", err=e)
+        log.error("SIGHUP: {err}; keeping the running settings", err=e, event="smtpd.reload",
+                  ok=False)
 
 
 def makeService(options):
@@ -471,8 +478,9 @@ def makeService(options):
     resolver = service.makeResolver(reactor, options.get("resolverAddress"))
     twistd_options = getattr(options, "parent", None)
     user = privileges.run_user(twistd_options)
-    created = (privileges.not_yet_there(privileges.created_at_startup(s, twistd_options))
-               if user is not None else ())
+    created = (privileges.not_yet_there(
+        privileges.created_at_startup(s, twistd_options, options["log-json"]))
+        if user is not None else ())
     try:
         top = service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
     except OSError as e:
@@ -481,7 +489,7 @@ def makeService(options):
     except smtpdconf.ConfigError as e:  # a file changed since the options were read
         raise SystemExit("upas-smtpd: %s" % e)
     log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
-             soft=soft, hard=hard, n=top.factory.maxConnections)
+             soft=soft, hard=hard, n=top.factory.maxConnections, event="smtpd.limits")
     pool = None
     if options["workers"] > 1:
         pool = workers.WorkerPool(top, options["argv"], options["workers"] - 1, reactor)
@@ -495,7 +503,8 @@ def makeService(options):
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
     twistd_service = TwistdService(top, options["listen"], user, created,
                                    privileges.needs(s, options["conf"], options["workers"],
-                                                    options["listen"]))
+                                                    options["listen"]),
+                                   json_path=options["log-json"])
     if pool is not None:
         pool.setServiceParent(twistd_service)  # after the listener: it hands on its socket
     return twistd_service
