@@ -2,6 +2,7 @@
 
 import os
 import re
+import time
 import smtplib
 import urllib.request
 
@@ -14,7 +15,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
-from test_twistd import Server, dns_port, server  # noqa: F401
+from test_twistd import Server, dns_port, server, twistd  # noqa: F401
 from upasmail import metrics, tap_smtpd
 
 
@@ -242,3 +243,128 @@ class MetricsServiceTests(unittest.TestCase):
             self.assertEqual(value(counts, "upasmail_connections_open"), 1)
 
         return d.addCallback(stopped)
+
+
+# -- a real server, scraped with a real HTTP client ------------------------------------
+
+def metrics_port(s):
+    s.wait_for("/metrics")
+    return int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", s.output()).group(1))
+
+
+def scrape(port):
+    """{(name, labels...): value} of one scrape (the _created samples left out)."""
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples
+            if not s.name.endswith("_created")}
+
+
+def scrape_until(port, key, n):
+    """Scrape until ``key`` reaches ``n`` (the server logs a disconnect on its own time)."""
+    for _ in range(600):
+        got = scrape(port)
+        if got.get(key, 0) >= n:
+            return got
+        time.sleep(0.05)
+    raise AssertionError("%r never reached %d: %r" % (key, n, got))
+
+
+def moved(before, after):
+    """What changed between two scrapes (histogram buckets left out)."""
+    return {k: after[k] - before.get(k, 0) for k in after
+            if after[k] != before.get(k, 0) and not k[0].endswith("_bucket")}
+
+
+OUTSIDER = ("127.0.0.2", 0)  # not in ournets
+
+
+def test_counters_move_by_exactly_the_traffic_sent(server, tmp_path):
+    (tmp_path / "passwd").write_text("alice:right one\n")
+    s = server("--metrics", "tcp:0:interface=127.0.0.1", "--passwd", str(tmp_path / "passwd"),
+               "--auth-fail-delay", "0", "--tarpit-unit", "0", "--no-queue-runner")
+    port = metrics_port(s)
+    before = scrape(port)
+    assert before[("upasmail_connections_open",)] == 0
+    body = b"Subject: counted\r\n\r\nhello\r\n"
+    with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.sender.net") as c:
+        assert c.sendmail("alice@example.org", ["bob"], body) == {}  # trusted: local
+        assert c.sendmail("alice@example.org", ["x@far.example"], body) == {}  # queued
+    with smtplib.SMTP("127.0.0.1", s.port, source_address=OUTSIDER) as c:
+        c.ehlo("client.sender.net")
+        c.mail("alice@example.org")
+        assert c.rcpt("x@foreign.example")[0] == 550  # no relaying for outsiders
+    with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.sender.net") as c:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            c.login("alice", "wrong one")  # CRAM-MD5
+        mid = scrape(port)
+        assert mid[("upasmail_connections_open",)] == 1  # this one
+    after = scrape_until(port, ("upasmail_connections_total", ("end", "quit")), 3)
+    sizes = [int(n) for n in re.findall(r"accepted from=.* size=(\d+)", s.output())]
+    assert len(sizes) == 2 and all(n > len(body) for n in sizes)
+    assert moved(before, after) == {
+        ("upasmail_connections_total", ("end", "quit")): 3,
+        ("upasmail_messages_total", ("class", "2xx"), ("result", "accepted")): 2,
+        ("upasmail_accepted_recipients_total",): 2,
+        ("upasmail_received_bytes_total",): sum(sizes),
+        ("upasmail_refusals_total", ("class", "5xx"), ("command", "RCPT"), ("reason", "relay")): 1,
+        ("upasmail_refusals_total", ("class", "5xx"), ("command", "AUTH"),
+         ("reason", "auth-failed")): 1,
+        ("upasmail_auth_total", ("mechanism", "CRAM-MD5"), ("result", "failure")): 1,
+        ("upasmail_deliveries_total", ("relay", "local"), ("status", "sent")): 1,
+        ("upasmail_deliveries_total", ("relay", "queue"), ("status", "queued")): 1,
+        # both messages' files made durable, in one fsync batch or two
+        ("upasmail_store_fsync_messages_total",): 2,
+        ("upasmail_store_fsync_seconds_count",): after[("upasmail_store_fsync_seconds_count",)],
+        ("upasmail_store_fsync_seconds_sum",): after[("upasmail_store_fsync_seconds_sum",)],
+        # no queue runner here: read from the directory
+        ("upasmail_queue_messages",): 1,
+        ("upasmail_queue_oldest_age_seconds",): after[("upasmail_queue_oldest_age_seconds",)],
+    }
+    assert after[("upasmail_connections_open",)] == 0
+    assert 1 <= after[("upasmail_store_fsync_seconds_count",)] <= 2
+    assert after[("upasmail_queue_oldest_age_seconds",)] < 60
+
+
+def test_a_port_in_use_stops_startup(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = twistd("-n", "--pidfile=", "upas-smtpd", "--listen", "tcp:0:interface=127.0.0.1",
+                   "--root", str(tmp_path / "mail"),
+                   "--metrics", "tcp:%d:interface=127.0.0.1" % port)
+    assert r.returncode == 1
+    assert "upas-smtpd: cannot listen on 127.0.0.1:%d: address already in use" % port \
+        in r.stdout + r.stderr
+
+
+def test_with_workers_the_main_endpoint_counts_every_process(server):
+    from test_workers import logged_by, worker_pids
+
+    s = server("--workers", "2", "--tarpit-unit", "0",
+               "--metrics", "tcp:0:interface=127.0.0.1")
+    worker_pids(s)
+    port = metrics_port(s)
+    before = scrape(port)
+    sent = 0
+    for _ in range(300):  # the kernel chooses the process; bounded
+        with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.sender.net") as c:
+            assert c.sendmail("alice@example.org", ["bob"], b"Subject: n\r\n\r\nn\r\n") == {}
+        sent += 1
+        if sent >= 4 and set(logged_by(s, " accepted from=")) == {"main", "w1"}:
+            break
+    assert set(logged_by(s, " accepted from=")) == {"main", "w1"}, s.output()
+    after = scrape_until(port, ("upasmail_connections_total", ("end", "quit")), sent)
+    change = moved(before, after)
+    assert change[("upasmail_messages_total", ("class", "2xx"), ("result", "accepted"))] == sent
+    assert change[("upasmail_connections_total", ("end", "quit"))] == sent
+    assert change[("upasmail_deliveries_total", ("relay", "local"), ("status", "sent"))] == sent
+    assert change[("upasmail_store_fsync_messages_total",)] == sent
+    assert after[("upasmail_connections_open",)] == 0
+    # one endpoint: the worker did not bind one of its own
+    assert s.output().count("metrics on http://") == 1
