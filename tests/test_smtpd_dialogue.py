@@ -459,7 +459,7 @@ class DataTests(DialogueCase):
         self.assertEqual(os.listdir(d.root.tmp), [])
         self.assertEqual(d.send("NOOP")[0][:3], "250")
         # one line with the session's ids and the reason, no traceback
-        [line] = [formatEvent(e) for e in events if "not stored" in formatEvent(e)]
+        [line] = [formatEvent(e) for e in events if "not stored: " in formatEvent(e)]
         self.assertIn(d.proto.session.id, line)
         self.assertIn("Is a directory", line)
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -86,17 +86,18 @@ def start_verdict(mech, session, available, mechanisms, encrypted, clear_ok):
     ``offered`` gives for this session.
     """
     if not available:
-        return reject(502, NOT_OFFERED, counts=False)
+        return reject(502, NOT_OFFERED, counts=False, reason="syntax",
+                      detail="auth-not-offered")
     if session.authenticated:
-        return reject(503, BAD_SEQUENCE)
+        return reject(503, BAD_SEQUENCE, reason="sequence")
     if not session.him:
-        return reject(503, "Start by saying HELO, please.")
+        return reject(503, "Start by saying HELO, please.", reason="sequence")
     if session.envelope.senders:
-        return reject(503, IN_TRANSACTION)
+        return reject(503, IN_TRANSACTION, reason="sequence")
     if mech in CLEARTEXT and not (encrypted or clear_ok):
-        return reject(538, ENCRYPTION_REQUIRED)
+        return reject(538, ENCRYPTION_REQUIRED, reason="tls", detail="encryption-required")
     if mech not in mechanisms:
-        return reject(501, UNRECOGNISED.format(mech=mech))
+        return reject(501, UNRECOGNISED.format(mech=mech), reason="syntax")
     return ACCEPT
 
 
@@ -137,10 +138,10 @@ def parse_plain(blob):
     """``authzid NUL user NUL password`` → verdict carrying UsernamePassword."""
     fields = blob.split(b"\0")
     if len(fields) != 3:
-        return reject(501, POOR_PLAIN)
+        return reject(501, POOR_PLAIN, reason="auth-failed", detail="malformed")
     authzid, user, password = fields
     if authzid and authzid != user:
-        return reject(535, NOT_AUTHORIZED)
+        return reject(535, NOT_AUTHORIZED, reason="auth-failed")
     return Accept(credentials.UsernamePassword(user, password))
 
 
@@ -188,7 +189,7 @@ class Exchange:
     def start(self):
         if self.mech == CRAM_MD5:
             if self.initial is not None:
-                return reject(501, NO_INITIAL)
+                return reject(501, NO_INITIAL, reason="syntax")
             return Prompt(base64.b64encode(self.cram.challenge).decode())
         if self.initial is None:
             return Prompt("" if self.mech == PLAIN else USERNAME_PROMPT)
@@ -198,9 +199,9 @@ class Exchange:
         try:
             blob = decode(line)
         except Cancelled:
-            return reject(501, CANCELLED)
+            return reject(501, CANCELLED, reason="auth-failed", detail="cancelled")
         except Undecodable:
-            return reject(501, CANNOT_DECODE)
+            return reject(501, CANNOT_DECODE, reason="auth-failed", detail="malformed")
         if self.mech == PLAIN:
             return parse_plain(blob)
         if self.mech == LOGIN:
@@ -210,7 +211,7 @@ class Exchange:
             return Accept(credentials.UsernamePassword(self.user, blob))
         response = parse_cram(blob)
         if response is None:
-            return reject(501, POOR_CRAM)
+            return reject(501, POOR_CRAM, reason="auth-failed", detail="malformed")
         self.cram.setResponse(response)
         return Accept(self.cram)
 

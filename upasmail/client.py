@@ -68,6 +68,7 @@ class ClientLogger(SessionLogger):
         for key, value in kwargs.items():
             if isinstance(value, str) and not key.startswith("log_"):
                 kwargs[key] = printable(value, LOG_LIMIT)
+        kwargs.setdefault("event", self.namespace)  # smtp.fail: every line is one
         SessionLogger.emit(self, level, format, **kwargs)
 
 RETRY = "Retry, Temporary Failure"
@@ -465,7 +466,8 @@ class Conversation:
         try:
             yield self.wire.handshake()
         except Exception as e:
-            self.log.info("tlsClient to {d}: {err}", d=self.ddomain or self.server, err=e)
+            self.log.info("tlsClient to {d}: {err}", d=self.ddomain or self.server, err=e,
+                          event="smtp.tls", domain=self.ddomain or self.server, status="failed")
             raise Failed(PERMANENT, note="tlsClient to %s: %s" % (self.ddomain or self.server,
                                                                    e))
         if self.o.thumbprints is not None:
@@ -474,10 +476,12 @@ class Conversation:
                 note = "cert for %s not recognized: sha256=%s" % (
                     self.ddomain or self.server,
                     base64.b64encode(hashlib.sha256(der or b"").digest()).decode())
-                self.log.info("{note}", note=note)
+                self.log.info("{note}", note=note, event="smtp.tls",
+                              domain=self.ddomain or self.server, status="failed")
                 raise Failed(PERMANENT, note=note)
         self.encrypted = True
-        self.log.info("started TLS to {d}", d=self.ddomain or self.server)
+        self.log.info("started TLS to {d}", d=self.ddomain or self.server, event="smtp.tls",
+                      domain=self.ddomain or self.server, status="started")
 
     @defer.inlineCallbacks
     def _hello(self):
@@ -643,7 +647,7 @@ class Conversation:
             # the server's word on the message (its queue id), not on the RCPT
             r.status, r.reply = DELIVERED, str(final)
         self.log.info("{sender} sent {n} bytes to {toline} {mx}", sender=self.sender, n=size,
-                      toline=toline, mx=self.target.describe())
+                      toline=toline, mx=self.target.describe(), event="smtp.sent", size=size)
         if worst:
             self.report.append("%s connect to %s: %s %s:" % (
                 plan9_date(self.clock.seconds()), self.destaddr, self.target.describe(),
@@ -919,7 +923,7 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
             report = _failure_report(conv, status, Reply(-1, ["connection closed"]), None,
                                      destaddr, clock)
     except Exception as e:  # a bug here must cost a retry, never the message
-        conv.log.failure("delivery to {addr} failed", addr=destaddr)
+        conv.log.failure("delivery to {addr} failed", addr=destaddr, event="error")
         status, report = RETRY, ["smtp: local error: %s (%s)" % (e, destaddr)]
     _settle(results, status, report)
     result = Result(status, results, conv.report + report, conv.phase, target)
@@ -927,7 +931,8 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
         try:
             yield outcome(result)
         except Exception:  # the caller's trouble must not keep the connection open
-            conv.log.failure("recording the outcome for {addr} failed", addr=destaddr)
+            conv.log.failure("recording the outcome for {addr} failed", addr=destaddr,
+                             event="error")
     if connections is not None and conv.ready_for_more():
         yield connections.put(destaddr, conv, (cached.messages if cached else 0) + 1)
     else:

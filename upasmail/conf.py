@@ -191,12 +191,14 @@ class WatchedFile:
             st = os.stat(self.path)
         except FileNotFoundError:
             if self._stamp is not None:
-                log.info("{path} removed; its entries no longer apply", path=self.path)
+                log.info("{path} removed; its entries no longer apply", path=self.path,
+                         event="smtpd.config")
             self._stamp, self._value = None, self._empty
             self.broken = False
             return self._value
         except OSError as e:
-            log.error("{path}: cannot stat: {err}", path=self.path, err=e.strerror or e)
+            log.error("{path}: cannot stat: {err}", path=self.path, err=e.strerror or e,
+                      event="smtpd.config")
             self.broken = not self._good
             return self._value
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -209,5 +211,5 @@ class WatchedFile:
         except ConfigError as e:
             self.broken = not self._good
             log.error("{err}; {what}", err=e, what="no good version to keep" if self.broken
-                      else "keeping the previous version")
+                      else "keeping the previous version", event="smtpd.config", path=self.path)
         return self._value

@@ -10,7 +10,8 @@ The protocol maps them to replies in one place (``server.UpasESMTP.reply``).
 * ``Defer(code, lines)``: a temporary (4xx) refusal: the client should retry.
 
 ``counts`` says whether the refusal feeds upas's reject counter (smtpd.c
-``rejectcount``); syntax errors do not.
+``rejectcount``); syntax errors do not.  ``reason`` (and ``detail``) name
+the refusal in the log (``smtpd.refused``: a closed set, docs/logging.rst).
 """
 
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class Reject:
     lines: Tuple[str, ...]
     counts: bool = field(default=True, compare=False)
     hangup: bool = field(default=False, compare=False)
+    reason: str = field(default="other", compare=False)
+    detail: str = field(default="", compare=False)
 
     ok = False
 
@@ -45,9 +48,10 @@ class Defer(Reject):
     """A temporary refusal; same shape as Reject, with a 4xx code."""
 
 
-def reject(code: int, *lines: str, counts: bool = True, hangup: bool = False) -> Reject:
+def reject(code: int, *lines: str, counts: bool = True, hangup: bool = False,
+           reason: str = "other", detail: str = "") -> Reject:
     cls = Defer if 400 <= code < 500 else Reject
-    return cls(code, tuple(lines), counts, hangup)
+    return cls(code, tuple(lines), counts, hangup, reason, detail)
 
 
 ACCEPT = Accept()

@@ -145,8 +145,8 @@ class UpasMessage:
         try:
             self.spool.write(data)
         except OSError as e:
-            self.log.error("spool write failed: {err}", err=e)
-            self.failure = reject(451, replies.STORE_FAILED)
+            self.log.error("spool write failed: {err}", err=e, event="smtpd.store_failed")
+            self.failure = reject(451, replies.STORE_FAILED, reason="store")
 
     def refuse(self, verdict):
         """The protocol found the message unacceptable (e.g. a huge line)."""
@@ -167,16 +167,19 @@ class UpasMessage:
         try:
             self.spool.close()
         except OSError as e:
-            self.log.error("spool close failed: {err}", err=e)
-            self.failure = self.failure or reject(451, replies.STORE_FAILED)
+            self.log.error("spool close failed: {err}", err=e, event="smtpd.store_failed")
+            self.failure = self.failure or reject(451, replies.STORE_FAILED,
+                                                         reason="store")
         if self.failure is None and self.stream.error is not None:
-            self.failure = reject(554, self.stream.error.reply)
+            self.failure = reject(554, self.stream.error.reply, reason="syntax",
+                                  detail="header")
         if (self.failure is None and self.action == "deliver"
                 and self.delivery.backend is self.root):  # delivered here before: a loop
             looped = local.forwarding_loop(self.stream.delivered_to, self.tx.local,
                                            self.delivery.settings.dom)
             if looped is not None:
-                self.failure = reject(554, replies.FORWARDING_LOOP.format(addr=looped))
+                self.failure = reject(554, replies.FORWARDING_LOOP.format(addr=looped),
+                                      reason="loop")
         if self.stream.message_id is not None:
             self.tx = dataclasses.replace(self.tx,
                                           message_id=logs.printable(self.stream.message_id))
@@ -199,13 +202,15 @@ class UpasMessage:
         """Block or delay: keep the stream with -s, never deliver it."""
         s = self.delivery.session
         if self.action == "delay":
-            verdict = reject(450, spam.DELAYED)
+            verdict = reject(450, spam.DELAYED, reason="spam", detail="delay")
         else:
             why = str(self.stream.error) if self.stream.error is not None else None
             if self.failure is not None:
                 why = self.failure.text().split(" ", 1)[-1]
-            verdict = reject(554, "5.7.1 " + (why or replies.SPAM)[:127])
+            verdict = reject(554, "5.7.1 " + (why or replies.SPAM)[:127], reason="spam",
+                             detail="block")
             self.log.info("++[{him}/{rsys}] blocked: {why}", him=s.him, rsys=s.rsys,
+                          event="smtpd.blocked",
                           why=why or replies.SPAM)
         if not self.delivery.settings.save_blocked or self.failure is not None:
             self._discard()
@@ -213,10 +218,11 @@ class UpasMessage:
 
         def saved(path):
             self.log.info("saved blocked message from {sender} as {path}",
-                          sender=self.tx.sender, path=path)
+                          sender=self.tx.sender, path=path, event="smtpd.blocked")
 
         d = self.root.dump(self.spool, self.tx.sender)
-        d.addCallbacks(saved, lambda f: self.log.failure("saving blocked message failed", f))
+        d.addCallbacks(saved, lambda f: self.log.failure("saving blocked message failed", f,
+                                                         event="error"))
         d.addBoth(self._cleanup)
         return d.addCallback(lambda _: verdict)
 
@@ -225,7 +231,7 @@ class UpasMessage:
         if not verdict.ok:
             return verdict
         if self.log.message_id is not None:
-            self.log.info("message-id={message_id}")
+            self.log.info("message-id={message_id}", event="smtpd.message_id")
         tx = self.tx
         if self.delivery.backend is self.root:
             # what became of each recipient: an alias's targets, postmaster's fallback
@@ -235,18 +241,25 @@ class UpasMessage:
                 status = ("status=sent (delivered to mailbox)" if route.relay == "local"
                           else "status=queued")
                 self.log.info("to={rcpt}" + orig + " relay={relay} " + status,
-                              rcpt=route.to, orig=route.orig, relay=route.relay)
+                              rcpt=route.to, orig=route.orig, relay=route.relay,
+                              event="queue.delivery", orig_rcpt=None if same else route.orig,
+                              status="sent" if route.relay == "local" else "queued",
+                              reply="delivered to mailbox" if route.relay == "local" else "",
+                              delay=0.0)
         else:
             for path in tx.recipients:
-                self.log.info("to={rcpt} relay=mailer status=sent", rcpt=path)
+                self.log.info("to={rcpt} relay=mailer status=sent", rcpt=path,
+                              event="queue.delivery", relay="mailer", status="sent",
+                              reply="", delay=0.0)
         return verdict
 
     def _storeFailed(self, failure):
         if failure.check(OSError):  # a locked, full or broken mailbox: no traceback needed
-            self.log.error("not stored: {err}", err=failure.getErrorMessage())
+            self.log.error("not stored: {err}", err=failure.getErrorMessage(),
+                           event="smtpd.store_failed")
         else:
-            self.log.failure("storing message failed", failure)
-        return reject(451, replies.STORE_FAILED)
+            self.log.failure("storing message failed", failure, event="error")
+        return reject(451, replies.STORE_FAILED, reason="store")
 
     def _cleanup(self, result):
         self._discard()

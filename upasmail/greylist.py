@@ -124,9 +124,10 @@ def verdict(whitelisted, rsys, outcomes, log=log):
     if whitelisted:
         return ACCEPT
     for rcpt, state in outcomes:
-        log.info(_OUTCOME_LINES[state], rsys=rsys, rcpt=rcpt)
+        log.info(_OUTCOME_LINES[state], rsys=rsys, rcpt=rcpt, event="smtpd.greylist",
+                 peer=rsys, state=state)
     if any(state == RECENT for _, state in outcomes):
         return Accept(NEWLY_WHITE)
     log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
-             rsys=rsys)
-    return reject(451, TRY_AGAIN, hangup=True)
+             rsys=rsys, event="smtpd.greylist", peer=rsys, rcpt=None, state="refused")
+    return reject(451, TRY_AGAIN, hangup=True, reason="greylist")

@@ -62,7 +62,7 @@ def lie_verdict(claims, static, dns_status, ptr_match):
     let the client through rather than refuse mail over a DNS outage).
     """
     if claims or static:
-        return reject(554, LIAR, hangup=True)
+        return reject(554, LIAR, hangup=True, reason="helo", detail="lie")
     if dns_status in (None, dnscheck.EXISTS, dnscheck.TEMPFAIL) or ptr_match:
         return ACCEPT
-    return reject(554, LIAR, hangup=True)
+    return reject(554, LIAR, hangup=True, reason="helo", detail="lie")

@@ -160,10 +160,11 @@ def recipient_verdict(path, user, standing):
     if standing is Standing.KNOWN or fold(user) == POSTMASTER:
         return Accept(path)
     if standing is Standing.TOO_LARGE:
-        return reject(451, ALIAS_TOO_LARGE.format(path=path, n=MAX_EXPANSION))
+        return reject(451, ALIAS_TOO_LARGE.format(path=path, n=MAX_EXPANSION),
+                      reason="recipients", detail="alias-too-large")
     if standing is Standing.UNSURE:
-        return reject(451, ALIASES_UNREADABLE.format(path=path))
-    return reject(550, USER_UNKNOWN.format(path=path))
+        return reject(451, ALIASES_UNREADABLE.format(path=path), reason="local-error")
+    return reject(550, USER_UNKNOWN.format(path=path), reason="unknown-user")
 
 
 def check_files(lib):

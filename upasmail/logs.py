@@ -12,17 +12,25 @@ relay attempts::
     3f9a0c1b2d4e: 1764444444.a1b2c3d4e5f6: message-id=<x@example.org>
     1764444444.a1b2c3d4e5f6: to=far.example!bob relay=(...) status=sent (...)
 
-A JSON observer (``twisted.logger.jsonFileLogObserver``) gets the ids as
-fields.  ``DNSNoise`` is a ``FilteringLogObserver`` predicate that drops
-the four lines ``twisted.names`` writes for every UDP query, and nothing
-else.
+Every line also names its event (``event``) and carries its fields: the
+catalogue is docs/logging.rst.  ``LogService`` adds the JSON log
+(``--log-json``), keeps debug events out of twistd's text log, writes
+plain lines for journald, and reopens the log files on SIGUSR1 (logrotate).
+``DNSNoise`` is a ``FilteringLogObserver`` predicate that drops the four
+lines ``twisted.names`` writes for every UDP query, and nothing else.
 """
 
+import json
+import os
 import re
 import secrets
+import signal
+import sys
 
 from twisted.application.service import Service
-from twisted.logger import FilteringLogObserver, Logger, PredicateResult, globalLogPublisher
+from twisted.logger import (FileLogObserver, FilteringLogObserver, Logger, LogLevel,
+                            LogLevelFilterPredicate, PredicateResult, formatEvent,
+                            globalLogPublisher)
 
 NAMESPACE = "smtpd"
 
@@ -133,3 +141,183 @@ class QuietDNS(Service):
             self.publisher.removeObserver(wrapper)
             self.publisher.addObserver(observer)
         self._wrapped = []
+
+
+# keys the legacy bridge (twisted.python.log) writes into shared events
+_LEGACY_KEYS = frozenset(("message", "time", "system", "format", "isError", "log_legacy",
+                          "failure", "printed"))
+# journald's priority prefixes (sd-daemon(3)) by level
+_PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3,
+             LogLevel.critical: 2}
+log = Logger(namespace="smtpd")
+
+
+def event_fields(event):
+    """An event's own fields: no ``log_*`` key, nothing the legacy bridge added."""
+    legacy = _LEGACY_KEYS if "log_legacy" in event else ()
+    failure = "log_failure" in event  # the bridge's ``why`` then, not ours
+    return {k: v for k, v in event.items()
+            if not k.startswith("log_") and k not in legacy and not (failure and k == "why")}
+
+
+def event_text(event):
+    """The line's text, with the traceback of a failure after it."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    return text
+
+
+def json_line(event):
+    """One event as one line of JSON (the ``--log-json`` format)."""
+    level = event.get("log_level") or LogLevel.info
+    record = {"time": event.get("log_time"), "level": level.name,
+              "namespace": event.get("log_namespace")}
+    record.update(event_fields(event))
+    record["text"] = event_text(event)
+    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
+
+
+def journal_line(event):
+    """A plain line for journald: its priority prefix, no time (journald adds it)."""
+    level = event.get("log_level") or LogLevel.info
+    text = event_text(event).replace("\n", "\n  ")
+    return "<%d>%s\n" % (_PRIORITY.get(level, 6), text)
+
+
+def under_journald(out, environ=os.environ):
+    """Is ``out`` systemd's journal stream (``JOURNAL_STREAM`` = its dev:inode)?"""
+    stream = environ.get("JOURNAL_STREAM")
+    try:
+        st = os.fstat(out.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return bool(stream) and stream == "%d:%d" % (st.st_dev, st.st_ino)
+
+
+class LogFileError(Exception):
+    """A log file that cannot be opened (a start-up error, one line)."""
+
+
+class ReopenableFile:
+    """A log file written at its path, reopened there on demand (logrotate)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, text):
+        self._file.write(text)
+
+    def flush(self):
+        self._file.flush()
+
+    def reopen(self):
+        old, self._file = self._file, open(self.path, "a", encoding="utf-8")
+        old.close()
+
+    def close(self):
+        self._file.close()
+
+
+def _info_and_up(observer):
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(LogLevel.info)])
+
+
+class LogService(Service):
+    """The log as an administrator wants it, once twistd has set up its own.
+
+    * twistd's text observers (``FileLogObserver``) see no debug events
+      (``store.sync``: one per fsync batch, for the metrics); under
+      journald, the one on standard output writes plain lines instead.
+    * ``json_path``: every event as a JSON line (``-``: standard output).
+    * SIGUSR1 reopens twistd's log file and the JSON file at their paths
+      (logrotate renames them first).  twistd's own SIGUSR1 would rename
+      the file itself, and it renames it at 1 MB too: both fight
+      logrotate, so its size rotation is turned off.  twistd installs its
+      handler as logging starts, after the services are built, hence
+      here, at start.
+
+    twistd's observers are reached in ``LogPublisher._observers``, as
+    ``QuietDNS`` does: ``twisted.logger`` has no public way to it.
+    """
+
+    def __init__(self, json_path=None, publisher=globalLogPublisher, environ=os.environ,
+                 signals=signal, reactor=None, stdout=None):
+        self.json_path = json_path
+        self.publisher = publisher
+        self.environ = environ
+        self.signals = signals
+        self.reactor = reactor
+        self.stdout = stdout
+        self._json_file = None
+        self._json_observer = None
+        self._replaced = []  # (twistd's observer, ours in its place)
+        self._log_files = []  # twistd's LogFile, reopened on SIGUSR1
+        self._previous_handler = None
+
+    def privilegedStartService(self):
+        # before twistd gives up root (--uid), as its own log file is opened
+        if self.json_path not in (None, "-"):
+            try:
+                self._json_file = ReopenableFile(self.json_path)
+            except OSError as e:
+                raise LogFileError("--log-json %s: %s" % (self.json_path, e.strerror or e))
+        Service.privilegedStartService(self)
+
+    def startService(self):
+        if self.json_path is not None and self._json_file is None:
+            if self.json_path == "-":
+                self._json_file = self.stdout or sys.stdout
+            else:  # not started through twistd's privileged start
+                self._json_file = ReopenableFile(self.json_path)
+        Service.startService(self)
+        for observer in list(self.publisher._observers):
+            out = getattr(observer, "_outFile", None)
+            if not isinstance(observer, FileLogObserver) or out is None:
+                continue
+            if hasattr(out, "reopen") and hasattr(out, "rotateLength"):
+                out.rotateLength = None  # logrotate's job now
+                self._log_files.append(out)
+            if under_journald(out, self.environ):
+                mine = _info_and_up(FileLogObserver(out, journal_line))
+            else:
+                mine = _info_and_up(observer)
+            self.publisher.removeObserver(observer)
+            self.publisher.addObserver(mine)
+            self._replaced.append((observer, mine))
+        if self._json_file is not None:
+            self._json_observer = _info_and_up(FileLogObserver(self._json_file, json_line))
+            self.publisher.addObserver(self._json_observer)
+        self._previous_handler = self.signals.signal(self.signals.SIGUSR1, self._sigusr1)
+
+    def _sigusr1(self, signum, frame):
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callFromThread(self.reopen)
+
+    def reopen(self):
+        """Reopen every log file at its path: logrotate has moved it away."""
+        for f in self._log_files:
+            f.reopen()
+        if isinstance(self._json_file, ReopenableFile):
+            self._json_file.reopen()
+        log.info("log files reopened", event="log.reopened")
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._previous_handler is not None:  # None: not set from Python
+            self.signals.signal(self.signals.SIGUSR1, self._previous_handler)
+        self._previous_handler = None
+        for observer, mine in self._replaced:
+            self.publisher.removeObserver(mine)
+            self.publisher.addObserver(observer)
+        self._replaced = []
+        if self._json_observer is not None:
+            self.publisher.removeObserver(self._json_observer)
+            self._json_observer = None
+        if isinstance(self._json_file, ReopenableFile):
+            self._json_file.close()
+        self._json_file = None

@@ -33,13 +33,13 @@ def verdict(exited_ok, stderr, timed_out=False):
         return ACCEPT
     lines = text.split("\n")
     if "mail refused" in text and not timed_out:
-        return reject(554, "5.7.1 " + lines[0][:127])
+        return reject(554, "5.7.1 " + lines[0][:127], reason="store", detail="mailer")
     complete = lines[:-1]  # only newline-terminated lines, as upas
     if timed_out:
         complete = complete + ["mailer timed out"]
     return reject(
-        450, *(["4.0.0 " + line for line in complete] + [replies.MAILER_FAILED])
-    )
+        450, *(["4.0.0 " + line for line in complete] + [replies.MAILER_FAILED]),
+        reason="store", detail="mailer")
 
 
 class Mailer:
@@ -54,7 +54,7 @@ class Mailer:
     def ready(self):
         """Can the mailer be started now?  (checked before the 354)"""
         if resolve(self.command) is None:
-            return reject(450, replies.BUSY)
+            return reject(450, replies.BUSY, reason="busy")
         return ACCEPT
 
     def deliver(self, stream_path, tx):
@@ -65,12 +65,13 @@ class Mailer:
             v, stderr = result
             if v.ok and stderr:
                 log.info("{mailer} returned good status, but said: {err}",
-                         mailer=self.command, err=stderr.decode("utf-8", "replace"))
+                         mailer=self.command, err=stderr.decode("utf-8", "replace"),
+                         event="smtpd.mailer")
             elif not v.ok:
                 first = stderr.decode("utf-8", "replace").split("\n")[0]
                 log.info("++[{him}/{rsys}] {sender} {mailer} returned {code} {line}",
                          him=tx.helo, rsys=tx.peer, sender=tx.sender,
-                         mailer=self.command, code=v.code, line=first)
+                         mailer=self.command, code=v.code, line=first, event="smtpd.mailer")
             return v
 
         return self.run(stream_path, tx.recipients).addCallback(logged)
@@ -79,12 +80,12 @@ class Mailer:
         """Run the mailer on the stream; fires with (verdict, stderr)."""
         path = resolve(self.command)
         if path is None:
-            return defer.succeed((reject(450, replies.BUSY), b""))
+            return defer.succeed((reject(450, replies.BUSY, reason="busy"), b""))
         argv = [path, "-r"] + list(recipients)
 
         def finished(outcome):
             if not outcome.started:
-                return reject(450, replies.BUSY), b""
+                return reject(450, replies.BUSY, reason="busy"), b""
             return verdict(outcome.ok, outcome.stderr, outcome.timed_out), outcome.stderr
 
         d = process.run(self.reactor, self.clock, argv, self.timeout, stream_path)

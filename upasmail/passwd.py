@@ -133,7 +133,8 @@ class PasswordFile(checkers.FilePasswordDB):
             mode = 0
         if mode & (stat.S_IRWXG | stat.S_IRWXO) and any(not h for _, h in entries.values()):
             log.warn("{path} holds plaintext secrets and is readable by other users "
-                     "(mode {mode:o}); chmod 600 it", path=path, mode=stat.S_IMODE(mode))
+                     "(mode {mode:o}); chmod 600 it", path=path, mode=stat.S_IMODE(mode),
+                     event="smtpd.config")
         return entries
 
     def entries(self):

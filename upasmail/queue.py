@@ -333,7 +333,7 @@ class Queue:
             except FileNotFoundError:
                 pass
         log.error("{id}: corrupt job moved to queue/corrupt: {why}", id=printable(stem),
-                  why=why)
+                  why=why, event="queue.corrupt", queue_id=printable(stem))
 
     def tidy(self, now):
         """Start-up: drop half-written envelopes; quarantine old orphan messages."""
@@ -401,7 +401,7 @@ def record_routing(root, settings):
     changed = sorted(k for k in mine if before is not None and before.get(k) != mine[k])
     if changed:
         log.warn("{path}: routing record changed ({keys}); upas-runq follows the new one",
-                 path=os.path.join(root, ROUTING), keys=", ".join(changed))
+                 path=os.path.join(root, ROUTING), keys=", ".join(changed), event="queue.routing")
     write_envelope(os.path.join(root, ROUTING), mine)
 
 
@@ -586,7 +586,8 @@ class QueueRunner(service.Service):
             try:
                 self.queue.quarantine(name[:-4], "not a queue id")
             except OSError as e:
-                log.error("{name}: cannot move it to queue/corrupt: {err}", name=name, err=e)
+                log.error("{name}: cannot move it to queue/corrupt: {err}", name=name, err=e,
+                          event="queue.corrupt")
         on_disk = set(self.queue.ids())
         for qid in [q for q in self.known if q not in on_disk and q not in self.jobs]:
             self._forget(qid)
@@ -602,7 +603,7 @@ class QueueRunner(service.Service):
         if self.stopping:
             return
         if self.queue.flush_requested():
-            log.info("flush requested: retrying every queued message now")
+            log.info("flush requested: retrying every queued message now", event="queue.flush")
             self.flush()
         self._poll_call = self.clock.callLater(FLUSH_POLL, self._poll)
 
@@ -786,7 +787,7 @@ class QueueRunner(service.Service):
             # the last close of a removed job's message frees its blocks: a
             # file-system transaction, kept off the reactor
             self.root.run_blocking(os.close, fd).addErrback(
-                lambda f: log.failure("closing a removed job's message", f))
+                lambda f: log.failure("closing a removed job's message", f, event="error"))
 
     def _reschedule(self, qid):
         """A job's work ended: its next time, from the record in hand (no read)."""
@@ -917,9 +918,11 @@ class QueueRunner(service.Service):
                 st["status"], st["error"] = PENDING, r.reply or result.status
                 word = "deferred"
                 deferred = True
-            log.info("{id}: to={rcpt} relay={relay} status={word} ({reply})", id=qid,
-                     rcpt=printable(r.address), relay=relay_name or "none", word=word,
-                     reply=printable(r.reply or result.status or "ok", client.LOG_LIMIT))
+            reply = printable(r.reply or result.status or "ok", client.LOG_LIMIT)
+            log.info("{id}: to={rcpt} relay={relay} status={word} ({reply}) delay={delay:.1f}",
+                     id=qid, rcpt=printable(r.address), relay=relay_name or "none", word=word,
+                     reply=reply, event="queue.delivery", queue_id=qid, status=word,
+                     delay=now - float(record["created"]))
         if deferred and not self.stopping:  # cut off by our own shutdown: no penalty
             attempts = record["attempts"].get(dest, 0) + 1
             record["attempts"][dest] = attempts
@@ -969,7 +972,8 @@ class QueueRunner(service.Service):
         route = return_path(record["sender"])
         if route is None:
             log.error("{id}: the postmaster's copy of a failed bounce could not be "
-                      "delivered either; discarded: {rcpts}", id=qid, rcpts=", ".join(failed))
+                      "delivered either; discarded: {rcpts}", id=qid, rcpts=", ".join(failed),
+                      event="queue.bounce_failed", queue_id=qid)
         else:
             yield self._return(record, failed, *route)  # durable before it is marked
         for r in failed:
@@ -988,7 +992,7 @@ class QueueRunner(service.Service):
             if to == POSTMASTER:
                 raise NotReturned("not " + why)
         log.warn("{id}: failures not returned {why}; the postmaster gets them",
-                 id=record["id"], why=why)
+                 id=record["id"], why=why, event="queue.bounce_failed", queue_id=record["id"])
         try:
             yield self._bounce(record, failed, POSTMASTER, DOUBLE_BOUNCE, why_lines=[
                 "The report could not be given to its sender <%s>, so this copy is for "
@@ -1011,7 +1015,7 @@ class QueueRunner(service.Service):
 
         def removed(_):
             self._forget(qid)
-            log.info("{id}: removed from the queue", id=qid)
+            log.info("{id}: removed from the queue", id=qid, event="queue.removed", queue_id=qid)
 
         return d.addCallback(removed)
 
@@ -1025,8 +1029,10 @@ class QueueRunner(service.Service):
                 st["error"] = "4.4.7 gave up after %d days: %s" % (
                     round(self.settings.max_queue_age / 86400), last)
                 st["dsn"] = "4.4.7"
-                log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=r,
-                         why=" ".join(last.split()))
+                why = " ".join(last.split())
+                log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=r, why=why,
+                         event="queue.delivery", queue_id=qid, relay=st.get("relay") or "none",
+                         status="expired", reply=why, delay=now - float(record["created"]))
         self._finish_off(record, self._complete, "giving up")
 
     def _finish_off(self, record, work, what):
@@ -1085,12 +1091,14 @@ class QueueRunner(service.Service):
             users, remote = by_relay(result.value)  # what became of the bounce
             if double and not why_lines:
                 log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
-                         "recipients failed)", id=qid, n=len(failed))
+                         "recipients failed)", id=qid, n=len(failed), event="queue.bounce_failed",
+                         queue_id=qid)
             # as Postfix: the line that joins this job to the bounce's
             log.info("{id}: {who} non-delivery notification: {where} (to {to}, {n} "
                      "recipients failed)", id=qid, who="postmaster" if double else "sender",
                      where=notification_place(self.root.queue_id(path), users, remote),
-                     to=to, n=len(failed))
+                     to=to, n=len(failed), event="queue.bounce", queue_id=qid,
+                     kind="postmaster" if double else "sender", failed=len(failed))
             return result
 
         return d.addBoth(unlink).addCallback(done)
@@ -1113,9 +1121,10 @@ def _log_trouble(failure, what, wait):
     failed; a traceback for anything else, a bug."""
     if failure.check(OSError, NotReturned):
         log.error("{what}: {err}; next try in {wait:.0f} s", what=what, err=failure.value,
-                  wait=wait)
+                  wait=wait, event="queue.trouble")
     else:
-        log.failure("{what}; next try in {wait:.0f} s", failure, what=what, wait=wait)
+        log.failure("{what}; next try in {wait:.0f} s", failure, what=what, wait=wait,
+                    event="queue.trouble")
 
 
 def _mx_name(relay_text):
@@ -1182,7 +1191,7 @@ def delete(queue, qid):
         queue.remove(qid)
     finally:
         os.close(fd)
-    log.info("{id}: deleted by the administrator", id=qid)
+    log.info("{id}: deleted by the administrator", id=qid, event="queue.deleted", queue_id=qid)
     return True
 
 

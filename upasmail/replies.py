@@ -64,8 +64,8 @@ SMTPUTF8_NOT_OFFERED = "5.6.7 SMTPUTF8 is required, but was not offered by host 
 
 
 def syntax_error():
-    return reject(500, SYNTAX, counts=False)
+    return reject(500, SYNTAX, counts=False, reason="syntax")
 
 
 def no_relay():
-    return reject(550, NO_RELAY)
+    return reject(550, NO_RELAY, reason="relay")

@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, framing, grammar, helo, logs, ratify, relay, replies, spam, statestore, tarpit
-from .tls import describe as describe_tls
+from .tls import describe as describe_tls, version_cipher as tls_version_cipher
 from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
 from .session import Recipient, Session
@@ -69,6 +69,28 @@ from .session import Recipient, Session
 log = Logger(namespace="smtpd")
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
+
+
+# smtpd.refused's text, by (a sender is known, a recipient is known)
+_REFUSED_FORMATS = {
+    (sender, rcpt): "refused {command}" + (" from=<{sender}>" if sender else "")
+    + (" to=<{rcpt}>" if rcpt else "")
+    + " peer={peer} helo={helo} reason={reason}{detail_text} ({code} {reply})"
+    for sender in (False, True) for rcpt in (False, True)}
+# the ratify states upas logs at DATA (spam.LOG_WORD), as smtpd.ratify's ``verb``
+_RATIFY_VERB = {"block": "block", "dial": "dialup", "deny": "deny", ratify.REFUSED: "refuse",
+                "delay": "delay", ratify.TEMPFAIL: "tempfail"}
+
+
+def _bare(path):
+    """A path as sent without its angle brackets; None for no path."""
+    return path[1:-1] if path else None
+
+
+def _verb_of(line):
+    """The command word of a line that does not parse, for the log."""
+    word = line.split(None, 1)[0] if line.split() else b""
+    return logs.printable(word.decode("ascii", "replace").upper(), 10)
 
 
 def _text(resp):
@@ -106,6 +128,9 @@ class UpasESMTP(smtp.ESMTP):
     _closing = False  # the server is shutting down
     _closeWaiters = ()
     _accepted = 0  # messages answered 250, for the disconnect line
+    _cmd = None  # the command being answered, for the refusal's line
+    _end = "lost"  # how the connection ended, for the disconnect line
+    _started = 0.0
 
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
                  spamfilter=None, store=None):
@@ -159,12 +184,14 @@ class UpasESMTP(smtp.ESMTP):
         lsys = relay.normalize_ip(getattr(host, "host", str(host)))
         self.session = s = Session(rsys=rsys, lsys=lsys, id=logs.new_session_id())
         self.log = logs.SessionLogger(s.id)
+        self._started = self.clock.seconds()
         s.trusted, s.hisaction = facts
         s.auth_required = self.settings.require_auth
         s.ours = self.settings.ours.with_local_ip(lsys)
         s.encrypted = ISSLTransport.providedBy(self.transport)  # implicit TLS
-        self.log.info("connect from {rsys}{trusted}", rsys=rsys,
-                      trusted=" (trusted)" if s.trusted else "")
+        self.log.info("connect from {rsys}{trusted_text}", rsys=rsys,
+                      trusted_text=" (trusted)" if s.trusted else "", event="smtpd.connect",
+                      peer=rsys, local=lsys, trusted=s.trusted)
         self.delivery = self.makeDelivery(self.session)
         self._helo = (None, rsys)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
@@ -172,7 +199,7 @@ class UpasESMTP(smtp.ESMTP):
         self.sendReply(220, replies.GREETING.format(dom=self.settings.dom))
         self._greeted = True
         if self._handshakeDone:
-            self.log.info("started TLS with {rsys}", rsys=rsys)
+            self._logTLSStarted()
         # upas: one alarm for the whole command phase, until DATA starts
         self._setPhaseTimer(self.settings.session_timeout)
         self._replied(None)  # read what the client has sent meanwhile
@@ -180,16 +207,29 @@ class UpasESMTP(smtp.ESMTP):
     def handshakeCompleted(self):
         self._handshakeDone = True
         if self._greeted:  # else the greeting logs it
-            self.log.info("started TLS with {rsys}", rsys=self.session.rsys)
+            self._logTLSStarted()
+
+    def _logTLSStarted(self):
+        s = self.session
+        s.cipher = tls_version_cipher(self.transport)
+        version, _, cipher = (s.cipher or "/").partition("/")
+        self.log.info("started TLS with {rsys}", rsys=s.rsys, event="smtpd.tls", peer=s.rsys,
+                      status="started", version=version, cipher=cipher)
 
     def connectionLost(self, reason):
         self._lost = True
         if self._greeted:  # not when refused, or gone before the store answered
-            if self.session.encrypted and not self._handshakeDone:
-                self.log.info("TLS start-up failed with {rsys}", rsys=self.session.rsys)
-            self.log.info("disconnect from {rsys}: {accepted} accepted, {rejects} refused",
-                          rsys=self.session.rsys, accepted=self._accepted,
-                          rejects=self.session.rejects)
+            s = self.session
+            if s.encrypted and not self._handshakeDone:
+                self.log.info("TLS start-up failed with {rsys}", rsys=s.rsys, event="smtpd.tls",
+                              peer=s.rsys, status="failed")
+            self.log.info("disconnect from {rsys}: {accepted} accepted, {refused} refused "
+                          "helo={helo} tls={tls} auth={auth_text} duration={duration:.3f} "
+                          "end={end}", event="smtpd.disconnect",
+                          rsys=s.rsys, accepted=self._accepted, rejects=s.rejects,
+                          refused=s.refusals, peer=s.rsys, helo=s.him, tls=s.cipher or "none",
+                          auth_user=s.user, auth_text=s.user or "none",
+                          duration=self.clock.seconds() - self._started, end=self._end)
             self._setPhaseTimer(None)
             self._abortMessages()
         smtp.ESMTP.connectionLost(self, reason)
@@ -217,6 +257,7 @@ class UpasESMTP(smtp.ESMTP):
     def _closeIfIdle(self):
         if self._closing and not self._busy and self.mode == COMMAND and not self._lost \
                 and not self.transport.disconnecting:
+            self._end = "shutdown"
             self.sendReply(421, replies.SHUTDOWN.format(dom=self.settings.dom))
             self.transport.loseConnection()
 
@@ -226,6 +267,7 @@ class UpasESMTP(smtp.ESMTP):
             return
         self._abortMessages()
         if not self.transport.disconnecting:
+            self._end = "shutdown"
             self.sendReply(421, replies.SHUTDOWN.format(dom=self.settings.dom))
             self.transport.loseConnection()
 
@@ -239,11 +281,14 @@ class UpasESMTP(smtp.ESMTP):
     def _phaseExpired(self):
         """upas's alarm: the session ends with no reply at all."""
         self._phaseTimer = None
-        self.log.info("session limit reached for {rsys}; closing", rsys=self.session.rsys)
+        self._end = "session-limit"
+        self.log.info("session limit reached for {rsys}; closing", rsys=self.session.rsys,
+                      event="smtpd.session_limit", peer=self.session.rsys)
         self._abortMessages()
         self.transport.loseConnection()
 
     def timeoutConnection(self):
+        self._end = "timeout"
         self.sendReply(421, replies.TIMEOUT.format(dom=self.settings.dom))
         self._abortMessages()
         self.transport.loseConnection()
@@ -294,7 +339,8 @@ class UpasESMTP(smtp.ESMTP):
                     self._dropPlaintext = False
                     if pos < len(buf):
                         self.log.info("discarded {n} bytes pipelined after STARTTLS from {rsys}",
-                                      n=len(buf) - pos, rsys=self.session.rsys)
+                                      n=len(buf) - pos, rsys=self.session.rsys,
+                                      event="smtpd.pipelined_after_starttls")
                     pos = len(buf)
             self._buf = buf[pos:]
         finally:
@@ -350,13 +396,13 @@ class UpasESMTP(smtp.ESMTP):
         try:
             result = f(arg)
         except Exception:
-            self.log.failure("command failed")
+            self.log.failure("command failed", event="error")
             result = None
             if self.mode == DATA:
-                self._dataRefused = reject(451, replies.LOCAL_ERROR)
+                self._dataRefused = reject(451, replies.LOCAL_ERROR, reason="local-error")
             else:
                 self.mode = COMMAND  # e.g. out of a broken AUTH exchange
-                self.reply(reject(451, replies.LOCAL_ERROR))
+                self.reply(reject(451, replies.LOCAL_ERROR, reason="local-error"))
         if isinstance(result, defer.Deferred):
             self._busy = True
             self._waiting = True
@@ -370,9 +416,9 @@ class UpasESMTP(smtp.ESMTP):
 
     def _replied(self, result):
         if isinstance(result, Failure):
-            self.log.failure("command failed", result)
+            self.log.failure("command failed", result, event="error")
             if not self._lost:
-                self.reply(reject(451, replies.LOCAL_ERROR))
+                self.reply(reject(451, replies.LOCAL_ERROR, reason="local-error"))
         self._busy = False
         if not self.transport.disconnecting and not self._lost:
             self.setTimeout(self._idleLimit())
@@ -397,31 +443,60 @@ class UpasESMTP(smtp.ESMTP):
         """Once per over-long line: refuse it without leaving the mode."""
         if self.mode == DATA:
             if self._dataRefused is None:
-                self._refuseData(reject(554, replies.DATA_LINE_TOO_LONG))
+                self._refuseData(reject(554, replies.DATA_LINE_TOO_LONG, reason="syntax",
+                                        detail="line-too-long"))
             return
         if self.mode == AUTH:  # the exchange ends: the next line is a command
             self.mode, self._exchange = COMMAND, None
-        self.reply(reject(500, replies.LINE_TOO_LONG, counts=False))
+        self._cmd = None
+        self.reply(reject(500, replies.LINE_TOO_LONG, counts=False, reason="syntax",
+                          detail="line-too-long"))
 
     # -- replies ---------------------------------------------------------
 
     def sendReply(self, code, *lines):
         self.sendCode(code, "\n".join(lines).encode("utf-8"))
 
-    def reply(self, verdict):
-        """Send the reply for a refusal; the one place verdicts become text."""
+    def reply(self, verdict, envelope=None, log=None):
+        """Send the reply for a refusal; the one place verdicts become text.
+
+        Every refusal is logged here, once (``smtpd.refused``); a refusal
+        after DATA names the transaction's ``envelope`` (the session's
+        is a new one by then) and is logged with the message's ``log``.
+        """
+        s = self.session
         if verdict.counts:
-            self.session.rejects += 1
+            s.rejects += 1
+        s.refusals += 1
+        self._logRefusal(verdict, envelope, log or self.log)
         self.sendReply(verdict.code, *verdict.lines)
         if verdict.hangup:
+            self._end = "hangup"
             self.transport.loseConnection()
+
+    def _logRefusal(self, verdict, envelope, log):
+        s, cmd = self.session, self._cmd
+        env = envelope or s.envelope
+        verb = "DATA" if envelope is not None else (cmd.verb if cmd is not None else "")
+        sender = env.mail_from if env.senders else None
+        rcpt = _bare(cmd.path) if verb == "RCPT" else None
+        if verb == "MAIL":
+            sender = _bare(cmd.path)
+        text = " ".join(verdict.lines)
+        detail = "/" + verdict.detail if verdict.detail else ""
+        log.info(_REFUSED_FORMATS[sender is not None, rcpt is not None], event="smtpd.refused",
+                 command=verb, sender=sender, rcpt=rcpt,
+                 recipients=list(env.recipients) if envelope is not None else None,
+                 peer=s.rsys, helo=s.him, tls=s.cipher or "none", auth_user=s.user,
+                 code=verdict.code, reply=text, temporary=verdict.temporary,
+                 reason=verdict.reason, detail=verdict.detail, detail_text=detail)
 
     def _failureReply(self, failure, what):
         if failure.check(smtp.SMTPServerError):
             e = failure.value
-            return reject(e.code, _text(e.resp))
-        self.log.failure("{what} failed", failure, what=what)
-        return reject(451, replies.LOCAL_ERROR)
+            return reject(e.code, _text(e.resp), reason="other")
+        self.log.failure("{what} failed", failure, what=what, event="error")
+        return reject(451, replies.LOCAL_ERROR, reason="local-error")
 
     # -- commands --------------------------------------------------------
 
@@ -429,9 +504,12 @@ class UpasESMTP(smtp.ESMTP):
         try:
             cmd = grammar.parse(line)
         except grammar.ParameterError as e:
-            return self.reply(reject(e.code, e.text))
+            self._cmd = grammar.Command(_verb_of(line))
+            return self.reply(reject(e.code, e.text, reason="syntax"))
         except grammar.CommandSyntaxError:
+            self._cmd = grammar.Command(_verb_of(line))
             return self.reply(replies.syntax_error())
+        self._cmd = cmd
         handler = getattr(self, "cmd_" + cmd.verb)
         if cmd.verb not in tarpit.CHECKED:
             return handler(cmd)
@@ -448,7 +526,8 @@ class UpasESMTP(smtp.ESMTP):
         verdict = tarpit.rejectcheck(s.rejects, s.hardreject)
         if not verdict.ok:
             if verdict.hangup:
-                self.log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys)
+                self.log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys,
+                              event="smtpd.tarpit", peer=s.rsys, helo=s.him)
             return self.reply(verdict)
         return handler(cmd)
 
@@ -466,7 +545,7 @@ class UpasESMTP(smtp.ESMTP):
         him = cmd.arg
         if not self.settings.quiet:
             self.log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys,
-                          him=him)
+                          him=him, event="smtpd.helo", peer=s.rsys, helo=him)
         if s.trusted or s.authenticated:
             return self._hello(ACCEPT, cmd, him)
         d = self.spam.helo_verdict(s, him)
@@ -479,7 +558,8 @@ class UpasESMTP(smtp.ESMTP):
         if not verdict.ok:
             if not settings.helo_lie_auth:
                 if not settings.quiet:
-                    self.log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=him)
+                    self.log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=him,
+                                  event="smtpd.helo.hangup", peer=s.rsys, helo=him)
                 return self._later(delay, self.reply, verdict)
             prefix = [helo.YOU_LIE]
             s.auth_required = True
@@ -487,7 +567,7 @@ class UpasESMTP(smtp.ESMTP):
             him = s.rsys
         if settings.quiet:
             self.log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys,
-                          him=him)
+                          him=him, event="smtpd.helo", peer=s.rsys, helo=him)
         s.him = him
         s.extended = cmd.verb == "EHLO"
         s.reset()  # RFC 5321 4.1.4: a new HELO/EHLO ends any transaction
@@ -517,19 +597,19 @@ class UpasESMTP(smtp.ESMTP):
 
     def cmd_MAIL(self, cmd):
         if self._pathTooLong(cmd):
-            return self.reply(reject(501, replies.SENDER_PATH_TOO_LONG))
+            return self.reply(reject(501, replies.SENDER_PATH_TOO_LONG, reason="syntax"))
         s = self.session
         if s.auth_required and not s.authenticated:
-            return self.reply(reject(530, replies.AUTH_REQUIRED))
+            return self.reply(reject(530, replies.AUTH_REQUIRED, reason="auth-required"))
         if not s.him:
-            return self.reply(reject(503, replies.HELO_FIRST_MAIL))
+            return self.reply(reject(503, replies.HELO_FIRST_MAIL, reason="sequence"))
         if s.envelope.senders:
-            return self.reply(reject(503, replies.NESTED_MAIL))
+            return self.reply(reject(503, replies.NESTED_MAIL, reason="sequence"))
         size = cmd.params.get("SIZE")
         if size is not None and int(size) > self.settings.message_limit:
-            return self.reply(reject(552, replies.SIZE_EXCEEDED))
+            return self.reply(reject(552, replies.SIZE_EXCEEDED, reason="size"))
         if cmd.utf8 and "SMTPUTF8" not in cmd.params:
-            return self.reply(reject(553, replies.NEED_SMTPUTF8))
+            return self.reply(reject(553, replies.NEED_SMTPUTF8, reason="syntax"))
         path = cmd.arg
         if "!" not in path and path != NULL_SENDER:
             path = "%s!%s" % (s.him, path)
@@ -538,7 +618,8 @@ class UpasESMTP(smtp.ESMTP):
         domain = path.split("!", 1)[0]
         if state == ratify.ACCEPT and self.settings.verify_sender and path != NULL_SENDER:
             if domain in s.refused_domains:
-                return self.reply(reject(554, spam.NO_SUCH_DOMAIN_MAIL.format(sender=path)))
+                return self.reply(reject(554, spam.NO_SUCH_DOMAIN_MAIL.format(sender=path),
+                                         reason="sender-check"))
             d = self.spam.sender_domain(path)
         else:
             d = defer.succeed(state)
@@ -552,6 +633,8 @@ class UpasESMTP(smtp.ESMTP):
         def accepted(_):
             envelope.smtputf8 = "SMTPUTF8" in cmd.params
             envelope.bare_sender = path != cmd.arg
+            if not envelope.senders:
+                envelope.mail_from = cmd.path[1:-1]
             envelope.senders.append(path)
             self.sendReply(250, replies.SENDER_OK.format(path=path))
 
@@ -560,16 +643,17 @@ class UpasESMTP(smtp.ESMTP):
 
     def cmd_RCPT(self, cmd):
         if self._pathTooLong(cmd):
-            return self.reply(reject(501, replies.RECIPIENT_PATH_TOO_LONG))
+            return self.reply(reject(501, replies.RECIPIENT_PATH_TOO_LONG, reason="syntax"))
         s = self.session
         if not s.him:
-            return self.reply(reject(503, replies.HELO_FIRST_RCPT))
+            return self.reply(reject(503, replies.HELO_FIRST_RCPT, reason="sequence"))
         if not s.envelope.senders:
-            return self.reply(reject(503, replies.RCPT_NO_MAIL))
+            return self.reply(reject(503, replies.RCPT_NO_MAIL, reason="sequence"))
         if len(s.envelope.recipients) >= self.settings.max_recipients:
-            return self.reply(reject(452, replies.TOO_MANY_RCPTS, counts=False))
+            return self.reply(reject(452, replies.TOO_MANY_RCPTS, counts=False,
+                                     reason="recipients"))
         if cmd.utf8 and not s.envelope.smtputf8:
-            return self.reply(reject(553, replies.NEED_SMTPUTF8))
+            return self.reply(reject(553, replies.NEED_SMTPUTF8, reason="syntax"))
         envelope = s.envelope
         validators = self.spam.validators
         d = validators.recipok(cmd.arg, self.log)
@@ -578,14 +662,17 @@ class UpasESMTP(smtp.ESMTP):
             if not verdict.ok:
                 if verdict.code == 550:
                     self.log.info("Disallowed {sender} ({him}/{rsys}) to blocked name {rcpt}",
-                                  sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                                  sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
+                                  event="smtpd.ratify", verb="blocked-name", peer=s.rsys,
+                                  helo=s.him)
                 return verdict
             return validators.senderok(cmd.arg, s.rsys).addCallback(senderok)
 
         def senderok(verdict):
             if not verdict.ok:
                 self.log.info("Disallowed sending IP of {sender} ({him}/{rsys}) to {rcpt}",
-                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
+                              event="smtpd.ratify", verb="blocked-ip", peer=s.rsys, helo=s.him)
                 return verdict
             # upas checks relaying only for ACCEPT: other states are refused at DATA
             exempt = s.authenticated or envelope.filterstate != ratify.ACCEPT
@@ -593,7 +680,8 @@ class UpasESMTP(smtp.ESMTP):
                                             self.settings.relay_control, s.ours)
             if not verdict.ok:
                 self.log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})",
-                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg)
+                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
+                              event="smtpd.ratify", verb="bad-forward", peer=s.rsys, helo=s.him)
                 return verdict
             path = verdict.value
             user = Recipient(path, self, self._helo, envelope.sender)
@@ -605,6 +693,7 @@ class UpasESMTP(smtp.ESMTP):
                 return self.reply(result)
             path, factory = result
             envelope.recipients.append(path)
+            envelope.rcpt_paths.append(cmd.path[1:-1])
             envelope.factories.append(factory)
             self.sendReply(250, replies.RECEIVER_OK.format(path=path))
 
@@ -615,13 +704,13 @@ class UpasESMTP(smtp.ESMTP):
         s = self.session
         env = s.envelope
         if not env.senders:
-            return self.reply(reject(503, replies.DATA_NO_MAIL))
+            return self.reply(reject(503, replies.DATA_NO_MAIL, reason="sequence"))
         if not env.recipients:
-            return self.reply(reject(503, replies.DATA_NO_RCPT))
+            return self.reply(reject(503, replies.DATA_NO_RCPT, reason="sequence"))
         if s.trusted or s.authenticated:
             return self._startcmd(ACCEPT)
         if env.sender == NULL_SENDER and len(env.recipients) > 1:
-            return self.reply(reject(554, "5.7.1 " + replies.NULL_MULTI))
+            return self.reply(reject(554, "5.7.1 " + replies.NULL_MULTI, reason="recipients"))
         d = self.spam.validators.sendermxcheck(env.sender, s.him, s.rsys)
         return d.addCallback(self._startcmd)
 
@@ -632,7 +721,8 @@ class UpasESMTP(smtp.ESMTP):
         if not verdict.ok:
             for rcpt in env.recipients:
                 self.log.info("[{him}/{rsys}] {sender} -> {rcpt} sendercheck: {err}", him=s.him,
-                              rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=verdict.text()[6:])
+                              rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=verdict.text()[6:],
+                              event="smtpd.sendercheck", peer=s.rsys, helo=s.him)
             return self.reply(verdict)
         state = env.filterstate
         if state not in (ratify.ACCEPT, ratify.TRUSTED) and self.spam.opted_out(
@@ -642,7 +732,9 @@ class UpasESMTP(smtp.ESMTP):
         if state in spam.LOG_WORD:
             for rcpt in env.recipients:
                 self.log.info("{what} {sender} ({him}/{rsys}) ({rcpt})", what=spam.LOG_WORD[state],
-                              sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt)
+                              sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt,
+                              event="smtpd.ratify", verb=_RATIFY_VERB.get(state, state),
+                              peer=s.rsys, helo=s.him)
         if not verdict.ok:
             if state == "dial":
                 s.hardreject = True
@@ -693,11 +785,11 @@ class UpasESMTP(smtp.ESMTP):
             return None
         self._dataSize += len(line) + 2
         if self._dataSize > self.settings.message_limit:
-            return self._refuseData(reject(552, replies.MESSAGE_TOO_BIG))
+            return self._refuseData(reject(552, replies.MESSAGE_TOO_BIG, reason="size"))
         if b"\n" in line or b"\r" in line:
             # a bare CR or LF: the CVE-2023-51764 family; never store it as a
             # line end a later hop could read as the end of the message
-            return self._refuseData(reject(554, replies.BARE_LINE_END))
+            return self._refuseData(reject(554, replies.BARE_LINE_END, reason="smuggling"))
         if line[:1] == b".":
             line = line[1:]
         try:
@@ -724,7 +816,7 @@ class UpasESMTP(smtp.ESMTP):
             refused, self._dataRefused = self._dataRefused, None
             for m in messages:
                 m.connectionLost()
-            return self.reply(refused)
+            return self.reply(refused, env, self._messageLog(messages))
         d = defer.DeferredList(
             [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
         )
@@ -742,14 +834,22 @@ class UpasESMTP(smtp.ESMTP):
                 continue
             if verdict.ok:
                 verdict = v
+        mlog = self._messageLog(messages)
         if verdict.ok:
             size = sum(getattr(m, "size", 0) for m in messages)
             self._accepted += 1
-            self._messageLog(messages).info(
-                "[{him}/{rsys}] {senders} sent {n} bytes to {rcpts}", him=s.him, rsys=s.rsys,
-                senders=",".join(env.senders), n=size, rcpts=",".join(env.recipients))
+            mlog.info(
+                "[{him}/{rsys}] {senders} sent {n} bytes to {rcpts}; accepted from=<{sender}> "
+                "to=<{to_text}> nrcpt={nrcpt} size={n} peer={rsys} helo={him} tls={tls} "
+                "auth={auth_text} message-id={mid_text} (250 {reply})", him=s.him, rsys=s.rsys,
+                senders=",".join(env.senders), n=size, rcpts=",".join(env.recipients),
+                event="smtpd.accepted", sender=env.mail_from, recipients=list(env.rcpt_paths),
+                to_text=">,<".join(env.rcpt_paths), nrcpt=len(env.recipients), size=size,
+                peer=s.rsys, helo=s.him, tls=s.cipher or "none", auth_user=s.user,
+                auth_text=s.user or "none", mid_text=mlog.message_id or "none", code=250,
+                reply=replies.SENT)
             return self.sendReply(250, replies.SENT)
-        return self.reply(verdict)
+        return self.reply(verdict, env, mlog)
 
     def _messageLog(self, messages):
         """The logger naming the message's queue id, when the back end gave one."""
@@ -778,6 +878,7 @@ class UpasESMTP(smtp.ESMTP):
         self.sendReply(250, replies.HELP_OK)
 
     def cmd_QUIT(self, cmd):
+        self._end = "quit"
         self.sendReply(221, replies.QUIT_OK)
         self.transport.loseConnection()
 
@@ -791,14 +892,15 @@ class UpasESMTP(smtp.ESMTP):
         if self.ctx is None:
             return self.reply(replies.syntax_error())
         if s.encrypted:
-            return self.reply(reject(503, replies.TLS_ACTIVE))
+            return self.reply(reject(503, replies.TLS_ACTIVE, reason="sequence"))
         try:
             if not self.canStartTLS:
                 raise RuntimeError("the transport cannot start TLS")
             self.ctx.getContext()
         except Exception as e:
-            self.log.error("TLS not available for {rsys}: {err}", rsys=s.rsys, err=e)
-            return self.reply(reject(454, replies.TLS_NOT_AVAILABLE, counts=False))
+            self.log.error("TLS not available for {rsys}: {err}", rsys=s.rsys, err=e,
+                           event="smtpd.tls", peer=s.rsys, status="unavailable")
+            return self.reply(reject(454, replies.TLS_NOT_AVAILABLE, counts=False, reason="tls"))
         self.sendReply(220, replies.TLS_GO_AHEAD)
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
@@ -837,7 +939,8 @@ class UpasESMTP(smtp.ESMTP):
                                      self.settings.clear_passwords)
         if not verdict.ok:
             return self.reply(verdict)
-        self.log.info("auth({mech}, (protected)) from {him}", mech=cmd.arg, him=s.him)
+        self.log.info("auth({mech}, (protected)) from {him}", mech=cmd.arg, him=s.him,
+                      event="smtpd.auth.start", mechanism=cmd.arg, helo=s.him)
         self._exchange = auth.Exchange(cmd.arg, cmd.extra, self.settings.dom,
                                        self.clock.seconds())
         return self._authStep(self._exchange.start())
@@ -864,7 +967,9 @@ class UpasESMTP(smtp.ESMTP):
             return None
         if not begun:
             # the address has spent its failures: nothing more is checked
-            self.log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys)
+            self.log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys,
+                          event="smtpd.auth", peer=s.rsys, user=None, mechanism=exchange.mech,
+                          result="throttled")
             return self.reply(self._tooManyFailures())
         if not step.ok:
             return self._authFailure(step, "(malformed response)", exchange.mech)
@@ -872,12 +977,14 @@ class UpasESMTP(smtp.ESMTP):
         user = auth.printable_user(creds.username)
         d = self.portal.login(creds, None, smtp.IMessageDelivery)
         return d.addCallbacks(self._authenticated, self._authFailed,
-                              callbackArgs=(user,), errbackArgs=(user, exchange.mech))
+                              callbackArgs=(user, exchange.mech),
+                              errbackArgs=(user, exchange.mech))
 
     def _tooManyFailures(self):
-        return reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True)
+        return reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True,
+                      reason="auth-throttled")
 
-    def _authenticated(self, result, user):
+    def _authenticated(self, result, user, mech):
         _, avatar, logout = result
         s = self.session
         self.store.authSucceeded(s.rsys)
@@ -889,7 +996,8 @@ class UpasESMTP(smtp.ESMTP):
         self._onLogout = logout
         s.authenticated = True
         s.user = user
-        self.log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys)
+        self.log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys,
+                      event="smtpd.auth", peer=s.rsys, mechanism=mech, result="success")
         self.sendReply(235, auth.OK)
 
     def _authFailed(self, failure, user, mech):
@@ -897,9 +1005,10 @@ class UpasESMTP(smtp.ESMTP):
         if not failure.check(error.LoginFailed):
             self.store.authAbandoned(s.rsys)
             self.log.error("temporary authentication failure for {user} from {rsys}: {err}",
-                      user=user, rsys=s.rsys, err=failure.getErrorMessage())
-            return self.reply(reject(454, auth.TEMPORARY))
-        return self._authFailure(reject(535, auth.FAILED), user, mech)
+                           user=user, rsys=s.rsys, err=failure.getErrorMessage(),
+                           event="smtpd.auth", peer=s.rsys, mechanism=mech, result="tempfail")
+            return self.reply(reject(454, auth.TEMPORARY, reason="auth-error"))
+        return self._authFailure(reject(535, auth.FAILED, reason="auth-failed"), user, mech)
 
     def _authFailure(self, verdict, user, mech):
         """Answer a failed attempt once the address's turn comes (``auth.Throttle``)."""
@@ -908,7 +1017,8 @@ class UpasESMTP(smtp.ESMTP):
         def counted(result):
             wait, n, limit = result
             self.log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
-                          user=user, rsys=s.rsys, mech=mech, n=n)
+                          user=user, rsys=s.rsys, mech=mech, n=n, event="smtpd.auth",
+                          peer=s.rsys, mechanism=mech, result="failure", failures=n)
             answer = self._tooManyFailures() if n >= limit else verdict
             return self._after(wait, self._answerFailure, answer)
 
@@ -917,6 +1027,12 @@ class UpasESMTP(smtp.ESMTP):
     def _answerFailure(self, verdict):
         if not self._lost:
             self.reply(verdict)
+
+
+def _refusedAtConnect(emit, format, ip, end, **kwargs):
+    """A connection refused before its greeting: its one smtpd.disconnect line."""
+    emit(format, ip=ip, event="smtpd.disconnect", peer=ip, helo="", tls="none",
+         auth_user=None, accepted=0, refused=0, duration=0.0, end=end, **kwargs)
 
 
 class _Busy(protocol.Protocol):
@@ -973,8 +1089,9 @@ class UpasSMTPFactory(smtp.SMTPFactory):
             return _Busy(replies.SHUTDOWN.format(dom=s.dom))
         # a refused connection is a session too: its one line has an id
         if len(self.connections) >= self.maxConnections:
-            logs.SessionLogger(logs.new_session_id()).warn(
-                "too many connections ({n}); refusing {ip}", n=len(self.connections), ip=ip)
+            _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).warn,
+                              "too many connections ({n}); refusing {ip}", ip, "limit",
+                              n=len(self.connections))
             return _Busy(replies.TOO_MANY_CONNECTIONS.format(dom=s.dom))
         p = self.protocol(s, self.makeDelivery, self.clock,
                           self.contextFactory, self.spam, self.store)
@@ -1007,18 +1124,20 @@ class UpasSMTPFactory(smtp.SMTPFactory):
             self.connections.discard(p)  # refused: no session to count or close
             session = logs.SessionLogger(logs.new_session_id())
             if refused == statestore.TOTAL:
-                session.warn("too many connections ({n}); refusing {ip}",
-                             n=s.max_connections, ip=ip)
+                _refusedAtConnect(session.warn, "too many connections ({n}); refusing {ip}",
+                                  ip, "limit", n=s.max_connections)
                 text = replies.TOO_MANY_CONNECTIONS.format(dom=s.dom)
             else:
-                session.info("too many connections from {ip}", ip=ip)
+                _refusedAtConnect(session.info, "too many connections from {ip}", ip, "limit")
                 text = replies.TOO_MANY_FROM_PEER.format(dom=s.dom, ip=ip)
             _Busy(text).makeConnection(p.transport)
             return None
 
         def failed(failure):
             log.failure("connection state unavailable; closing the connection from {ip}",
-                        failure, ip=ip)
+                        failure, ip=ip, event="error")
+            _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).info,
+                              "connection from {ip} closed: local error", ip, "error")
             self.connections.discard(p)
             p.transport.loseConnection()
             return None

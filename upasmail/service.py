@@ -201,7 +201,7 @@ class SmtpdService(service.MultiService):
             self.queue.settings = settings
         if self.recordsRouting:
             record_routing(self.factory.root.root, settings)
-        log.info("settings reloaded")
+        log.info("settings reloaded", event="smtpd.reload", ok=True)
 
 
 def listens_on_loopback_only(description):
@@ -279,7 +279,7 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
         log.warn(
             "WARNING: relay control is OFF (norelay off) and {listen} is not "
             "loopback-only: this server is an OPEN RELAY for anyone who can reach it",
-            listen=listen,
+            listen=listen, event="smtpd.config",
         )
     factory.fdCap = fd_cap()
     top = SmtpdService()

@@ -20,6 +20,8 @@ class Envelope:
     action: str = "deliver"  # at DATA: deliver, block or delay (dump it)
     smtputf8: bool = False  # MAIL said SMTPUTF8
     bare_sender: bool = False  # MAIL gave a name without a domain (qualified with HELO)
+    mail_from: str = ""  # the first MAIL path as sent, without <>: for the log
+    rcpt_paths: List[str] = field(default_factory=list)  # the RCPT paths as sent, for the log
 
     @property
     def sender(self):
@@ -48,6 +50,8 @@ class Session:
     user: Optional[str] = None  # the authenticated user, printable
     encrypted: bool = False  # STARTTLS done, or an implicit-TLS listener
     tls: Optional[str] = None  # the TLS summary for Received:, once known
+    cipher: Optional[str] = None  # "<version>/<cipher>" once TLS is up, for the log
+    refusals: int = 0  # every 4xx/5xx reply, for the disconnect line
     refused_domains: set = field(default_factory=set)  # -r: NXDOMAIN senders
     envelope: Envelope = field(default_factory=Envelope)
 

@@ -59,16 +59,17 @@ def startcmd(state, sender, dom):
     if state in ("block", "delay"):
         return ACCEPT, state
     if state == "dial":
-        return reject(554, DIALUP), None
+        return reject(554, DIALUP, reason="ratify", detail="dialup"), None
     if state == "deny":
-        return reject(554, *deny_lines(sender, dom)), None
+        return reject(554, *deny_lines(sender, dom), reason="ratify", detail="deny"), None
     if state == ratify.REFUSED:
-        return reject(554, NO_SUCH_DOMAIN.format(sender=sender)), None
+        return reject(554, NO_SUCH_DOMAIN.format(sender=sender), reason="sender-check"), None
     if state == ratify.TEMPFAIL:
-        return reject(450, DOMAIN_TEMPFAIL.format(sender=sender)), None
+        return reject(450, DOMAIN_TEMPFAIL.format(sender=sender), reason="sender-check"), None
     return reject(554, "5.7.0 We have had an internal mailer error classifying your message.",
                   "5.7.0 Filterstate is %s" % state,
-                  "5.7.0 Contact postmaster@%s for more information." % dom), None
+                  "5.7.0 Contact postmaster@%s for more information." % dom,
+                  reason="local-error"), None
 
 
 LOG_WORD = {"dial": "Dialup", "deny": "Denied", "block": "Blocked", "delay": "Blocked",
@@ -125,13 +126,15 @@ class SpamFilter:
             status = yield dnscheck.name_status(self.resolver, him, self.clock, s.dns_timeout)
             if status == dnscheck.TEMPFAIL:
                 log.warn("helo {him} from {rsys}: DNS lookup failed; not counted as a lie",
-                         him=him, rsys=session.rsys)
+                         him=him, rsys=session.rsys, event="smtpd.helo.dns_failed",
+                         peer=session.rsys, helo=him)
             elif status != dnscheck.EXISTS:
                 names = yield dnscheck.ptr_names(self.resolver, session.rsys, self.clock,
                                                  s.dns_timeout)
                 ptr_match = him.lower().rstrip(".") in names
                 if ptr_match:
-                    log.info("ptr only from {rsys} as {him}", rsys=session.rsys, him=him)
+                    log.info("ptr only from {rsys} as {him}", rsys=session.rsys, him=him,
+                             event="smtpd.helo.ptr_only", peer=session.rsys, helo=him)
         return helo.lie_verdict(claims, static, status, ptr_match)
 
     # -- MAIL ------------------------------------------------------------
@@ -175,7 +178,8 @@ class SpamFilter:
             outcomes = [] if white else (
                 yield self.store.greylistAttempt(session.lsys, session.rsys, env.recipients))
         except OSError as e:
-            log.error("greylist: {err}; letting {rsys} through", err=e, rsys=session.rsys)
+            log.error("greylist: {err}; letting {rsys} through", err=e, rsys=session.rsys,
+                      event="smtpd.greylist", peer=session.rsys, state="error")
             return ACCEPT
         v = greylist.verdict(white, session.rsys, outcomes, log)
         if v.ok and v.value == NEWLY_WHITE:
@@ -184,7 +188,8 @@ class SpamFilter:
             try:
                 yield self.store.addToWhitelist(session.rsys, names[0] if names else None)
             except OSError as e:
-                log.error("greylist whitelist: {err}", err=e)
+                log.error("greylist whitelist: {err}", err=e, event="smtpd.greylist",
+                          peer=session.rsys, state="error")
             return ACCEPT
         return v
 

@@ -258,12 +258,12 @@ def _warn_routing(o, mail_root):
     where = os.path.join(mail_root, queue.ROUTING)
     if o["recorded"] is None:
         log.warn("no routing recorded by a server in {where} (or not readable): routing "
-                 "with upas-runq's own options only", where=where)
+                 "with upas-runq's own options only", where=where, event="queue.routing")
     own = queue.routing_of(o["settings"])
     for key in o["differ"]:
         log.warn("{flag} {value!r} differs from the server's {recorded!r} ({where}); using "
                  "{value!r}", flag=ROUTING_FLAGS[key], value=own[key],
-                 recorded=o["recorded"][key], where=where)
+                 recorded=o["recorded"][key], where=where, event="queue.routing")
 
 
 def runq_main():

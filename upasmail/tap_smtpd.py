@@ -119,6 +119,8 @@ class Options(usage.Options):
         ["trusted-dir", None, None, "temporary trusted grants, one file per IP "
                                     "(default: <lib>/trusted.d)"],
         ["log-dir", None, None, "directory for -d traces (default: <root>/log)"],
+        ["log-json", None, None, "also write every log event as a JSON line to this file "
+                                 "('-': standard output); see docs/logging.rst"],
         ["tarpit-unit", None, 1.0, "seconds per upas tarpit second (0 turns waits off)", float],
         ["tarpit-max", None, 300.0, "longest single tarpit wait, in seconds", float],
         ["mailer-timeout", None, 600.0, "seconds a -m mailer may run", float],
@@ -378,10 +380,12 @@ class TwistdService(MultiService):
     log (``logs.QuietDNS``), then the server.  A listener that cannot start
     ends twistd with one line and exit 1 instead of a traceback."""
 
-    def __init__(self, top, listen):
+    def __init__(self, top, listen, json_path=None):
         MultiService.__init__(self)
         self.top = top
         self.listen = listen
+        # first: QuietDNS then filters the observers it sets up too
+        logs.LogService(json_path).setServiceParent(self)
         logs.QuietDNS().setServiceParent(self)
         top.setServiceParent(self)
 
@@ -390,6 +394,8 @@ class TwistdService(MultiService):
             MultiService.privilegedStartService(self)
         except CannotListenError as e:
             raise StartupError("upas-smtpd: %s" % listen_error_text(e))
+        except logs.LogFileError as e:
+            raise StartupError("upas-smtpd: %s" % e)
         except Exception as e:  # listening is all that starts here: OverflowError, a lock...
             raise StartupError("upas-smtpd: cannot listen on %s: %s"
                                % (self.listen, failure_reason(e)))
@@ -413,7 +419,8 @@ def reload_service(top, options):
     try:
         top.reload(reloaded_settings(options))
     except smtpdconf.ConfigError as e:
-        log.error("SIGHUP: {err}; keeping the running settings", err=e)
+        log.error("SIGHUP: {err}; keeping the running settings", err=e, event="smtpd.reload",
+                  ok=False)
 
 
 def serve_metrics(top, description, reactor):
@@ -441,7 +448,7 @@ def makeService(options):
     except smtpdconf.ConfigError as e:  # a file changed since the options were read
         raise SystemExit("upas-smtpd: %s" % e)
     log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
-             soft=soft, hard=hard, n=top.factory.maxConnections)
+             soft=soft, hard=hard, n=top.factory.maxConnections, event="smtpd.limits")
     pool = None
     if options["workers"] > 1:
         pool = workers.WorkerPool(top, options["argv"], options["workers"] - 1, reactor)
@@ -453,7 +460,7 @@ def makeService(options):
 
     # twistd leaves SIGHUP alone; the handler only hands over to the reactor
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-    twistd_service = TwistdService(top, options["listen"])
+    twistd_service = TwistdService(top, options["listen"], options["log-json"])
     if options["metrics"]:  # the main process only: it sees every worker's events
         serve_metrics(top, options["metrics"], reactor).setServiceParent(twistd_service)
     if pool is not None:

@@ -46,7 +46,7 @@ def delay(rejects, unit, maximum):
 
 def rejectcheck(rejects, hardreject):
     if rejects > MAX_REJECTS:
-        return reject(554, TOO_MANY, counts=False, hangup=True)
+        return reject(554, TOO_MANY, counts=False, hangup=True, reason="tarpit")
     if hardreject:
-        return reject(554, DIALUP)
+        return reject(554, DIALUP, reason="ratify", detail="dialup")
     return ACCEPT

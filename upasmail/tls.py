@@ -88,9 +88,11 @@ class CertificateFile:
                 if texts[0] is None or (self._key and texts[1] is None):
                     raise ConfigError("%s: cannot read the certificate or key" % self.cert_path)
                 self._options = options_from_pem(texts[0], texts[1], self.cert_path)
-                log.info("TLS certificate loaded from {path}", path=self.cert_path)
+                log.info("TLS certificate loaded from {path}", path=self.cert_path,
+                         event="smtpd.config")
             except ConfigError as e:
-                log.error("{err}; keeping the previous certificate", err=e)
+                log.error("{err}; keeping the previous certificate", err=e,
+                          event="smtpd.config", path=self.cert_path)
         if self._options is None:
             raise ConfigError("%s: no usable certificate" % self.cert_path)
         return self._options
@@ -124,3 +126,13 @@ def describe(transport):
     if not (version and cipher):
         return None
     return "%s with cipher %s (%s/%s bits)" % (version, cipher, bits, bits)
+
+
+def version_cipher(transport):
+    """``TLSv1.3/TLS_AES_256_GCM_SHA384`` for the log, or None."""
+    try:
+        conn = transport.getHandle()
+        version, cipher = conn.get_protocol_version_name(), conn.get_cipher_name()
+    except Exception:  # not TLS, or the handshake has not finished
+        return None
+    return "%s/%s" % (version, cipher) if version and cipher else None

@@ -79,8 +79,8 @@ def sender_status(outcome):
     else:
         text = _RC_PREFIX.sub("", outcome.status())
     if text.startswith("rejected:"):
-        return reject(554, "5.7.1 " + text)
-    return reject(450, "4.7.0 " + text)
+        return reject(554, "5.7.1 " + text, reason="sender-check")
+    return reject(450, "4.7.0 " + text, reason="sender-check")
 
 
 class Validators:
@@ -110,20 +110,25 @@ class Validators:
         ``log`` is the session's logger (logs.SessionLogger).
         """
         if "\r" in rcpt or "\n" in rcpt:
-            log.info("shellchars in user name")
-            return reject(550, USER_UNKNOWN.format(path=rcpt))
+            log.info("shellchars in user name", event="smtpd.validate", why="shellchars")
+            return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
+                          detail="shellchars")
         program = self._program(self.validateaddress)
         if program:
             outcome = yield process.run(self.reactor, self.clock, [program, rcpt], self.timeout)
             if not outcome.started or outcome.timed_out:
-                log.warn("validateaddress {rcpt}: {why}", rcpt=rcpt,
+                log.warn("validateaddress {rcpt}: {why}", rcpt=rcpt, event="smtpd.validate",
                          why="timed out" if outcome.timed_out else "cannot start")
-                return reject(450, CHECK_LATER.format(path=rcpt))
+                return reject(450, CHECK_LATER.format(path=rcpt), reason="local-error",
+                              detail="validateaddress")
             if not outcome.ok:
-                return reject(550, USER_UNKNOWN.format(path=rcpt))
+                return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
+                              detail="validateaddress")
         if rcpt.lower() in self._names_blocked.current():
-            log.info("names.blocked blocks {rcpt}", rcpt=rcpt)
-            return reject(550, USER_UNKNOWN.format(path=rcpt))
+            log.info("names.blocked blocks {rcpt}", rcpt=rcpt, event="smtpd.validate",
+                     why="names.blocked")
+            return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
+                          detail="names.blocked")
         return ACCEPT
 
     @defer.inlineCallbacks
@@ -146,8 +151,9 @@ class Validators:
                 return ACCEPT
             tempfail = tempfail or status == dnscheck.TEMPFAIL
         if tempfail:
-            return reject(450, CHECK_LATER.format(path=rcpt))
-        return reject(550, NOT_ALLOWED.format(path=rcpt))
+            return reject(450, CHECK_LATER.format(path=rcpt), reason="ratify",
+                          detail="blocked-ip")
+        return reject(550, NOT_ALLOWED.format(path=rcpt), reason="ratify", detail="blocked-ip")
 
     @defer.inlineCallbacks
     def sendermxcheck(self, sender, him, rsys):
@@ -157,10 +163,12 @@ class Validators:
             return ACCEPT
         who = "%s!postmaster" % him if sender == NULL_SENDER else sender
         if "!" not in who:
-            return reject(554, "5.7.1 rejected: domainless sender %s" % who)
+            return reject(554, "5.7.1 rejected: domainless sender %s" % who,
+                          reason="sender-check")
         domain, user = who.split("!", 1)
         if any(c in s for s in (domain, user, him) for c in "\r\n"):
-            return reject(554, "5.7.1 rejected: evil sender/domain/helo")
+            return reject(554, "5.7.1 rejected: evil sender/domain/helo",
+                          reason="sender-check")
         argv = [program, "-n", "/net", domain, user, rsys, him]
         outcome = yield process.run(self.reactor, self.clock, argv, self.timeout)
         return sender_status(outcome)

@@ -14,8 +14,9 @@ Everything connections share lives in the main process's
 ``LocalStateStore``; a worker asks it over AMP (``statestore``) and tells
 it about the jobs it queues (the queue runner wakes up).  A worker's
 standard output is a pipe to the main process: its log events, one JSON
-array a line, which the main process writes to its log with ``w<id>``
-after the level.  SIGHUP in the main process reloads every worker; stopping
+object a line with all their fields (``log_relay``), which the main
+process publishes as its own with ``worker`` set (and ``w<id>`` after the
+level in the text log), so its JSON log and its metrics see them whole.  SIGHUP in the main process reloads every worker; stopping
 (SIGTERM) stops every worker the same graceful way and waits for them.  A
 worker that dies is logged and started again after a delay that doubles
 up to ``MAX_BACKOFF``; its connections stop counting at once.  A worker
@@ -33,8 +34,8 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import (FilteringLogObserver, Logger, LogLevel, formatEvent,
-                            globalLogBeginner, globalLogPublisher)
+from twisted.logger import (FilteringLogObserver, Logger, LogLevel, globalLogBeginner,
+                            globalLogPublisher)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
@@ -74,13 +75,31 @@ def share_accepts(port):
     return port
 
 
-def relayed_event(worker, time, namespace, system, level, text):
-    """A worker's log event as the main process logs it: twistd's
-    ``[system]`` (``namespace#level`` by default) gets `` w<id>``."""
+def relayed_event(worker, time, namespace, system, level, text, fields=()):
+    """A worker's log event as the main process logs it: its ``fields``,
+    its ``text`` as the worker formatted it, and twistd's ``[system]``
+    (``namespace#level`` by default) with `` w<id>``."""
+    event = dict(fields)
     level = LogLevel.levelWithName(level)
-    return {"log_format": "{log_relayed}", "log_relayed": text, "log_time": time,
-            "log_namespace": namespace, "log_level": level, "worker": worker,
-            "log_system": "%s w%d" % (system or "%s#%s" % (namespace, level.name), worker)}
+    event.update(log_format="{log_relayed}", log_relayed=text, log_time=time,
+                 log_namespace=namespace, log_level=level, worker=worker,
+                 log_system="%s w%d" % (system or "%s#%s" % (namespace, level.name), worker))
+    return event
+
+
+def _relayed_line(worker, line):
+    """A line of a worker's standard output as an event (``log_relay``)."""
+    try:
+        fields = json.loads(line)
+        if isinstance(fields, dict):
+            return relayed_event(worker, fields.pop("log_time"), fields.pop("log_namespace"),
+                                 fields.pop("log_system"), fields.pop("log_level"),
+                                 fields.pop("log_relayed"), fields)
+    except (ValueError, TypeError, KeyError):
+        pass
+    # not ours: something printed
+    return relayed_event(worker, time_now(), "stdout", "", "info",
+                         line.decode("utf-8", "replace"))
 
 
 class Worker(protocol.ProcessProtocol):
@@ -100,12 +119,7 @@ class Worker(protocol.ProcessProtocol):
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
-            try:
-                event = relayed_event(self.number, *json.loads(line))
-            except (ValueError, TypeError):  # not ours: something printed
-                event = relayed_event(self.number, time_now(), "stdout", "", "info",
-                                      line.decode("utf-8", "replace"))
-            self.publish(event)
+            self.publish(_relayed_line(self.number, line))
 
     def processEnded(self, reason):
         if self._partial:  # its last words, without their line end
@@ -165,7 +179,8 @@ class WorkerPool(service.Service):
                                            protocol.Factory.forProtocol(lambda: worker.channel))
         ours.close()  # the reactor has its own copy
         self.workers[number] = worker
-        log.info("worker {n} started (pid {pid})", n=number, pid=transport.pid)
+        log.info("worker {n} started (pid {pid})", n=number, pid=transport.pid,
+                 event="worker.started")
         return worker
 
     def enqueued(self, qid):
@@ -174,7 +189,7 @@ class WorkerPool(service.Service):
             try:
                 hook(qid)
             except Exception:
-                log.failure("queue wake-up failed")
+                log.failure("queue wake-up failed", event="error")
 
     def workerEnded(self, worker, reason):
         self.workers.pop(worker.number, None)
@@ -182,7 +197,8 @@ class WorkerPool(service.Service):
         sig = getattr(reason.value, "signal", None)
         how = "signal %s" % sig if sig else "status %s" % code
         if not self.running:
-            log.info("worker {n} stopped ({how})", n=worker.number, how=how)
+            log.info("worker {n} stopped ({how})", n=worker.number, how=how,
+                     event="worker.stopped")
             return
         ran = self.clock.seconds() - worker.started
         before = self.backoff.get(worker.number)
@@ -190,7 +206,7 @@ class WorkerPool(service.Service):
                 else min(before * 2, MAX_BACKOFF))
         self.backoff[worker.number] = wait
         log.error("worker {n} died ({how}); starting it again in {wait:g} s",
-                  n=worker.number, how=how, wait=wait)
+                  n=worker.number, how=how, wait=wait, event="worker.died")
         self.restarts[worker.number] = self.clock.callLater(wait, self.spawn, worker.number)
 
     def reload(self):
@@ -198,7 +214,8 @@ class WorkerPool(service.Service):
         for worker in list(self.workers.values()):
             worker.channel.callRemote(statestore.Reload).addErrback(
                 lambda f, n=worker.number: log.warn("worker {n}: reload not delivered: {err}",
-                                                    n=n, err=f.getErrorMessage()))
+                                                    n=n, err=f.getErrorMessage(),
+                                                    event="smtpd.reload", ok=False))
 
     def stopService(self):
         service.Service.stopService(self)
@@ -254,20 +271,25 @@ class WorkerChannel(statestore.Channel):
         try:
             self.reload()
         except Exception:  # AMP would close the channel, and so stop the worker
-            log.failure("reload failed")
+            log.failure("reload failed", event="smtpd.reload", ok=False)
         return {}
 
     def connectionLost(self, reason):
         statestore.Channel.connectionLost(self, reason)
         if self.reactor.running:
-            log.warn("main process gone; stopping")
+            log.warn("main process gone; stopping", event="worker.stopped")
             self.reactor.stop()
 
 
 def log_relay(write, reactor):
-    """A log observer writing the events, formatted, as JSON lines with
-    ``write`` (the worker's standard output): those of one reactor turn
-    together."""
+    """A log observer writing the events as JSON lines with ``write`` (the
+    worker's standard output): those of one reactor turn together.
+
+    A line is the event's own fields (``logs.event_fields``; a value JSON
+    cannot hold is sent as its text), its text as formatted here
+    (``log_relayed``, a failure's traceback after it) and the ``log_``
+    keys the main process needs: the main process's text log shows the
+    worker's text, its JSON log and observers get the fields."""
     pending = []
 
     def send():
@@ -281,17 +303,15 @@ def log_relay(write, reactor):
             pass
 
     def observe(event):
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
+        fields = logs.event_fields(event)
+        fields.update(log_relayed=logs.event_text(event),
+                      log_time=event.get("log_time") or time_now(),
+                      log_namespace=event.get("log_namespace") or "-",
+                      log_system=event.get("log_system") or "",
+                      log_level=(event.get("log_level") or LogLevel.info).name)
         if not pending:
             reactor.callLater(0, send)
-        pending.append(json.dumps([event.get("log_time") or time_now(),
-                                   event.get("log_namespace") or "-",
-                                   event.get("log_system") or "",
-                                   (event.get("log_level") or LogLevel.info).name,
-                                   text]) + "\n")
+        pending.append(json.dumps(fields, default=str) + "\n")
 
     observer = FilteringLogObserver(observe, [logs.DNSNoise()])
     observer.flush = send  # events logged after the reactor's last turn
