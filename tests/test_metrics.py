@@ -56,6 +56,9 @@ def test_a_dead_workers_connections_are_no_longer_open():
     assert value(m, "upasmail_connections_open") == 2
     m({"event": "worker.stopped", "n": 2, "how": "status 0"})
     assert value(m, "upasmail_connections_open") == 1
+    # a worker says so itself when its main process is gone: no number
+    m({"event": "worker.stopped", "worker": 3})
+    assert value(m, "upasmail_connections_open") == 1
     # none of them said how it ended
     assert m.registry.get_sample_value("upasmail_connections_total", {"end": "lost"}) is None
 

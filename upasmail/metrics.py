@@ -147,6 +147,8 @@ class Metrics:
     def worker_gone(self, event):
         """A worker's connections went with it, without their disconnect lines."""
         number = event.get("n")
+        if number is None:  # a worker's own word that it stops: its sessions end on their own
+            return
         self.sessions = {s: w for s, w in self.sessions.items() if w != number}
         self._open()
 
