@@ -108,8 +108,8 @@ def test_deliveries_tls_auth_fsync_and_errors():
     assert value(m, "upasmail_deliveries_total", status="sent", relay="mailer") == 1
     assert value(m, "upasmail_deliveries_total", status="queued", relay="queue") == 1
     assert value(m, "upasmail_deliveries_total", status="deferred", relay="remote") == 1
-    assert value(m, "upasmail_deliveries_total", status="bounced", relay="remote") == 1
-    assert value(m, "upasmail_deliveries_total", status="expired", relay="remote") == 1
+    assert value(m, "upasmail_deliveries_total", status="bounced", relay="none") == 1
+    assert value(m, "upasmail_deliveries_total", status="expired", relay="none") == 1
     assert value(m, "upasmail_bounces_total", kind="sender") == 1
     assert value(m, "upasmail_tls_sessions_total", status="started") == 1
     assert value(m, "upasmail_tls_sessions_total", status="failed") == 1
@@ -371,3 +371,26 @@ def test_with_workers_the_main_endpoint_counts_every_process(server):
     assert after[("upasmail_connections_open",)] == 0
     # one endpoint: the worker did not bind one of its own
     assert s.output().count("metrics on http://") == 1
+
+
+def test_the_queue_runners_deliveries_and_its_index(server):
+    # far.example's MX is 127.0.0.2: a second server there takes the mail
+    sink = server("--listen", "tcp:0:interface=127.0.0.2", "--no-queue-runner", where="sink")
+    s = server("--metrics", "tcp:0:interface=127.0.0.1", "--mx-port", str(sink.port))
+    port = metrics_port(s)
+    before = scrape(port)
+    with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.sender.net") as c:
+        # broken.sender.net's DNS fails: deferred, no server reached
+        assert c.sendmail("alice@example.org", ["x@far.example", "y@broken.sender.net"],
+                          b"Subject: out\r\n\r\nout\r\n") == {}
+    after = scrape_until(port, ("upasmail_deliveries_total", ("relay", "none"),
+                                ("status", "deferred")), 1)
+    after = scrape_until(port, ("upasmail_deliveries_total", ("relay", "remote"),
+                                ("status", "sent")), 1)
+    change = moved(before, after)
+    assert change[("upasmail_deliveries_total", ("relay", "queue"), ("status", "queued"))] == 2
+    assert change[("upasmail_deliveries_total", ("relay", "remote"), ("status", "sent"))] == 1
+    assert change[("upasmail_deliveries_total", ("relay", "none"), ("status", "deferred"))] == 1
+    # the job waits for its deferred recipient: one message, from the runner's index
+    assert after[("upasmail_queue_messages",)] == 1
+    assert 0 <= after[("upasmail_queue_oldest_age_seconds",)] < 60

@@ -32,7 +32,7 @@ from . import queue as outbound
 log = Logger(namespace="smtpd")
 
 PREFIX = "upasmail"
-# store and fsync latencies: a batch's fsync on a disk with a cache takes
+# fsync latencies: a batch's fsync on a disk with a cache takes
 # well under a millisecond, on a busy spinning disk tens of milliseconds
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
@@ -48,15 +48,14 @@ def queued_at(qid):
     return int(qid.split(".", 1)[0])
 
 
-# how a connection can end that never was admitted (no smtpd.connect)
-REFUSED_AT_CONNECT = ("banned", "limit", "error")
 # queue.delivery's relay field names a server for remote deliveries; as a
-# label only its kind (a label per server would grow without bound)
-LOCAL_RELAYS = ("local", "mailer", "queue")
+# label only its kind (a label per server would grow without bound).
+# "none": no server was reached (no MX, none answered)
+RELAY_KINDS = ("local", "mailer", "queue", "none")
 
 
 def relay_kind(relay):
-    return relay if relay in LOCAL_RELAYS else "remote"
+    return relay if relay in RELAY_KINDS else "remote"
 
 
 class Metrics:

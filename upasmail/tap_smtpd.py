@@ -309,8 +309,8 @@ def listener(description):
 
 
 def check_endpoint(description, option="listen", build=listener):
-    """A --listen value Twisted cannot parse, or a PROXY one, is a usage
-    error naming it, not a traceback."""
+    """An endpoint (``--listen``, or ``option``) Twisted cannot parse, or a
+    PROXY one, is a usage error naming it, not a traceback."""
     try:
         build(description)
     except smtpdconf.ConfigError as e:
