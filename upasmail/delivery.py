@@ -68,7 +68,7 @@ class UpasDelivery:
                 if not verdict.ok:
                     # not SMTPBadRcpt: it parses the path again as an RFC 5321
                     # address, which a bang path or a UTF-8 name may not be
-                    raise smtp.SMTPServerError(verdict.code, verdict.text())
+                    raise RefusedRecipient(verdict)
         envelope = self.session.envelope
         return lambda: self._message(envelope)
 
@@ -102,6 +102,14 @@ class UpasDelivery:
             queue_id=queue_id,
             smtputf8=envelope.smtputf8,
         )
+
+
+class RefusedRecipient(smtp.SMTPServerError):
+    """``validateTo``'s refusal (Twisted's way), with our verdict (its reason) in it."""
+
+    def __init__(self, verdict):
+        smtp.SMTPServerError.__init__(self, verdict.code, verdict.text())
+        self.verdict = verdict
 
 
 @implementer(smtp.IMessage)

@@ -149,7 +149,6 @@ _LEGACY_KEYS = frozenset(("message", "time", "system", "format", "isError", "log
 # journald's priority prefixes (sd-daemon(3)) by level
 _PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3,
              LogLevel.critical: 2}
-log = Logger(namespace="smtpd")
 
 
 def event_fields(event):
@@ -304,7 +303,8 @@ class LogService(Service):
             f.reopen()
         if isinstance(self._json_file, ReopenableFile):
             self._json_file.reopen()
-        log.info("log files reopened", event="log.reopened")
+        Logger(namespace="smtpd", observer=self.publisher).info(
+            "log files reopened", event="log.reopened")
 
     def stopService(self):
         Service.stopService(self)

@@ -919,7 +919,7 @@ class QueueRunner(service.Service):
                 word = "deferred"
                 deferred = True
             reply = printable(r.reply or result.status or "ok", client.LOG_LIMIT)
-            log.info("{id}: to={rcpt} relay={relay} status={word} ({reply}) delay={delay:.1f}",
+            log.info("{id}: to={rcpt} relay={relay} status={word} ({reply})",
                      id=qid, rcpt=printable(r.address), relay=relay_name or "none", word=word,
                      reply=reply, event="queue.delivery", queue_id=qid, status=word,
                      delay=now - float(record["created"]))

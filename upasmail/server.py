@@ -494,7 +494,12 @@ class UpasESMTP(smtp.ESMTP):
     def _failureReply(self, failure, what):
         if failure.check(smtp.SMTPServerError):
             e = failure.value
-            return reject(e.code, _text(e.resp), reason="other")
+            verdict = getattr(e, "verdict", None)  # delivery.RefusedRecipient
+            if verdict is not None:
+                return verdict
+            # an embedder's IMessageDelivery: SMTPBadRcpt names a user it has not
+            reason = "unknown-user" if failure.check(smtp.SMTPBadRcpt) else "other"
+            return reject(e.code, _text(e.resp), reason=reason)
         self.log.failure("{what} failed", failure, what=what, event="error")
         return reject(451, replies.LOCAL_ERROR, reason="local-error")
 

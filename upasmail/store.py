@@ -172,7 +172,8 @@ class Batcher:
             if isinstance(result, Failure):
                 return result
             self._syncing += 1
-            d = self._run(self._sync, result).addBoth(synced, self._timer())
+            start = self._timer()
+            d = self._run(self._sync, result).addBoth(synced, start)
             self._kick()  # the next batch writes while this one syncs
             return d
 
