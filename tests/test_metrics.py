@@ -122,6 +122,25 @@ def test_deliveries_tls_auth_fsync_and_errors():
     assert value(m, "upasmail_errors_total") == 1
 
 
+def test_label_values_outside_the_catalogue_are_other():
+    # a client's made-up command words must not make new series
+    m = metrics.Metrics()
+    for verb in ("XYZZY", "FOO", "BAR"):
+        m(session("a", event="smtpd.refused", command=verb, code=500, reason="syntax"))
+    m(session("a", event="smtpd.refused", command="RCPT", code=550, reason="new-reason"))
+    m(session("a", event="smtpd.disconnect", end="eaten"))
+    m(session("a", event="smtpd.auth", result="success", mechanism="X-OAUTH"))
+    m(session("a", event="smtpd.refused", command="MAIL", code=999, reason="syntax"))
+    assert value(m, "upasmail_refusals_total", command="other", reason="syntax",
+                 **{"class": "5xx"}) == 3
+    assert value(m, "upasmail_refusals_total", command="RCPT", reason="other",
+                 **{"class": "5xx"}) == 1
+    assert value(m, "upasmail_refusals_total", command="MAIL", reason="syntax",
+                 **{"class": "other"}) == 1
+    assert value(m, "upasmail_connections_total", end="other") == 1
+    assert value(m, "upasmail_auth_total", result="success", mechanism="other") == 1
+
+
 def test_events_without_a_counted_name_count_nothing():
     m = metrics.Metrics()
     m({"log_format": "Site starting on 9125"})

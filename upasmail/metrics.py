@@ -38,24 +38,46 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    1.0, 2.5, 5.0, 10.0)
 
 
+# Every label's values, from docs/logging.rst.  Anything else (a client's
+# made-up command word, an event of a newer version) is counted as
+# "other": no client can make the number of series grow.
+OTHER = "other"
+ENDS = frozenset(["quit", "lost", "timeout", "session-limit", "hangup", "banned", "limit",
+                  "shutdown", "error"])
+VERBS = frozenset(["", "HELO", "EHLO", "MAIL", "SEND", "SOML", "SAML", "RCPT", "DATA", "RSET",
+                   "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "AUTH", "STARTTLS"])
+REASONS = frozenset(["relay", "ratify", "helo", "greylist", "tarpit", "auth-required",
+                     "auth-failed", "auth-throttled", "auth-error", "size", "smuggling",
+                     "syntax", "sequence", "unknown-user", "sender-check", "recipients",
+                     "busy", "tls", "spam", "loop", "store", "local-error"])
+CLASSES = frozenset(["2xx", "4xx", "5xx"])
+DELIVERY_STATUSES = frozenset(["sent", "queued", "deferred", "bounced", "expired"])
+# queue.delivery's relay names the server for remote deliveries; as a
+# label only its kind (a label per server would grow without bound).
+# "none": no server was reached (no MX, none answered)
+RELAY_KINDS = frozenset(["local", "mailer", "queue", "none"])
+BOUNCE_KINDS = frozenset(["sender", "postmaster"])
+TLS_STATUSES = frozenset(["started", "failed", "unavailable"])
+AUTH_RESULTS = frozenset(["success", "failure", "throttled", "tempfail"])
+MECHANISMS = frozenset(["PLAIN", "LOGIN", "CRAM-MD5"])
+
+
+def closed(value, values):
+    return value if value in values else OTHER
+
+
 def reply_class(code):
     """``2xx``, ``4xx`` or ``5xx`` for a reply code (an int or its text)."""
-    return "%sxx" % str(code)[:1]
+    return closed("%sxx" % str(code)[:1], CLASSES)
+
+
+def relay_kind(relay):
+    return relay if relay in RELAY_KINDS else "remote"
 
 
 def queued_at(qid):
     """When a job was queued: its id starts with the seconds (``store.new_id``)."""
     return int(qid.split(".", 1)[0])
-
-
-# queue.delivery's relay field names a server for remote deliveries; as a
-# label only its kind (a label per server would grow without bound).
-# "none": no server was reached (no MX, none answered)
-RELAY_KINDS = ("local", "mailer", "queue", "none")
-
-
-def relay_kind(relay):
-    return relay if relay in RELAY_KINDS else "remote"
 
 
 class Metrics:
@@ -108,6 +130,7 @@ class Metrics:
             "tempfail) and mechanism", ["result", "mechanism"], registry=r)
         self.errors = Counter(
             PREFIX + "_errors", "Unexpected errors logged with a traceback", registry=r)
+        self._children = {}  # (metric, label values) -> its child: labels() is slow
         # session -> the worker that has it (None: this process): the open
         # connections, so that a worker that dies takes its own with it
         self.sessions = {}
@@ -131,6 +154,13 @@ class Metrics:
         if handler is not None:
             handler(event)
 
+    def _count(self, metric, *labels, amount=1):
+        """``metric.labels(*labels).inc(amount)``, the child looked up once."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[metric, labels] = metric.labels(*labels)
+        child.inc(amount)
+
     def _open(self):
         self.connections_open.set(len(self.sessions))
 
@@ -139,7 +169,7 @@ class Metrics:
         self._open()
 
     def disconnected(self, event):
-        self.connections.labels(event.get("end", "")).inc()
+        self._count(self.connections, closed(event.get("end"), ENDS))
         self.sessions.pop(event.get("session"), None)
         self._open()
 
@@ -152,33 +182,34 @@ class Metrics:
         self._open()
 
     def accepted(self, event):
-        self.messages.labels("accepted", reply_class(event.get("code", 250))).inc()
+        self._count(self.messages, "accepted", reply_class(event.get("code", 250)))
         self.received_bytes.inc(event.get("size") or 0)
         self.recipients.inc(event.get("nrcpt") or 0)
 
     def refused(self, event):
         cls = reply_class(event.get("code", ""))
-        command = event.get("command") or ""
+        command = closed(event.get("command") or "", VERBS)
         if command == "DATA":
-            self.messages.labels("refused", cls).inc()
-        self.refusals.labels(command, event.get("reason") or "other", cls).inc()
+            self._count(self.messages, "refused", cls)
+        self._count(self.refusals, command, closed(event.get("reason"), REASONS), cls)
 
     def synced(self, event):
         self.fsync_seconds.observe(event.get("seconds") or 0.0)
         self.fsync_messages.inc(event.get("messages") or 0)
 
     def delivered(self, event):
-        self.deliveries.labels(event.get("status", ""),
-                               relay_kind(event.get("relay", ""))).inc()
+        self._count(self.deliveries, closed(event.get("status"), DELIVERY_STATUSES),
+                    relay_kind(event.get("relay")))
 
     def bounced(self, event):
-        self.bounces.labels(event.get("kind", "")).inc()
+        self._count(self.bounces, closed(event.get("kind"), BOUNCE_KINDS))
 
     def tls_session(self, event):
-        self.tls.labels(event.get("status", "")).inc()
+        self._count(self.tls, closed(event.get("status"), TLS_STATUSES))
 
     def authenticated(self, event):
-        self.auth.labels(event.get("result", ""), event.get("mechanism") or "").inc()
+        self._count(self.auth, closed(event.get("result"), AUTH_RESULTS),
+                    closed(event.get("mechanism"), MECHANISMS))
 
     def error(self, event):
         self.errors.inc()
