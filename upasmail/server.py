@@ -1091,6 +1091,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
             return None
         s = self.settings
         if self.closing:
+            _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).info,
+                              "connection from {ip} refused: shutting down", ip, "shutdown")
             return _Busy(replies.SHUTDOWN.format(dom=s.dom))
         # a refused connection is a session too: its one line has an id
         if len(self.connections) >= self.maxConnections:
