@@ -15,7 +15,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
-from test_twistd import Server, dns_port, server, twistd  # noqa: F401
+from test_twistd import (Server, client_context, dns_port, server, tls_files,  # noqa: F401
+                         twistd)
 from upasmail import metrics, tap_smtpd
 
 
@@ -303,15 +304,16 @@ def moved(before, after):
 OUTSIDER = ("127.0.0.2", 0)  # not in ournets
 
 
-def test_counters_move_by_exactly_the_traffic_sent(server, tmp_path):
-    (tmp_path / "passwd").write_text("alice:right one\n")
-    s = server("--metrics", "tcp:0:interface=127.0.0.1", "--passwd", str(tmp_path / "passwd"),
+def test_counters_move_by_exactly_the_traffic_sent(server, tls_files):
+    s = server("--metrics", "tcp:0:interface=127.0.0.1", "--passwd", str(tls_files / "passwd"),
+               "-c", str(tls_files / "both.pem"),
                "--auth-fail-delay", "0", "--tarpit-unit", "0", "--no-queue-runner")
     port = metrics_port(s)
     before = scrape(port)
     assert before[("upasmail_connections_open",)] == 0
     body = b"Subject: counted\r\n\r\nhello\r\n"
     with smtplib.SMTP("127.0.0.1", s.port, local_hostname="client.sender.net") as c:
+        c.starttls(context=client_context(tls_files))
         assert c.sendmail("alice@example.org", ["bob"], body) == {}  # trusted: local
         assert c.sendmail("alice@example.org", ["x@far.example"], body) == {}  # queued
     with smtplib.SMTP("127.0.0.1", s.port, source_address=OUTSIDER) as c:
@@ -335,6 +337,7 @@ def test_counters_move_by_exactly_the_traffic_sent(server, tmp_path):
         ("upasmail_refusals_total", ("class", "5xx"), ("command", "AUTH"),
          ("reason", "auth-failed")): 1,
         ("upasmail_auth_total", ("mechanism", "CRAM-MD5"), ("result", "failure")): 1,
+        ("upasmail_tls_sessions_total", ("status", "started")): 1,
         ("upasmail_deliveries_total", ("relay", "local"), ("status", "sent")): 1,
         ("upasmail_deliveries_total", ("relay", "queue"), ("status", "queued")): 1,
         # both messages' files made durable, in one fsync batch or two
