@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.cred import credentials, error
 from twisted.internet import reactor
 from twisted.logger import capturedLogs
+from twisted.mail import smtp
 from twisted.names import dns
 from twisted.trial import unittest
 
@@ -510,6 +511,8 @@ class GarbageTests(Case):
         d.send("EHLO h.sender.net")
         for line in lines:
             line = line.replace(b"\r", b"").replace(b"\n", b"")
+            if line.strip(b" \t").upper() == b"QUIT" and d.proto.mode != smtp.AUTH:
+                continue  # garbage can spell QUIT (base64 of b"AB\x13"), which rightly closes
             out = d.raw(line + b"\r\n")
             self.assertFalse(d.transport.disconnecting, (line, out))
             for reply in out:
