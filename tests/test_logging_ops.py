@@ -93,6 +93,16 @@ class SessionEventTests(unittest.TestCase):
                          (1, 0, "quit", "h.sender.net"))
         self.assertIn("end=quit", formatEvent(bye))
 
+    def test_a_message_without_message_id_has_it_null(self):
+        with capturedLogs() as events:
+            d = self.dialogue()
+            d.send("HELO h.sender.net", "MAIL FROM:<>", "RCPT TO:<bob>", "DATA")
+            d.raw(b"Subject: no id\r\n\r\nhi\r\n.\r\n")
+        [e] = named(events, "smtpd.accepted")
+        self.assertEqual((e["message_id"], e["sender"]), (None, ""))
+        self.assertIn("accepted from=<> to=<bob> ", formatEvent(e))
+        self.assertIn(" message-id=none ", formatEvent(e))
+
     def test_each_refusal_is_one_event_with_its_reason(self):
         with capturedLogs() as events:
             d = self.dialogue()
@@ -266,6 +276,20 @@ class LogServiceTests(unittest.TestCase):
             self.assertIn(new, current)
             self.assertIn("log files reopened", current)
 
+    def test_a_file_that_cannot_be_reopened_is_logged_and_kept(self):
+        text = io.StringIO()
+        path = os.path.join(self.dir, "log.json")
+        svc, log = self.service(text, path)
+        os.rename(path, path + ".1")
+        os.mkdir(path)  # where logrotate's new file should be
+        self.signals.deliver(signal.SIGUSR1)
+        log.info("after", event="b")
+        svc.stopService()
+        self.assertIn("cannot reopen %s: Is a directory" % path, text.getvalue())
+        with open(path + ".1") as f:
+            self.assertEqual([json.loads(line)["event"] for line in f],
+                             ["log.reopen_failed", "log.reopened", "b"])
+
     def test_journald_gets_plain_lines(self):
         with tempfile.TemporaryFile("w+") as out:
             st = os.fstat(out.fileno())
@@ -367,7 +391,7 @@ def wait_until(predicate, what):
     raise AssertionError(what)
 
 
-def test_json_log_has_one_event_per_accepted_and_per_refused_message(server, tmp_path):  # noqa: F811
+def test_json_log_has_an_event_per_accepted_and_refused_message(server, tmp_path):  # noqa: F811
     path = tmp_path / "log.json"
     s = server("--log-json", str(path), "--tarpit-unit", "0")
     with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
@@ -436,6 +460,33 @@ def test_no_password_or_body_in_any_log(server, tmp_path):  # noqa: F811
         for secret in secrets:
             assert secret not in text
     assert len(named(json_events(path), "smtpd.auth")) == 6
+
+
+def test_json_log_on_standard_output(tmp_path):
+    """``--log-json -``: the JSON lines go to the real standard output."""
+    out = open(tmp_path / "stdout", "w+")
+    logfile = tmp_path / "smtpd.log"
+    proc = subprocess.Popen(
+        [*TWISTD, "-n", "--pidfile=", "--logfile", str(logfile), "upas-smtpd", "--listen",
+         "tcp:0:interface=127.0.0.1", "--root", str(tmp_path / "mail"), "--sysname",
+         "gnot.example.org", "--no-queue-runner", "--log-json", "-"],
+        env=env(), stdout=out, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+    try:
+        wait_until(lambda: logfile.exists() and "starting on" in logfile.read_text(), "no start")
+        port = int(re.search(r"starting on (\d+)", logfile.read_text()).group(1))
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.recv(100)
+            c.sendall(b"QUIT\r\n")
+            c.recv(100)
+        wait_until(lambda: "smtpd.disconnect" in (tmp_path / "stdout").read_text(), "no JSON")
+        events = [json.loads(line) for line in (tmp_path / "stdout").read_text().splitlines()]
+        assert named(events, "smtpd.disconnect")[0]["end"] == "quit"
+        assert "smtpd.disconnect" not in logfile.read_text()  # the text log has its line
+        assert "disconnect from 127.0.0.1" in logfile.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        out.close()
 
 
 def test_sigusr1_to_twistd_reopens_its_log_file(tmp_path):

@@ -276,7 +276,8 @@ class LogService(Service):
     def startService(self):
         if self.json_path is not None and self._json_file is None:
             if self.json_path == "-":
-                self._json_file = self.stdout or sys.stdout
+                # the real one: twistd has made sys.stdout a file that logs
+                self._json_file = self.stdout or sys.__stdout__
             else:  # not started through twistd's privileged start
                 self._json_file = ReopenableFile(self.json_path)
         Service.startService(self)
@@ -307,18 +308,24 @@ class LogService(Service):
 
     def reopen(self):
         """Reopen every log file at its path: logrotate has moved it away."""
-        for f in self._log_files:
-            f.reopen()
+        log = Logger(namespace="smtpd", observer=self.publisher)
+        files = list(self._log_files)
         if isinstance(self._json_file, ReopenableFile):
-            self._json_file.reopen()
-        Logger(namespace="smtpd", observer=self.publisher).info(
-            "log files reopened", event="log.reopened")
+            files.append(self._json_file)
+        for f in files:
+            try:
+                f.reopen()
+            except OSError as e:  # logrotate's "create" failed, say: say so, go on
+                log.error("cannot reopen {path}: {err}", path=f.path, err=e.strerror or e,
+                          event="log.reopen_failed")
+        log.info("log files reopened", event="log.reopened")
 
     def stopService(self):
         Service.stopService(self)
         if self._previous_handler is not None:  # None: not set from Python
             self.signals.signal(self.signals.SIGUSR1, self._previous_handler)
         self._previous_handler = None
+        self._log_files = []
         for observer, mine in self._replaced:
             self.publisher.removeObserver(mine)
             self.publisher.addObserver(observer)

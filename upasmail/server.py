@@ -857,8 +857,9 @@ class UpasESMTP(smtp.ESMTP):
                 rcpts=",".join(env.recipients), event="smtpd.accepted", sender=env.mail_from,
                 recipients=list(env.rcpt_paths), nrcpt=len(env.recipients), size=size,
                 peer=s.rsys, helo=s.him, tls=tls, auth_user=s.user, code=250,
-                reply=replies.SENT, maillog="accepted from=<%s> to=<%s> nrcpt=%d size=%d "
-                "peer=%s helo=%s tls=%s auth=%s message-id=%s (250 %s)" % (
+                message_id=mlog.message_id, reply=replies.SENT,
+                maillog="accepted from=<%s> to=<%s> nrcpt=%d size=%d peer=%s helo=%s tls=%s "
+                "auth=%s message-id=%s (250 %s)" % (
                     env.mail_from, ">,<".join(env.rcpt_paths), len(env.recipients), size,
                     s.rsys, s.him, tls, s.user or "none", mlog.message_id or "none",
                     replies.SENT))
@@ -879,7 +880,7 @@ class UpasESMTP(smtp.ESMTP):
             try:
                 m.connectionLost()
             except Exception:
-                self.log.failure("IMessage.connectionLost failed")
+                self.log.failure("IMessage.connectionLost failed", event="error")
 
     def cmd_RSET(self, cmd):
         self.session.reset()

@@ -117,8 +117,9 @@ class Validators:
         if program:
             outcome = yield process.run(self.reactor, self.clock, [program, rcpt], self.timeout)
             if not outcome.started or outcome.timed_out:
-                log.warn("validateaddress {rcpt}: {why}", rcpt=rcpt, event="smtpd.validate",
-                         why="timed out" if outcome.timed_out else "cannot start")
+                log.warn("validateaddress {rcpt}: {err}", rcpt=rcpt, event="smtpd.validate",
+                         why="validateaddress",
+                         err="timed out" if outcome.timed_out else "cannot start")
                 return reject(450, CHECK_LATER.format(path=rcpt), reason="local-error",
                               detail="validateaddress")
             if not outcome.ok:

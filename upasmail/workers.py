@@ -16,11 +16,12 @@ it about the jobs it queues (the queue runner wakes up).  A worker's
 standard output is a pipe to the main process: its log events, one JSON
 object a line with all their fields (``log_relay``), which the main
 process publishes as its own with ``worker`` set (and ``w<id>`` after the
-level in the text log), so its JSON log and its metrics see them whole.  SIGHUP in the main process reloads every worker; stopping
-(SIGTERM) stops every worker the same graceful way and waits for them.  A
-worker that dies is logged and started again after a delay that doubles
-up to ``MAX_BACKOFF``; its connections stop counting at once.  A worker
-whose main process is gone (its channel closes) stops.
+level in the text log), so its JSON log and its metrics see them whole.
+SIGHUP in the main process reloads every worker; stopping (SIGTERM)
+stops every worker the same graceful way and waits for them.  A worker
+that dies is logged and started again after a delay that doubles up to
+``MAX_BACKOFF``; its connections stop counting at once.  A worker whose
+main process is gone (its channel closes) stops.
 """
 
 import json
@@ -343,7 +344,7 @@ def run(number, argv, reactor=None):
     try:
         options.parseOptions(argv)
     except (SystemExit, usage.UsageError) as e:
-        log.error("worker {n}: {err}", n=number, err=getattr(e, "code", e))
+        log.error("worker {n}: {err}", n=number, err=getattr(e, "code", e), event="worker.died")
         return 1
     # the main process runs the queue; a worker's jobs wake it (Enqueued)
     options["mergeArgs"]["queue_runner"] = False
