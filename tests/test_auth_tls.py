@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.cred import credentials, error
 from twisted.internet import reactor
 from twisted.logger import capturedLogs
+from twisted.mail import smtp
 from twisted.names import dns
 from twisted.trial import unittest
 

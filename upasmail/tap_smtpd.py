@@ -19,6 +19,7 @@ import signal
 import sys
 
 from twisted.application.service import MultiService
+from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -107,6 +108,9 @@ class Options(usage.Options):
         ["mailer", "m", None, "deliver by running MAILER -r rcpt... instead of the mail root"],
         ["conf", None, None, "upas smtpd.conf file (default: built-in defaults)"],
         ["listen", None, service.DEFAULT_LISTEN, "Twisted server endpoint to listen on"],
+        ["metrics", None, None, "serve Prometheus metrics at /metrics on this Twisted "
+                                "endpoint (e.g. tcp:9125:interface=127.0.0.1); needs "
+                                "prometheus_client (the 'metrics' extra)"],
         ["root", None, "mail", "mail root directory"],
         ["sysname", None, None, "our host name (upas $site); default: the machine's"],
         ["resolver", None, None, "DNS server HOST:PORT for every lookup (default: resolv.conf)"],
@@ -230,6 +234,11 @@ class Options(usage.Options):
             check_endpoint(self["listen"])
         except usage.UsageError as e:
             yield str(e)
+        if self["metrics"]:
+            try:
+                check_metrics(self["metrics"])
+            except usage.UsageError as e:
+                yield str(e)
         if self["workers"] < 1:
             yield "--workers must be at least 1"
         elif self["workers"] > 1 and not self._adoptable_listener():
@@ -342,15 +351,32 @@ def listener(description):
     return service.listener_endpoint(reactor, description)
 
 
-def check_endpoint(description):
-    """A --listen value Twisted cannot parse, or a PROXY one, is a usage
-    error naming it, not a traceback."""
+def check_endpoint(description, option="listen", build=listener):
+    """An endpoint (``--listen``, or ``option``) Twisted cannot parse, or a
+    PROXY one, is a usage error naming it, not a traceback."""
     try:
-        listener(description)
+        build(description)
     except smtpdconf.ConfigError as e:
         raise usage.UsageError(str(e))
     except Exception as e:  # endpoint parsers raise TypeError, IndexError, ... too
-        raise usage.UsageError("--listen %s: %s" % (description, parse_error_text(e, description)))
+        raise usage.UsageError("--%s %s: %s" % (option, description,
+                                                parse_error_text(e, description)))
+
+
+def metrics_endpoint(description):
+    from twisted.internet import reactor
+
+    return endpoints.serverFromString(reactor, description)
+
+
+def check_metrics(description):
+    """--metrics needs prometheus_client, which is optional, and an endpoint."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise SystemExit("upas-smtpd: --metrics needs prometheus_client "
+                         "(pip install 'upasmail[metrics]')")
+    check_endpoint(description, "metrics", metrics_endpoint)
 
 
 def parse_error_text(e, description):
@@ -466,6 +492,15 @@ def reload_service(top, options):
                   ok=False)
 
 
+def serve_metrics(top, description, reactor):
+    """The metrics service for the server ``top`` (its queue, its clock)."""
+    from . import metrics
+
+    counts = metrics.Metrics()
+    counts.registry.register(metrics.QueueGauges(top.factory.root.queue, reactor, top.queue))
+    return metrics.MetricsService(counts, metrics_endpoint(description))
+
+
 def makeService(options):
     s = options["settings"]
     if options["netdir"]:
@@ -505,6 +540,8 @@ def makeService(options):
                                    privileges.needs(s, options["conf"], options["workers"],
                                                     options["listen"]),
                                    json_path=options["log-json"])
+    if options["metrics"]:  # the main process only: it sees every worker's events
+        serve_metrics(top, options["metrics"], reactor).setServiceParent(twistd_service)
     if pool is not None:
         pool.setServiceParent(twistd_service)  # after the listener: it hands on its socket
     return twistd_service
