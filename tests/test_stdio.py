@@ -4,6 +4,7 @@ inetd, xinetd or a systemd ``Accept=yes`` socket starts it."""
 import configparser
 import fcntl
 import importlib
+import json
 import mailbox
 import os
 import re
@@ -442,3 +443,27 @@ def test_d_traces_the_session_as_the_daemon_does(tmp_path, resolver):
     trace = (traces / name).read_text()
     assert "C 1: b'helo client.example.net\\r\\n'" in trace  # smtplib's lower case
     assert "b'221 2.0.0 Successful termination'" in trace
+
+
+def test_the_log_is_the_daemons_json_too_and_no_debug_lines(tmp_path, resolver):
+    """``--log-json`` as under twistd: one JSON event per line, the accepted
+    message among them with its fields; the per-fsync debug events stay out
+    of both logs."""
+    json_log = tmp_path / "events.json"
+    session, s = over_socketpair(tmp_path, *resolver, "--log-json", str(json_log))
+    s.ehlo("client.example.net")
+    assert s.sendmail("alice@example.org", ["bob"], MESSAGE) == {}
+    s.quit()
+    assert session.wait() == 0
+    events = [json.loads(line) for line in json_log.read_text().splitlines()]
+    [accepted] = [e for e in events if e.get("event") == "smtpd.accepted"]
+    assert (accepted["recipients"], accepted["nrcpt"], accepted["code"]) == (["bob"], 1, 250)
+    assert accepted["helo"] == "client.example.net" and accepted["queue_id"]
+    assert "store.sync" not in {e.get("event") for e in events}
+    assert "store.sync" not in session.log() and "fsync" not in session.log()
+
+
+def test_metrics_is_refused_in_stdio_mode(tmp_path):
+    session = Session(tmp_path, "--metrics", "tcp:0")
+    assert session.wait() == 64
+    assert session.log().count("\n") == 1 and "--metrics" in session.log()

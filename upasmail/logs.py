@@ -219,7 +219,7 @@ class ReopenableFile:
         self._file.close()
 
 
-def _info_and_up(observer):
+def info_and_up(observer):
     """``observer`` without the debug events.  Not a FilteringLogObserver
     with a LogLevelFilterPredicate: this runs for every event twistd logs,
     and those cost microseconds each."""
@@ -289,14 +289,14 @@ class LogService(Service):
                 out.rotateLength = None  # logrotate's job now
                 self._log_files.append(out)
             if under_journald(out, self.environ):
-                mine = _info_and_up(FileLogObserver(out, journal_line))
+                mine = info_and_up(FileLogObserver(out, journal_line))
             else:
-                mine = _info_and_up(observer)
+                mine = info_and_up(observer)
             self.publisher.removeObserver(observer)
             self.publisher.addObserver(mine)
             self._replaced.append((observer, mine))
         if self._json_file is not None:
-            self._json_observer = _info_and_up(FileLogObserver(self._json_file, json_line))
+            self._json_observer = info_and_up(FileLogObserver(self._json_file, json_line))
             self.publisher.addObserver(self._json_observer)
         self._previous_handler = self.signals.signal(self.signals.SIGUSR1, self._sigusr1)
 

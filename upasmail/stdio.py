@@ -51,8 +51,8 @@ from twisted.internet import defer, stdio
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IAddress, IHandshakeListener
-from twisted.logger import (FilteringLogObserver, LegacyLogObserverWrapper, Logger,
-                            globalLogBeginner, textFileLogObserver)
+from twisted.logger import (FileLogObserver, FilteringLogObserver, LegacyLogObserverWrapper,
+                            Logger, globalLogBeginner, textFileLogObserver)
 from twisted.protocols import policies
 from twisted.python import usage
 from twisted.python.syslog import SyslogObserver
@@ -237,13 +237,23 @@ class Output:
         else:
             print(line, file=sys.stderr, flush=True)
 
-    def observer(self):
+    def observers(self, json_path=None):
+        """The daemon's log as its ``LogService`` makes it: no debug events
+        (one per fsync batch), journald's plain lines when stderr is the
+        journal (systemd's StandardError=journal), ``--log-json`` too."""
         if self.to_syslog:
             observer = LegacyLogObserverWrapper(
                 SyslogObserver(PROG, facility=syslog.LOG_MAIL).emit)
+        elif logs.under_journald(sys.stderr):
+            observer = FileLogObserver(sys.stderr, logs.journal_line)
         else:
             observer = textFileLogObserver(sys.stderr)
-        return FilteringLogObserver(observer, [logs.DNSNoise()])
+        observers = [observer]
+        if json_path is not None:  # one line per event, so sessions may share a file
+            out = sys.stderr if json_path == "-" else open(json_path, "a", encoding="utf-8")
+            observers.append(FileLogObserver(out, logs.json_line))
+        return [FilteringLogObserver(logs.info_and_up(o), [logs.DNSNoise()])
+                for o in observers]
 
 
 def options_class():
@@ -259,6 +269,10 @@ def options_class():
         def opt_workers(self, value):
             raise usage.UsageError("--workers: stdio mode serves one connection "
                                    "in one process")
+
+        def opt_metrics(self, value):
+            raise usage.UsageError("--metrics: a stdio session lives for one connection; "
+                                   "scrape twistd upas-smtpd, or count its log lines")
 
     return StdioOptions
 
@@ -294,7 +308,12 @@ def main(argv=None, reactor=None):
         return EX_USAGE
     if reactor is None:
         from twisted.internet import reactor
-    globalLogBeginner.beginLoggingTo([out.observer()], redirectStandardIO=False)
+    try:
+        observers = out.observers(options["log-json"])
+    except OSError as e:
+        out.say("%s: --log-json %s: %s" % (PROG, options["log-json"], e.strerror or e))
+        return 1
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     return serve(options, reactor, sock, remote, local, source, out)
 
 
