@@ -9,10 +9,11 @@ groups, without switching user) and ``--changed``.
 Everything start-up reads goes through the server's own parsers and checks
 (``tap_smtpd.Options.value_problems`` and ``check_files``, ``conf``,
 ``ratify``, ``local``, ``passwd``, ``tls``), collecting every problem
-instead of stopping at the first.  On top of that it checks what the
-server would only find out later, after dropping privileges: files re-read
-on change readable by the run user, the mail root's directories writable
-by it, the ``-m`` mailer and the validator programs executable by it, the
+instead of stopping at the first.  On top of that it judges, for the run
+user, the list the server checks right after dropping privileges
+(``privileges.needs``: files re-read on change readable, the mail root's
+directories writable or creatable, the ``-m`` mailer and the validator
+programs executable, Python's library readable...), and the
 certificate's dates.
 
 Errors go to ``err`` one a line (``FILE:LINE: message``, ``FILE: message``

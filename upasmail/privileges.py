@@ -10,11 +10,15 @@ it: ``hand_over`` gives what did not exist before start-up to the run
 user, as the last thing done as root.  Nothing that existed before is
 chowned: an administrator's directory keeps its owner.
 
-After the switch (or at start, when there is none: systemd's ``User=``),
-``RunUserNeeds.problem`` checks that the run user can
-write what the server writes and read what it reads again later (on
-SIGHUP or when the file changes), so that wrong ownership is one line at
-start-up rather than a ``451`` or a failed reload hours later.
+``needs`` is the one list of what the run user must be able to do: the
+directories it writes in, the files it rewrites, the files it reads
+again later (on SIGHUP or when they change), Python's library, the
+programs it runs, the mailboxes; each an error or (a mailbox) a warning.
+After the switch (or at start, when there is none: systemd's ``User=``)
+``RunUserNeeds.problem`` checks it with the real ``access()``, so that
+wrong ownership is one line at start-up rather than a ``451`` or a failed
+reload hours later; ``upas-smtpd --check-config`` judges the same list
+for another user from the files' modes (``checkconfig.check_needs``).
 """
 
 import glob
