@@ -144,8 +144,8 @@ def check(options, user, now):
         return report, None
     tap_smtpd.check_files(s, options["require-auth"], bool(options["passwd"]),
                           errors=report.errors)
-    workers = options["workers"] if isinstance(options["workers"], int) else 1
-    check_needs(report, privileges.needs(s, options["conf"], workers, options["listen"]), user)
+    check_needs(report, privileges.needs(s, options["conf"], options["workers"],
+                                         options["listen"]), user)
     check_secrets(report, s)
     if s.cert:
         check_dates(report, s.cert, now)

@@ -224,7 +224,7 @@ def there(path):
     process cannot search counts as there: it must not be skipped as
     missing when it is only out of reach."""
     try:
-        os.lstat(path)
+        os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError:
