@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from test_privdrop import (NOBODY, need_root, nobody_can_list, nobody_env, one_line,
+from test_privdrop import (NOBODY, nobody_can_list, nobody_env, one_line,
                            python_for_nobody, world)  # noqa: F401 (a fixture)
 from upasmail import checkconfig, privileges, testing
 from upasmail.conf import SmtpdConf
