@@ -10,19 +10,24 @@ import tempfile
 
 import pytest
 
-from upasmail import checkconfig, conf, local, passwd, ratify, settings, testing
+from upasmail import checkconfig, conf, local, passwd, privileges, ratify, settings, testing
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to judge for nobody")
 
 
 @pytest.fixture
-def site():
+def site(monkeypatch):
     """A complete, good configuration in a directory everyone may search
     (pytest's own tmp directories are mode 0700, which would hide every
-    file from ``--uid nobody``)."""
+    file from ``--uid nobody``).  Python's library is one there too: the
+    interpreter running the tests may be under a 0700 /root (pyenv), which
+    ``--uid nobody`` rightly reports (test_run_user_needs.py), and these
+    tests are about the other files."""
     top = tempfile.mkdtemp(prefix="checkconfig.", dir="/tmp")
     os.chmod(top, 0o755)
+    os.mkdir(os.path.join(top, "python"), 0o755)
+    monkeypatch.setattr(privileges, "PYTHON_LIBRARY", os.path.join(top, "python"))
     lib = os.path.join(top, "mail", "lib")
     os.makedirs(lib)
     os.makedirs(os.path.join(top, "mail", "box", "bob"))

@@ -9,10 +9,11 @@ groups, without switching user) and ``--changed``.
 Everything start-up reads goes through the server's own parsers and checks
 (``tap_smtpd.Options.value_problems`` and ``check_files``, ``conf``,
 ``ratify``, ``local``, ``passwd``, ``tls``), collecting every problem
-instead of stopping at the first.  On top of that it checks what the
-server would only find out later, after dropping privileges: files re-read
-on change readable by the run user, the mail root's directories writable
-by it, the ``-m`` mailer and the validator programs executable by it, the
+instead of stopping at the first.  On top of that it judges, for the run
+user, the list the server checks right after dropping privileges
+(``privileges.needs``: files re-read on change readable, the mail root's
+directories writable or creatable, the ``-m`` mailer and the validator
+programs executable, Python's library readable...), and the
 certificate's dates.
 
 Errors go to ``err`` one a line (``FILE:LINE: message``, ``FILE: message``
@@ -35,13 +36,12 @@ import sys
 
 from twisted.internet import ssl
 from twisted.python import usage
-from twisted.python.util import gidFromString, uidFromString
 
 from . import conf as smtpdconf
-from . import relay, service, settings, tap_smtpd
+from . import privileges, relay, service, settings, tap_smtpd
 from .mailer import resolve as resolve_mailer
+from .privileges import R, W, X
 
-R, W, X = 4, 2, 1
 SECRET_FILES = ("passwd", "key", "relay_auth_file")
 EXPIRY_WARNING = datetime.timedelta(days=14)
 PATHS = ("lib", "blocked", "passwd", "trusted_dir", "log_dir")  # Settings.path
@@ -63,57 +63,6 @@ class Options(tap_smtpd.Options):
     def postOptions(self):
         # nothing here stops: check() looks at everything and lists it all
         pass
-
-
-@dataclasses.dataclass(frozen=True)
-class RunAs:
-    """Who the server runs as: the identity access is judged for."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: frozenset
-
-    def bits(self, st):
-        """The rwx bits of ``st``'s mode that apply to this user."""
-        if self.uid == 0:
-            # root reads and writes anything, and executes what anyone may
-            x = X if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0
-            return R | W | x
-        if st.st_uid == self.uid:
-            return (st.st_mode >> 6) & 7
-        if st.st_gid in self.groups:
-            return (st.st_mode >> 3) & 7
-        return st.st_mode & 7
-
-
-def run_as(uid_text=None, gid_text=None):
-    """The run user as twistd would make it: ``--gid`` defaults to the
-    user's group, and the groups are those ``initgroups`` gives; without
-    ``--uid``, this process's identity.  ValueError names the bad flag."""
-    if uid_text is None:
-        uid = os.geteuid()
-        gid = os.getegid() if gid_text is None else _gid(gid_text)
-        groups = set(os.getgroups()) | {gid}
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = str(uid)
-        return RunAs(name, uid, gid, frozenset(groups))
-    try:
-        entry = pwd.getpwuid(uidFromString(uid_text))
-    except (KeyError, ValueError):
-        raise ValueError("--uid: no such user: %s" % uid_text) from None
-    gid = entry.pw_gid if gid_text is None else _gid(gid_text)
-    groups = os.getgrouplist(entry.pw_name, gid)
-    return RunAs(entry.pw_name, entry.pw_uid, gid, frozenset(groups))
-
-
-def _gid(text):
-    try:
-        return gidFromString(text)
-    except (KeyError, ValueError):
-        raise ValueError("--gid: no such group: %s" % text) from None
 
 
 def owner_text(st):
@@ -146,8 +95,8 @@ def access_problem(path, want, user, what):
         return "cannot stat %s: %s" % (e.filename, e.strerror)
     if user.bits(st) & want != want:
         return "not %s by %s (%s)" % (
-            {R: "readable", R | W: "readable and writable", W | X: "writable",
-             X: "executable"}[want], user.name, owner_text(st))
+            {R: "readable", R | X: "readable", R | W: "readable and writable",
+             W | X: "writable", X: "executable"}[want], user.name, owner_text(st))
     return None
 
 
@@ -164,10 +113,11 @@ class Report:
     def warn(self, where, text):
         self.warnings.append("%s: warning: %s" % (where, text))
 
-    def access(self, path, want, user, what):
-        problem = access_problem(path, want, user, what)
-        if problem:
-            self.error("%s: %s" % (path, problem))
+    def add(self, severity, path, text):
+        if severity == privileges.WARNING:
+            self.warn(path, text)
+        else:
+            self.error("%s: %s" % (path, text))
 
 
 def check(options, user, now):
@@ -194,46 +144,14 @@ def check(options, user, now):
         return report, None
     tap_smtpd.check_files(s, options["require-auth"], bool(options["passwd"]),
                           errors=report.errors)
-    check_rereads(report, s, options, user)
-    if mailer:
-        report.access(mailer, X, user, "run")
-    check_programs(report, s, user)
+    check_needs(report, privileges.needs(s, options["conf"], options["workers"],
+                                         options["listen"]), user)
     check_secrets(report, s)
     if s.cert:
         check_dates(report, s.cert, now)
-    check_mail_root(report, s, user)
     if service.open_relay(s, options["listen"]):
         report.warn("--listen", service.OPEN_RELAY.format(listen=options["listen"]))
     return report, s
-
-
-def rereads(s, conf_path=None):
-    """The files the running server reads again when they change (or on
-    SIGHUP), so the run user must be able to read them."""
-    lib = s.path("lib")
-    paths = [conf_path, s.path("blocked"), s.path("passwd"), s.cert, s.key,
-             s.relay_auth_file]
-    paths += [os.path.join(lib, n) for n in ("aliases", "users", "names.blocked", "senders")]
-    return [p for p in paths if p]
-
-
-def check_rereads(report, s, options, user):
-    for path in rereads(s, options["conf"]):
-        if os.path.exists(path):
-            report.access(path, R, user, "read")
-        elif path in (options["conf"], s.relay_auth_file):
-            report.error("%s: no such file" % path)
-
-
-def check_programs(report, s, user):
-    """The validator hooks run only when executable: one the run user
-    cannot run is silently skipped by the server."""
-    for name in ("validateaddress", "validatesender"):
-        path = os.path.join(s.path("lib"), name)
-        if os.path.isfile(path):
-            problem = access_problem(path, X, user, "run")
-            if problem:
-                report.warn(path, "%s; the server will skip this check" % problem)
 
 
 def check_secrets(report, s):
@@ -273,56 +191,54 @@ def _asn1_time(raw):
         tzinfo=datetime.timezone.utc)
 
 
-def check_mail_root(report, s, user):
-    """The directories start-up makes (``store.MailRoot.make_directories``,
-    the -d trace and -g greylist directories) exist or can be made by the
-    run user, and are writable by it; each mailbox directory too."""
-    directories = [s.root] + [os.path.join(s.root, d) for d in ("tmp", "box", "queue")]
-    if s.debug:
-        directories.append(s.path("log_dir"))
-    if s.greylist:
-        directories.append(s.path("grey"))
-    boxes = os.path.join(s.root, "box")
-    if os.path.isdir(boxes):
-        directories += [os.path.join(boxes, n) for n in sorted(os.listdir(boxes))
-                        if os.path.isdir(os.path.join(boxes, n))]
+VERBS = {privileges.DIRECTORY: "write", privileges.MAILBOX: "write",
+         privileges.MBOX: "deliver to", privileges.WRITE: "write", privileges.FILE: "read",
+         privileges.LIBRARY: "read", privileges.PROGRAM: "run"}
+
+
+def check_needs(report, needs, user):
+    """The server's own start-up list (``privileges.needs``), judged for
+    ``user`` from each file's owner, group and mode and every directory
+    above it, without switching user; errors and warnings as the server
+    makes them.  The mail root may not be made yet: a directory the server
+    makes must then be creatable by the user."""
     uncreatable = set()  # a missing root's directories: said once, for the root
-    for path in directories:
-        if os.path.isdir(path):
-            problem = access_problem(path, W | X, user, "write")
+    for need in needs.needs:
+        path = need.path
+        directory = need.kind in (privileges.DIRECTORY, privileges.MAILBOX)
+        if directory and os.path.isdir(path):
+            problem = access_problem(path, need.want, user, VERBS[need.kind])
             if problem:
-                report.error("%s: %s" % (path, problem))
+                report.add(need.severity, path, problem)
             else:  # usable, but perhaps not as it should be
                 check_ownership(report, path, user)
+        elif directory and os.path.lexists(path):
+            report.add(need.severity, path, "not a directory")
         elif os.path.lexists(path):
-            report.error("%s: not a directory" % path)
-        else:
-            parent = nearest_existing(path)
+            problem = access_problem(path, need.want, user, VERBS[need.kind])
+            if problem and need.kind == privileges.LIBRARY:
+                problem += ": modules imported after start-up would fail"
+            if problem:
+                report.add(need.severity, path, problem)
+        elif need.required and need.kind == privileges.FILE:
+            report.add(need.severity, path, "no such file")
+        elif need.required:
+            parent = privileges.nearest_existing(path)
             problem = access_problem(parent, W | X, user, "create")
             if problem and parent not in uncreatable:
                 uncreatable.add(parent)
-                report.error("%s: does not exist, and %s cannot create it: %s: %s"
-                             % (path, user.name, parent, problem))
-    for path in directories:
-        mbox = os.path.join(path, "mbox")
-        if path.startswith(boxes + os.sep) and os.path.isfile(mbox):
-            report.access(mbox, R | W, user, "deliver to")
+                report.add(need.severity, path, "does not exist, and %s cannot create it: "
+                           "%s: %s" % (user.name, parent, problem))
 
 
 def check_ownership(report, path, user):
     st = os.stat(path)
-    if st.st_uid != user.uid:
+    if st.st_uid != user.effective_uid:
         report.warn(path, "owned by %s, not by the run user %s: what the server creates "
                           "there is %s's" % (owner_text(st).split(",")[0], user.name,
                                              user.name))
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         report.warn(path, "anyone may write here (%s)" % owner_text(st))
-
-
-def nearest_existing(path):
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
 
 
 def effective(s, options):
@@ -379,7 +295,7 @@ def main(argv=None, out=None, err=None, now=None):
     options = Options()
     try:
         options.parseOptions(argv)
-        user = run_as(options["uid"], options["gid"])
+        user = privileges.RunUser.named(options["uid"], options["gid"])
     except (usage.UsageError, ValueError) as e:
         print("upas-smtpd: %s" % e, file=err)
         return 1
