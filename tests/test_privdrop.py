@@ -171,11 +171,17 @@ class DroppedServer(Server):
         self.port = self._port()
 
     def ids(self, pid=None):
-        """The (real, effective, saved, fs) uids and gids of the process."""
-        with open("/proc/%d/status" % (pid or self.proc.pid)) as f:
-            status = f.read()
-        return tuple(tuple(int(x) for x in re.search(r"^%s:\s+(.*)$" % key, status, re.M)
-                           .group(1).split()) for key in ("Uid", "Gid"))
+        """The (real, effective, saved, fs) uids and gids of the process, once
+        it has switched: the port is logged as it is bound, before the switch."""
+        deadline = time.monotonic() + 10
+        while True:
+            with open("/proc/%d/status" % (pid or self.proc.pid)) as f:
+                status = f.read()
+            ids = tuple(tuple(int(x) for x in re.search(r"^%s:\s+(.*)$" % key, status, re.M)
+                              .group(1).split()) for key in ("Uid", "Gid"))
+            if 0 not in ids[0] or time.monotonic() > deadline:
+                return ids
+            time.sleep(0.01)
 
 
 def owners(top):
