@@ -67,7 +67,7 @@ def test_a_dead_workers_connections_are_no_longer_open():
 def test_messages_bytes_and_refusals_by_reason_and_class():
     m = metrics.Metrics()
     m(session("a", event="smtpd.accepted", code=250, size=1200, nrcpt=2,
-              queue_id="1.000000000001"))
+              queue_id="1.000000000001", store_seconds=0.003))
     m(session("a", event="smtpd.accepted", code=250, size=800, nrcpt=1,
               queue_id="1.000000000002"))
     m(session("a", event="smtpd.refused", command="RCPT", code=550, reason="relay"))
@@ -81,6 +81,9 @@ def test_messages_bytes_and_refusals_by_reason_and_class():
     assert value(m, "upasmail_messages_total", result="refused", **{"class": "5xx"}) == 1
     assert value(m, "upasmail_received_bytes_total") == 2000
     assert value(m, "upasmail_accepted_recipients_total") == 3
+    # the final dot to the 250, when the event has it
+    assert value(m, "upasmail_store_seconds_count") == 1
+    assert value(m, "upasmail_store_seconds_bucket", le="0.005") == 1
     assert value(m, "upasmail_refusals_total", command="RCPT", reason="relay",
                  **{"class": "5xx"}) == 2
     assert value(m, "upasmail_refusals_total", command="MAIL", reason="ratify",
@@ -344,6 +347,8 @@ def test_counters_move_by_exactly_the_traffic_sent(server, tls_files):
         ("upasmail_store_fsync_messages_total",): 2,
         ("upasmail_store_fsync_seconds_count",): after[("upasmail_store_fsync_seconds_count",)],
         ("upasmail_store_fsync_seconds_sum",): after[("upasmail_store_fsync_seconds_sum",)],
+        ("upasmail_store_seconds_count",): 2,  # each accepted message's dot to 250
+        ("upasmail_store_seconds_sum",): after[("upasmail_store_seconds_sum",)],
         # no queue runner here: read from the directory
         ("upasmail_queue_messages",): 1,
         ("upasmail_queue_oldest_age_seconds",): after[("upasmail_queue_oldest_age_seconds",)],

@@ -112,6 +112,10 @@ class Metrics:
             PREFIX + "_store_fsync_seconds", "How long a store batch's fsyncs took "
             "(one batch holds every message finished meanwhile)",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.store_seconds = Histogram(
+            PREFIX + "_store_seconds", "From a message's final dot to its 250: "
+            "storing it durably in every mailbox and queue file it goes to",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.fsync_messages = Counter(
             PREFIX + "_store_fsync_messages", "Messages made durable by the store's "
             "fsync batches", registry=r)
@@ -185,6 +189,8 @@ class Metrics:
         self._count(self.messages, "accepted", reply_class(event.get("code", 250)))
         self.received_bytes.inc(event.get("size") or 0)
         self.recipients.inc(event.get("nrcpt") or 0)
+        if event.get("store_seconds") is not None:
+            self.store_seconds.observe(event["store_seconds"])
 
     def refused(self, event):
         cls = reply_class(event.get("code", ""))

@@ -832,9 +832,9 @@ class UpasESMTP(smtp.ESMTP):
         d = defer.DeferredList(
             [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
         )
-        return d.addCallback(self._eomResults, env, messages)
+        return d.addCallback(self._eomResults, env, messages, self.clock.seconds())
 
-    def _eomResults(self, results, env, messages):
+    def _eomResults(self, results, env, messages, dot_seen):
         s = self.session
         verdict = ACCEPT
         for ok, result in results:
@@ -858,6 +858,7 @@ class UpasESMTP(smtp.ESMTP):
                 recipients=list(env.rcpt_paths), nrcpt=len(env.recipients), size=size,
                 peer=s.rsys, helo=s.him, tls=tls, auth_user=s.user, code=250,
                 message_id=mlog.message_id, reply=replies.SENT,
+                store_seconds=self.clock.seconds() - dot_seen,
                 maillog="accepted from=<%s> to=<%s> nrcpt=%d size=%d peer=%s helo=%s tls=%s "
                 "auth=%s message-id=%s (250 %s)" % (
                     env.mail_from, ">,<".join(env.rcpt_paths), len(env.recipients), size,
