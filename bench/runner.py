@@ -14,8 +14,10 @@ import traceback
 from . import loadgen, scenarios, servers
 
 SERVERS = ["upasmail", "upasmail-trusted", "postfix", "twisted", "aiosmtpd"]
-# not run unless asked for: upasmail's full policy with --workers 2 (both cores)
-MORE_SERVERS = ["upasmail-w2"]
+# not run unless asked for: upasmail's full policy with --workers 2 (both cores);
+# the same from another checkout (UPASMAIL_BENCH_BASE=<its top directory>), to
+# measure a change before and after, interleaved in one run
+MORE_SERVERS = ["upasmail-w2", "upasmail-base"]
 # the relay needs a peer that may relay: "upasmail" runs as upasmail-trusted
 # there (Postfix's mynetworks holds 127.0.0.1)
 RELAY_SERVERS = {"upasmail", "postfix"}
@@ -53,9 +55,14 @@ class Bench:
         return path
 
     def start(self, name, work, smarthost=None):
-        if name in ("upasmail", "upasmail-trusted", "upasmail-w2"):
+        if name in ("upasmail", "upasmail-trusted", "upasmail-w2", "upasmail-base"):
+            src = servers.ROOT
+            if name == "upasmail-base":
+                src = os.environ.get("UPASMAIL_BENCH_BASE")
+                if not src:
+                    raise ValueError("upasmail-base needs UPASMAIL_BENCH_BASE=<checkout>")
             s = servers.Upasmail(work, self.dns.port, trusted=name.endswith("trusted"),
-                                 smarthost=smarthost,
+                                 smarthost=smarthost, src=os.path.abspath(src),
                                  extra=("--workers", "2") if name.endswith("w2") else ())
             s.name = name
         elif name == "postfix":

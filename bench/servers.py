@@ -60,9 +60,9 @@ def remote_recipients():
     return ["%s@%s" % (u, REMOTE_DOMAIN) for u in USERS]
 
 
-def env():
+def env(src=ROOT):
     e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONPATH"] = src + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
 
@@ -88,11 +88,11 @@ def wait_until(predicate, timeout, what, interval=0.05):
 class Child:
     """A child process in its own process group, its output in a log file."""
 
-    def __init__(self, argv, log_path, cwd=None):
+    def __init__(self, argv, log_path, cwd=None, src=ROOT):
         self.log_path = log_path
         self.log = open(log_path, "w+")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env(), cwd=cwd,
+                                     stdin=subprocess.DEVNULL, env=env(src), cwd=cwd,
                                      start_new_session=True)
         self.pid = self.proc.pid
 
@@ -198,7 +198,7 @@ class Server:
 class Upasmail(Server):
     """``twistd -n upas-smtpd`` with the full upas policy (or trusted load)."""
 
-    def __init__(self, work, dns_port, trusted=False, smarthost=None, extra=()):
+    def __init__(self, work, dns_port, trusted=False, smarthost=None, extra=(), src=ROOT):
         self.name = "upasmail-trusted" if trusted else "upasmail"
         Server.__init__(self, work)
         self.root = os.path.join(self.work, "mail")
@@ -223,7 +223,7 @@ class Upasmail(Server):
         if smarthost:
             argv += ["--smarthost", "tcp!127.0.0.1!%d" % smarthost]
         self.child = Child(argv + list(extra), os.path.join(self.work, "twistd.log"),
-                           cwd=self.work)
+                           cwd=self.work, src=src)
         self.port = int(self.child.wait_for(r"UpasSMTPFactory starting on (\d+)").group(1))
 
     def mboxes(self):
