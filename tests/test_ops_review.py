@@ -3,7 +3,9 @@ following the docs, and a hostile client), each with its regression test."""
 
 import os
 import smtplib
+import socket
 
+from test_stdio import Session
 from test_privdrop import NOBODY, DroppedServer, owners, python_for_nobody, world  # noqa: F401
 
 
@@ -44,3 +46,17 @@ def test_a_link_planted_for_routing_json_tmp_is_not_followed_as_root(world):  # 
         again.stop()
     with open(victim) as f:
         assert f.read() == "root's own\n"
+
+
+def test_stdio_with_a_listening_socket_on_stdin_is_one_line_not_a_traceback(tmp_path):
+    """inetd ``wait`` or systemd ``Accept=no`` (or systemd-socket-activate
+    without ``-a``) hands over the listening socket: the session crashed
+    with ENOTCONN in adoptStreamConnection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with listener:
+        session = Session(tmp_path, conn=listener)
+        assert session.wait() == 64
+    [line] = session.log().splitlines()
+    assert line.startswith("upas-smtpd: standard input is a listening socket")
