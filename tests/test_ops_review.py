@@ -5,8 +5,13 @@ import os
 import smtplib
 import socket
 
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+
 from test_stdio import Session
 from test_privdrop import NOBODY, DroppedServer, owners, python_for_nobody, world  # noqa: F401
+from upasmail import testing
+from upasmail.service import connectionFactory, makeSmtpdFactory
 
 
 def test_a_restart_as_root_with_uid_keeps_routing_json_the_run_users(world):  # noqa: F811
@@ -60,3 +65,41 @@ def test_stdio_with_a_listening_socket_on_stdin_is_one_line_not_a_traceback(tmp_
         assert session.wait() == 64
     [line] = session.log().splitlines()
     assert line.startswith("upas-smtpd: standard input is a listening socket")
+
+
+class SendBuffer(StringTransport):
+    """A transport whose client never reads: what is written stays in the
+    send buffer, and over 64 KiB its streaming producer is paused, as
+    Twisted's TCP transport does.  A paused transport reads nothing more."""
+
+    def write(self, data):
+        StringTransport.write(self, data)
+        if self.producer is not None and self.streaming and len(self.value()) > 65536 \
+                and not getattr(self, "full", False):
+            self.full = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, seq):
+        self.write(b"".join(seq))
+
+
+def test_a_client_that_never_reads_its_replies_cannot_fill_the_servers_memory(tmp_path):
+    """20 MB of pipelined NOOPs from a client that read nothing made the
+    server hold about 350 MB of replies (stdio session, measured): it went
+    on reading and answering however much was unsent."""
+    s = testing.make_settings(root=str(tmp_path / "mail"))
+    clock = task.Clock()
+    factory = makeSmtpdFactory(s, reactor=clock, run_blocking=testing.run_now, clock=clock,
+                               resolver=testing.FakeResolver(everything_exists=True))
+    proto = connectionFactory(factory, s, clock).buildProtocol(testing.address("127.0.0.2", 4321))
+    transport = SendBuffer(peerAddress=testing.address("127.0.0.2", 4321),
+                           hostAddress=testing.address("127.0.0.1", 25))
+    proto.makeConnection(transport)
+    chunk = b"NOOP\r\n" * 10000
+    for _ in range(40):  # 2.4 MB, or until the server stops reading
+        if transport.producerState == "paused":
+            break
+        proto.dataReceived(chunk)
+    assert transport.producerState == "paused"
+    assert len(transport.value()) < 1024 * 1024  # not 19 MB of replies
+    proto.connectionLost(None)
