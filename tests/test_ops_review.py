@@ -103,3 +103,12 @@ def test_a_client_that_never_reads_its_replies_cannot_fill_the_servers_memory(tm
     assert transport.producerState == "paused"
     assert len(transport.value()) < 1024 * 1024  # not 19 MB of replies
     proto.connectionLost(None)
+
+
+def test_the_listener_line_still_names_the_smtp_factory(tmp_path):
+    """Scripts (bench/run) wait for "UpasSMTPFactory starting on <port>"."""
+    s = testing.make_settings(root=str(tmp_path / "mail"))
+    clock = task.Clock()
+    factory = makeSmtpdFactory(s, reactor=clock, run_blocking=testing.run_now, clock=clock,
+                               resolver=testing.FakeResolver(everything_exists=True))
+    assert connectionFactory(factory, s, clock).logPrefix() == "UpasSMTPFactory"

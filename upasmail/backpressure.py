@@ -103,6 +103,9 @@ class ReadWhileSending(policies.ProtocolWrapper):
         self.transport.unregisterProducer()
         policies.ProtocolWrapper.loseConnection(self)
 
+    def logPrefix(self):  # the protocol's own, as without this wrapper
+        return self.wrappedProtocol.logPrefix()
+
     def handshakeCompleted(self):  # STARTTLS
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
@@ -110,6 +113,11 @@ class ReadWhileSending(policies.ProtocolWrapper):
 
 class ReadWhileSendingFactory(policies.WrappingFactory):
     protocol = ReadWhileSending
+
+    def logPrefix(self):
+        # the listener's line stays "UpasSMTPFactory starting on <port>",
+        # which scripts wait for
+        return self.wrappedFactory.logPrefix()
 
     def buildProtocol(self, addr):
         inner = self.wrappedFactory.buildProtocol(addr)
