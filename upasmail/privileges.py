@@ -4,7 +4,7 @@ twistd builds the service (``makeService``) and binds the listener
 (``privilegedStartService``) as the user it was started as, usually root,
 then switches to ``--uid``/``--gid`` and starts the service.  What start-up
 creates before the switch (the mail root and its parents, ``tmp/``,
-``box/``, ``queue/``, ``routing.json``, the ``-d`` trace directory,
+``box/``, ``queue/``, the ``-d`` trace directory,
 twistd's ``--logfile``) would be root's, and the server could not write
 it: ``hand_over`` gives what did not exist before start-up to the run
 user, as the last thing done as root.  Nothing that existed before is

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
 from .auth import SessionRealm
+from .backpressure import ReadWhileSendingFactory
 from .conf import ConfigError
 from .delivery import UpasDelivery
 from .mailer import Mailer
@@ -197,6 +198,26 @@ class SmtpdService(service.MultiService):
     """The queue runner, the session drain and the listener, stopped in
     reverse: listening ends first, then sessions, then the queue."""
 
+    def startService(self):
+        # Not when the service is built: under twistd --uid that is as root,
+        # in a mail root the run user owns, where root's rewrite would leave
+        # routing.json root's (the next start-up check fails) and would
+        # follow a routing.json.tmp link the run user planted.  startService
+        # runs after twistd's switch.
+        self.recordRouting(self.factory.settings)
+        service.MultiService.startService(self)
+
+    def recordRouting(self, settings):
+        """The record is upas-runq's hint: one that cannot be written is said,
+        and the server goes on."""
+        if not self.recordsRouting:
+            return
+        try:
+            record_routing(self.factory.root.root, settings)
+        except OSError as e:
+            log.error("{root}: cannot record the routing for upas-runq: {err}", event="queue.routing",
+                      root=self.factory.root.root, err=e.strerror or e)
+
     def reload(self, settings):
         """SIGHUP: new settings (smtpd.conf) for new sessions and the queue."""
         self.factory.reload(settings)
@@ -204,8 +225,7 @@ class SmtpdService(service.MultiService):
         self.factory.root.mailboxes.reread()
         if self.queue is not None:
             self.queue.settings = settings
-        if self.recordsRouting:
-            record_routing(self.factory.root.root, settings)
+        self.recordRouting(settings)
         log.info("settings reloaded", event="smtpd.reload", ok=True)
 
 
@@ -276,10 +296,11 @@ def listener_endpoint(reactor, description):
 
 
 def connectionFactory(factory, settings, clock):
-    """What a connection meets: the protocol factory, inside the ``-d`` trace,
-    inside implicit TLS (``--smtps``).  The listener and stdio mode both
-    serve through this."""
-    listening = factory
+    """What a connection meets: the protocol factory, inside the bound on
+    unread replies (``backpressure``), inside the ``-d`` trace, inside
+    implicit TLS (``--smtps``).  The listener and stdio mode both serve
+    through this."""
+    listening = ReadWhileSendingFactory(factory)
     if settings.debug:
         listening = TraceFactory(factory, settings.path("log_dir"), clock)
     if settings.smtps:
@@ -310,9 +331,8 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     top = SmtpdService()
     # upas-runq on the same root routes as we do (smarthost, our domains);
     # of the processes sharing a listener, the one that bound it says so
+    # (at startService: see there)
     top.recordsRouting = not adopted
-    if top.recordsRouting:
-        record_routing(factory.root.root, settings)
     top.factory = factory
     top.queue = None
     if settings.queue_runner:

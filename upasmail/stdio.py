@@ -301,6 +301,12 @@ def main(argv=None, reactor=None):
             return 1
         raise
     sock = stdin_socket()
+    if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        # inetd's "wait", systemd's Accept=no: a port to accept on, not a call
+        out.say("%s: standard input is a listening socket, not a connection; run one "
+                "session per connection (inetd nowait, systemd Accept=yes), or use "
+                "twistd upas-smtpd --listen systemd:..." % PROG)
+        return EX_USAGE
     try:
         remote, local, source = connection_addresses(options["netdir"], sock)
     except NetdirError as e:
