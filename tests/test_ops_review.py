@@ -1,14 +1,18 @@
 """Defects found by the operations review of issue 15 (an administrator
 following the docs, and a hostile client), each with its regression test."""
 
+import mailbox
 import os
 import smtplib
 import socket
+
+import pytest
 
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
 from test_stdio import Session
+from test_twistd import client_context, dns_port, server, tls_files  # noqa: F401
 from test_privdrop import NOBODY, DroppedServer, owners, python_for_nobody, world  # noqa: F401
 from upasmail import testing
 from upasmail.service import connectionFactory, makeSmtpdFactory
@@ -112,3 +116,27 @@ def test_the_listener_line_still_names_the_smtp_factory(tmp_path):
     factory = makeSmtpdFactory(s, reactor=clock, run_blocking=testing.run_now, clock=clock,
                                resolver=testing.FakeResolver(everything_exists=True))
     assert connectionFactory(factory, s, clock).logPrefix() == "UpasSMTPFactory"
+
+
+@pytest.mark.parametrize("starttls", [False, True], ids=["tcp", "starttls"])
+def test_a_connection_whose_send_buffer_is_watched_still_closes(server, tls_files, starttls):
+    """Past 64 KiB read, the protocol watches its send buffer as the
+    transport's producer; TLS shuts down only once no producer is
+    registered, so QUIT (and every other close) must let go of it first,
+    or the connection stays open after the 221."""
+    s = server("-c", str(tls_files / "both.pem"), "--no-queue-runner")
+    with socket.create_connection(("127.0.0.1", s.port), timeout=20) as raw:
+        c = smtplib.SMTP()
+        c.sock, c._host = raw, "127.0.0.1"
+        assert c.getreply()[0] == 220
+        c.ehlo("client.example.net")
+        if starttls:
+            c.starttls(context=client_context(tls_files))
+            c.ehlo("client.example.net")
+        big = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 2000  # 160 KiB
+        assert c.sendmail("alice@example.org", ["bob"], big) == {}
+        assert c.docmd("QUIT")[0] == 221
+        c.sock.settimeout(10)
+        assert c.sock.recv(1) == b""  # the server closed: not left open for ever
+    [msg] = mailbox.mbox(os.path.join(s.root, "box", "bob", "mbox"))
+    assert msg.get_payload().count("y" * 78) == 2000

@@ -70,6 +70,15 @@ log = Logger(namespace="smtpd")
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
 
+# A client that pipelines and never reads its replies (a NOOP a million
+# times: 47 bytes of reply for 6 read) must not fill our memory.  Replies
+# pile up only in answer to input, so the send buffer is watched once a
+# connection has sent WATCH_AFTER bytes (idle ones, the many, never are);
+# while it is full no command is answered, and past HOLD bytes unanswered
+# reading stops.  (Reading does not stop at once: TLS also says "full"
+# during its handshake, which needs to read.)
+WATCH_AFTER = HOLD = 64 * 1024
+
 
 # The maillog parts of the lines (docs/logging.rst) are formatted here, with
 # %, into one field (``maillog``): twisted.logger's formatting costs some
@@ -129,6 +138,9 @@ class UpasESMTP(smtp.ESMTP):
     _cmd = None  # the command being answered, for the refusal's line
     _end = "lost"  # how the connection ended, for the disconnect line
     _started = 0.0
+    _unwatched = 0  # bytes read before the send buffer is watched; None: it is
+    _sendFull = False  # the transport's send buffer is over its size
+    _held = False  # reading stopped: HOLD bytes unanswered while _sendFull
 
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
                  spamfilter=None, store=None):
@@ -259,7 +271,7 @@ class UpasESMTP(smtp.ESMTP):
                 and not self.transport.disconnecting:
             self._end = "shutdown"
             self.sendReply(421, replies.SHUTDOWN.format(dom=self.settings.dom))
-            self.transport.loseConnection()
+            self._close()
 
     def closeNow(self):
         """The grace period is over: 421, drop any message in DATA, close."""
@@ -269,7 +281,7 @@ class UpasESMTP(smtp.ESMTP):
         if not self.transport.disconnecting:
             self._end = "shutdown"
             self.sendReply(421, replies.SHUTDOWN.format(dom=self.settings.dom))
-            self.transport.loseConnection()
+            self._close()
 
     def _setPhaseTimer(self, seconds):
         if self._phaseTimer is not None and self._phaseTimer.active():
@@ -285,19 +297,53 @@ class UpasESMTP(smtp.ESMTP):
         self.log.info("session limit reached for {rsys}; closing", rsys=self.session.rsys,
                       event="smtpd.session_limit", peer=self.session.rsys)
         self._abortMessages()
-        self.transport.loseConnection()
+        self._close()
 
     def timeoutConnection(self):
         self._end = "timeout"
         self.sendReply(421, replies.TIMEOUT.format(dom=self.settings.dom))
         self._abortMessages()
-        self.transport.loseConnection()
+        self._close()
 
     # -- framing ---------------------------------------------------------
 
     def dataReceived(self, data):
         self._buf += data
+        if self._unwatched is not None:
+            self._unwatched += len(data)
+            if self._unwatched > WATCH_AFTER:
+                self._unwatched = None
+                self.transport.registerProducer(self, True)
+        if not self._sendFull:
+            self._drain()
+        elif len(self._buf) > HOLD and not self._held:
+            self._held = True
+            self.transport.pauseProducing()
+
+    # IPushProducer, for the transport: its send buffer is full, or drained
+
+    def pauseProducing(self):
+        self._sendFull = True  # _drain answers nothing more
+
+    def resumeProducing(self):
+        self._sendFull = False
+        if self.transport.disconnecting or self._lost:
+            return
+        if self._held:
+            self._held = False
+            if not self._paused:
+                self.transport.resumeProducing()
         self._drain()
+
+    def stopProducing(self):
+        pass  # the connection is going: nothing of ours to stop
+
+    def _close(self):
+        """Close once what was written is sent."""
+        if self._unwatched is None:
+            # TLS shuts down only once no producer is registered
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def _drain(self):
         if self._draining:
@@ -305,7 +351,7 @@ class UpasESMTP(smtp.ESMTP):
         self._draining = True
         try:
             buf, pos = self._buf, 0
-            while not self._busy and not self.transport.disconnecting:
+            while not (self._busy or self._sendFull or self.transport.disconnecting):
                 if self.mode == DATA and not self._skipping:
                     pos, more = self._dataBlock(buf, pos)
                     if more:
@@ -424,7 +470,8 @@ class UpasESMTP(smtp.ESMTP):
             self.setTimeout(self._idleLimit())
             if self._paused:
                 self._paused = False
-                self.transport.resumeProducing()
+                if not self._held:
+                    self.transport.resumeProducing()
             if not self._waiting:  # else answered at once: _drain goes on
                 self._drain()
         if not self._busy:
@@ -472,7 +519,7 @@ class UpasESMTP(smtp.ESMTP):
         self.sendReply(verdict.code, *verdict.lines)
         if verdict.hangup:
             self._end = "hangup"
-            self.transport.loseConnection()
+            self._close()
 
     def _logRefusal(self, verdict, envelope, log):
         s, cmd = self.session, self._cmd
@@ -896,7 +943,7 @@ class UpasESMTP(smtp.ESMTP):
     def cmd_QUIT(self, cmd):
         self._end = "quit"
         self.sendReply(221, replies.QUIT_OK)
-        self.transport.loseConnection()
+        self._close()
 
     def cmd_VRFY(self, cmd):
         self.sendReply(252, replies.VRFY_CANNOT)

@@ -27,7 +27,6 @@ from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
 from .auth import SessionRealm
-from .backpressure import ReadWhileSendingFactory
 from .conf import ConfigError
 from .delivery import UpasDelivery
 from .mailer import Mailer
@@ -296,11 +295,10 @@ def listener_endpoint(reactor, description):
 
 
 def connectionFactory(factory, settings, clock):
-    """What a connection meets: the protocol factory, inside the bound on
-    unread replies (``backpressure``), inside the ``-d`` trace, inside
-    implicit TLS (``--smtps``).  The listener and stdio mode both serve
-    through this."""
-    listening = ReadWhileSendingFactory(factory)
+    """What a connection meets: the protocol factory, inside the ``-d``
+    trace, inside implicit TLS (``--smtps``).  The listener and stdio mode
+    both serve through this."""
+    listening = factory
     if settings.debug:
         listening = TraceFactory(factory, settings.path("log_dir"), clock)
     if settings.smtps:
