@@ -138,7 +138,7 @@ class UpasESMTP(smtp.ESMTP):
     _cmd = None  # the command being answered, for the refusal's line
     _end = "lost"  # how the connection ended, for the disconnect line
     _started = 0.0
-    _unwatched = 0  # bytes read before the send buffer is watched; None: it is
+    _watched = False  # the protocol is its transport's producer
     _sendFull = False  # the transport's send buffer is over its size
     _held = False  # reading stopped: HOLD bytes unanswered while _sendFull
 
@@ -309,10 +309,13 @@ class UpasESMTP(smtp.ESMTP):
 
     def dataReceived(self, data):
         self._buf += data
-        if self._unwatched is not None:
-            self._unwatched += len(data)
-            if self._unwatched > WATCH_AFTER:
-                self._unwatched = None
+        # counted in the session: one more attribute here would cost each of
+        # 10,000 idle connections its small shared-key dictionary
+        s = self.session  # None only before the greeting (TLS may hand data on early)
+        if s is not None:
+            s.bytes_in += len(data)
+            if s.bytes_in > WATCH_AFTER and not self._watched:
+                self._watched = True
                 self.transport.registerProducer(self, True)
         if not self._sendFull:
             self._drain()
@@ -340,7 +343,7 @@ class UpasESMTP(smtp.ESMTP):
 
     def _close(self):
         """Close once what was written is sent."""
-        if self._unwatched is None:
+        if self._watched:
             # TLS shuts down only once no producer is registered
             self.transport.unregisterProducer()
         self.transport.loseConnection()

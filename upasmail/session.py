@@ -52,6 +52,7 @@ class Session:
     tls: Optional[str] = None  # the TLS summary for Received:, once known
     cipher: Optional[str] = None  # "<version>/<cipher>" once TLS is up, for the log
     refusals: int = 0  # every 4xx/5xx reply, for the disconnect line
+    bytes_in: int = 0  # what the client has sent, in bytes
     refused_domains: set = field(default_factory=set)  # -r: NXDOMAIN senders
     envelope: Envelope = field(default_factory=Envelope)
 
