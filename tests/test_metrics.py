@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
-from test_twistd import (Server, client_context, dns_port, server, tls_files,  # noqa: F401
+from test_twistd import (client_context, dns_port, server, tls_files,  # noqa: F401
                          twistd)
 from upasmail import metrics, tap_smtpd
 

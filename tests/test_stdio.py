@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from test_twistd import PASSWORD, ROOT, dns_port, env, tls_files  # noqa: F401 (fixtures)
+from test_twistd import ROOT, dns_port, env, tls_files  # noqa: F401 (fixtures)
 from upasmail import replies, stdio
 
 MESSAGE = b"Subject: hi\r\n\r\nhello from stdio\r\n"
