@@ -1,17 +1,31 @@
-"""Verdicts: what a policy check answers.
+"""Decisions: what a policy check answers.
 
 Every upas decision (may this peer relay, is this recipient ours, may DATA
 start) is a plain function that returns one of these small immutable values.
-The protocol maps them to replies in one place (``server.UpasESMTP.reply``).
+The protocol applies them in one place (``server.UpasESMTP._apply``).
 
 * ``Accept(value)``: go on; ``value`` carries a result such as a rewritten
-  recipient path.
+  recipient path.  The check that ends a phase's table gives the reply
+  (``code``, ``lines``).
 * ``Reject(code, lines)``: a permanent (5xx) refusal.
 * ``Defer(code, lines)``: a temporary (4xx) refusal: the client should retry.
 
-``counts`` says whether the refusal feeds upas's reject counter (smtpd.c
-``rejectcount``); syntax errors do not.  ``reason`` (and ``detail``) name
-the refusal in the log (``smtpd.refused``: a closed set, docs/logging.rst).
+Besides the reply a decision carries its effects, which only the protocol
+applies:
+
+``counts``        feed upas's reject counter (smtpd.c ``rejectcount``);
+                  syntax errors do not, a ``block`` accept does
+``hangup``        close the connection after the reply (``code`` 0: no reply)
+``hardreject``    refuse every later checked command (a ``dial`` refusal)
+``require_auth``  MAIL needs AUTH from now on (``-E`` after a HELO lie)
+``delay``         tarpit units to wait before the reply (``-D``)
+``action``        what DATA does with the message: deliver, block or delay
+``filterstate``   the ratify state the transaction starts in (MAIL)
+``prefix``        reply lines sent before the phase's reply (``-E``)
+``note``          names the log line the decision calls for (server ``_NOTES``)
+
+``reason`` (and ``detail``) name a refusal in the log (``smtpd.refused``: a
+closed set, docs/logging.rst).
 """
 
 from dataclasses import dataclass, field
@@ -21,8 +35,22 @@ from typing import Any, Callable, Iterable, Tuple
 @dataclass(frozen=True)
 class Accept:
     value: Any = None
+    code: int = field(default=0, compare=False)
+    lines: Tuple[str, ...] = field(default=(), compare=False)
+    counts: bool = field(default=False, compare=False)
+    require_auth: bool = field(default=False, compare=False)
+    delay: float = field(default=0, compare=False)
+    action: Any = field(default=None, compare=False)
+    filterstate: Any = field(default=None, compare=False)
+    prefix: Tuple[str, ...] = field(default=(), compare=False)
+    note: str = field(default="", compare=False)
 
     ok = True
+    hangup = hardreject = False
+    reason = detail = ""
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
 @dataclass(frozen=True)
@@ -33,8 +61,14 @@ class Reject:
     hangup: bool = field(default=False, compare=False)
     reason: str = field(default="other", compare=False)
     detail: str = field(default="", compare=False)
+    hardreject: bool = field(default=False, compare=False)
+    delay: float = field(default=0, compare=False)
+    note: str = field(default="", compare=False)
 
     ok = False
+    value = action = filterstate = None
+    require_auth = False
+    prefix = ()
 
     @property
     def temporary(self) -> bool:
@@ -49,9 +83,10 @@ class Defer(Reject):
 
 
 def reject(code: int, *lines: str, counts: bool = True, hangup: bool = False,
-           reason: str = "other", detail: str = "") -> Reject:
+           reason: str = "other", detail: str = "", hardreject: bool = False,
+           delay: float = 0, note: str = "") -> Reject:
     cls = Defer if 400 <= code < 500 else Reject
-    return cls(code, tuple(lines), counts, hangup, reason, detail)
+    return cls(code, tuple(lines), counts, hangup, reason, detail, hardreject, delay, note)
 
 
 ACCEPT = Accept()
@@ -61,7 +96,8 @@ def evaluate(checks: Iterable[Callable[..., Any]], *args, **kwargs):
     """Run checks in order and return the first verdict that is not Accept.
 
     This is upas's "order of checks is the specification": each phase lists
-    its checks as a tuple and the first refusal wins.
+    its checks as a tuple and the first refusal wins (``policy.run`` is the
+    evaluator the server uses: it also gathers facts lazily).
     """
     verdict = ACCEPT
     for check in checks:

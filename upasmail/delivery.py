@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
-from . import local, logs, pipemsg, relay, replies, spam
+from . import local, logs, pipemsg, relay, replies
 from .decision import reject
 from .session import Transaction
 
@@ -210,7 +210,7 @@ class UpasMessage:
         """Block or delay: keep the stream with -s, never deliver it."""
         s = self.delivery.session
         if self.action == "delay":
-            verdict = reject(450, spam.DELAYED, reason="spam", detail="delay")
+            verdict = reject(450, replies.DELAYED, reason="spam", detail="delay")
         else:
             why = str(self.stream.error) if self.stream.error is not None else None
             if self.failure is not None:

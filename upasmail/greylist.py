@@ -39,7 +39,7 @@ NEWLY_WHITE = "newly white"
 TRY_AGAIN = "please try again soon from the same IP."
 # what an attempt found for one recipient
 NEW, RECENT, OTHER = "new", "recent", "other"
-_OUTCOME_LINES = {
+OUTCOME_LINES = {
     NEW: "no call registered for {rsys}/{rcpt}; registering",
     RECENT: "{rsys}/{rcpt} was grey; adding IP to white",
     OTHER: "call for {rsys}/{rcpt} was just minutes ago or long ago",
@@ -124,7 +124,7 @@ def verdict(whitelisted, rsys, outcomes, log=log):
     if whitelisted:
         return ACCEPT
     for rcpt, state in outcomes:
-        log.info(_OUTCOME_LINES[state], rsys=rsys, rcpt=rcpt, event="smtpd.greylist",
+        log.info(OUTCOME_LINES[state], rsys=rsys, rcpt=rcpt, event="smtpd.greylist",
                  peer=rsys, state=state)
     if any(state == RECENT for _, state in outcomes):
         return Accept(NEWLY_WHITE)

@@ -14,18 +14,14 @@ Spec upas-behaviour.md §1.7.  For untrusted peers only:
 
 A lie gets ``554 5.7.0 Liar!`` and the connection is closed, or with
 ``-E`` the line ``250-you lie.  authentication required.`` before the
-normal reply and MAIL needs AUTH.  These functions only decide.
+normal reply and MAIL needs AUTH (``policy.helo_lie`` puts it together).
+These functions only decide.
 """
-
-from . import dnscheck
-from .decision import ACCEPT, reject
 
 RESERVED_TLDS = frozenset(
     ["localdomain", "localhost", "local", "example", "invalid", "lan", "test"]
 )
 RESERVED_SLDS = frozenset(["example.com", "example.net", "example.org"])
-LIAR = "5.7.0 Liar!"
-YOU_LIE = "you lie.  authentication required."
 
 
 def _has_letter(name):
@@ -53,16 +49,3 @@ def static_lie(him):
     if ".".join(labels[-2:]) in RESERVED_SLDS:
         return True
     return not _has_letter(name)
-
-
-def lie_verdict(claims, static, dns_status, ptr_match):
-    """Put the facts together; ``dns_status`` is None when not looked up.
-
-    A temporary DNS failure does not make a liar (upas would hang up; we
-    let the client through rather than refuse mail over a DNS outage).
-    """
-    if claims or static:
-        return reject(554, LIAR, hangup=True, reason="helo", detail="lie")
-    if dns_status in (None, dnscheck.EXISTS, dnscheck.TEMPFAIL) or ptr_match:
-        return ACCEPT
-    return reject(554, LIAR, hangup=True, reason="helo", detail="lie")

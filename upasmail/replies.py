@@ -21,10 +21,23 @@ USER_UNKNOWN = "5.1.1 {path} ... user unknown"
 DATA_NO_MAIL = "2.5.2 Data without MAIL FROM:"
 DATA_NO_RCPT = "2.5.2 Data without RCPT TO:"
 NULL_MULTI = "rejected: /dev/null sending to multiple recipients"
+NULL_MULTI_REPLY = "5.7.1 " + NULL_MULTI
 BUSY = "4.3.2 We're busy right now, try later"
 GO_AHEAD = "Input message; end with <CRLF>.<CRLF>"
 SENT = "2.5.0 sent"
 SPAM = "we believe this is spam."
+DELAYED = "4.3.0 There will be a delay in delivery of this message."
+LIAR = "5.7.0 Liar!"
+YOU_LIE = "you lie.  authentication required."
+TOO_MANY_ERRORS = "5.5.0 too many errors.  transaction failed."
+DIALUP = "5.7.1 We don't accept mail from dial-up ports."
+DENY_FROM = "5.7.1 We don't accept mail from {sender}."
+DENY_CONTACT = "5.7.1 Contact postmaster@{dom} for more information."
+NO_SUCH_DOMAIN = "5.7.1 Sender domain must exist: {sender}"
+NO_SUCH_DOMAIN_MAIL = "5.1.8 Sender domain must exist: {sender}"
+FILTERSTATE_ERROR = ("5.7.0 We have had an internal mailer error classifying your message.",
+                     "5.7.0 Filterstate is {state}",
+                     "5.7.0 Contact postmaster@{dom} for more information.")
 MAILER_FAILED = "4.0.0 mail process terminated abnormally"
 RSET_OK = "2.0.0 ok"
 NOOP_OK = "2.0.0 Nothing to see here. Move along ..."
@@ -35,6 +48,7 @@ TLS_GO_AHEAD = "2.0.0 Go ahead make my day"
 TLS_NOT_AVAILABLE = "4.7.5 TLS not available"
 
 # ours (not in upas); see docs/deviations.rst
+DOMAIN_TEMPFAIL = "4.4.3 Sender domain lookup failed; try again later: {sender}"
 NESTED_MAIL = "5.5.1 Error: nested MAIL command"
 RCPT_NO_MAIL = "5.5.1 Error: need MAIL command"
 TOO_MANY_RCPTS = "4.5.3 Error: too many recipients"

@@ -58,9 +58,8 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, framing, grammar, helo, logs, ratify, relay, replies, spam, statestore, tarpit
+from . import auth, framing, grammar, greylist, logs, policy, ratify, relay, replies, tarpit
 from .tls import describe as describe_tls, version_cipher as tls_version_cipher
-from .address import NULL_SENDER
 from .decision import ACCEPT, Reject, reject
 from .session import Recipient, Session
 
@@ -83,10 +82,6 @@ WATCH_AFTER = HOLD = 64 * 1024
 # The maillog parts of the lines (docs/logging.rst) are formatted here, with
 # %, into one field (``maillog``): twisted.logger's formatting costs some
 # microseconds per field, for every line, in every process.
-
-# the ratify states upas logs at DATA (spam.LOG_WORD), as smtpd.ratify's ``verb``
-_RATIFY_VERB = {"block": "block", "dial": "dialup", "deny": "deny", ratify.REFUSED: "refuse",
-                "delay": "delay", ratify.TEMPFAIL: "tempfail"}
 
 
 def _bare(path):
@@ -141,6 +136,7 @@ class UpasESMTP(smtp.ESMTP):
     _watched = False  # the protocol is its transport's producer
     _sendFull = False  # the transport's send buffer is over its size
     _held = False  # reading stopped: HOLD bytes unanswered while _sendFull
+    _factory = None  # the accepted recipient's message maker (validateTo), for RCPT
 
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
                  spamfilter=None, store=None):
@@ -184,11 +180,13 @@ class UpasESMTP(smtp.ESMTP):
         self.transport.pauseProducing()
         self.factory.admit(self).addCallback(self._admitted)
 
-    def _admitted(self, facts):
+    def _admitted(self, admitted):
         """Greet, once the factory has admitted the connection with (trusted,
-        IP action); None: it has been refused and closed."""
-        if facts is None or self._lost:
+        IP action) and the connect table's outcome; None: it has been
+        refused and closed."""
+        if admitted is None or self._lost:
             return
+        facts, outcome = admitted
         peer, host = self.transport.getPeer(), self.transport.getHost()
         rsys = relay.normalize_ip(getattr(peer, "host", str(peer)))
         lsys = relay.normalize_ip(getattr(host, "host", str(host)))
@@ -206,7 +204,7 @@ class UpasESMTP(smtp.ESMTP):
         self._helo = (None, rsys)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not s.encrypted)
-        self.sendReply(220, replies.GREETING.format(dom=self.settings.dom))
+        self.sendReply(outcome.decision.code, *outcome.lines())
         self._greeted = True
         if self._handshakeDone:
             self._logTLSStarted()
@@ -573,25 +571,79 @@ class UpasESMTP(smtp.ESMTP):
             return self.reply(replies.syntax_error())
         self._cmd = cmd
         handler = getattr(self, "cmd_" + cmd.verb)
-        if cmd.verb not in tarpit.CHECKED:
+        table = policy.BY_VERB.get(cmd.verb)
+        if table is None:  # QUIT, STARTTLS: no tarpit, no policy
             return handler(cmd)
+        if table is policy.HELO and not self.settings.quiet:
+            self._logHelo(cmd, cmd.arg)  # upas logs it first, before rejectcheck
+        # the tarpit's wait comes before the command is looked at (rejectcheck)
         wait = tarpit.delay(self.session.rejects, self.settings.tarpit_unit,
                             self.settings.tarpit_max)
         if wait:
-            return task.deferLater(self.clock, wait, self._rejectchecked, handler, cmd)
-        return self._rejectchecked(handler, cmd)
+            return task.deferLater(self.clock, wait, self._decide, table, cmd, handler)
+        return self._decide(table, cmd, handler)
 
-    def _rejectchecked(self, handler, cmd):
+    # -- the policy: gather facts, evaluate, apply ---------------------------
+
+    def _decide(self, table, cmd, handler):
+        """Run the command's policy table (``policy``), apply its decisions'
+        effects, then refuse or hand the accepted command to ``handler``."""
         if self._lost:
             return None
-        s = self.session
-        verdict = tarpit.rejectcheck(s.rejects, s.hardreject)
-        if not verdict.ok:
-            if verdict.hangup:
-                self.log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys,
-                              event="smtpd.tarpit", peer=s.rsys, helo=s.him)
-            return self.reply(verdict)
-        return handler(cmd)
+        looked = policy.Facts()
+        trace = [] if self.factory.decisions is not None else None
+        outcome = policy.decide(table, self.session, cmd, self.settings, self._gather, looked,
+                                trace)
+        if isinstance(outcome, defer.Deferred):
+            return outcome.addCallback(self._decided, cmd, handler, looked, trace)
+        return self._decided(outcome, cmd, handler, looked, trace)
+
+    def _decided(self, outcome, cmd, handler, looked, trace):
+        if self._lost:
+            return None
+        if trace is not None:
+            self.factory.decisions.record(self.session, cmd, looked, trace)
+        delay = self._apply(outcome, cmd, looked)
+        decision = outcome.decision
+        if not decision.ok:
+            return self._later(delay, self.reply, decision)
+        if not decision.code:  # RSET, NOOP...: the command gives its own reply
+            return handler(cmd)
+        return handler(cmd, outcome, looked)
+
+    def _gather(self, name, arg):
+        """A fact a check asks for (``policy.FACTS``): the delivery back end's
+        answers here, the rest from the anti-abuse state (``spam``)."""
+        if name == "validate_from":
+            d = defer.maybeDeferred(self.delivery.validateFrom, self._helo, arg)
+            return d.addCallbacks(lambda _: ACCEPT, self._failureReply,
+                                  errbackArgs=("validateFrom",))
+        if name == "validate_to":
+            return self._validateTo(arg)
+        if name == "mailer_ready":
+            return getattr(self.delivery, "ready", lambda: ACCEPT)()
+        if name == "auth_mechanisms":
+            return self._authMechanisms()
+        return self.spam.gather(name, arg, self.session)
+
+    def _validateTo(self, path):
+        user = Recipient(path, self, self._helo, self.session.envelope.sender)
+
+        def found(factory):
+            self._factory = factory  # not a fact: the message's maker, for DATA
+            return ACCEPT
+
+        d = defer.maybeDeferred(self.delivery.validateTo, user)
+        return d.addCallbacks(found, self._failureReply, errbackArgs=("validateTo",))
+
+    def _apply(self, outcome, cmd, looked):
+        """Apply the decisions' effects and log the lines they call for;
+        returns the tarpit units to wait before the reply (-D)."""
+        delay = policy.apply(self.session, outcome)
+        for d in outcome.decisions():
+            if d.note:
+                _NOTES[d.note](self, d, cmd, looked)
+        return delay
 
     def _later(self, units, f, *args):
         """Run f after ``units`` tarpit units on our clock (-D)."""
@@ -602,44 +654,25 @@ class UpasESMTP(smtp.ESMTP):
             return task.deferLater(self.clock, seconds, f, *args)
         return f(*args)
 
-    def cmd_HELO(self, cmd):
-        s = self.session
-        him = cmd.arg
-        if not self.settings.quiet:
-            self.log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys,
-                          him=him, event="smtpd.helo", peer=s.rsys, helo=him)
-        if s.trusted or s.authenticated:
-            return self._hello(ACCEPT, cmd, him)
-        d = self.spam.helo_verdict(s, him)
-        return d.addCallback(self._hello, cmd, him)
+    # -- what an accepted command does ------------------------------------
 
-    def _hello(self, verdict, cmd, him):
-        s, settings = self.session, self.settings
-        delay = spam.HELO_DELAY if settings.helo_delay and not s.trusted else 0
-        prefix = []
-        if not verdict.ok:
-            if not settings.helo_lie_auth:
-                if not settings.quiet:
-                    self.log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=him,
-                                  event="smtpd.helo.hangup", peer=s.rsys, helo=him)
-                return self._later(delay, self.reply, verdict)
-            prefix = [helo.YOU_LIE]
-            s.auth_required = True
-        if "." not in him and "." in s.rsys:
-            him = s.rsys
-        if settings.quiet:
-            self.log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys,
-                          him=him, event="smtpd.helo", peer=s.rsys, helo=him)
-        s.him = him
-        s.extended = cmd.verb == "EHLO"
-        s.reset()  # RFC 5321 4.1.4: a new HELO/EHLO ends any transaction
-        self._helo = (him.encode(), s.rsys.encode())
-        lines = prefix + [replies.HELO_OK.format(dom=settings.dom, him=him)]
+    def cmd_HELO(self, cmd, outcome, looked):
+        s = self.session
+        if self.settings.quiet:
+            self._logHelo(cmd, outcome.decision.value)
+        policy.accepted(s, cmd, outcome.decision)
+        self._helo = (s.him.encode(), s.rsys.encode())
+        lines = outcome.lines()
         if s.extended:
-            lines += self.ehloExtensions()
-        return self._later(delay, self.sendReply, 250, *lines)
+            lines += tuple(self.ehloExtensions())
+        return self._later(outcome.decision.delay, self.sendReply, 250, *lines)
 
     cmd_EHLO = cmd_HELO
+
+    def _logHelo(self, cmd, him):
+        s = self.session
+        self.log.info("{verb} from {rsys} as {him}", verb=cmd.verb.lower(), rsys=s.rsys,
+                      him=him, event="smtpd.helo", peer=s.rsys, helo=him)
 
     def ehloExtensions(self):
         # upas's first and last lines stay where upas puts them
@@ -652,173 +685,20 @@ class UpasESMTP(smtp.ESMTP):
             ext.append("AUTH " + " ".join(mechanisms))
         return ext
 
-    def _pathTooLong(self, cmd):
-        settings = self.settings
-        return grammar.path_too_long(cmd.path, settings.max_path, settings.max_local_part,
-                                     settings.max_domain)
+    def cmd_MAIL(self, cmd, outcome, looked):
+        policy.accepted(self.session, cmd, outcome.decision)
+        self.sendReply(outcome.decision.code, *outcome.lines())
 
-    def cmd_MAIL(self, cmd):
-        if self._pathTooLong(cmd):
-            return self.reply(reject(501, replies.SENDER_PATH_TOO_LONG, reason="syntax"))
-        s = self.session
-        if s.auth_required and not s.authenticated:
-            return self.reply(reject(530, replies.AUTH_REQUIRED, reason="auth-required"))
-        if not s.him:
-            return self.reply(reject(503, replies.HELO_FIRST_MAIL, reason="sequence"))
-        if s.envelope.senders:
-            return self.reply(reject(503, replies.NESTED_MAIL, reason="sequence"))
-        size = cmd.params.get("SIZE")
-        if size is not None and int(size) > self.settings.message_limit:
-            return self.reply(reject(552, replies.SIZE_EXCEEDED, reason="size"))
-        if cmd.utf8 and "SMTPUTF8" not in cmd.params:
-            return self.reply(reject(553, replies.NEED_SMTPUTF8, reason="syntax"))
-        path = cmd.arg
-        if "!" not in path and path != NULL_SENDER:
-            path = "%s!%s" % (s.him, path)
-        envelope = s.envelope
-        state = self.spam.filterstate(s, path)
-        domain = path.split("!", 1)[0]
-        if state == ratify.ACCEPT and self.settings.verify_sender and path != NULL_SENDER:
-            if domain in s.refused_domains:
-                return self.reply(reject(554, spam.NO_SUCH_DOMAIN_MAIL.format(sender=path),
-                                         reason="sender-check"))
-            d = self.spam.sender_domain(path)
-        else:
-            d = defer.succeed(state)
+    def cmd_RCPT(self, cmd, outcome, looked):
+        policy.accepted(self.session, cmd, outcome.decision)
+        self.session.envelope.factories.append(self._factory)
+        self._factory = None
+        self.sendReply(outcome.decision.code, *outcome.lines())
 
-        def decided(state):
-            if state == ratify.REFUSED:
-                s.refused_domains.add(domain)
-            envelope.filterstate = state
-            return self.delivery.validateFrom(self._helo, path)
-
-        def accepted(_):
-            envelope.smtputf8 = "SMTPUTF8" in cmd.params
-            envelope.bare_sender = path != cmd.arg
-            if not envelope.senders:
-                envelope.mail_from = cmd.path[1:-1]
-            envelope.senders.append(path)
-            self.sendReply(250, replies.SENDER_OK.format(path=path))
-
-        d.addCallback(decided)
-        return d.addCallbacks(accepted, lambda f: self.reply(self._failureReply(f, "validateFrom")))
-
-    def cmd_RCPT(self, cmd):
-        if self._pathTooLong(cmd):
-            return self.reply(reject(501, replies.RECIPIENT_PATH_TOO_LONG, reason="syntax"))
-        s = self.session
-        if not s.him:
-            return self.reply(reject(503, replies.HELO_FIRST_RCPT, reason="sequence"))
-        if not s.envelope.senders:
-            return self.reply(reject(503, replies.RCPT_NO_MAIL, reason="sequence"))
-        if len(s.envelope.recipients) >= self.settings.max_recipients:
-            return self.reply(reject(452, replies.TOO_MANY_RCPTS, counts=False,
-                                     reason="recipients"))
-        if cmd.utf8 and not s.envelope.smtputf8:
-            return self.reply(reject(553, replies.NEED_SMTPUTF8, reason="syntax"))
-        envelope = s.envelope
-        validators = self.spam.validators
-        d = validators.recipok(cmd.arg, self.log)
-
-        def recipok(verdict):
-            if not verdict.ok:
-                if verdict.code == 550:
-                    self.log.info("Disallowed {sender} ({him}/{rsys}) to blocked name {rcpt}",
-                                  sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
-                                  event="smtpd.ratify", verb="blocked-name", peer=s.rsys,
-                                  helo=s.him)
-                return verdict
-            return validators.senderok(cmd.arg, s.rsys).addCallback(senderok)
-
-        def senderok(verdict):
-            if not verdict.ok:
-                self.log.info("Disallowed sending IP of {sender} ({him}/{rsys}) to {rcpt}",
-                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
-                              event="smtpd.ratify", verb="blocked-ip", peer=s.rsys, helo=s.him)
-                return verdict
-            # upas checks relaying only for ACCEPT: other states are refused at DATA
-            exempt = s.authenticated or envelope.filterstate != ratify.ACCEPT
-            verdict = relay.check_recipient(cmd.arg, s.rsys, exempt,
-                                            self.settings.relay_control, s.ours)
-            if not verdict.ok:
-                self.log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})",
-                              sender=envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
-                              event="smtpd.ratify", verb="bad-forward", peer=s.rsys, helo=s.him)
-                return verdict
-            path = verdict.value
-            user = Recipient(path, self, self._helo, envelope.sender)
-            d = defer.maybeDeferred(self.delivery.validateTo, user)
-            return d.addCallback(lambda factory: (path, factory))
-
-        def done(result):
-            if isinstance(result, Reject):
-                return self.reply(result)
-            path, factory = result
-            envelope.recipients.append(path)
-            envelope.rcpt_paths.append(cmd.path[1:-1])
-            envelope.factories.append(factory)
-            self.sendReply(250, replies.RECEIVER_OK.format(path=path))
-
-        d.addCallback(recipok)
-        return d.addCallbacks(done, lambda f: self.reply(self._failureReply(f, "validateTo")))
-
-    def cmd_DATA(self, cmd):
+    def cmd_DATA(self, cmd, outcome, looked):
         s = self.session
         env = s.envelope
-        if not env.senders:
-            return self.reply(reject(503, replies.DATA_NO_MAIL, reason="sequence"))
-        if not env.recipients:
-            return self.reply(reject(503, replies.DATA_NO_RCPT, reason="sequence"))
-        if s.trusted or s.authenticated:
-            return self._startcmd(ACCEPT)
-        if env.sender == NULL_SENDER and len(env.recipients) > 1:
-            return self.reply(reject(554, "5.7.1 " + replies.NULL_MULTI, reason="recipients"))
-        d = self.spam.validators.sendermxcheck(env.sender, s.him, s.rsys)
-        return d.addCallback(self._startcmd)
-
-    def _startcmd(self, verdict):
-        """After sendermxcheck: the filterstate action, greylist, then 354."""
-        s = self.session
-        env = s.envelope
-        if not verdict.ok:
-            for rcpt in env.recipients:
-                self.log.info("[{him}/{rsys}] {sender} -> {rcpt} sendercheck: {err}", him=s.him,
-                              rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=verdict.text()[6:],
-                              event="smtpd.sendercheck", peer=s.rsys, helo=s.him)
-            return self.reply(verdict)
-        state = env.filterstate
-        if state not in (ratify.ACCEPT, ratify.TRUSTED) and self.spam.opted_out(
-                env.recipients, s.ours):
-            state = ratify.ACCEPT
-        verdict, action = spam.startcmd(state, env.last_sender, self.settings.dom)
-        if state in spam.LOG_WORD:
-            for rcpt in env.recipients:
-                self.log.info("{what} {sender} ({him}/{rsys}) ({rcpt})", what=spam.LOG_WORD[state],
-                              sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt,
-                              event="smtpd.ratify", verb=_RATIFY_VERB.get(state, state),
-                              peer=s.rsys, helo=s.him)
-        if not verdict.ok:
-            if state == "dial":
-                s.hardreject = True
-            return self.reply(verdict)
-        if action != "deliver":
-            s.rejects += 1  # upas counts the block before reading the message
-            return self._beginData(action)
-        if self.settings.greylist and not (s.trusted or s.authenticated):
-            d = self.spam.greylist_verdict(s)
-            return d.addCallback(lambda v: self._beginData(action) if v.ok else self.reply(v))
-        return self._beginData(action)
-
-    def _beginData(self, action):
-        if self._lost:
-            return None
-        s = self.session
-        env = s.envelope
-        if action == "deliver":
-            ready = getattr(self.delivery, "ready", lambda: ACCEPT)()
-            if not ready.ok:
-                return self.reply(ready)
-        env.action = action
+        policy.accepted(s, cmd, outcome.decision)
         if s.encrypted and s.tls is None:
             s.tls = describe_tls(self.transport) or "TLS"
         messages = []
@@ -838,7 +718,7 @@ class UpasESMTP(smtp.ESMTP):
         self.setTimeout(self._idleLimit())
         # upas: the command-phase alarm ends here; one DATA transfer has its own
         self._setPhaseTimer(self.settings.data_timeout)
-        self.sendReply(354, replies.GO_AHEAD)
+        self.sendReply(outcome.decision.code, *outcome.lines())
 
     def state_DATA(self, line):
         if line == b".":
@@ -934,7 +814,7 @@ class UpasESMTP(smtp.ESMTP):
                 self.log.failure("IMessage.connectionLost failed", event="error")
 
     def cmd_RSET(self, cmd):
-        self.session.reset()
+        policy.accepted(self.session, cmd, ACCEPT)
         self.sendReply(250, replies.RSET_OK)
 
     def cmd_NOOP(self, cmd):
@@ -1000,11 +880,6 @@ class UpasESMTP(smtp.ESMTP):
 
     def cmd_AUTH(self, cmd):
         s = self.session
-        available, mechanisms = self._authMechanisms()
-        verdict = auth.start_verdict(cmd.arg, s, available, mechanisms, s.encrypted,
-                                     self.settings.clear_passwords)
-        if not verdict.ok:
-            return self.reply(verdict)
         self.log.info("auth({mech}, (protected)) from {him}", mech=cmd.arg, him=s.him,
                       event="smtpd.auth.start", mechanism=cmd.arg, helo=s.him)
         self._exchange = auth.Exchange(cmd.arg, cmd.extra, self.settings.dom,
@@ -1095,6 +970,107 @@ class UpasESMTP(smtp.ESMTP):
             self.reply(verdict)
 
 
+# -- the log lines decisions call for (``Decision.note``), upas's texts ----------
+
+def _disallowed(p, d, cmd, looked):
+    s = p.session
+    p.log.info("Disallowed {sender} ({him}/{rsys}) to blocked name {rcpt}",
+               sender=s.envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
+               event="smtpd.ratify", verb="blocked-name", peer=s.rsys, helo=s.him)
+
+
+def _validate_refused(why, text):
+    def note(p, d, cmd, looked):
+        p.log.info(text, rcpt=cmd.arg, event="smtpd.validate", why=why)
+        _disallowed(p, d, cmd, looked)
+    return note
+
+
+def _tarpit(p, d, cmd, looked):
+    s = p.session
+    p.log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys, event="smtpd.tarpit",
+               peer=s.rsys, helo=s.him)
+
+
+def _helo_hangup(p, d, cmd, looked):
+    s = p.session
+    if not p.settings.quiet:
+        p.log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=cmd.arg,
+                   event="smtpd.helo.hangup", peer=s.rsys, helo=cmd.arg)
+
+
+def _ptr_only(p, d, cmd, looked):
+    s = p.session
+    p.log.info("ptr only from {rsys} as {him}", rsys=s.rsys, him=cmd.arg,
+               event="smtpd.helo.ptr_only", peer=s.rsys, helo=cmd.arg)
+
+
+def _blocked_ip(p, d, cmd, looked):
+    s = p.session
+    p.log.info("Disallowed sending IP of {sender} ({him}/{rsys}) to {rcpt}",
+               sender=s.envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
+               event="smtpd.ratify", verb="blocked-ip", peer=s.rsys, helo=s.him)
+
+
+def _bad_forward(p, d, cmd, looked):
+    s = p.session
+    p.log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})", sender=s.envelope.sender,
+               him=s.him, rsys=s.rsys, rcpt=cmd.arg, event="smtpd.ratify", verb="bad-forward",
+               peer=s.rsys, helo=s.him)
+
+
+def _sendercheck(p, d, cmd, looked):
+    s = p.session
+    env = s.envelope
+    for rcpt in env.recipients:
+        p.log.info("[{him}/{rsys}] {sender} -> {rcpt} sendercheck: {err}", him=s.him,
+                   rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=d.text()[6:],
+                   event="smtpd.sendercheck", peer=s.rsys, helo=s.him)
+
+
+# upas's words for the ratify states it logs at DATA, and smtpd.ratify's ``verb``
+_RATIFY_WORD = {"dial": "Dialup", "deny": "Denied", "block": "Blocked", "delay": "Blocked",
+                ratify.REFUSED: "Refused", ratify.TEMPFAIL: "Deferred"}
+_RATIFY_VERB = {"block": "block", "dial": "dialup", "deny": "deny", ratify.REFUSED: "refuse",
+                "delay": "delay", ratify.TEMPFAIL: "tempfail"}
+
+
+def _ratify(p, d, cmd, looked):
+    s = p.session
+    env = s.envelope
+    state = policy.data_state(s, looked)
+    for rcpt in env.recipients:
+        p.log.info("{what} {sender} ({him}/{rsys}) ({rcpt})", what=_RATIFY_WORD[state],
+                   sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt,
+                   event="smtpd.ratify", verb=_RATIFY_VERB[state], peer=s.rsys, helo=s.him)
+
+
+def _greylist(p, d, cmd, looked):
+    s = p.session
+    _, outcomes = looked["greylist"]
+    for rcpt, state in outcomes:
+        p.log.info(greylist.OUTCOME_LINES[state], rsys=s.rsys, rcpt=rcpt,
+                   event="smtpd.greylist", peer=s.rsys, state=state)
+    if not d.ok:
+        p.log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
+                   rsys=s.rsys, event="smtpd.greylist", peer=s.rsys, rcpt=None, state="refused")
+
+
+_NOTES = {
+    "tarpit": _tarpit,
+    "helo.hangup": _helo_hangup,
+    "helo.ptr_only": _ptr_only,
+    "rcpt.shellchars": _validate_refused("shellchars", "shellchars in user name"),
+    "rcpt.unknown": _disallowed,
+    "rcpt.names_blocked": _validate_refused("names.blocked", "names.blocked blocks {rcpt}"),
+    "rcpt.blocked_ip": _blocked_ip,
+    "rcpt.bad_forward": _bad_forward,
+    "data.sendercheck": _sendercheck,
+    "data.ratify": _ratify,
+    "data.greylist": _greylist,
+}
+
+
 def _refusedAtConnect(emit, format, ip, end, **kwargs):
     """A connection refused before its greeting: its one smtpd.disconnect line."""
     emit(format, ip=ip, event="smtpd.disconnect", peer=ip, helo="", tls="none",
@@ -1136,6 +1112,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         # connection counts and the AUTH budget, shared by every process
         self.store = spamfilter.store
         self.connections = set()
+        self._admitting = {}  # protocol -> the connect table waiting for the store
+        self.decisions = None  # the decision log (``--decision-log``), when kept
         self.fdCap = None  # what the open-file limit allows; set at start-up
         self.closing = False
 
@@ -1146,59 +1124,67 @@ class UpasSMTPFactory(smtp.SMTPFactory):
 
     def buildProtocol(self, addr):
         ip = relay.normalize_ip(getattr(addr, "host", ""))
-        # -k: a banned peer gets no protocol: the connection is closed
-        # before a byte is written, and nothing is logged (upas)
-        if self.spam.banned(ip):
-            return None
-        s = self.settings
-        if self.closing:
-            _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).info,
-                              "connection from {ip} refused: shutting down", ip, "shutdown")
-            return _Busy(replies.SHUTDOWN.format(dom=s.dom))
-        # a refused connection is a session too: its one line has an id
-        if len(self.connections) >= self.maxConnections:
-            _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).warn,
-                              "too many connections ({n}); refusing {ip}", ip, "limit",
-                              n=len(self.connections))
-            return _Busy(replies.TOO_MANY_CONNECTIONS.format(dom=s.dom))
-        p = self.protocol(s, self.makeDelivery, self.clock,
+        # the connect table's first checks need no lookup: -k, shutting
+        # down, this process's own limit are decided before any protocol
+        cmd = grammar.Command("CONNECT", ip)
+        looked = policy.Facts(closing=self.closing, connections=len(self.connections),
+                              connection_cap=self.fdCap)
+        r = policy.run(policy.CONNECT, None, cmd, self.settings, looked)
+        if isinstance(r, policy.Outcome):
+            return self._refused(r.decision, ip, looked)
+        p = self.protocol(self.settings, self.makeDelivery, self.clock,
                           self.contextFactory, self.spam, self.store)
         p.factory = self
         p.portal = self.portal
         p.peerIP = ip
         p.exempt = None  # counted by the store: exempt from the per-peer limit?
         self.connections.add(p)
+        self._admitting[p] = (cmd, looked, r)
         return p
 
+    def _refused(self, decision, ip, looked):
+        """A connection refused before its greeting: its one smtpd.disconnect
+        line (a refused connection is a session too: its line has an id),
+        and a protocol that says 421 and closes; None for -k."""
+        if not decision.code:  # -k: nothing is written, nothing logged (upas)
+            return None
+        session = logs.SessionLogger(logs.new_session_id())
+        note = decision.note
+        if note == "connect.shutdown":
+            _refusedAtConnect(session.info, "connection from {ip} refused: shutting down", ip,
+                              "shutdown")
+        elif note == "connect.peer":
+            _refusedAtConnect(session.info, "too many connections from {ip}", ip, "limit")
+        else:
+            n = looked["connections"] if note == "connect.limit" else self.settings.max_connections
+            _refusedAtConnect(session.warn, "too many connections ({n}); refusing {ip}", ip,
+                              "limit", n=n)
+        return _Busy(decision.text())
+
     def admit(self, p):
-        """Ask the store whether ``p``'s peer may connect: fires with
-        (trusted, IP action), or None once it has been refused (``421``)
-        and closed."""
+        """Finish the connect table for ``p``, with the store's answers: fires
+        with (trusted, IP action) and the greeting's outcome, or None once
+        the connection has been refused (``421``) and closed."""
+        cmd, looked, pending = self._admitting.pop(p)
         ip = p.peerIP
+        s = self.settings
 
-        def count(facts):
-            s = self.settings
-            return self.store.acquireConnection(
-                ip, facts[0], s.max_connections_per_peer, s.max_connections).addCallback(
-                decided, facts, s)
+        def gather(name, arg):
+            if name == "connection_slot":
+                return self.store.acquireConnection(
+                    ip, looked["peer_trust"][0], s.max_connections_per_peer, s.max_connections)
+            return self.spam.gather(name, ip, None)
 
-        def decided(refused, facts, s):
-            if refused is None:
+        def decided(outcome):
+            trusted = looked["peer_trust"][0]
+            if outcome.decision.ok:
                 if p not in self.connections:  # gone while the store answered
-                    self.store.releaseConnection(ip, facts[0])
+                    self.store.releaseConnection(ip, trusted)
                     return None
-                p.exempt = facts[0]
-                return facts
+                p.exempt = trusted
+                return looked["peer_trust"], outcome
             self.connections.discard(p)  # refused: no session to count or close
-            session = logs.SessionLogger(logs.new_session_id())
-            if refused == statestore.TOTAL:
-                _refusedAtConnect(session.warn, "too many connections ({n}); refusing {ip}",
-                                  ip, "limit", n=s.max_connections)
-                text = replies.TOO_MANY_CONNECTIONS.format(dom=s.dom)
-            else:
-                _refusedAtConnect(session.info, "too many connections from {ip}", ip, "limit")
-                text = replies.TOO_MANY_FROM_PEER.format(dom=s.dom, ip=ip)
-            _Busy(text).makeConnection(p.transport)
+            self._refused(outcome.decision, ip, looked).makeConnection(p.transport)
             return None
 
         def failed(failure):
@@ -1210,7 +1196,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
             p.transport.loseConnection()
             return None
 
-        return self.spam.peer_facts(ip).addCallback(count).addErrback(failed)
+        r = policy.resume(pending, policy.CONNECT, None, cmd, s, gather, looked)
+        return defer.maybeDeferred(lambda: r).addCallback(decided).addErrback(failed)
 
     def connectionGone(self, p):
         if p in self.connections:

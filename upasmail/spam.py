@@ -1,22 +1,12 @@
-"""upas spam.c: the anti-abuse state shared by every connection.
+"""upas spam.c: the anti-abuse state shared by every connection, and the
+facts the policy checks need that take I/O.
 
-``SpamFilter`` holds what the checks need that outlives one connection:
-the ratify lists (re-read when the file changes), the validator hooks,
-the DNS resolver, and the state store (``statestore.IStateStore``: the
-temporary trusted grants and the greylist, shared by every process).  The
-protocol asks it for facts and verdicts at upas's points:
-
-connect  ``banned`` (-k) → ``peer`` (trusted?, ratify IP action; the store's
-         grant, asked only when nothing else trusts the peer)
-HELO     ``helo_verdict`` (lie checks, §1.7)
-MAIL     ``filterstate`` (TRUSTED / IP action / account action, §1.13)
-         → ``sender_domain`` (-r, §1.15)
-RCPT     ``validators.recipok`` / ``senderok`` (§1.9)
-DATA     ``validators.sendermxcheck`` → ``startcmd`` (filterstate actions,
-         ``nospamfiltering``, §1.10.1) → ``greylist_verdict`` (-g)
-
-The decisions themselves are the pure functions of ``ratify``, ``helo``,
-``tarpit`` and ``greylist``; this class only gathers the facts.
+``SpamFilter`` holds what outlives one connection: the ratify lists
+(re-read when the file changes), the validator hooks, the DNS resolver,
+and the state store (``statestore.IStateStore``: the temporary trusted
+grants and the greylist, shared by every process).  ``gather`` looks up
+one fact named by ``policy`` (``policy.FACTS``) when a check asks for it;
+the decisions themselves are ``policy``'s tables.
 """
 
 import ipaddress
@@ -25,55 +15,12 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import dnscheck, greylist, helo, logs, ratify, relay
+from . import dnscheck, greylist, logs, ratify, relay
 from .conf import WatchedFile
-from .decision import ACCEPT, reject
-from .greylist import NEWLY_WHITE
 from .statestore import LocalStateStore
 from .validators import Validators
 
 log = Logger(namespace="smtpd")
-
-HELO_DELAY = 15  # -D, in tarpit units (upas [9F]: 15 s, quirk Q8)
-DIALUP = "5.7.1 We don't accept mail from dial-up ports."
-SPAM = "5.7.1 we believe this is spam."
-DELAYED = "4.3.0 There will be a delay in delivery of this message."
-NO_SUCH_DOMAIN = "5.7.1 Sender domain must exist: {sender}"
-NO_SUCH_DOMAIN_MAIL = "5.1.8 Sender domain must exist: {sender}"
-DOMAIN_TEMPFAIL = "4.4.3 Sender domain lookup failed; try again later: {sender}"
-
-
-def deny_lines(sender, dom):
-    return ("5.7.1 We don't accept mail from %s." % sender,
-            "5.7.1 Contact postmaster@%s for more information." % dom)
-
-
-def startcmd(state, sender, dom):
-    """What DATA does for a filterstate (smtpd.c startcmd; pure).
-
-    Returns ``(verdict, action)``: a refusal, or ACCEPT with the action
-    ``deliver``, ``block`` or ``delay`` (read the message, do not deliver).
-    """
-    if state in (ratify.ACCEPT, ratify.TRUSTED):
-        return ACCEPT, "deliver"
-    if state in ("block", "delay"):
-        return ACCEPT, state
-    if state == "dial":
-        return reject(554, DIALUP, reason="ratify", detail="dialup"), None
-    if state == "deny":
-        return reject(554, *deny_lines(sender, dom), reason="ratify", detail="deny"), None
-    if state == ratify.REFUSED:
-        return reject(554, NO_SUCH_DOMAIN.format(sender=sender), reason="sender-check"), None
-    if state == ratify.TEMPFAIL:
-        return reject(450, DOMAIN_TEMPFAIL.format(sender=sender), reason="sender-check"), None
-    return reject(554, "5.7.0 We have had an internal mailer error classifying your message.",
-                  "5.7.0 Filterstate is %s" % state,
-                  "5.7.0 Contact postmaster@%s for more information." % dom,
-                  reason="local-error"), None
-
-
-LOG_WORD = {"dial": "Dialup", "deny": "Denied", "block": "Blocked", "delay": "Blocked",
-            ratify.REFUSED: "Refused", ratify.TEMPFAIL: "Deferred"}
 
 
 class SpamFilter:
@@ -94,9 +41,6 @@ class SpamFilter:
 
     # -- connect ---------------------------------------------------------
 
-    def banned(self, ip):
-        return relay.in_nets(ip, self.settings.evil)
-
     def peer(self, rsys, granted=False):
         """(trusted, IP action) for a new connection; ``granted``: the
         store's temporary grant (``peer_facts`` asks for it)."""
@@ -113,48 +57,78 @@ class SpamFilter:
             return defer.succeed((trusted, action))
         return self.store.isGranted(rsys).addCallback(lambda granted: self.peer(rsys, granted))
 
-    # -- HELO ------------------------------------------------------------
+    # -- facts (policy.FACTS) ------------------------------------------------
+
+    def gather(self, name, arg, session):
+        """The fact ``name`` about ``arg``: a value or a Deferred of one."""
+        return getattr(self, "fact_" + name)(arg, session)
+
+    def fact_peer_trust(self, rsys, session):
+        return self.peer_facts(rsys)
+
+    def fact_ratify(self, arg, session):
+        return self.ratify.current()
+
+    def fact_ours(self, arg, session):
+        return session.ours
+
+    def fact_helo_dns(self, him, session):
+        d = dnscheck.name_status(self.resolver, him, self.clock, self.settings.dns_timeout)
+        return d.addCallback(self._helo_dns_logged, him, session)
+
+    def _helo_dns_logged(self, status, him, session):
+        if status == dnscheck.TEMPFAIL:
+            logs.SessionLogger(session.id).warn(
+                "helo {him} from {rsys}: DNS lookup failed; not counted as a lie", him=him,
+                rsys=session.rsys, event="smtpd.helo.dns_failed", peer=session.rsys, helo=him)
+        return status
+
+    def fact_peer_ptr(self, rsys, session):
+        return dnscheck.ptr_names(self.resolver, rsys, self.clock, self.settings.dns_timeout)
+
+    def fact_sender_domain(self, domain, session):
+        """-r: the DNS status of the sender's domain (an address literal exists)."""
+        if _is_literal(domain):
+            return dnscheck.EXISTS
+        return dnscheck.name_status(self.resolver, domain, self.clock, self.settings.dns_timeout)
+
+    def fact_validateaddress(self, rcpt, session):
+        return self.validators.validateaddress(rcpt, logs.SessionLogger(session.id))
+
+    def fact_names_blocked(self, rcpt, session):
+        return self.validators.names_blocked()
+
+    def fact_senders(self, rcpt, session):
+        return self.validators.senders(rcpt, session.rsys)
+
+    def fact_validatesender(self, sender, session):
+        return self.validators.sendermxcheck(sender, session.him, session.rsys)
+
+    def fact_nospamfiltering(self, arg, session):
+        return self.opted_out(session.envelope.recipients, session.ours)
 
     @defer.inlineCallbacks
-    def helo_verdict(self, session, him):
-        s, ident = self.settings, self.settings.identity
-        claims = helo.claims_to_be_us(him, session.rsys, session.lsys, ident.dom, ident.names)
-        static = not s.relax_helo and helo.static_lie(him)
-        status, ptr_match = None, False
+    def fact_greylist(self, rsys, session):
+        """This attempt, recorded: (whitelisted, [(rcpt, outcome)]); a peer
+        whose earlier attempt was recent is added to the whitelist here."""
         log = logs.SessionLogger(session.id)
-        if not (claims or static or s.relax_helo):
-            status = yield dnscheck.name_status(self.resolver, him, self.clock, s.dns_timeout)
-            if status == dnscheck.TEMPFAIL:
-                log.warn("helo {him} from {rsys}: DNS lookup failed; not counted as a lie",
-                         him=him, rsys=session.rsys, event="smtpd.helo.dns_failed",
-                         peer=session.rsys, helo=him)
-            elif status != dnscheck.EXISTS:
-                names = yield dnscheck.ptr_names(self.resolver, session.rsys, self.clock,
-                                                 s.dns_timeout)
-                ptr_match = him.lower().rstrip(".") in names
-                if ptr_match:
-                    log.info("ptr only from {rsys} as {him}", rsys=session.rsys, him=him,
-                             event="smtpd.helo.ptr_only", peer=session.rsys, helo=him)
-        return helo.lie_verdict(claims, static, status, ptr_match)
-
-    # -- MAIL ------------------------------------------------------------
-
-    def filterstate(self, session, sender):
-        """upas spam.c blocked(): the state a new transaction starts in."""
-        if session.trusted or session.authenticated:
-            return ratify.TRUSTED
-        if session.hisaction != ratify.ACCEPT:
-            return session.hisaction
-        return self.ratify.current().account_action(sender)
-
-    def sender_domain(self, sender):
-        """-r: fires with ACCEPT, REFUSED or TEMPFAIL for the sender's domain."""
-        domain = sender.split("!", 1)[0]
-        if "!" not in sender or _is_literal(domain):
-            return defer.succeed(ratify.ACCEPT)
-        d = dnscheck.name_status(self.resolver, domain, self.clock, self.settings.dns_timeout)
-        states = {dnscheck.NXDOMAIN: ratify.REFUSED, dnscheck.TEMPFAIL: ratify.TEMPFAIL}
-        return d.addCallback(lambda status: states.get(status, ratify.ACCEPT))
+        try:
+            white = yield self.store.isWhitelisted(rsys)
+            outcomes = [] if white else (
+                yield self.store.greylistAttempt(session.lsys, rsys, session.envelope.recipients))
+        except OSError as e:
+            log.error("greylist: {err}; letting {rsys} through", err=e, rsys=rsys,
+                      event="smtpd.greylist", peer=rsys, state="error")
+            return True, []
+        if any(state == greylist.RECENT for _, state in outcomes):
+            names = yield dnscheck.ptr_names(self.resolver, rsys, self.clock,
+                                             self.settings.dns_timeout)
+            try:
+                yield self.store.addToWhitelist(rsys, names[0] if names else None)
+            except OSError as e:
+                log.error("greylist whitelist: {err}", err=e, event="smtpd.greylist",
+                          peer=rsys, state="error")
+        return white, list(outcomes)
 
     # -- DATA ------------------------------------------------------------
 
@@ -168,30 +142,6 @@ class SpamFilter:
             if not os.path.exists(os.path.join(boxes, user.lower(), "nospamfiltering")):
                 return False
         return bool(recipients)
-
-    @defer.inlineCallbacks
-    def greylist_verdict(self, session):
-        env = session.envelope
-        log = logs.SessionLogger(session.id)
-        try:
-            white = yield self.store.isWhitelisted(session.rsys)
-            outcomes = [] if white else (
-                yield self.store.greylistAttempt(session.lsys, session.rsys, env.recipients))
-        except OSError as e:
-            log.error("greylist: {err}; letting {rsys} through", err=e, rsys=session.rsys,
-                      event="smtpd.greylist", peer=session.rsys, state="error")
-            return ACCEPT
-        v = greylist.verdict(white, session.rsys, outcomes, log)
-        if v.ok and v.value == NEWLY_WHITE:
-            names = yield dnscheck.ptr_names(self.resolver, session.rsys, self.clock,
-                                             self.settings.dns_timeout)
-            try:
-                yield self.store.addToWhitelist(session.rsys, names[0] if names else None)
-            except OSError as e:
-                log.error("greylist whitelist: {err}", err=e, event="smtpd.greylist",
-                          peer=session.rsys, state="error")
-            return ACCEPT
-        return v
 
 
 def _is_literal(domain):

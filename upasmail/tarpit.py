@@ -16,13 +16,13 @@ The wait is done by the protocol with ``deferLater`` on its clock; these
 functions only compute.
 """
 
+from . import replies
 from .decision import ACCEPT, reject
 
 MAX_REJECTS = 100
 CHECKED = frozenset(["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "HELP",
                      "VRFY", "EXPN", "AUTH"])
-TOO_MANY = "5.5.0 too many errors.  transaction failed."
-DIALUP = "5.7.1 We don't accept mail from dial-up ports."
+TOO_MANY = replies.TOO_MANY_ERRORS
 
 
 def doubling(n, base, cap):
@@ -46,7 +46,8 @@ def delay(rejects, unit, maximum):
 
 def rejectcheck(rejects, hardreject):
     if rejects > MAX_REJECTS:
-        return reject(554, TOO_MANY, counts=False, hangup=True, reason="tarpit")
+        return reject(554, TOO_MANY, counts=False, hangup=True, reason="tarpit",
+                      note="tarpit")
     if hardreject:
-        return reject(554, DIALUP, reason="ratify", detail="dialup")
+        return reject(554, replies.DIALUP, reason="ratify", detail="dialup")
     return ACCEPT

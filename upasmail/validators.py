@@ -35,7 +35,6 @@ from .conf import WatchedFile
 
 log = Logger(namespace="smtpd")
 
-USER_UNKNOWN = "5.1.1 {path} ... user unknown"
 NOT_ALLOWED = "5.7.1 {path} ... sending system not allowed"
 CHECK_LATER = "4.3.0 {path} ... cannot check this address now; try again later"
 _RC_PREFIX = re.compile(r"^validatesender(?: \d+)?: ")
@@ -90,7 +89,7 @@ class Validators:
         self.clock = clock
         self.resolver = resolver
         self.timeout = timeout
-        self.validateaddress = os.path.join(lib, "validateaddress")
+        self.validateaddress_path = os.path.join(lib, "validateaddress")
         self.validatesender = os.path.join(lib, "validatesender")
         self._names_blocked = WatchedFile(os.path.join(lib, "names.blocked"),
                                           parse_names_blocked, frozenset())
@@ -104,44 +103,41 @@ class Validators:
         return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
     @defer.inlineCallbacks
-    def recipok(self, rcpt, log=log):
-        """validateaddress, then names.blocked; fires with a verdict.
+    def validateaddress(self, rcpt, log=log):
+        """Run validateaddress for ``rcpt``: "ok", "unknown", "tempfail" (it
+        hung or could not start) or "absent" (no executable program).
 
         ``log`` is the session's logger (logs.SessionLogger).
         """
-        if "\r" in rcpt or "\n" in rcpt:
-            log.info("shellchars in user name", event="smtpd.validate", why="shellchars")
-            return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
-                          detail="shellchars")
-        program = self._program(self.validateaddress)
-        if program:
-            outcome = yield process.run(self.reactor, self.clock, [program, rcpt], self.timeout)
-            if not outcome.started or outcome.timed_out:
-                log.warn("validateaddress {rcpt}: {err}", rcpt=rcpt, event="smtpd.validate",
-                         why="validateaddress",
-                         err="timed out" if outcome.timed_out else "cannot start")
-                return reject(450, CHECK_LATER.format(path=rcpt), reason="local-error",
-                              detail="validateaddress")
-            if not outcome.ok:
-                return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
-                              detail="validateaddress")
-        if rcpt.lower() in self._names_blocked.current():
-            log.info("names.blocked blocks {rcpt}", rcpt=rcpt, event="smtpd.validate",
-                     why="names.blocked")
-            return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
-                          detail="names.blocked")
-        return ACCEPT
+        program = self._program(self.validateaddress_path)
+        if not program:
+            return "absent"
+        outcome = yield process.run(self.reactor, self.clock, [program, rcpt], self.timeout)
+        if not outcome.started or outcome.timed_out:
+            log.warn("validateaddress {rcpt}: {err}", rcpt=rcpt, event="smtpd.validate",
+                     why="validateaddress",
+                     err="timed out" if outcome.timed_out else "cannot start")
+            return "tempfail"
+        return "ok" if outcome.ok else "unknown"
 
-    @defer.inlineCallbacks
-    def senderok(self, rcpt, rsys):
-        """The ``senders`` file: may ``rsys`` send to ``rcpt``?"""
+    def names_blocked(self):
+        """The recipient paths names.blocked refuses, lowercased."""
+        return self._names_blocked.current()
+
+    def senders(self, rcpt, rsys):
+        """The ``senders`` file: may ``rsys`` send to ``rcpt``?  "ok",
+        "refused", or "tempfail" (a listed name's lookup failed)."""
         allowed = self._senders.current().get(rcpt)
         if not allowed:
-            return ACCEPT
+            return "ok"
+        return self._sender_allowed(allowed, rsys)
+
+    @defer.inlineCallbacks
+    def _sender_allowed(self, allowed, rsys):
         tempfail = False
         for value in allowed:
             if _ip_equal(value, rsys):
-                return ACCEPT
+                return "ok"
             try:
                 ipaddress.ip_address(value)
                 continue
@@ -149,12 +145,9 @@ class Validators:
                 pass
             status, ips = yield dnscheck.addresses(self.resolver, value, self.clock)
             if any(_ip_equal(ip, rsys) for ip in ips):
-                return ACCEPT
+                return "ok"
             tempfail = tempfail or status == dnscheck.TEMPFAIL
-        if tempfail:
-            return reject(450, CHECK_LATER.format(path=rcpt), reason="ratify",
-                          detail="blocked-ip")
-        return reject(550, NOT_ALLOWED.format(path=rcpt), reason="ratify", detail="blocked-ip")
+        return "tempfail" if tempfail else "refused"
 
     @defer.inlineCallbacks
     def sendermxcheck(self, sender, him, rsys):
