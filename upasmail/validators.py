@@ -28,16 +28,13 @@ import re
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import dnscheck, process
+from . import dnscheck, process, replies
 from .address import NULL_SENDER
 from .decision import ACCEPT, reject
 from .conf import WatchedFile
 
 log = Logger(namespace="smtpd")
 
-USER_UNKNOWN = "5.1.1 {path} ... user unknown"
-NOT_ALLOWED = "5.7.1 {path} ... sending system not allowed"
-CHECK_LATER = "4.3.0 {path} ... cannot check this address now; try again later"
 _RC_PREFIX = re.compile(r"^validatesender(?: \d+)?: ")
 
 
@@ -73,14 +70,14 @@ def sender_status(outcome):
     if outcome.ok:
         return ACCEPT
     if not outcome.started:
-        text = "deferred: fork: cannot start validatesender"
+        text = replies.VALIDATESENDER_NOT_STARTED
     elif outcome.timed_out:
-        text = "deferred: validatesender timed out"
+        text = replies.VALIDATESENDER_TIMED_OUT
     else:
         text = _RC_PREFIX.sub("", outcome.status())
     if text.startswith("rejected:"):
-        return reject(554, "5.7.1 " + text, reason="sender-check")
-    return reject(450, "4.7.0 " + text, reason="sender-check")
+        return reject(554, replies.REFUSED.format(text=text), reason="sender-check")
+    return reject(450, replies.SENDER_DEFERRED.format(text=text), reason="sender-check")
 
 
 class Validators:
@@ -111,7 +108,7 @@ class Validators:
         """
         if "\r" in rcpt or "\n" in rcpt:
             log.info("shellchars in user name", event="smtpd.validate", why="shellchars")
-            return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
+            return reject(550, replies.USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
                           detail="shellchars")
         program = self._program(self.validateaddress)
         if program:
@@ -120,15 +117,15 @@ class Validators:
                 log.warn("validateaddress {rcpt}: {err}", rcpt=rcpt, event="smtpd.validate",
                          why="validateaddress",
                          err="timed out" if outcome.timed_out else "cannot start")
-                return reject(450, CHECK_LATER.format(path=rcpt), reason="local-error",
+                return reject(450, replies.CHECK_LATER.format(path=rcpt), reason="local-error",
                               detail="validateaddress")
             if not outcome.ok:
-                return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
+                return reject(550, replies.USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
                               detail="validateaddress")
         if rcpt.lower() in self._names_blocked.current():
             log.info("names.blocked blocks {rcpt}", rcpt=rcpt, event="smtpd.validate",
                      why="names.blocked")
-            return reject(550, USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
+            return reject(550, replies.USER_UNKNOWN.format(path=rcpt), reason="unknown-user",
                           detail="names.blocked")
         return ACCEPT
 
@@ -152,9 +149,10 @@ class Validators:
                 return ACCEPT
             tempfail = tempfail or status == dnscheck.TEMPFAIL
         if tempfail:
-            return reject(450, CHECK_LATER.format(path=rcpt), reason="ratify",
+            return reject(450, replies.CHECK_LATER.format(path=rcpt), reason="ratify",
                           detail="blocked-ip")
-        return reject(550, NOT_ALLOWED.format(path=rcpt), reason="ratify", detail="blocked-ip")
+        return reject(550, replies.NOT_ALLOWED.format(path=rcpt), reason="ratify",
+                      detail="blocked-ip")
 
     @defer.inlineCallbacks
     def sendermxcheck(self, sender, him, rsys):
@@ -164,11 +162,11 @@ class Validators:
             return ACCEPT
         who = "%s!postmaster" % him if sender == NULL_SENDER else sender
         if "!" not in who:
-            return reject(554, "5.7.1 rejected: domainless sender %s" % who,
-                          reason="sender-check")
+            return reject(554, replies.REFUSED.format(
+                text=replies.DOMAINLESS_SENDER.format(who=who)), reason="sender-check")
         domain, user = who.split("!", 1)
         if any(c in s for s in (domain, user, him) for c in "\r\n"):
-            return reject(554, "5.7.1 rejected: evil sender/domain/helo",
+            return reject(554, replies.REFUSED.format(text=replies.EVIL_SENDER),
                           reason="sender-check")
         argv = [program, "-n", "/net", domain, user, rsys, him]
         outcome = yield process.run(self.reactor, self.clock, argv, self.timeout)
