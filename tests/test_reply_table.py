@@ -115,13 +115,17 @@ def test_the_lead_rewrites_exist():
     assert LEAD_REWRITES <= set(_modules())
 
 
-def test_replies_defines_no_text_twice():
+def defined_twice(texts, aliases=ALIASES):
+    """{text: names} of the texts that more than one name holds (aliases aside)."""
     by_text = defaultdict(list)
-    for name, text in table().items():
+    for name, text in texts.items():
         by_text[text].append(name)
-    twice = {text: names for text, names in by_text.items()
-             if len(names) > 1 and not set(names) <= ALIASES}
-    assert not twice
+    return {text: names for text, names in by_text.items()
+            if len(names) > 1 and not set(names) <= aliases}
+
+
+def test_replies_defines_no_text_twice():
+    assert not defined_twice(table())
 
 
 def test_null_sender_is_spelled_once():
@@ -147,3 +151,9 @@ def test_detects_a_status_code_and_a_copied_text():
               'C = "a log line"\n')
     assert spelled_replies(source, "m.py", known) == [
         "m.py:2: '4.3.0 anything'", "m.py:3: '%s ... user unknown'"]
+
+
+def test_detects_a_text_defined_twice():
+    texts = {"A": "5.1.1 x", "B": "5.1.1 x", "C": "2.0.0 ok", "D[0]": "2.0.0 ok", "E": "4.0.0 y"}
+    assert defined_twice(texts) == {"5.1.1 x": ["A", "B"], "2.0.0 ok": ["C", "D[0]"]}
+    assert defined_twice(texts, aliases=frozenset(["A", "B"])) == {"2.0.0 ok": ["C", "D[0]"]}
