@@ -34,36 +34,18 @@ from twisted.cred import credentials, portal
 from twisted.mail.smtp import IMessageDelivery
 from zope.interface import implementer
 
-from .decision import ACCEPT, Accept, reject
+from . import replies
+from .decision import Accept, reject
 from .tarpit import doubling
 
 CRAM_MD5, PLAIN, LOGIN = "CRAM-MD5", "PLAIN", "LOGIN"
 CLEARTEXT = (PLAIN, LOGIN)
-USERNAME_PROMPT = base64.b64encode(b"Username:").decode()  # VXNlcm5hbWU6
-PASSWORD_PROMPT = base64.b64encode(b"Password:").decode()  # UGFzc3dvcmQ6
-
-# upas's texts
-OK = "2.0.0 Authentication successful"
-FAILED = "5.7.1 Authentication failed"
-BAD_SEQUENCE = "5.5.2 Bad sequence of commands"
-ENCRYPTION_REQUIRED = "5.7.1 Encryption required for requested authentication mechanism"
-CANNOT_DECODE = "5.5.4 Cannot decode base64"
-POOR_CRAM = "5.5.4 Poorly formed CRAM-MD5 response"
-UNRECOGNISED = "5.5.1 Unrecognised authentication type {mech}"
-TEMPORARY = "4.7.0 Temporary authentication failure"
-# ours
-CANCELLED = "5.7.0 Authentication cancelled"
-POOR_PLAIN = "5.5.4 Poorly formed PLAIN response"
-NOT_AUTHORIZED = "5.7.1 Authentication failed: authorization identity must be the user"
-NO_INITIAL = "5.5.2 CRAM-MD5 takes no initial response"
-IN_TRANSACTION = "5.5.1 AUTH not permitted during a mail transaction"
-TOO_MANY = "4.7.0 {dom} Too many failed authentication attempts; closing connection"
-NOT_OFFERED = "5.5.1 Error: AUTH not available on this server"
 
 
 # refusals of a response that count as failed attempts: a client that
 # cannot form its response is treated as one that guessed wrong
-_FAILURES = frozenset([CANNOT_DECODE, POOR_PLAIN, POOR_CRAM, NOT_AUTHORIZED])
+_FAILURES = frozenset([replies.AUTH_CANNOT_DECODE, replies.AUTH_POOR_PLAIN,
+                       replies.AUTH_POOR_CRAM, replies.AUTH_NOT_AUTHORIZED])
 
 
 def is_failure(verdict):
@@ -77,28 +59,6 @@ def offered(encrypted, clear_ok, cram_ok):
     if encrypted or clear_ok:
         mechs += [PLAIN, LOGIN]
     return mechs
-
-
-def start_verdict(mech, session, available, mechanisms, encrypted, clear_ok):
-    """May an AUTH exchange with ``mech`` begin?
-
-    ``available``: is there a password checker at all; ``mechanisms``: what
-    ``offered`` gives for this session.
-    """
-    if not available:
-        return reject(502, NOT_OFFERED, counts=False, reason="syntax",
-                      detail="auth-not-offered")
-    if session.authenticated:
-        return reject(503, BAD_SEQUENCE, reason="sequence")
-    if not session.him:
-        return reject(503, "Start by saying HELO, please.", reason="sequence")
-    if session.envelope.senders:
-        return reject(503, IN_TRANSACTION, reason="sequence")
-    if mech in CLEARTEXT and not (encrypted or clear_ok):
-        return reject(538, ENCRYPTION_REQUIRED, reason="tls", detail="encryption-required")
-    if mech not in mechanisms:
-        return reject(501, UNRECOGNISED.format(mech=mech), reason="syntax")
-    return ACCEPT
 
 
 class Cancelled(Exception):
@@ -138,10 +98,10 @@ def parse_plain(blob):
     """``authzid NUL user NUL password`` → verdict carrying UsernamePassword."""
     fields = blob.split(b"\0")
     if len(fields) != 3:
-        return reject(501, POOR_PLAIN, reason="auth-failed", detail="malformed")
+        return reject(501, replies.AUTH_POOR_PLAIN, reason="auth-failed", detail="malformed")
     authzid, user, password = fields
     if authzid and authzid != user:
-        return reject(535, NOT_AUTHORIZED, reason="auth-failed")
+        return reject(535, replies.AUTH_NOT_AUTHORIZED, reason="auth-failed")
     return Accept(credentials.UsernamePassword(user, password))
 
 
@@ -183,35 +143,36 @@ class Exchange:
             self.cram = credentials.CramMD5Credentials(host)
             # Twisted's challenge comes from ``random``; a CRAM challenge must
             # never be guessable or repeated (RFC 2195)
-            self.cram.challenge = b"<%d.%d@%s>" % (secrets.randbits(62), int(now),
-                                                    host.encode("idna"))
+            self.cram.challenge = replies.AUTH_CRAM_CHALLENGE % (
+                secrets.randbits(62), int(now), host.encode("idna"))
 
     def start(self):
         if self.mech == CRAM_MD5:
             if self.initial is not None:
-                return reject(501, NO_INITIAL, reason="syntax")
+                return reject(501, replies.AUTH_NO_INITIAL, reason="syntax")
             return Prompt(base64.b64encode(self.cram.challenge).decode())
         if self.initial is None:
-            return Prompt("" if self.mech == PLAIN else USERNAME_PROMPT)
+            return Prompt("" if self.mech == PLAIN else replies.AUTH_USERNAME_PROMPT)
         return self.respond(self.initial)
 
     def respond(self, line):
         try:
             blob = decode(line)
         except Cancelled:
-            return reject(501, CANCELLED, reason="auth-failed", detail="cancelled")
+            return reject(501, replies.AUTH_CANCELLED, reason="auth-failed", detail="cancelled")
         except Undecodable:
-            return reject(501, CANNOT_DECODE, reason="auth-failed", detail="malformed")
+            return reject(501, replies.AUTH_CANNOT_DECODE, reason="auth-failed",
+                          detail="malformed")
         if self.mech == PLAIN:
             return parse_plain(blob)
         if self.mech == LOGIN:
             if self.user is None:
                 self.user = blob
-                return Prompt(PASSWORD_PROMPT)
+                return Prompt(replies.AUTH_PASSWORD_PROMPT)
             return Accept(credentials.UsernamePassword(self.user, blob))
         response = parse_cram(blob)
         if response is None:
-            return reject(501, POOR_CRAM, reason="auth-failed", detail="malformed")
+            return reject(501, replies.AUTH_POOR_CRAM, reason="auth-failed", detail="malformed")
         self.cram.setResponse(response)
         return Accept(self.cram)
 

@@ -20,6 +20,7 @@ import email.utils
 import re
 import secrets
 
+from .address import NULL_SENDER
 from .pipemsg import envelope_line, plan9_date
 
 DOUBLE_BOUNCE = "double-bounce"
@@ -62,7 +63,7 @@ def dsn(failures, sender_addr, header_text, reporting_mta, arrival, now, queue_i
         why_lines = ["The message was itself a bounce (from <>), so it was not returned "
                      "to its sender; this copy is for the postmaster."]
     lines = [
-        envelope_line(DOUBLE_BOUNCE if double else "/dev/null", plan9_date(now)).rstrip("\n"),
+        envelope_line(DOUBLE_BOUNCE if double else NULL_SENDER, plan9_date(now)).rstrip("\n"),
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % reporting_mta,
         "To: <%s>" % sender_addr,
         "Subject: %sUndelivered Mail Returned to Sender" % (

@@ -48,7 +48,6 @@ from .logs import SessionLogger, printable
 from .pipemsg import plan9_date
 
 LOG_LIMIT = 2000  # characters of one field in a log line (a long multi-line reply)
-ILLEGAL_ADDRESS = "{kind} {way} {addr} failed: illegal address"
 
 
 class ClientLogger(SessionLogger):
@@ -71,8 +70,8 @@ class ClientLogger(SessionLogger):
         kwargs.setdefault("event", self.namespace)  # smtp.fail: every line is one
         SessionLogger.emit(self, level, format, **kwargs)
 
-RETRY = "Retry, Temporary Failure"
-PERMANENT = "Permanent Failure"
+# upas smtp's statuses, documented API (docs/embedding.rst)
+RETRY, PERMANENT = replies.RETRY, replies.PERMANENT
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 64, 69, 75
 DELIVERED, TEMPORARY, PERMANENT_FAILURE, ACCEPTED, NOT_SENT = (
     "delivered", "temporary", "permanent", "accepted", "not sent")
@@ -193,7 +192,7 @@ class Reply:
 
 class Closed(Exception):
     def __init__(self, timed_out):
-        Exception.__init__(self, "timed out" if timed_out else "connection closed")
+        Exception.__init__(self, "timed out" if timed_out else replies.CONNECTION_CLOSED)
         self.timed_out = timed_out
 
 
@@ -263,7 +262,7 @@ class Wire(basic.LineOnlyReceiver):
 
     def lineLengthExceeded(self, line):
         self._lines = []
-        self._deliver(Reply(-1, ["(reply line too long)"]))
+        self._deliver(Reply(-1, [replies.REPLY_TOO_LONG]))
         self.transport.loseConnection()
 
     def _deliver(self, reply):
@@ -516,7 +515,7 @@ class Conversation:
             blob = base64.b64encode(("\0%s\0%s" % (user, password)).encode()).decode()
             self._auth_step((yield w.command("AUTH PLAIN " + blob, "AUTH PLAIN <removed>")), 2)
         else:
-            raise Failed("No supported AUTH method")
+            raise Failed(replies.NO_AUTH_METHOD)
 
     def _credentials(self):
         try:
@@ -649,13 +648,14 @@ class Conversation:
         self.log.info("{sender} sent {n} bytes to {toline} {mx}", sender=self.sender, n=size,
                       toline=toline, mx=self.target.describe(), event="smtp.sent", size=size)
         if worst:
-            self.report.append("%s connect to %s: %s %s:" % (
-                plan9_date(self.clock.seconds()), self.destaddr, self.target.describe(),
-                self.phase))
+            self.report.append(replies.REPORT_CONNECT_PARTIAL.format(
+                date=plan9_date(self.clock.seconds()), addr=self.destaddr,
+                mx=self.target.describe(), phase=self.phase))
             for r in self.results:
                 if r.status != DELIVERED:
                     rcpt = r.rcpt or convert.shown(r.address)  # never sent: illegal
-                    self.report.append("  mail to %s failed: %s" % (rcpt, r.reply))
+                    self.report.append(replies.REPORT_RCPT_FAILED.format(rcpt=rcpt,
+                                                                         reply=r.reply))
                     self.faillog.info("delivery to {rcpt} at {addr} {mx} rcptto, failed: "
                                       "{reply}", rcpt=rcpt, addr=self.destaddr,
                                       mx=self.target.describe(), reply=r.reply)
@@ -700,8 +700,9 @@ def _failure_report(conv, status, reply, note, destaddr, clock):
     if note:
         lines.append(note)
     text = str(reply) if reply is not None else ""
-    lines.append("%s connect to %s %s %s:" % (plan9_date(clock.seconds()), destaddr,
-                                               conv.target.describe(), conv.phase))
+    lines.append(replies.REPORT_CONNECT.format(date=plan9_date(clock.seconds()),
+                                               addr=destaddr, mx=conv.target.describe(),
+                                               phase=conv.phase))
     if text:
         lines.append(text)
     conv.faillog.info("{kind} to {rcpts} at {addr} {mx} {phase} failed: {reply}", kind=kind,
@@ -752,14 +753,14 @@ def address_errors(sender, recipients, kind="delivery"):
     for way, addrs in (("from", [sender]), ("to", recipients)):
         for addr in addrs:
             if convert.illegal(addr):
-                errors[addr] = ILLEGAL_ADDRESS.format(kind=kind, way=way,
-                                                      addr=convert.shown(addr))
+                errors[addr] = replies.ILLEGAL_ADDRESS.format(kind=kind, way=way,
+                                                              addr=convert.shown(addr))
     return errors
 
 
 def dial_report(text, destaddr):
     """upas's stderr line when no conversation takes place."""
-    return "smtp: %s (%s)" % (text, destaddr)
+    return replies.REPORT_DIAL.format(err=text, addr=destaddr)
 
 
 class Connections:
@@ -916,15 +917,15 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
                                   connections, _reuse=False))
         status = RETRY
         if c.timed_out:
-            report = ["smtp timeout: connection to %s timed out" % destaddr]
+            report = [replies.REPORT_TIMEOUT.format(addr=destaddr)]
             faillog.info("{kind} interrupt: {addr}: alarm {mx}", kind=kind, addr=destaddr,
                          mx=target.describe())
         else:
-            report = _failure_report(conv, status, Reply(-1, ["connection closed"]), None,
-                                     destaddr, clock)
+            report = _failure_report(conv, status, Reply(-1, [replies.CONNECTION_CLOSED]),
+                                     None, destaddr, clock)
     except Exception as e:  # a bug here must cost a retry, never the message
         conv.log.failure("delivery to {addr} failed", addr=destaddr, event="error")
-        status, report = RETRY, ["smtp: local error: %s (%s)" % (e, destaddr)]
+        status, report = RETRY, [replies.REPORT_LOCAL_ERROR.format(err=e, addr=destaddr)]
     _settle(results, status, report)
     result = Result(status, results, conv.report + report, conv.phase, target)
     if outcome is not None:

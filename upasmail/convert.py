@@ -32,10 +32,10 @@ import time
 import unicodedata
 
 from . import rfc822
+from .address import NULL_SENDER
 
 HEADER_LIMIT = 256 * 1024
 CHUNK = 64 * 1024
-NULL_SENDER = "/dev/null"
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",

@@ -215,11 +215,11 @@ class UpasMessage:
             why = str(self.stream.error) if self.stream.error is not None else None
             if self.failure is not None:
                 why = self.failure.text().split(" ", 1)[-1]
-            verdict = reject(554, "5.7.1 " + (why or replies.SPAM)[:127], reason="spam",
-                             detail="block")
+            verdict = reject(554, replies.REFUSED.format(text=(why or replies.SPAM_WHY)[:127]),
+                             reason="spam", detail="block")
             self.log.info("++[{him}/{rsys}] blocked: {why}", him=s.him, rsys=s.rsys,
                           event="smtpd.blocked",
-                          why=why or replies.SPAM)
+                          why=why or replies.SPAM_WHY)
         if not self.delivery.settings.save_blocked or self.failure is not None:
             self._discard()
             return defer.succeed(verdict)

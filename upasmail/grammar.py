@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from . import replies
 from .address import AddressError, parse_domain, parse_path, split_at
 
 # C0 controls but tab and CR, DEL and C1 controls: never in a command line
@@ -38,13 +39,13 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 
 def _check_param(name, value):
     if name == "SIZE" and not (value and value.isdigit() and len(value) <= 20):
-        raise ParameterError(501, "5.5.4 Bad SIZE= value")
+        raise ParameterError(501, replies.BAD_SIZE)
     if name == "BODY" and (value or "").upper() not in ("7BIT", "8BITMIME"):
-        raise ParameterError(501, "5.5.4 BODY= takes 7BIT or 8BITMIME")
+        raise ParameterError(501, replies.BAD_BODY)
     if name == "SMTPUTF8" and value is not None:
-        raise ParameterError(501, "5.5.4 SMTPUTF8 takes no value")
+        raise ParameterError(501, replies.SMTPUTF8_VALUE)
     if name == "AUTH" and value is None:
-        raise ParameterError(501, "5.5.4 AUTH= needs a value")
+        raise ParameterError(501, replies.AUTH_PARAM_EMPTY)
 
 
 class CommandSyntaxError(ValueError):
@@ -138,9 +139,9 @@ def _path_command(verb, rest, keyword, allowed):
         if not _KEYWORD.match(name) or not word.isascii():
             raise CommandSyntaxError("bad parameter " + word)
         if name not in allowed:
-            raise ParameterError(555, "5.5.4 Unsupported parameter " + name)
+            raise ParameterError(555, replies.UNSUPPORTED_PARAM.format(name=name))
         if name in params:
-            raise ParameterError(501, "5.5.4 Parameter given twice: " + name)
+            raise ParameterError(501, replies.PARAM_TWICE.format(name=name))
         _check_param(name, value if eq else None)
         params[name] = value if eq else None
     return Command(verb, bang, params=params, utf8=not path.isascii(), path=path)

@@ -26,6 +26,7 @@ import os
 
 from twisted.logger import Logger
 
+from . import replies
 from .conf import ConfigError, parse_network, tokenize
 from .decision import ACCEPT, Accept, reject
 from .relay import in_nets
@@ -36,7 +37,6 @@ log = Logger(namespace="smtpd")
 MIN_AGE = 5 * 60
 MAX_AGE = 14 * 60 * 60
 NEWLY_WHITE = "newly white"
-TRY_AGAIN = "please try again soon from the same IP."
 # what an attempt found for one recipient
 NEW, RECENT, OTHER = "new", "recent", "other"
 OUTCOME_LINES = {
@@ -130,4 +130,4 @@ def verdict(whitelisted, rsys, outcomes, log=log):
         return Accept(NEWLY_WHITE)
     log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
              rsys=rsys, event="smtpd.greylist", peer=rsys, rcpt=None, state="refused")
-    return reject(451, TRY_AGAIN, hangup=True, reason="greylist")
+    return reject(451, replies.TRY_AGAIN, hangup=True, reason="greylist")

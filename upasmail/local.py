@@ -33,10 +33,10 @@ import os
 import re
 import string
 
+from . import replies
 from .address import NULL_SENDER
 from .conf import WatchedFile, report
 from .decision import Accept, reject
-from .replies import ALIAS_TOO_LARGE, ALIASES_UNREADABLE, USER_UNKNOWN
 
 POSTMASTER = "postmaster"
 ABUSE = "abuse"
@@ -172,11 +172,11 @@ def recipient_verdict(path, user, standing):
     if standing is Standing.KNOWN or fold(user) == POSTMASTER:
         return Accept(path)
     if standing is Standing.TOO_LARGE:
-        return reject(451, ALIAS_TOO_LARGE.format(path=path, n=MAX_EXPANSION),
+        return reject(451, replies.ALIAS_TOO_LARGE.format(path=path, n=MAX_EXPANSION),
                       reason="recipients", detail="alias-too-large")
     if standing is Standing.UNSURE:
-        return reject(451, ALIASES_UNREADABLE.format(path=path), reason="local-error")
-    return reject(550, USER_UNKNOWN.format(path=path), reason="unknown-user")
+        return reject(451, replies.ALIASES_UNREADABLE.format(path=path), reason="local-error")
+    return reject(550, replies.USER_UNKNOWN.format(path=path), reason="unknown-user")
 
 
 def _host(component):

@@ -33,12 +33,14 @@ def verdict(exited_ok, stderr, timed_out=False):
         return ACCEPT
     lines = text.split("\n")
     if "mail refused" in text and not timed_out:
-        return reject(554, "5.7.1 " + lines[0][:127], reason="store", detail="mailer")
+        return reject(554, replies.REFUSED.format(text=lines[0][:127]), reason="store",
+                      detail="mailer")
     complete = lines[:-1]  # only newline-terminated lines, as upas
     if timed_out:
-        complete = complete + ["mailer timed out"]
+        complete = complete + [replies.MAILER_TIMED_OUT]
     return reject(
-        450, *(["4.0.0 " + line for line in complete] + [replies.MAILER_FAILED]),
+        450, *([replies.MAILER_SAID.format(line=line) for line in complete]
+               + [replies.MAILER_FAILED]),
         reason="store", detail="mailer")
 
 

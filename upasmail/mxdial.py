@@ -43,6 +43,7 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.names import dns
 
+from . import replies
 from .dnscheck import EXISTS, NODATA, NXDOMAIN, TEMPFAIL, addresses, query
 
 NEVER_MAIL_SERVERS = frozenset(ipaddress.ip_address(a) for a in
@@ -102,7 +103,8 @@ def parse_dial(text, default_service="smtp"):
         text = text.split("/", 2)[-1] if text.count("/") >= 2 else ""
     parts = text.split("!")
     if parts and parts[-1].startswith("["):
-        raise DialError("delivery to %s failed: illegal address" % text, True)
+        raise DialError(replies.ILLEGAL_ADDRESS.format(kind="delivery", way="to", addr=text),
+                        True)
     if len(parts) == 1:
         proto, host, service = "net", parts[0], default_service
     elif len(parts) == 2:

@@ -179,7 +179,7 @@ class MessageRefused(Exception):
 
     def __init__(self, text, reply=None):
         Exception.__init__(self, text)
-        self.reply = reply or "5.7.1 " + text
+        self.reply = reply or replies.REFUSED.format(text=text)
 
 
 def too_many_hops(fields, limit):
@@ -240,7 +240,7 @@ class MailerStream:
             try:
                 self._header.append(line.decode("utf-8") + "\n")
             except UnicodeDecodeError:
-                self.error = MessageRefused("mail refused: illegal header chars")
+                self.error = MessageRefused(replies.ILLEGAL_HEADER_CHARS)
                 return
         if line == b"" or self._header_size >= HEADER_SCAN_LIMIT:
             self._flush_header()
@@ -266,7 +266,7 @@ class MailerStream:
         fields = scan_fields(whole[:next((i for i, x in enumerate(whole) if x == "\n"),
                                          len(whole))])
         if too_many_hops(fields, self._hop_limit):
-            self.error = MessageRefused("too many hops", replies.TOO_MANY_HOPS)
+            self.error = MessageRefused(replies.HOPS_WHY, replies.TOO_MANY_HOPS)
             return
         self.message_id = next((v for name, v in fields if name == "message-id"), None)
         self.delivered_to = tuple(v for name, v in fields if name == "delivered-to")

@@ -23,8 +23,8 @@ The facts (``FACTS`` says what each is):
 
 =================  ==========================================================
 connect            ``closing``, ``connections``, ``connection_cap``,
-                   ``peer_trust`` (trusted, ratify IP action),
-                   ``connection_slot`` (None, or which limit refused)
+                   ``ratify`` (the ratify lists), ``granted`` (the store's
+                   grant), ``connection_slot`` (None, or which limit refused)
 helo               ``helo_dns`` (dnscheck status of the name),
                    ``peer_ptr`` (the peer's PTR names)
 mail               ``ratify`` (the ratify lists), ``sender_domain`` (-r),
@@ -41,8 +41,7 @@ auth               ``auth_mechanisms`` (a checker exists, the mechanisms)
 
 from twisted.internet import defer
 
-from . import (auth, dnscheck, grammar, greylist, helo, ratify, relay, replies, statestore, tarpit,
-               validators)
+from . import dnscheck, grammar, greylist, helo, ratify, relay, replies, statestore, tarpit
 from .address import NULL_SENDER
 from .decision import ACCEPT, Accept, reject
 
@@ -203,9 +202,17 @@ def process_limit(s, cmd, conf, looked):
     return ACCEPT
 
 
+def peer_facts(ip, conf, looked):
+    """(trusted, ratify IP action) of a peer: ournets, ratify ``trusted``, or
+    the store's grant, asked only when nothing else trusts the peer."""
+    lists = looked["ratify"]
+    trusted = (relay.is_trusted(ip, conf.ournets) or lists.is_trusted(ip)
+               or looked.need("granted", ip))
+    return trusted, lists.ip_action(ip)
+
+
 def peer_trust(s, cmd, conf, looked):
-    """Trusted (ournets, ratify ``trusted``, a grant)? and the ratify IP action."""
-    return Accept(looked["peer_trust"])
+    return Accept(peer_facts(cmd.arg, conf, looked))
 
 
 def connection_limits(s, cmd, conf, looked):
@@ -394,7 +401,7 @@ def validateaddress(s, cmd, conf, looked):
     one is a temporary refusal."""
     status = looked.need("validateaddress", cmd.arg)
     if status == "tempfail":
-        return reject(450, validators.CHECK_LATER.format(path=cmd.arg), reason="local-error",
+        return reject(450, replies.CHECK_LATER.format(path=cmd.arg), reason="local-error",
                       detail="validateaddress")
     if status == "unknown":
         return _unknown(cmd.arg, "validateaddress", "rcpt.unknown")
@@ -411,10 +418,10 @@ def senders(s, cmd, conf, looked):
     """<lib>/senders: mail to a listed recipient only from the listed systems."""
     status = looked.need("senders", cmd.arg)
     if status == "tempfail":
-        return reject(450, validators.CHECK_LATER.format(path=cmd.arg), reason="ratify",
+        return reject(450, replies.CHECK_LATER.format(path=cmd.arg), reason="ratify",
                       detail="blocked-ip", note="rcpt.blocked_ip")
     if status == "refused":
-        return reject(550, validators.NOT_ALLOWED.format(path=cmd.arg), reason="ratify",
+        return reject(550, replies.NOT_ALLOWED.format(path=cmd.arg), reason="ratify",
                       detail="blocked-ip", note="rcpt.blocked_ip")
     return ACCEPT
 
@@ -423,8 +430,7 @@ def relaying(s, cmd, conf, looked):
     """Relay control; upas checks it only in state ACCEPT (others are
     refused at DATA).  The value is the path as shown and delivered."""
     exempt = s.authenticated or s.envelope.filterstate != ratify.ACCEPT
-    verdict = relay.check_recipient(cmd.arg, s.rsys, exempt, conf.relay_control,
-                                    looked["ours"])
+    verdict = relay.check_recipient(cmd.arg, s.rsys, exempt, conf.relay_control, s.ours)
     if not verdict.ok:
         return reject(verdict.code, *verdict.lines, reason=verdict.reason,
                       note="rcpt.bad_forward")
@@ -467,7 +473,7 @@ def recipient_given(s, cmd, conf, looked):
 def null_to_many(s, cmd, conf, looked):
     env = s.envelope
     if untrusted(s) and env.sender == NULL_SENDER and len(env.recipients) > 1:
-        return reject(554, replies.NULL_MULTI_REPLY, reason="recipients")
+        return reject(554, replies.REFUSED.format(text=replies.NULL_MULTI), reason="recipients")
     return ACCEPT
 
 
@@ -525,7 +531,7 @@ def greylisting(s, cmd, conf, looked):
     white, outcomes = looked.need("greylist", s.rsys)
     if white or any(state == greylist.RECENT for _, state in outcomes):
         return Accept(note="data.greylist") if outcomes else ACCEPT
-    return reject(451, greylist.TRY_AGAIN, hangup=True, reason="greylist", note="data.greylist")
+    return reject(451, replies.TRY_AGAIN, hangup=True, reason="greylist", note="data.greylist")
 
 
 def mailer_ready(s, cmd, conf, looked):
@@ -548,14 +554,14 @@ DATA = (rejectcheck, sender_given, recipient_given, null_to_many, validatesender
 def auth_available(s, cmd, conf, looked):
     available, _ = looked["auth_mechanisms"]
     if not available:
-        return reject(502, auth.NOT_OFFERED, counts=False, reason="syntax",
+        return reject(502, replies.AUTH_NOT_OFFERED, counts=False, reason="syntax",
                       detail="auth-not-offered")
     return ACCEPT
 
 
 def not_authenticated(s, cmd, conf, looked):
     if s.authenticated:
-        return reject(503, auth.BAD_SEQUENCE, reason="sequence")
+        return reject(503, replies.AUTH_BAD_SEQUENCE, reason="sequence")
     return ACCEPT
 
 
@@ -567,14 +573,14 @@ def helo_given_auth(s, cmd, conf, looked):
 
 def no_transaction(s, cmd, conf, looked):
     if s.envelope.senders:
-        return reject(503, auth.IN_TRANSACTION, reason="sequence")
+        return reject(503, replies.AUTH_IN_TRANSACTION, reason="sequence")
     return ACCEPT
 
 
 def encryption(s, cmd, conf, looked):
     """PLAIN and LOGIN only when encrypted, or with -p."""
     if cmd.arg in ("PLAIN", "LOGIN") and not (s.encrypted or conf.clear_passwords):
-        return reject(538, auth.ENCRYPTION_REQUIRED, reason="tls",
+        return reject(538, replies.AUTH_ENCRYPTION_REQUIRED, reason="tls",
                       detail="encryption-required")
     return ACCEPT
 
@@ -582,7 +588,7 @@ def encryption(s, cmd, conf, looked):
 def mechanism(s, cmd, conf, looked):
     _, mechanisms = looked["auth_mechanisms"]
     if cmd.arg not in mechanisms:
-        return reject(501, auth.UNRECOGNISED.format(mech=cmd.arg), reason="syntax")
+        return reject(501, replies.AUTH_UNRECOGNISED.format(mech=cmd.arg), reason="syntax")
     return ACCEPT
 
 
@@ -615,12 +621,11 @@ FACTS = {
     "closing": "the server is shutting down",
     "connections": "this process's connections",
     "connection_cap": "what the open-file limit allows (None: no cap)",
-    "peer_trust": "(trusted, ratify IP action) for the peer; a grant trusts it too",
+    "granted": "the store's temporary grant trusts the peer",
     "connection_slot": "None, or the store's refusal (total or per peer)",
     "helo_dns": "the HELO name's DNS status (dnscheck)",
     "peer_ptr": "the peer's PTR names",
     "ratify": "the ratify lists",
-    "ours": "what counts as our domain on this connection (relay.Ours)",
     "sender_domain": "the -r DNS status of the sender's domain",
     "validate_from": "the delivery back end's answer for the sender",
     "validateaddress": "validateaddress: ok, unknown, tempfail or absent",

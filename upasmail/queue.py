@@ -89,7 +89,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import bounce, client, convert, crashpoint, factotum, relay
+from . import bounce, client, convert, crashpoint, factotum, relay, replies
+from .address import NULL_SENDER
 from .local import at_form
 from .logs import printable
 from .session import Transaction
@@ -107,7 +108,6 @@ FLUSH_POLL = 5.0
 # (every envelope read once) lets the server answer in between
 SCAN_BATCH = 500
 ORPHAN_AGE = 3600.0
-NULL_SENDER = "/dev/null"
 # the only names a job has: ``store.new_id``'s seconds, a dot, 12 hex digits
 # (the spool file's name).  Nothing else becomes a path in the queue.
 QUEUE_ID = re.compile(r"[0-9]+\.[0-9a-f]{12}")
@@ -1024,10 +1024,10 @@ class QueueRunner(service.Service):
         for r in record["recipients"]:
             st = record["state"][r]
             if st["status"] == PENDING:
-                last = st.get("error") or record.get("last_error") or "no answer"
+                last = st.get("error") or record.get("last_error") or replies.NO_ANSWER
                 st["status"] = FAILED
-                st["error"] = "4.4.7 gave up after %d days: %s" % (
-                    round(self.settings.max_queue_age / 86400), last)
+                st["error"] = replies.GAVE_UP.format(
+                    days=round(self.settings.max_queue_age / 86400), why=last)
                 st["dsn"] = "4.4.7"
                 why = " ".join(last.split())
                 log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=r, why=why,

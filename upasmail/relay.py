@@ -24,6 +24,7 @@ Pure functions: no I/O, no reactor.
 import ipaddress
 
 from . import replies
+from .address import NULL_SENDER
 from .decision import Accept
 from .rfc822 import tokenize as header_tokens
 
@@ -216,7 +217,7 @@ def forgery_warnings(sender, fields, him, ours):
     that is not ours shows it came through a mailing list.
     """
     warnings = []
-    if sender and sender != "/dev/null" and ours.is_ours(sender.split("!", 1)[0]):
+    if sender and sender != NULL_SENDER and ours.is_ours(sender.split("!", 1)[0]):
         warnings.append("suspect envelope domain")
     check_from = True
     for name, value in fields:

@@ -844,7 +844,7 @@ class UpasESMTP(smtp.ESMTP):
                 raise RuntimeError("the transport cannot start TLS")
             self.ctx.getContext()
         except Exception as e:
-            self.log.error("TLS not available for {rsys}: {err}", rsys=s.rsys, err=e,
+            self.log.error("cannot start TLS for {rsys}: {err}", rsys=s.rsys, err=e,
                            event="smtpd.tls", peer=s.rsys, status="unavailable")
             return self.reply(reject(454, replies.TLS_NOT_AVAILABLE, counts=False, reason="tls"))
         self.sendReply(220, replies.TLS_GO_AHEAD)
@@ -922,7 +922,7 @@ class UpasESMTP(smtp.ESMTP):
                               errbackArgs=(user, exchange.mech))
 
     def _tooManyFailures(self):
-        return reject(421, auth.TOO_MANY.format(dom=self.settings.dom), hangup=True,
+        return reject(421, replies.AUTH_TOO_MANY.format(dom=self.settings.dom), hangup=True,
                       reason="auth-throttled")
 
     def _authenticated(self, result, user, mech):
@@ -939,7 +939,7 @@ class UpasESMTP(smtp.ESMTP):
         s.user = user
         self.log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys,
                       event="smtpd.auth", peer=s.rsys, mechanism=mech, result="success")
-        self.sendReply(235, auth.OK)
+        self.sendReply(235, replies.AUTH_OK)
 
     def _authFailed(self, failure, user, mech):
         s = self.session
@@ -948,8 +948,8 @@ class UpasESMTP(smtp.ESMTP):
             self.log.error("temporary authentication failure for {user} from {rsys}: {err}",
                            user=user, rsys=s.rsys, err=failure.getErrorMessage(),
                            event="smtpd.auth", peer=s.rsys, mechanism=mech, result="tempfail")
-            return self.reply(reject(454, auth.TEMPORARY, reason="auth-error"))
-        return self._authFailure(reject(535, auth.FAILED, reason="auth-failed"), user, mech)
+            return self.reply(reject(454, replies.AUTH_TEMPORARY, reason="auth-error"))
+        return self._authFailure(reject(535, replies.AUTH_FAILED, reason="auth-failed"), user, mech)
 
     def _authFailure(self, verdict, user, mech):
         """Answer a failed attempt once the address's turn comes (``auth.Throttle``)."""
@@ -1172,17 +1172,19 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         def gather(name, arg):
             if name == "connection_slot":
                 return self.store.acquireConnection(
-                    ip, looked["peer_trust"][0], s.max_connections_per_peer, s.max_connections)
+                    ip, policy.peer_facts(ip, s, looked)[0], s.max_connections_per_peer,
+                    s.max_connections)
             return self.spam.gather(name, ip, None)
 
         def decided(outcome):
-            trusted = looked["peer_trust"][0]
+            facts = policy.peer_facts(ip, s, looked)
+            trusted = facts[0]
             if outcome.decision.ok:
                 if p not in self.connections:  # gone while the store answered
                     self.store.releaseConnection(ip, trusted)
                     return None
                 p.exempt = trusted
-                return looked["peer_trust"], outcome
+                return facts, outcome
             self.connections.discard(p)  # refused: no session to count or close
             self._refused(outcome.decision, ip, looked).makeConnection(p.transport)
             return None

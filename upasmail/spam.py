@@ -43,19 +43,11 @@ class SpamFilter:
 
     def peer(self, rsys, granted=False):
         """(trusted, IP action) for a new connection; ``granted``: the
-        store's temporary grant (``peer_facts`` asks for it)."""
+        store's temporary grant (``policy.peer_facts`` is what the server asks)."""
         lists = self.ratify.current()
         trusted = (relay.is_trusted(rsys, self.settings.ournets)
                    or lists.is_trusted(rsys) or granted)
         return trusted, lists.ip_action(rsys)
-
-    def peer_facts(self, rsys):
-        """``peer`` once the store has said whether a grant trusts the peer;
-        it is asked only when nothing else does."""
-        trusted, action = self.peer(rsys)
-        if trusted:
-            return defer.succeed((trusted, action))
-        return self.store.isGranted(rsys).addCallback(lambda granted: self.peer(rsys, granted))
 
     # -- facts (policy.FACTS) ------------------------------------------------
 
@@ -63,14 +55,11 @@ class SpamFilter:
         """The fact ``name`` about ``arg``: a value or a Deferred of one."""
         return getattr(self, "fact_" + name)(arg, session)
 
-    def fact_peer_trust(self, rsys, session):
-        return self.peer_facts(rsys)
+    def fact_granted(self, rsys, session):
+        return self.store.isGranted(rsys)
 
     def fact_ratify(self, arg, session):
         return self.ratify.current()
-
-    def fact_ours(self, arg, session):
-        return session.ours
 
     def fact_helo_dns(self, him, session):
         d = dnscheck.name_status(self.resolver, him, self.clock, self.settings.dns_timeout)

@@ -15,6 +15,7 @@ from twisted.protocols import basic
 from zope.interface import alsoProvides, implementer
 
 from . import conf as smtpdconf
+from . import replies
 from . import settings as smtpdsettings
 from .service import makeSmtpdFactory
 
@@ -332,8 +333,8 @@ class _ScriptedSMTP(basic.LineOnlyReceiver):
             self.session.auth.append(text)
             mech = text.split()[1].upper() if len(text.split()) > 1 else ""
             if mech == "LOGIN" and len(text.split()) == 2:
-                self.send("334 VXNlcm5hbWU6")
-                self.auth_steps = ["334 UGFzc3dvcmQ6", reply]
+                self.send("334 " + replies.AUTH_USERNAME_PROMPT)
+                self.auth_steps = ["334 " + replies.AUTH_PASSWORD_PROMPT, reply]
                 return
             if mech == "CRAM-MD5":
                 self.send("334 PDEyMzQ1QGZha2UuZXhhbXBsZT4=")  # <12345@fake.example>

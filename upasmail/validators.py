@@ -28,15 +28,13 @@ import re
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import dnscheck, process
+from . import dnscheck, process, replies
 from .address import NULL_SENDER
 from .decision import ACCEPT, reject
 from .conf import WatchedFile
 
 log = Logger(namespace="smtpd")
 
-NOT_ALLOWED = "5.7.1 {path} ... sending system not allowed"
-CHECK_LATER = "4.3.0 {path} ... cannot check this address now; try again later"
 _RC_PREFIX = re.compile(r"^validatesender(?: \d+)?: ")
 
 
@@ -72,14 +70,14 @@ def sender_status(outcome):
     if outcome.ok:
         return ACCEPT
     if not outcome.started:
-        text = "deferred: fork: cannot start validatesender"
+        text = replies.VALIDATESENDER_NOT_STARTED
     elif outcome.timed_out:
-        text = "deferred: validatesender timed out"
+        text = replies.VALIDATESENDER_TIMED_OUT
     else:
         text = _RC_PREFIX.sub("", outcome.status())
     if text.startswith("rejected:"):
-        return reject(554, "5.7.1 " + text, reason="sender-check")
-    return reject(450, "4.7.0 " + text, reason="sender-check")
+        return reject(554, replies.REFUSED.format(text=text), reason="sender-check")
+    return reject(450, replies.SENDER_DEFERRED.format(text=text), reason="sender-check")
 
 
 class Validators:
@@ -157,11 +155,11 @@ class Validators:
             return ACCEPT
         who = "%s!postmaster" % him if sender == NULL_SENDER else sender
         if "!" not in who:
-            return reject(554, "5.7.1 rejected: domainless sender %s" % who,
-                          reason="sender-check")
+            return reject(554, replies.REFUSED.format(
+                text=replies.DOMAINLESS_SENDER.format(who=who)), reason="sender-check")
         domain, user = who.split("!", 1)
         if any(c in s for s in (domain, user, him) for c in "\r\n"):
-            return reject(554, "5.7.1 rejected: evil sender/domain/helo",
+            return reject(554, replies.REFUSED.format(text=replies.EVIL_SENDER),
                           reason="sender-check")
         argv = [program, "-n", "/net", domain, user, rsys, him]
         outcome = yield process.run(self.reactor, self.clock, argv, self.timeout)
