@@ -17,6 +17,7 @@ validator runs, store calls and opt-out files, and stat no lib file more
 often.  Order is not compared (a Counter), only what is asked and how often.
 """
 
+import base64
 import os
 import shutil
 import stat
@@ -62,12 +63,12 @@ def any_of(name):
 
 
 def lib(aliases, users, blocked, validateaddress=0, names_blocked=0, senders=0,
-        validatesender=0):
+        validatesender=0, passwd=0):
     """How often each ``<lib>`` file was stat'ed (aliases and users: the
     local delivery's, once when the server starts and at each RCPT and DATA)."""
     counts = {"aliases": aliases, "users": users, "blocked": blocked,
               "validateaddress": validateaddress, "names.blocked": names_blocked,
-              "senders": senders, "validatesender": validatesender}
+              "senders": senders, "validatesender": validatesender, "passwd": passwd}
     return {"lib/" + name: n for name, n in counts.items() if n}
 
 
@@ -150,9 +151,9 @@ class LazyCase(unittest.TestCase):
         os.chmod(path, stat.S_IRWXU)
 
     @defer.inlineCallbacks
-    def session(self, *lines, peer=PEER, conf="", **kw):
+    def session(self, *lines, peer=PEER, **kw):
         """Run one connection to its end; fires with its Facts."""
-        settings = testing.make_settings(conf, root=self.root, **kw)
+        settings = testing.make_settings("", root=self.root, **kw)
         resolver = CountingResolver(ZONE)
         store = CountingStore(LocalStateStore(settings, self.clock))
         self.patch(testing, "makeSmtpdFactory",
@@ -330,6 +331,25 @@ class Sessions(LazyCase):
         self.assertEqual(f.replies[4],
                          "554 5.7.1 rejected: /dev/null sending to multiple recipients")
         self.assertFacts(f, lib(3, 5, 3, 2, 2, 2), dns=[any_of("h.sender.net")])
+
+    @defer.inlineCallbacks
+    def test_authenticated_peer_is_asked_what_a_trusted_one_is(self):
+        # -p: PLAIN without TLS; the passwd file is read when AUTH is offered
+        self.write("lib/passwd", "alice:s3cret\n")
+        self.validator("validatesender", 1)  # would refuse: it must not run
+        login = base64.b64encode(b"\0alice\0s3cret").decode()
+        f = yield self.session("EHLO h.sender.net", "AUTH PLAIN " + login,
+                               "HELO ghost.sender.net",  # not looked up any more
+                               "MAIL FROM:<a@nowhere.net>", "RCPT TO:<bob>", "DATA",
+                               *MESSAGE + ("QUIT",),
+                               clear_passwords=True, greylist=True, verify_sender=True)
+        self.assertEqual(f.replies[1:], [
+            "235 2.0.0 Authentication successful",
+            "250 gnot.example.org you are ghost.sender.net",
+            "250 2.0.0 sender is nowhere.net!a", "250 2.0.0 receiver is bob",
+            GO_AHEAD, SENT, BYE])
+        self.assertFacts(f, lib(3, 5, 2, 1, 1, 1, passwd=8), dns=[any_of("h.sender.net")],
+                         store=CONNECT + ["authBegin", "authSucceeded"])
 
 
 class RatifyAndGreylist(LazyCase):
