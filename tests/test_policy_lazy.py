@@ -19,17 +19,15 @@ often.  Order is not compared (a Counter), only what is asked and how often.
 
 import base64
 import os
-import shutil
 import stat
-import tempfile
 import time
 from collections import Counter
 
 from twisted.internet import defer, reactor, task
 from twisted.names import dns
-from twisted.trial import unittest
 from zope.interface import implementer
 
+import test_antiabuse
 from upasmail import service, testing
 from upasmail.statestore import IStateStore, LocalStateStore
 
@@ -113,14 +111,12 @@ class Facts:
         self.lib = lib
 
 
-class LazyCase(unittest.TestCase):
-    """Sessions against one mail root and one clock; each records its facts."""
+class LazyCase(test_antiabuse.Case):
+    """Sessions against one mail root (``root``, ``lib``, ``write`` are the
+    anti-abuse tests') and one clock; each records its facts."""
 
     def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="upasmail-lazy-")
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.lib = os.path.join(self.root, "lib")
-        os.makedirs(self.lib)
+        test_antiabuse.Case.setUp(self)
         self.runs = os.path.join(self.root, "validators.log")
         self.clock = task.Clock()
         self.clock.advance(time.time())  # greylist files carry real mtimes
@@ -135,13 +131,6 @@ class LazyCase(unittest.TestCase):
 
         # os.path.exists, isfile, getmtime... all come through os.stat
         self.patch(os, "stat", counting_stat)
-
-    def write(self, name, text):
-        path = os.path.join(self.root, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
 
     def validator(self, name, code=0):
         """A real ``<lib>/<name>`` that logs its argv and exits with ``code``."""
