@@ -40,6 +40,7 @@ ZONE = {
     "sender.net": [dns.Record_MX(10, "h.sender.net")],
     "gw.sender.net": [dns.Record_A("127.0.0.8")],
     PTR: [dns.Record_PTR("ptr.sender.net")],  # a name that exists only as a PTR target
+    "empty.sender.net": [],  # exists, no records: ANY answers nothing (RFC 8482)
 }
 
 MESSAGE = ("Subject: lazy", "", "hello", ".")
@@ -214,6 +215,14 @@ class Sessions(LazyCase):
         f = yield self.session("HELO ptr.sender.net", "QUIT")
         self.assertEqual(f.replies, ["250 gnot.example.org you are ptr.sender.net", BYE])
         self.assertFacts(f, HELO_ONLY, dns=[any_of("ptr.sender.net"), (PTR, "PTR")])
+
+    @defer.inlineCallbacks
+    def test_helo_name_without_records_falls_back_to_a_aaaa_mx(self):
+        f = yield self.session("HELO empty.sender.net", "QUIT")
+        self.assertEqual(f.replies, [LIAR])
+        self.assertFacts(f, HELO_ONLY, dns=[
+            any_of("empty.sender.net"), ("empty.sender.net", "A"), ("empty.sender.net", "AAAA"),
+            ("empty.sender.net", "MX"), (PTR, "PTR")])
 
     @defer.inlineCallbacks
     def test_static_lies_need_no_dns(self):
