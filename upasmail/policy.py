@@ -134,13 +134,13 @@ def sender_path(s, cmd):
     return path
 
 
-def filter_state(s, sender, lists):
+def filter_state(s, sender, looked):
     """upas spam.c blocked(): the state a new transaction starts in."""
     if s.trusted or s.authenticated:
         return ratify.TRUSTED
     if s.hisaction != ratify.ACCEPT:
         return s.hisaction
-    return lists.account_action(sender)
+    return looked["ratify"].account_action(sender)
 
 
 def data_state(s, looked):
@@ -315,7 +315,7 @@ def smtputf8_sender(s, cmd, conf, looked):
 
 def filterstate(s, cmd, conf, looked):
     """The ratify state; upas refuses for it only at DATA."""
-    return Accept(filterstate=filter_state(s, sender_path(s, cmd), looked["ratify"]))
+    return Accept(filterstate=filter_state(s, sender_path(s, cmd), looked))
 
 
 def sender_domain(s, cmd, conf, looked):
@@ -325,7 +325,7 @@ def sender_domain(s, cmd, conf, looked):
     domain = path.split("!", 1)[0]
     if not conf.verify_sender or path == NULL_SENDER or "!" not in path:
         return ACCEPT
-    if filter_state(s, path, looked["ratify"]) != ratify.ACCEPT:
+    if filter_state(s, path, looked) != ratify.ACCEPT:
         return ACCEPT
     if domain in s.refused_domains:
         return reject(554, replies.NO_SUCH_DOMAIN_MAIL.format(sender=path),
