@@ -49,25 +49,44 @@ from .decision import ACCEPT, Accept, reject
 
 
 class Missing(Exception):
-    """A check needs a fact that has not been gathered (``arg``: for what)."""
+    """A check needs a fact that has not been gathered (``arg``: for what;
+    ``waiting``: the Deferred that will give it, when its gathering began)."""
 
-    def __init__(self, name, arg=None):
+    def __init__(self, name, arg=None, waiting=None):
         Exception.__init__(self, name)
         self.name = name
         self.arg = arg
+        self.waiting = waiting
 
 
 class Facts(dict):
-    """The looked-up facts of one evaluation; a missing one stops the run."""
+    """The looked-up facts of one evaluation.
+
+    A missing fact is asked of ``gather`` (``decide`` sets it); one that
+    comes at once is kept and the run goes on, one that comes later (a
+    Deferred) or cannot be asked for stops the run (``Missing``).
+    """
+
+    __slots__ = ("gather",)
+
+    def __init__(self, *args, **kwargs):
+        dict.__init__(self, *args, **kwargs)
+        self.gather = None
 
     def __missing__(self, name):
-        raise Missing(name)
+        return self.need(name)
 
     def need(self, name, arg=None):
         """The fact ``name`` (about ``arg``, for whoever gathers it)."""
         if name in self:
             return dict.__getitem__(self, name)
-        raise Missing(name, arg)
+        if self.gather is None:
+            raise Missing(name, arg)
+        value = self.gather(name, arg)
+        if isinstance(value, defer.Deferred):
+            raise Missing(name, arg, value)
+        self[name] = value
+        return value
 
 
 class Outcome:
@@ -91,12 +110,14 @@ class Outcome:
 
 
 class Pending:
-    """The run stopped at check ``index``: it needs fact ``name`` (about ``arg``)."""
+    """The run stopped at check ``index``: it needs fact ``name`` (about
+    ``arg``), which ``waiting`` (a Deferred) will give, when not None."""
 
-    __slots__ = ("name", "arg", "index", "effects")
+    __slots__ = ("name", "arg", "index", "effects", "waiting")
 
-    def __init__(self, name, arg, index, effects):
+    def __init__(self, name, arg, index, effects, waiting=None):
         self.name, self.arg, self.index, self.effects = name, arg, index, effects
+        self.waiting = waiting
 
 
 def run(table, session, cmd, conf, looked, start=0, effects=(), trace=None):
@@ -110,7 +131,7 @@ def run(table, session, cmd, conf, looked, start=0, effects=(), trace=None):
         try:
             d = check(session, cmd, conf, looked)
         except Missing as m:
-            return Pending(m.name, m.arg, i, effects)
+            return Pending(m.name, m.arg, i, effects, m.waiting)
         if trace is not None:
             trace.append((check.__name__, d))
         if not d.ok or i == last:
@@ -173,7 +194,9 @@ def _path_too_long(cmd, conf):
 # (the wait itself, tarpit.delay, comes before the table runs)
 
 def rejectcheck(s, cmd, conf, looked):
-    return tarpit.rejectcheck(s.rejects, s.hardreject)
+    if s.rejects or s.hardreject:
+        return tarpit.rejectcheck(s.rejects, s.hardreject)
+    return ACCEPT
 
 
 # -- connect (smtpd.c main, spam.c; the factory) ----------------------------
@@ -321,9 +344,11 @@ def filterstate(s, cmd, conf, looked):
 def sender_domain(s, cmd, conf, looked):
     """-r: the sender's domain must exist; an NXDOMAIN sender is refused
     at DATA, and at once by later MAILs of the session."""
+    if not conf.verify_sender:
+        return ACCEPT
     path = sender_path(s, cmd)
     domain = path.split("!", 1)[0]
-    if not conf.verify_sender or path == NULL_SENDER or "!" not in path:
+    if path == NULL_SENDER or "!" not in path:
         return ACCEPT
     if filter_state(s, path, looked) != ratify.ACCEPT:
         return ACCEPT
@@ -694,27 +719,28 @@ def decide(table, session, cmd, conf, gather, looked=None, trace=None):
     fires with it once a fact that came later is in.  ``looked`` keeps the
     facts gathered (for the decision log); ``trace`` as in ``run``."""
     looked = Facts() if looked is None else looked
+    looked.gather = gather
     return _drive(run(table, session, cmd, conf, looked, trace=trace),
-                  table, session, cmd, conf, gather, looked, trace)
+                  table, session, cmd, conf, looked, trace)
 
 
 def resume(pending, table, session, cmd, conf, gather, looked, trace=None):
-    """Go on with a run that stopped at ``pending`` (``decide``'s result)."""
-    return _drive(pending, table, session, cmd, conf, gather, looked, trace)
+    """Go on with a run that stopped at ``pending`` (``run``'s result)."""
+    looked.gather = gather
+    return _drive(pending, table, session, cmd, conf, looked, trace)
 
 
-def _drive(r, table, session, cmd, conf, gather, looked, trace):
+def _drive(r, table, session, cmd, conf, looked, trace):
     while isinstance(r, Pending):
-        value = gather(r.name, r.arg)
+        value = r.waiting if r.waiting is not None else looked.gather(r.name, r.arg)
         if isinstance(value, defer.Deferred):
-            return value.addCallback(_gathered, r, table, session, cmd, conf, gather, looked,
-                                     trace)
+            return value.addCallback(_gathered, r, table, session, cmd, conf, looked, trace)
         looked[r.name] = value
         r = run(table, session, cmd, conf, looked, r.index, r.effects, trace)
     return r
 
 
-def _gathered(value, pending, table, session, cmd, conf, gather, looked, trace):
+def _gathered(value, pending, table, session, cmd, conf, looked, trace):
     looked[pending.name] = value
     r = run(table, session, cmd, conf, looked, pending.index, pending.effects, trace)
-    return _drive(r, table, session, cmd, conf, gather, looked, trace)
+    return _drive(r, table, session, cmd, conf, looked, trace)

@@ -615,26 +615,32 @@ class UpasESMTP(smtp.ESMTP):
         """A fact a check asks for (``policy.FACTS``): the delivery back end's
         answers here, the rest from the anti-abuse state (``spam``)."""
         if name == "validate_from":
-            d = defer.maybeDeferred(self.delivery.validateFrom, self._helo, arg)
-            return d.addCallbacks(lambda _: ACCEPT, self._failureReply,
-                                  errbackArgs=("validateFrom",))
+            return self._delivered(self.delivery.validateFrom, "validateFrom", self._helo, arg)
         if name == "validate_to":
-            return self._validateTo(arg)
+            user = Recipient(arg, self, self._helo, self.session.envelope.sender)
+            return self._delivered(self.delivery.validateTo, "validateTo", user)
         if name == "mailer_ready":
             return getattr(self.delivery, "ready", lambda: ACCEPT)()
         if name == "auth_mechanisms":
             return self._authMechanisms()
         return self.spam.gather(name, arg, self.session)
 
-    def _validateTo(self, path):
-        user = Recipient(path, self, self._helo, self.session.envelope.sender)
+    def _delivered(self, f, what, *args):
+        """The back end's answer as a decision (at once, if it gives one at
+        once); validateTo's is the message's maker, kept for DATA."""
+        try:
+            result = f(*args)
+        except Exception:
+            return self._failureReply(Failure(), what)
+        if isinstance(result, defer.Deferred):
+            return result.addCallbacks(self._answered, self._failureReply,
+                                       callbackArgs=(what,), errbackArgs=(what,))
+        return self._answered(result, what)
 
-        def found(factory):
-            self._factory = factory  # not a fact: the message's maker, for DATA
-            return ACCEPT
-
-        d = defer.maybeDeferred(self.delivery.validateTo, user)
-        return d.addCallbacks(found, self._failureReply, errbackArgs=("validateTo",))
+    def _answered(self, result, what):
+        if what == "validateTo":
+            self._factory = result  # not a fact: the message's maker, for DATA
+        return ACCEPT
 
     def _apply(self, outcome, cmd, looked):
         """Apply the decisions' effects and log the lines they call for;

@@ -100,16 +100,19 @@ class Validators:
     def _program(self, path):
         return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
-    @defer.inlineCallbacks
     def validateaddress(self, rcpt, log=log):
         """Run validateaddress for ``rcpt``: "ok", "unknown", "tempfail" (it
-        hung or could not start) or "absent" (no executable program).
+        hung or could not start), or at once "absent" (no executable program).
 
         ``log`` is the session's logger (logs.SessionLogger).
         """
         program = self._program(self.validateaddress_path)
         if not program:
             return "absent"
+        return self._validateaddress(program, rcpt, log)
+
+    @defer.inlineCallbacks
+    def _validateaddress(self, program, rcpt, log):
         outcome = yield process.run(self.reactor, self.clock, [program, rcpt], self.timeout)
         if not outcome.started or outcome.timed_out:
             log.warn("validateaddress {rcpt}: {err}", rcpt=rcpt, event="smtpd.validate",
@@ -147,12 +150,16 @@ class Validators:
             tempfail = tempfail or status == dnscheck.TEMPFAIL
         return "tempfail" if tempfail else "refused"
 
-    @defer.inlineCallbacks
     def sendermxcheck(self, sender, him, rsys):
-        """validatesender for the first MAIL sender (untrusted peers)."""
+        """validatesender for the first MAIL sender (untrusted peers): its
+        decision, at once when there is no program to run."""
         program = self._program(self.validatesender)
         if program is None:
             return ACCEPT
+        return self._sendermxcheck(program, sender, him, rsys)
+
+    @defer.inlineCallbacks
+    def _sendermxcheck(self, program, sender, him, rsys):
         who = "%s!postmaster" % him if sender == NULL_SENDER else sender
         if "!" not in who:
             return reject(554, replies.REFUSED.format(
