@@ -5,8 +5,8 @@ import ipaddress
 import pytest
 from hypothesis import given, strategies as st
 
-from upasmail import address, conf, grammar, relay
-from upasmail.decision import Accept, Reject, evaluate, reject
+from upasmail import address, conf, grammar, policy, relay
+from upasmail.decision import Accept, Reject, reject
 
 
 # -- address ---------------------------------------------------------------
@@ -195,17 +195,19 @@ def test_domain_wildcard_matches_self_and_below(sub, base):
 
 # -- decision --------------------------------------------------------------
 
-def test_evaluate_stops_at_first_refusal():
+def test_a_table_stops_at_first_refusal():
     calls = []
 
-    def ok(x):
+    def ok(s, cmd, conf, looked):
         calls.append("ok")
         return Accept()
 
-    def no(x):
+    def no(s, cmd, conf, looked):
         calls.append("no")
         return reject(550, "no")
 
-    assert evaluate((ok, no, ok), 1) == Reject(550, ("no",))
+    outcome = policy.run((ok, no, ok), None, None, None, policy.Facts())
+    assert outcome.decision == Reject(550, ("no",))
+    assert outcome.check == "no"
     assert calls == ["ok", "no"]
     assert reject(451, "later").temporary

@@ -29,7 +29,7 @@ closed set, docs/logging.rst).
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Tuple
+from typing import Any, Tuple
 
 
 @dataclass(frozen=True)
@@ -90,18 +90,3 @@ def reject(code: int, *lines: str, counts: bool = True, hangup: bool = False,
 
 
 ACCEPT = Accept()
-
-
-def evaluate(checks: Iterable[Callable[..., Any]], *args, **kwargs):
-    """Run checks in order and return the first verdict that is not Accept.
-
-    This is upas's "order of checks is the specification": each phase lists
-    its checks as a tuple and the first refusal wins (``policy.run`` is the
-    evaluator the server uses: it also gathers facts lazily).
-    """
-    verdict = ACCEPT
-    for check in checks:
-        verdict = check(*args, **kwargs)
-        if not verdict.ok:
-            return verdict
-    return verdict

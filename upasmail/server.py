@@ -22,28 +22,13 @@ twisted-notes.md §5 shows to be unsafe:
   HELO, envelope and AUTH, and is not offered again; an implicit-TLS
   listener counts as encrypted from the start.
 
-Check order per command (upas smtpd.c); every command marked * first
-passes the tarpit (``tarpit``: wait, too many errors, dial hard reject):
-
-connect    -k banned → no protocol at all (factory); trusted? ratify IP action,
-           the store's grant → connection limits (the store) → greeting
-HELO/EHLO* syntax → lie checks (untrusted; ``helo``) → -D wait → reply
-MAIL*      path length (ours) → AUTH required (-a, -E) → HELO given → no open
-           transaction (ours) → filterstate (ratify) → -r sender domain
-           → validateFrom
-RCPT*      path length (ours) → HELO given → MAIL given (ours) → recipient
-           limit (ours) → validateaddress, names.blocked → senders → relay
-           → validateTo
-DATA*      MAIL → RCPT → (untrusted) null sender to many, validatesender
-           → filterstate action (dial, deny, block, delay; nospamfiltering)
-           → greylist (-g, untrusted) → mailer ready → 354
-AUTH*      checker present → not yet authenticated → HELO given → no open
-           transaction (ours) → encryption for PLAIN/LOGIN → mechanism
-           offered → exchange → the address's failure budget (throttle)
-           → portal; failures (malformed responses too) are answered one
-           after another per address, the --auth-max-failures'th from the
-           address closes the connection
-STARTTLS   -c given → not yet encrypted → 220, then TLS
+Which checks a command passes, and in which order, is not written here:
+it is ``policy``'s tables (one per phase: connect, helo, mail, rcpt, data,
+auth).  A command is parsed, the tarpit's wait done, its table run
+(``policy.decide``, with the facts it asks for gathered by ``_gather``),
+the decisions' effects applied (``_apply``), and the reply sent: a
+refusal by ``reply``, an acceptance by the command's ``cmd_*`` handler,
+which only records what was accepted.
 
 Connection counts, the AUTH budget, the greylist and the grants live in
 the state store (``statestore.IStateStore``), which may be another
