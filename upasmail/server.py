@@ -377,6 +377,8 @@ class UpasESMTP(smtp.ESMTP):
             self._buf = buf[pos:]
         finally:
             self._draining = False
+        if not self._busy:
+            self._quiet()
 
     def _dataBlock(self, buf, pos):
         """Take every complete DATA line in ``buf[pos:]`` at once (``framing``).
@@ -461,12 +463,16 @@ class UpasESMTP(smtp.ESMTP):
             if not self._waiting:  # else answered at once: _drain goes on
                 self._drain()
         if not self._busy:
-            if self._quietWaiters:
-                waiters, self._quietWaiters = self._quietWaiters, ()
-                for d in waiters:
-                    d.callback(None)
+            if not self._waiting:  # else _drain goes on, and says when it is quiet
+                self._quiet()
             self._closeIfIdle()
         return None
+
+    def _quiet(self):
+        if self._quietWaiters:
+            waiters, self._quietWaiters = self._quietWaiters, ()
+            for d in waiters:
+                d.callback(None)
 
     def _idleLimit(self):
         """RFC 5321 4.5.3.2: how long the client may be silent now."""
