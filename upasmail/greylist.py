@@ -17,26 +17,18 @@ as ``<rsys> <ptr name>``.  Otherwise: ``451 please try again soon from
 the same IP.`` and the connection is closed.
 
 Times come from the injected clock (the mtime is set with ``os.utime``),
-so tests need no real waiting.  Trusted and authenticated peers are not
+so tests need no real waiting.  The decision is ``policy.greylisting``.  Trusted and authenticated peers are not
 greylisted (upas [9F] greylists trusted peers too; see deviations).
 """
 
 import errno
 import os
 
-from twisted.logger import Logger
-
-from . import replies
-from .conf import ConfigError, parse_network, tokenize
-from .decision import ACCEPT, Accept, reject
+from .conf import ConfigError, WatchedFile, parse_network, tokenize
 from .relay import in_nets
-from .conf import WatchedFile
-
-log = Logger(namespace="smtpd")
 
 MIN_AGE = 5 * 60
 MAX_AGE = 14 * 60 * 60
-NEWLY_WHITE = "newly white"
 # what an attempt found for one recipient
 NEW, RECENT, OTHER = "new", "recent", "other"
 OUTCOME_LINES = {
@@ -112,22 +104,3 @@ class Greylist:
         os.makedirs(self.directory, exist_ok=True)
         with open(self.whitelist_path, "a") as f:
             f.write("%s %s\n" % (rsys, name) if name else "%s\n" % rsys)
-
-
-def verdict(whitelisted, rsys, outcomes, log=log):
-    """ACCEPT, the 451 hang-up, or ``Accept(NEWLY_WHITE)``: pass and
-    append the peer to the whitelist.
-
-    ``outcomes`` are ``Greylist.attempt``'s, logged here with ``log``, the
-    session's logger (logs.SessionLogger), wherever the attempt was recorded.
-    """
-    if whitelisted:
-        return ACCEPT
-    for rcpt, state in outcomes:
-        log.info(OUTCOME_LINES[state], rsys=rsys, rcpt=rcpt, event="smtpd.greylist",
-                 peer=rsys, state=state)
-    if any(state == RECENT for _, state in outcomes):
-        return Accept(NEWLY_WHITE)
-    log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
-             rsys=rsys, event="smtpd.greylist", peer=rsys, rcpt=None, state="refused")
-    return reject(451, replies.TRY_AGAIN, hangup=True, reason="greylist")

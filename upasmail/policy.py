@@ -41,7 +41,7 @@ auth               ``auth_mechanisms`` (a checker exists, the mechanisms)
 
 from twisted.internet import defer
 
-from . import dnscheck, grammar, greylist, helo, ratify, relay, replies, statestore, tarpit
+from . import auth, dnscheck, grammar, greylist, helo, ratify, relay, replies, statestore, tarpit
 from .address import NULL_SENDER
 from .decision import ACCEPT, Accept, reject
 
@@ -604,7 +604,7 @@ def no_transaction(s, cmd, conf, looked):
 
 def encryption(s, cmd, conf, looked):
     """PLAIN and LOGIN only when encrypted, or with -p."""
-    if cmd.arg in ("PLAIN", "LOGIN") and not (s.encrypted or conf.clear_passwords):
+    if cmd.arg in auth.CLEARTEXT and not (s.encrypted or conf.clear_passwords):
         return reject(538, replies.AUTH_ENCRYPTION_REQUIRED, reason="tls",
                       detail="encryption-required")
     return ACCEPT
