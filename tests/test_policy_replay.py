@@ -350,3 +350,19 @@ def test_twistd_decision_log_and_replay(server, tmp_path):
     # authenticated: the deny list does not apply to her; nothing changes
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["sessions"] == 2
+
+
+def test_stdio_upas_smtpd_keeps_the_decision_log(tmp_path, dns_port):  # noqa: F811
+    from test_stdio import MESSAGE, over_socketpair
+
+    path = tmp_path / "decisions.jsonl"
+    session, s = over_socketpair(tmp_path, "--resolver", "127.0.0.1:%d" % dns_port,
+                                 "-n", "192.0.2.7!4711", "--decision-log", str(path))
+    s.ehlo("client.sender.net")
+    assert s.sendmail("alice@example.org", ["bob"], MESSAGE) == {}
+    s.quit()
+    assert session.wait() == 0
+    [r] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (r["peer"], r["end"], r["accepted"]) == ("192.0.2.7", "quit", 1)
+    assert [c["line"] for c in r["commands"]][:2] == ["ehlo client.sender.net",
+                                                      "mail FROM:<alice@example.org> size=33"]
