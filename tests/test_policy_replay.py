@@ -366,3 +366,11 @@ def test_stdio_upas_smtpd_keeps_the_decision_log(tmp_path, dns_port):  # noqa: F
     assert (r["peer"], r["end"], r["accepted"]) == ("192.0.2.7", "quit", 1)
     assert [c["line"] for c in r["commands"]][:2] == ["ehlo client.sender.net",
                                                       "mail FROM:<alice@example.org> size=33"]
+
+
+def test_replay_help_exits_0():
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", out)
+        assert replay.main(["--help"], out, io.StringIO()) == 0
+    assert out.getvalue().startswith("upas-policy replay [--conf new.conf]")

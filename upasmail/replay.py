@@ -43,7 +43,8 @@ POLICY_DATA = decisionlog.POLICY_DATA | {"nospamfiltering"}
 
 
 class Options(tap_smtpd.Options):
-    synopsis = "[--conf new.conf] [--root DIR] [smtpd flags] [--json] decisions.jsonl"
+    synopsis = ("upas-policy replay [--conf new.conf] [--root DIR] [smtpd flags] [--json] "
+                "decisions.jsonl")
     longdesc = ("Run the sessions of a decision log (upas-smtpd --decision-log) again "
                 "through the policy these flags and files give, and print the "
                 "transactions that would now be decided differently.")
@@ -304,8 +305,10 @@ def main(argv=None, out=None, err=None):
     except usage.UsageError as e:
         print("upas-policy replay: %s" % e, file=err)
         return EXIT_ERROR
-    except SystemExit as e:  # a configuration the server would not start with
-        print(str(e.code).replace("upas-smtpd:", "upas-policy replay:", 1), file=err)
+    except SystemExit as e:  # --help; or a configuration the server would not start with
+        if not isinstance(e.code, str):
+            return e.code or EXIT_SAME
+        print(e.code.replace("upas-smtpd:", "upas-policy replay:", 1), file=err)
         return EXIT_ERROR
     try:
         records = read_log(options["log"])
