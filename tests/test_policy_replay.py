@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import capturedLogs
 
 from upasmail import checkconfig, conf, decisionlog, ratify, replay, simulate, tap_smtpd, testing
@@ -374,3 +374,18 @@ def test_replay_help_exits_0():
         mp.setattr(sys, "stdout", out)
         assert replay.main(["--help"], out, io.StringIO()) == 0
     assert out.getvalue().startswith("upas-policy replay [--conf new.conf]")
+
+
+def test_a_store_failure_at_connect_is_recorded_undecided(tmp_path):
+    rec = Recorder(tmp_path)
+    log = rec.log
+    d = testing.Dialogue(rec.settings, peer="192.0.2.7", clock=rec.clock, decisions=log)
+    d.close()
+    d.factory.store.acquireConnection = lambda *a: defer.fail(OSError("store gone"))
+    p = d.factory.buildProtocol(testing.address("192.0.2.8", 4321))
+    p.makeConnection(testing.FakeTLSTransport(peerAddress=testing.address("192.0.2.8", 4321),
+                                              hostAddress=testing.address("127.0.0.1", 25)))
+    [first, failed] = rec.records()
+    assert failed["end"] == "error" and "decision" not in failed["connect"]
+    code, result = json_replay(rec)
+    assert [u["missing"] for u in result["undecidable"]] == ["connection_slot"]

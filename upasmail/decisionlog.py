@@ -151,11 +151,13 @@ class DecisionLog:
 
     def refused(self, ip, looked, trace, end):
         """A connection refused before its greeting (-k, a limit, shutting
-        down): its line, at once."""
+        down; ``error``: the store failed, nothing decided): its line, at once."""
+        connect = self._evaluation("CONNECT " + ip, looked, trace)
+        if end == "error":
+            connect.pop("decision", None)
         self._write({"session": logs.new_session_id(), "time": round(self.clock.seconds(), 3),
-                     "peer": ip, "local": None,
-                     "connect": self._evaluation("CONNECT " + ip, looked, trace),
-                     "commands": [], "end": end})
+                     "peer": ip, "local": None, "connect": connect, "commands": [],
+                     "end": end})
 
     def command(self, session, line):
         """A command line as received, before it is parsed."""

@@ -1212,6 +1212,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
                         failure, ip=ip, event="error")
             _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).info,
                               "connection from {ip} closed: local error", ip, "error")
+            if trace is not None:  # the decision log
+                self.decisions.refused(ip, looked, trace, "error")
             self.connections.discard(p)
             p.transport.loseConnection()
             return None
