@@ -160,31 +160,36 @@ class DecisionLog:
                      "end": end})
 
     def command(self, session, line):
-        """A command line as received, before it is parsed."""
+        """A command line as received, before it is parsed (kept as bytes:
+        ``record`` or ``ended`` makes it text, parsing it only when the
+        server did not)."""
         record = self._open.get(session.id)
         if record is not None:
-            record["commands"].append({"line": command_text(line)})
+            record["commands"].append({"line": line})
 
     def record(self, session, cmd, looked, trace):
         """The policy's evaluation of the command last received."""
         record = self._open.get(session.id)
         if record is not None and record["commands"]:
-            record["commands"][-1].update(self._evaluation(None, looked, trace))
+            entry = record["commands"][-1]
+            entry["line"] = ("AUTH " + cmd.arg if cmd.verb == "AUTH"
+                             else entry["line"].decode("utf-8", "replace"))
+            entry.update(self._evaluation(None, looked, trace))
 
     def message(self, session, code, queue_id=None):
-        """DATA's outcome after the dot (the last DATA of the session)."""
+        """DATA's outcome after the dot: the last command is that DATA (no
+        command is read before the dot's reply)."""
         record = self._open.get(session.id)
-        if record is None:
-            return
-        for entry in reversed(record["commands"]):
-            if entry["line"].upper().startswith("DATA"):
-                entry["message"] = {"code": code, "queue_id": queue_id}
-                return
+        if record is not None and record["commands"]:
+            record["commands"][-1]["message"] = {"code": code, "queue_id": queue_id}
 
     def ended(self, session, end, duration, accepted):
         record = self._open.pop(session.id, None)
         if record is None:
             return
+        for entry in record["commands"]:
+            if isinstance(entry["line"], bytes):  # not evaluated: QUIT, a syntax error...
+                entry["line"] = command_text(entry["line"])
         record.update(end=end, helo=session.him or None, tls=session.cipher or "none",
                       auth_user=session.user, duration=round(duration, 3),
                       accepted=accepted, refused=session.refusals)
