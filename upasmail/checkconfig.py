@@ -96,7 +96,8 @@ def access_problem(path, want, user, what):
     if user.bits(st) & want != want:
         return "not %s by %s (%s)" % (
             {R: "readable", R | X: "readable", R | W: "readable and writable",
-             W | X: "writable", X: "executable"}[want], user.name, owner_text(st))
+             W | X: "writable", W: "writable", X: "executable"}[want],
+            user.name, owner_text(st))
     return None
 
 
@@ -147,11 +148,29 @@ def check(options, user, now):
     check_needs(report, privileges.needs(s, options["conf"], options["workers"],
                                          options["listen"]), user)
     check_secrets(report, s)
+    if options["decision-log"]:
+        check_decision_log(report, options["decision-log"], user)
     if s.cert:
         check_dates(report, s.cert, now)
     if service.open_relay(s, options["listen"]):
         report.warn("--listen", service.OPEN_RELAY.format(listen=options["listen"]))
     return report, s
+
+
+def check_decision_log(report, path, user):
+    """--decision-log: the file writable by the run user, or its directory
+    (the server creates it at start-up, as root before a --uid switch, but
+    logrotate's new one is made at the path)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        report.error("--decision-log %s: a directory, not a file" % path)
+        return
+    if os.path.lexists(path):
+        problem = access_problem(path, W, user, "write")
+    else:
+        problem = access_problem(os.path.dirname(path), W | X, user, "create")
+    if problem:
+        report.error("--decision-log %s: %s" % (path, problem))
 
 
 def check_secrets(report, s):

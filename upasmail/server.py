@@ -167,11 +167,12 @@ class UpasESMTP(smtp.ESMTP):
 
     def _admitted(self, admitted):
         """Greet, once the factory has admitted the connection with (trusted,
-        IP action) and the connect table's outcome; None: it has been
-        refused and closed."""
+        IP action), the connect table's outcome, its facts and its trace
+        (None unless the decision log is kept); None: it has been refused
+        and closed."""
         if admitted is None or self._lost:
             return
-        facts, outcome = admitted
+        facts, outcome, looked, trace = admitted
         peer, host = self.transport.getPeer(), self.transport.getHost()
         rsys = relay.normalize_ip(getattr(peer, "host", str(peer)))
         lsys = relay.normalize_ip(getattr(host, "host", str(host)))
@@ -182,6 +183,8 @@ class UpasESMTP(smtp.ESMTP):
         s.auth_required = self.settings.require_auth
         s.ours = self.settings.ours.with_local_ip(lsys)
         s.encrypted = ISSLTransport.providedBy(self.transport)  # implicit TLS
+        if trace is not None:  # the decision log
+            self.factory.decisions.connected(s, looked, trace, outcome)
         self.log.info("connect from {rsys}{trusted_text}", rsys=rsys,
                       trusted_text=" (trusted)" if s.trusted else "", event="smtpd.connect",
                       peer=rsys, local=lsys, trusted=s.trusted)
@@ -227,6 +230,8 @@ class UpasESMTP(smtp.ESMTP):
                               s.him, tls, s.user or "none", duration, self._end))
             self._setPhaseTimer(None)
             self._abortMessages()
+            if self.factory.decisions is not None:  # the decision log
+                self.factory.decisions.ended(s, self._end, duration, self._accepted)
         smtp.ESMTP.connectionLost(self, reason)
         self.factory.connectionGone(self)
         waiters, self._closeWaiters = self._closeWaiters, ()
@@ -552,6 +557,8 @@ class UpasESMTP(smtp.ESMTP):
     # -- commands --------------------------------------------------------
 
     def state_COMMAND(self, line):
+        if self.factory.decisions is not None:  # the decision log
+            self.factory.decisions.command(self.session, line)
         try:
             cmd = grammar.parse(line)
         except grammar.ParameterError as e:
@@ -755,6 +762,7 @@ class UpasESMTP(smtp.ESMTP):
             refused, self._dataRefused = self._dataRefused, None
             for m in messages:
                 m.connectionLost()
+            self._recordMessage(refused.code, None)
             return self.reply(refused, env, self._messageLog(messages))
         d = defer.DeferredList(
             [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
@@ -791,8 +799,14 @@ class UpasESMTP(smtp.ESMTP):
                     env.mail_from, ">,<".join(env.rcpt_paths), len(env.recipients), size,
                     s.rsys, s.him, tls, s.user or "none", mlog.message_id or "none",
                     replies.SENT))
+            self._recordMessage(250, mlog.queue_id)
             return self.sendReply(250, replies.SENT)
+        self._recordMessage(verdict.code, mlog.queue_id)
         return self.reply(verdict, env, mlog)
+
+    def _recordMessage(self, code, queue_id):
+        if self.factory.decisions is not None:  # the decision log
+            self.factory.decisions.message(self.session, code, queue_id)
 
     def _messageLog(self, messages):
         """The logger naming the message's queue id, when the back end gave one."""
@@ -1126,9 +1140,10 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         cmd = grammar.Command("CONNECT", ip)
         looked = policy.Facts(closing=self.closing, connections=len(self.connections),
                               connection_cap=self.fdCap)
-        r = policy.run(policy.CONNECT, None, cmd, self.settings, looked)
+        trace = [] if self.decisions is not None else None  # the decision log's
+        r = policy.run(policy.CONNECT, None, cmd, self.settings, looked, trace=trace)
         if isinstance(r, policy.Outcome):
-            return self._refused(r.decision, ip, looked)
+            return self._refused(r.decision, ip, looked, trace)
         p = self.protocol(self.settings, self.makeDelivery, self.clock,
                           self.contextFactory, self.spam, self.store)
         p.factory = self
@@ -1136,13 +1151,15 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         p.peerIP = ip
         p.exempt = None  # counted by the store: exempt from the per-peer limit?
         self.connections.add(p)
-        self._admitting[p] = (cmd, looked, r)
+        self._admitting[p] = (cmd, looked, r, trace)
         return p
 
-    def _refused(self, decision, ip, looked):
+    def _refused(self, decision, ip, looked, trace=None):
         """A connection refused before its greeting: its one smtpd.disconnect
         line (a refused connection is a session too: its line has an id),
         and a protocol that says 421 and closes; None for -k."""
+        if trace is not None:  # the decision log: -k too
+            self.decisions.refused(ip, looked, trace, decision.reason)
         if not decision.code:  # -k: nothing is written, nothing logged (upas)
             return None
         session = logs.SessionLogger(logs.new_session_id())
@@ -1160,9 +1177,10 @@ class UpasSMTPFactory(smtp.SMTPFactory):
 
     def admit(self, p):
         """Finish the connect table for ``p``, with the store's answers: fires
-        with (trusted, IP action) and the greeting's outcome, or None once
-        the connection has been refused (``421``) and closed."""
-        cmd, looked, pending = self._admitting.pop(p)
+        with (trusted, IP action), the greeting's outcome, the connect facts
+        and the trace (for the decision log), or None once the connection
+        has been refused (``421``) and closed."""
+        cmd, looked, pending, trace = self._admitting.pop(p)
         ip = p.peerIP
         s = self.settings
 
@@ -1181,9 +1199,9 @@ class UpasSMTPFactory(smtp.SMTPFactory):
                     self.store.releaseConnection(ip, trusted)
                     return None
                 p.exempt = trusted
-                return facts, outcome
+                return facts, outcome, looked, trace
             self.connections.discard(p)  # refused: no session to count or close
-            self._refused(outcome.decision, ip, looked).makeConnection(p.transport)
+            self._refused(outcome.decision, ip, looked, trace).makeConnection(p.transport)
             return None
 
         def failed(failure):
@@ -1191,11 +1209,13 @@ class UpasSMTPFactory(smtp.SMTPFactory):
                         failure, ip=ip, event="error")
             _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).info,
                               "connection from {ip} closed: local error", ip, "error")
+            if trace is not None:  # the decision log
+                self.decisions.refused(ip, looked, trace, "error")
             self.connections.discard(p)
             p.transport.loseConnection()
             return None
 
-        r = policy.resume(pending, policy.CONNECT, None, cmd, s, gather, looked)
+        r = policy.resume(pending, policy.CONNECT, None, cmd, s, gather, looked, trace)
         return defer.maybeDeferred(lambda: r).addCallback(decided).addErrback(failed)
 
     def connectionGone(self, p):

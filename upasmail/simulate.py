@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Tuple
 from twisted.internet import defer
 
 from . import grammar, policy, replies
-from .decision import reject
+from .decision import ACCEPT, reject
 from .session import Session
 
 
@@ -73,8 +73,10 @@ def run_session(settings, peer, local, lines, gather, encrypted=False, authentic
     for (a value or a Deferred), or raises ``Undecidable``; ``index`` is 0
     for the connection, n for ``lines[n - 1]``.  ``authenticated``:
     the user an AUTH command authenticates (its password is not checked).
-    Fires with (the session, [Step]); the run stops at a hang-up or at the
-    first fact that cannot be had.
+    A STARTTLS line is one that succeeded: the session goes on encrypted,
+    with what the client said before forgotten, as the server's does.
+    Fires with (the session, [Step]); the run stops at a hang-up, at QUIT
+    or at the first fact that cannot be had.
     """
     s = new_session(settings, peer, local)
     s.encrypted = encrypted
@@ -104,6 +106,10 @@ def _command(s, line, settings, gather, authenticated, index):
         return defer.succeed(_refused(s, line, replies.syntax_error()))
     table = policy.BY_VERB.get(cmd.verb)
     if table is None:  # QUIT, STARTTLS: not policy
+        if cmd.verb == "STARTTLS":  # one that succeeded: the session goes on, encrypted
+            s.encrypted = True
+            s.forget_client(settings.require_auth)
+            return defer.succeed(Step("other", line, decision=ACCEPT))
         return defer.succeed(Step("other", line, decision=None))
     d = _step(PHASES[id(table)], line, table, s, cmd, settings, gather, policy.Facts(), index)
     return d.addCallback(_after, s, cmd, authenticated)

@@ -335,6 +335,13 @@ def serve(options, reactor, sock, remote, local, source, out):
     except conf.ConfigError as e:
         out.say("%s: %s" % (PROG, e))
         return 1
+    from .tap_smtpd import open_decision_log
+
+    try:
+        open_decision_log(factory, options, reactor)
+    except SystemExit as e:
+        out.say(e.code)
+        return 1
     # upas-runq routes what we queue as we would: record it, once it changes
     if s.mailer is None and recorded_routing(factory.root.root) != routing_of(s):
         record_routing(factory.root.root, s)

@@ -26,7 +26,8 @@ from twisted.python import usage
 from twisted.python.systemd import ListenFDs
 
 from . import conf as smtpdconf
-from . import local, logs, passwd, privileges, ratify, service, settings, tls, workers
+from . import decisionlog, local, logs, passwd, privileges, ratify, service, settings, tls
+from . import workers
 from .mailer import resolve as resolve_mailer
 from .tap_runq import QUEUE_FLAGS, QUEUE_PARAMETERS, queue_settings
 
@@ -122,6 +123,9 @@ class Options(usage.Options):
         ["log-dir", None, None, "directory for -d traces (default: <root>/log)"],
         ["log-json", None, None, "also write every log event as a JSON line to this file "
                                  "('-': standard output); see docs/logging.rst"],
+        ["decision-log", None, None, "write one JSON line per session to this file: "
+                                     "the facts and decisions 'upas-policy replay' "
+                                     "runs again (docs/policy.rst)"],
         ["tarpit-unit", None, 1.0, "seconds per upas tarpit second (0 turns waits off)", float],
         ["tarpit-max", None, 300.0, "longest single tarpit wait, in seconds", float],
         ["mailer-timeout", None, 600.0, "seconds a -m mailer may run", float],
@@ -501,6 +505,16 @@ def serve_metrics(top, description, reactor):
     return metrics.MetricsService(counts, metrics_endpoint(description))
 
 
+def open_decision_log(factory, options, clock):
+    """--decision-log: opened at start-up (before twistd's --uid switch);
+    one that cannot be opened stops start-up with one line."""
+    try:
+        decisionlog.attach(factory, options["decision-log"], clock)
+    except OSError as e:
+        raise SystemExit("upas-smtpd: --decision-log %s: %s" % (options["decision-log"],
+                                                                failure_reason(e)))
+
+
 def makeService(options):
     s = options["settings"]
     if options["netdir"]:
@@ -514,7 +528,8 @@ def makeService(options):
     twistd_options = getattr(options, "parent", None)
     user = privileges.run_user(twistd_options)
     created = (privileges.not_yet_there(
-        privileges.created_at_startup(s, twistd_options, options["log-json"]))
+        privileges.created_at_startup(s, twistd_options, options["log-json"])
+        + [options["decision-log"]] * bool(options["decision-log"]))
         if user is not None else ())
     try:
         top = service.makeSmtpdService(s, options["listen"], reactor, resolver=resolver)
@@ -523,6 +538,7 @@ def makeService(options):
             s.root, failure_reason(e), privileges.RunUser(None, None).describe()))
     except smtpdconf.ConfigError as e:  # a file changed since the options were read
         raise SystemExit("upas-smtpd: %s" % e)
+    open_decision_log(top.factory, options, reactor)
     log.info("open files: {soft} (hard limit {hard}); at most {n} connections",
              soft=soft, hard=hard, n=top.factory.maxConnections, event="smtpd.limits")
     pool = None

@@ -153,11 +153,12 @@ class Dialogue:
     ``send(line)`` feeds a command (CRLF added) and returns the reply lines
     written since; ``clock`` is a task.Clock unless a reactor is given.
     ``mailboxes``: local users to create under the settings' root first.
+    ``decisions``: the decision log (``decisionlog.DecisionLog``) to keep.
     """
 
     def __init__(self, settings, peer="127.0.0.2", local="127.0.0.1", clock=None,
                  reactor=None, run_blocking=run_now, resolver=None, checker=None,
-                 contextFactory=None, implicit_tls=False, mailboxes=()):
+                 contextFactory=None, implicit_tls=False, mailboxes=(), decisions=None):
         make_mailboxes(settings.root, *mailboxes)
         self.clock = clock or task.Clock()
         self.resolver = resolver or FakeResolver(everything_exists=True)
@@ -166,6 +167,7 @@ class Dialogue:
                                         resolver=self.resolver, checker=checker,
                                         contextFactory=contextFactory)
         self.root = self.factory.root
+        self.factory.decisions = decisions
         self.proto = self.factory.buildProtocol(address(peer, 4321))
         if self.proto is None:  # -k: refused before any byte
             self.transport = StringTransport()

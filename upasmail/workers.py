@@ -354,6 +354,7 @@ def run(number, argv, reactor=None):
     top = smtpd_service.makeSmtpdService(
         settings, options["listen"], reactor, endpoint=adopted_endpoint(reactor, original),
         store=store, resolver=smtpd_service.makeResolver(reactor, options.get("resolverAddress")))
+    tap_smtpd.open_decision_log(top.factory, options, reactor)
     top.factory.root.enqueued.append(
         # the id is enough: the main process reads that one envelope
         lambda qid, record=None, inode=None: channel.callRemote(statestore.Enqueued, qid=qid))
