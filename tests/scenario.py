@@ -41,12 +41,13 @@ class Setup:
     def __init__(self):
         self.conf, self.flags, self.blocked, self.names_blocked = [], [], [], []
         self.senders, self.whitelist, self.users, self.optout = [], [], [], []
-        self.zone, self.failing = {}, []
+        self.zone, self.failing, self.everything = {}, [], False
 
     def copy(self):
         new = Setup()
         for k, v in vars(self).items():
-            setattr(new, k, dict(v) if isinstance(v, dict) else list(v))
+            setattr(new, k, dict(v) if isinstance(v, dict) else
+                    list(v) if isinstance(v, list) else v)
         return new
 
     def directive(self, verb, rest):
@@ -75,6 +76,9 @@ class Setup:
 
     def _dns(self, rest):
         parts = rest.split(None, 2)
+        if parts == ["*"]:  # every other name has the A record 192.0.2.1
+            self.everything = True
+            return
         if len(parts) == 2 and parts[1] == "SERVFAIL":
             self.failing.append(parts[0])
             return
@@ -86,7 +90,8 @@ class Setup:
             self.zone[name].append([rtype, value])
 
     def resolver(self):
-        return testing.FakeResolver(testing.zone_from_json(self.zone), failing=self.failing)
+        return testing.FakeResolver(testing.zone_from_json(self.zone), failing=self.failing,
+                                    everything_exists=self.everything)
 
     def write(self, root, written):
         """The mail root's policy files, as the directives say; a file is
@@ -386,28 +391,24 @@ def render(step):
 
 def dialogues(text):
     """[setup, client line, [(C line, or None for the greeting; [S lines])]]
-    per session; a session's setup is the directives before its first C: line."""
+    per session; a session takes the setup as it stands at its client line."""
     setup, sessions = Setup(), []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.rstrip()
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if line.startswith("C: "):
-            session = sessions[-1]
-            if session[0] is None:
-                session[0] = setup.copy()
-            session[2].append((line[3:], []))
+            sessions[-1][2].append((line[3:], []))
         elif line.startswith("S: ") or line == "S:":
             sessions[-1][2][-1][1].append(line[3:])
         else:
             verb, _, rest = line.strip().partition(" ")
             if verb == "client":
-                sessions.append([None, rest, [(None, [])]])
-            elif not setup.directive(verb, rest.strip()):
+                sessions.append([setup, rest, [(None, [])]])
+                continue
+            setup = setup.copy()  # for the sessions that follow
+            if not setup.directive(verb, rest.strip()):
                 raise ScenarioError("line %d: unknown directive %r" % (number, verb))
-    for session in sessions:
-        if session[0] is None:
-            session[0] = setup.copy()
     return sessions
 
 

@@ -62,3 +62,12 @@ def test_facts_are_positional(tmp_path):
     got = scenario.run(text, str(tmp_path))
     assert "< 550 5.1.1 y.example!x ... user unknown" in got
     assert "< 250 2.0.0 receiver is z.example!x" in got or "we don't relay" in got
+
+
+def test_a_dialogue_must_list_every_reply_line(tmp_path):
+    text = ("dns *\nclient 127.0.0.2\nS: 220 gnot.example.org ESMTP\n"
+            "C: EHLO mx.sender.net\nS: 250-gnot.example.org you are mx.sender.net\n")
+    results = list(scenario.replay(text, str(tmp_path)))
+    assert results[0][1] == results[0][2]  # the greeting
+    sent, expected, got = results[1]
+    assert expected != got and got[0] == expected[0]  # the extension lines are missing
