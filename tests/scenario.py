@@ -389,6 +389,9 @@ def render(step):
 
 # -- the dialogue files ----------------------------------------------------------------
 
+CLOSED = "(closed)"  # S: (closed): the server closed the connection after that reply
+
+
 def dialogues(text):
     """[setup, client line, [(C line, or None for the greeting; [S lines])]]
     per session; a session takes the setup as it stands at its client line."""
@@ -421,9 +424,12 @@ def replay(text, root):
         words = client.split()
         local = words[2] if len(words) == 3 else "127.0.0.1"
         d = testing.Dialogue(settings, peer=words[0], local=local, resolver=setup.resolver())
+        closed = False
         try:
             for sent, expected in exchanges:
                 got = d.greeting if sent is None else d.send(sent)
+                if not closed and (d.proto is None or d.transport.disconnecting):
+                    closed, got = True, got + [CLOSED]
                 yield "%s %s" % (client, sent or "(connect)"), expected, got
         finally:
             d.close()
