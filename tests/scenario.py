@@ -50,21 +50,17 @@ class Setup:
                     list(v) if isinstance(v, list) else v)
         return new
 
+    # the directives that add a line to a list (a file's, or the mailboxes)
+    LINES = {"blocked": "blocked", "names.blocked": "names_blocked", "senders": "senders",
+             "whitelist": "whitelist", "user": "users"}
+
     def directive(self, verb, rest):
         if verb == "conf":  # alone: smtpd.conf starts afresh
             self.conf = self.conf + [rest] if rest else []
         elif verb == "flags":  # replaces the flags so far
             self.flags = shlex.split(rest)
-        elif verb == "blocked":
-            self.blocked.append(rest)
-        elif verb == "names.blocked":
-            self.names_blocked.append(rest)
-        elif verb == "senders":
-            self.senders.append(rest)
-        elif verb == "whitelist":
-            self.whitelist.append(rest)
-        elif verb == "user":
-            self.users.append(rest)
+        elif verb in self.LINES:
+            getattr(self, self.LINES[verb]).append(rest)
         elif verb == "optout":
             self.users.append(rest)
             self.optout.append(rest)
