@@ -267,18 +267,17 @@ class Gatherer:
         return self.filter.gather(name, arg, session)
 
 
-def run(text, root):
-    """Run every session of a .in file; the .ref text."""
+def simulated(text, root):
+    """Run the sessions of a .in file through the tables: (session, [Step])
+    per session, (Show, None) for a ``show`` (render it at once)."""
     clock = task.Clock()
     clock.advance(EPOCH)
-    out, written = [], {}
+    written = {}
     for scenario in parse(text):
         if isinstance(scenario, Show):
-            out += scenario.render(root)
+            yield scenario, None
             continue
         clock.advance(scenario.wait)
-        if scenario.wait:
-            out.append("wait %g" % scenario.wait)
         scenario.setup.write(root, written)
         settings = scenario.setup.settings(root)
         connect = dict(CONNECT_FACTS)
@@ -286,7 +285,18 @@ def run(text, root):
         d = simulate.run_session(settings, scenario.peer, scenario.local, scenario.lines,
                                  Gatherer(scenario, settings, clock), scenario.encrypted,
                                  scenario.authenticated, connect)
-        _, steps = _now(d)
+        yield scenario, _now(d)[1]
+
+
+def run(text, root):
+    """Run every session of a .in file; the .ref text."""
+    out = []
+    for scenario, steps in simulated(text, root):
+        if steps is None:
+            out += scenario.render(root)
+            continue
+        if scenario.wait:
+            out.append("wait %g" % scenario.wait)
         out += scenario.notes.get(0, [])
         out.append(scenario.header)
         last, same = None, 0
@@ -307,6 +317,49 @@ def run(text, root):
         if same:
             out.append("  (the same %d more times)" % same)
     return "\n".join(out) + "\n"
+
+
+MESSAGE = ("Subject: scenario", "", "hello", ".")
+
+
+def served(text, sim_root, root):
+    """The same sessions through the real server (``testing.Dialogue``):
+    (what was sent, the tables' reply, the server's) per command, for the
+    sessions whose facts all have a real source (no ``fact``, ``auth`` or
+    ``tls`` lines, no AUTH: the server here has no password checker).  A
+    command the tables let through to give its own reply (RSET, NOOP) is
+    not compared; EHLO is compared by the lines the tables give (the
+    extension lines are the protocol's); after a 354 a message is sent and
+    its reply left out (the message is not the tables')."""
+    clock = task.Clock()
+    clock.advance(EPOCH)
+    written = {}
+    for scenario, steps in simulated(text, sim_root):
+        if steps is None:
+            continue
+        clock.advance(scenario.wait)
+        scenario.setup.write(root, written)
+        if any(scenario.facts) or scenario.authenticated or scenario.encrypted or any(
+                line.upper().startswith("AUTH") for line in scenario.lines):
+            continue
+        d = testing.Dialogue(scenario.setup.settings(root), peer=scenario.peer,
+                             local=scenario.local, clock=clock,
+                             resolver=scenario.setup.resolver())
+        try:
+            yield "%s: connect" % scenario.header, steps[0].reply(), d.greeting
+            for line, step in zip(scenario.lines, steps[1:]):
+                got = d.send(line)
+                if step.decision is None or (step.decision.ok and not step.code):
+                    continue  # QUIT, STARTTLS; RSET, NOOP: not the tables' replies
+                want = step.reply()
+                if line.upper().startswith("EHLO ") and step.decision.ok:
+                    want = [w[4:] for w in want]
+                    got = [g[4:] for g in got[:len(want)]]
+                yield "%s: %s" % (scenario.header, line), want, got
+                if step.code == 354:
+                    d.send(*MESSAGE)
+        finally:
+            d.close()
 
 
 def _now(d):

@@ -71,3 +71,16 @@ def test_a_dialogue_must_list_every_reply_line(tmp_path):
     assert results[0][1] == results[0][2]  # the greeting
     sent, expected, got = results[1]
     assert expected != got and got[0] == expected[0]  # the extension lines are missing
+
+
+@pytest.mark.parametrize("path", INS, ids=_name)
+def test_the_server_gives_the_tables_replies(path, tmp_path):
+    """The real server, fed the same sessions, replies as the .ref says
+    (the sessions whose facts the server can look up itself)."""
+    with open(path) as f:
+        text = f.read()
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "server").mkdir()
+    for sent, want, got in scenario.served(text, str(tmp_path / "sim"),
+                                           str(tmp_path / "server")):
+        assert got == want, sent
