@@ -108,6 +108,24 @@ class Greylist:
             os.utime(path, (now, now))
         return outcomes
 
+    def peek(self, lsys, rsys, recipients):
+        """What ``attempt`` would find now, ``[(rcpt, NEW | RECENT | OTHER)]``,
+        without recording it: no file is made or touched (``upas-policy
+        explain`` must not restart a real sender's wait)."""
+        now = self.clock.seconds()
+        outcomes = []
+        for rcpt in recipients:
+            user = user_of(rcpt)
+            if user is None:
+                continue
+            try:
+                age = now - os.stat(os.path.join(self.tmp, lsys, rsys, user)).st_mtime
+            except FileNotFoundError:
+                outcomes.append((rcpt, NEW))
+                continue
+            outcomes.append((rcpt, RECENT if is_recent(age) else OTHER))
+        return outcomes
+
     def whitelist(self, rsys, name=None):
         os.makedirs(self.directory, exist_ok=True)
         with open(self.whitelist_path, "a") as f:
