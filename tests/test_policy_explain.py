@@ -18,7 +18,9 @@ import subprocess
 import sys
 
 import pytest
+import smtplib
 
+from test_twistd import dns_port, server  # noqa: F401 (fixtures)
 from upasmail import greylist, policytool
 from upasmail.testing import Dialogue, FakeResolver, make_mailboxes, zone_from_lines
 
@@ -281,6 +283,53 @@ def test_a_missing_root_is_not_made(tmp_path):
     assert status == 1  # bob has no mailbox here
     assert "rcpt: RCPT TO:<bob>" in out.getvalue()
     assert not root.exists()
+
+
+def test_a_live_roots_greylist_wait_is_not_restarted(server, dns_port):
+    """Explain against a running server's root, DNS from a real server and a
+    real validator: the sender's greylist wait is left as it was, so its
+    retry passes."""
+    s = server("-g")
+
+    def attempt():
+        with smtplib.SMTP("127.0.0.1", s.port, source_address=("127.0.0.2", 0),
+                          local_hostname="client.sender.net") as c:
+            c.helo("client.sender.net")
+            c.mail("alice@example.org")
+            c.rcpt("bob")
+            reply = c.docmd("DATA")
+            if reply[0] == 354:
+                c.send(b"Subject: retry\r\n\r\nhello\r\n.\r\n")
+                assert c.getreply()[0] == 250
+            return reply
+
+    assert attempt() == (451, b"please try again soon from the same IP.")
+    waiting = os.path.join(s.root, "grey", "tmp", "127.0.0.1", "127.0.0.2", "bob")
+    ten_minutes_ago = os.stat(waiting).st_mtime - 600
+    os.utime(waiting, (ten_minutes_ago, ten_minutes_ago))
+    validator = os.path.join(s.root, "lib", "validateaddress")
+    os.makedirs(os.path.dirname(validator), exist_ok=True)
+    with open(validator, "w") as f:
+        f.write('#!/bin/sh\n[ "$1" != carol ]\n')  # carol is unknown
+    os.chmod(validator, 0o755)
+    before = tree(s.root)
+    run = subprocess.run(
+        [sys.executable, "-m", "upasmail.policytool", "explain", "--json", "--root", s.root,
+         "--sysname", "gnot.example.org", "-g", "--resolver", "127.0.0.1:%d" % dns_port,
+         "--peer", "127.0.0.2", "--helo", "client.sender.net", "--from", "alice@example.org",
+         "--rcpt", "bob", "--rcpt", "carol"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, env=dict(os.environ,
+                                                                        PYTHONPATH=ROOT))
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["phases"][1]["facts"] == {"helo_dns": "exists"}  # asked the DNS server
+    carol = report["phases"][4]
+    assert (carol["facts"]["validateaddress"], carol["reply"]) == (
+        "unknown", ["550 5.1.1 carol ... user unknown"])
+    assert report["phases"][-1]["facts"]["greylist"] == [False, [["bob", "recent"]]]
+    assert report["outcome"]["text"] == "accepted: 354"
+    assert tree(s.root) == before
+    assert attempt()[0] == 354  # the wait explain looked at is the one that ends now
 
 
 def test_greylist_peek_outcomes(tmp_path):
