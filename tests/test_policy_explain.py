@@ -428,3 +428,22 @@ def test_zone_from_lines():
     for bad in ("a", "a FOO b", "a MX 10"):
         with pytest.raises(ValueError, match="zone:1"):
             zone_from_lines([bad])
+
+
+def test_the_documented_example(tmp_path, monkeypatch):
+    """docs/policy.rst's example session is what explain prints."""
+    import shlex
+
+    with open(os.path.join(ROOT, "docs", "policy.rst"), encoding="utf-8") as f:
+        doc = f.read()
+    block = doc.split("    $ upas-policy explain ", 1)[1].split("\n\n", 1)[0]
+    command, _, shown = block.partition(" -g\n")
+    argv = shlex.split(command.replace("\\\n", " ")) + ["-g"]
+    expected = "".join(line[4:] + "\n" for line in shown.splitlines())
+    assert expected.endswith("hang-up at data by greylisting: %s\n" % GREY)
+    monkeypatch.chdir(tmp_path)
+    make_mailboxes("mail", "bob")
+    (tmp_path / "zone").write_text(doc.rsplit("holds::\n\n", 1)[1].replace("    ", ""))
+    out = io.StringIO()
+    assert policytool.main(["explain"] + argv, out=out, err=io.StringIO()) == 1
+    assert out.getvalue() == expected

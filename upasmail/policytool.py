@@ -234,8 +234,9 @@ class Explanation:
     def as_json(self):
         o = self.options
         return {
-            "session": {"peer": o["peer"], "local": o["local"], "encrypted": bool(o["tls"]),
-                        "auth": o["auth"], "password_checked": False,
+            "session": {"peer": o["peer"], "local": o["local"],
+                        "encrypted": self.session.encrypted, "auth": o["auth"],
+                        "password_checked": False,
                         "commands": o.command_lines()},
             "phases": [phase_json(step) for step in self.steps],
             "notes": self.notes,
@@ -319,8 +320,10 @@ def jsonable(value):
     (the ratify lists: the file is the admin's, not a lookup)."""
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
-    if isinstance(value, (Accept, Reject)):
-        return {"ok": value.ok, "code": value.code or None, "reply": list(value.lines)}
+    if isinstance(value, Accept):
+        return "accept"
+    if isinstance(value, Reject):
+        return {"code": value.code, "reply": list(value.lines), "reason": value.reason}
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     if isinstance(value, (list, tuple)):
@@ -379,7 +382,7 @@ def explain(options, reactor, clock=None, resolver=None):
     if options["ehlo"]:
         notes.append("EHLO's extension lines are not shown")
     d = simulate.run_session(s, options["peer"], options["local"], options.command_lines(),
-                             lookups, encrypted=bool(options["tls"]),
+                             lookups, encrypted=bool(options["tls"] or s.smtps),
                              authenticated=options["auth"])
     return d.addCallback(lambda result: Explanation(options, result[0], result[1], notes))
 
