@@ -14,14 +14,15 @@ import base64
 import io
 import json
 import os
+import smtplib
 import subprocess
 import sys
 
 import pytest
-import smtplib
+from twisted.internet import task
 
 from test_twistd import dns_port, server  # noqa: F401 (fixtures)
-from upasmail import greylist, policytool
+from upasmail import greylist, policytool, simulate
 from upasmail.testing import Dialogue, FakeResolver, make_mailboxes, zone_from_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,8 +334,6 @@ def test_a_live_roots_greylist_wait_is_not_restarted(server, dns_port):
 
 
 def test_greylist_peek_outcomes(tmp_path):
-    from twisted.internet import task
-
     clock = task.Clock()
     clock.advance(100000)
     g = greylist.Greylist(str(tmp_path / "grey"), clock)
@@ -447,3 +446,36 @@ def test_the_documented_example(tmp_path, monkeypatch):
     out = io.StringIO()
     assert policytool.main(["explain"] + argv, out=out, err=io.StringIO()) == 1
     assert out.getvalue() == expected
+
+
+def test_a_banned_peer_gets_nothing(site):
+    status, text = site.explain("-k", "192.0.2.0/24", *SESSION, "--rcpt", "bob")
+    assert status == 1
+    assert text.splitlines()[-2:] == ["  banned: no reply [banned] (hangup=true)",
+                                      "hang-up at connect by banned"]
+
+
+def test_a_fact_it_cannot_read_safely_is_undecidable(site):
+    """A fact ReadOnlyLookups does not know is not looked up some other way
+    (which might write): the session stops there, exit status 2."""
+    options = policytool.ExplainOptions()
+    options.parseOptions(site.argv(SESSION + ("--rcpt", "bob")))
+    clock = task.Clock()
+    with open(site.zone) as f:
+        resolver = FakeResolver(zone_from_lines(f))
+    lookups = policytool.ReadOnlyLookups(options["settings"], resolver, clock, clock)
+    with pytest.raises(simulate.Undecidable):
+        lookups("a_new_fact", None, None, 0)
+
+    def gather(name, arg, session, index):
+        if name == "validate_to":
+            raise simulate.Undecidable(name, arg)
+        return lookups(name, arg, session, index)
+
+    d = simulate.run_session(options["settings"], PEER, "127.0.0.1", options.command_lines(),
+                             gather)
+    explanation = policytool.Explanation(options, *d.result, [])
+    assert explanation.status == 2
+    assert explanation.text().splitlines()[-2:] == [
+        "  (stopped: the fact validate_to cannot be had)",
+        "undecidable at rcpt: the fact validate_to cannot be had"]
