@@ -259,6 +259,8 @@ class Explanation:
             if step.missing:
                 out.append("  (stopped: the fact %s cannot be had)" % step.missing)
             out += ["  reply: " + line for line in client_reply(step)]
+            if step.phase == "auth" and step.decision is not None and step.decision.ok:
+                out.append("  (if the password is right: it is not checked)")
         out += ["note: " + note for note in self.notes]
         out.append(self.outcome["text"])
         return "\n".join(out) + "\n"
@@ -298,7 +300,7 @@ def check_text(c):
 def client_reply(step):
     if step.phase == "auth" and step.decision is not None and step.decision.ok:
         # the exchange is not simulated: its end, with the right password
-        return ["235 " + replies.AUTH_OK + "  (if the password is right: not checked)"]
+        return ["235 " + replies.AUTH_OK]
     return step.reply()
 
 
