@@ -478,3 +478,14 @@ def test_a_fact_it_cannot_read_safely_is_undecidable(site):
     assert explanation.text().splitlines()[-2:] == [
         "  (stopped: the fact validate_to cannot be had)",
         "undecidable at rcpt: the fact validate_to cannot be had"]
+
+
+def test_helo_lie_with_E_asks_for_auth(site):
+    status, text, report = compared(site, "-E", "--peer", PEER, "--helo", "nowhere.sender.org",
+                                    "--from", "alice@sender.org", "--rcpt", "bob")
+    assert status == 1
+    helo = report["phases"][1]
+    assert helo["reply"][0].startswith("250-") and len(helo["reply"]) == 2
+    assert helo["checks"][1]["effects"]["require_auth"] is True
+    assert report["outcome"]["text"] == (
+        "refused at mail by auth_required: 530 5.7.0 Authentication required")
