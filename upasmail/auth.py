@@ -61,6 +61,28 @@ def offered(encrypted, clear_ok, cram_ok):
     return mechs
 
 
+def session_mechanisms(portal, encrypted, clear_ok):
+    """(a checker exists, the mechanisms a session may use) for a cred
+    ``portal`` (None: no AUTH): what ``server.UpasESMTP._authMechanisms``
+    and ``upas-policy explain`` offer."""
+    if portal is None:
+        return False, []
+
+    def usable(checker):
+        return checker is not None and getattr(checker, "available", lambda: True)()
+
+    clear = portal.checkers.get(credentials.IUsernamePassword)
+    hashed = portal.checkers.get(credentials.IUsernameHashedPassword)
+    clear_usable, cram_ok = usable(clear), usable(hashed)
+    if not (clear_usable or cram_ok):
+        return False, []
+    cram_ok = cram_ok and getattr(hashed, "cram_md5_ok", lambda: True)()
+    mechanisms = offered(encrypted, clear_ok, cram_ok)
+    if not clear_usable:
+        mechanisms = [m for m in mechanisms if m not in CLEARTEXT]
+    return True, mechanisms
+
+
 class Cancelled(Exception):
     pass
 

@@ -63,6 +63,11 @@ def is_recent(age):
     return MIN_AGE <= age <= MAX_AGE
 
 
+def _earlier(path, now):
+    """RECENT or OTHER: what the earlier attempt recorded in ``path`` was."""
+    return RECENT if is_recent(now - os.stat(path).st_mtime) else OTHER
+
+
 class Greylist:
     def __init__(self, directory, clock):
         self.directory = directory
@@ -82,23 +87,37 @@ class Greylist:
         when that recipient's earlier attempt was recent."""
         now = self.clock.seconds()
         outcomes = []
-        for rcpt in recipients:
-            user = user_of(rcpt)
-            if user is None:
-                continue
-            d = os.path.join(self.tmp, lsys, rsys)
-            path = os.path.join(d, user)
-            os.makedirs(d, exist_ok=True)
+        for rcpt, path in self._files(lsys, rsys, recipients):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 outcomes.append((rcpt, NEW))
             except OSError as e:
                 if e.errno != errno.EEXIST:
                     raise
-                age = now - os.stat(path).st_mtime
-                outcomes.append((rcpt, RECENT if is_recent(age) else OTHER))
+                outcomes.append((rcpt, _earlier(path, now)))
             os.utime(path, (now, now))
         return outcomes
+
+    def peek(self, lsys, rsys, recipients):
+        """What ``attempt`` would find now, ``[(rcpt, NEW | RECENT | OTHER)]``,
+        without recording it: no file is made or touched (``upas-policy
+        explain`` must not restart a real sender's wait)."""
+        now = self.clock.seconds()
+        outcomes = []
+        for rcpt, path in self._files(lsys, rsys, recipients):
+            try:
+                outcomes.append((rcpt, _earlier(path, now)))
+            except FileNotFoundError:
+                outcomes.append((rcpt, NEW))
+        return outcomes
+
+    def _files(self, lsys, rsys, recipients):
+        """(rcpt, its attempt file) for each recipient that names one."""
+        for rcpt in recipients:
+            user = user_of(rcpt)
+            if user is not None:
+                yield rcpt, os.path.join(self.tmp, lsys, rsys, user)
 
     def whitelist(self, rsys, name=None):
         os.makedirs(self.directory, exist_ok=True)

@@ -132,6 +132,11 @@ class LocalStateStore:
     def greylistAttempt(self, lsys, rsys, recipients):
         return defer.maybeDeferred(self.greylist.attempt, lsys, rsys, recipients)
 
+    def greylistPeek(self, lsys, rsys, recipients):
+        """``greylistAttempt``'s outcomes, nothing recorded (``Greylist.peek``;
+        local only: ``upas-policy explain`` reads the files itself)."""
+        return defer.maybeDeferred(self.greylist.peek, lsys, rsys, recipients)
+
     def addToWhitelist(self, rsys, name):
         return defer.maybeDeferred(self.greylist.whitelist, rsys, name)
 

@@ -192,24 +192,28 @@ class Options(usage.Options):
             raise SystemExit("upas-smtpd: %s" % e)
 
     def postOptions(self):
+        try:
+            self["settings"] = self.make_settings()
+        except smtpdconf.ConfigError as e:
+            raise SystemExit("upas-smtpd: %s" % e)
+
+    def make_settings(self):
+        """The settings these options give, every file start-up reads read
+        (``upas-policy explain`` builds its settings here too): ConfigError
+        for a file or ``-m`` start-up cannot use, UsageError for a value."""
         config = smtpdconf.SmtpdConf()
         if self["conf"]:
-            try:
-                config = smtpdconf.load(self["conf"])
-            except smtpdconf.ConfigError as e:
-                raise SystemExit("upas-smtpd: %s" % e)
+            config = smtpdconf.load(self["conf"])
         for problem in self.value_problems():
             raise usage.UsageError(problem)
         if self["mailer"] and resolve_mailer(self["mailer"]) is None:
-            raise SystemExit("upas-smtpd: -m %s: no such executable" % self["mailer"])
+            raise smtpdconf.ConfigError("-m %s: no such executable" % self["mailer"])
         self["mergeArgs"] = self.merge_args()
-        self["settings"] = s = settings.merge(config, **self["mergeArgs"])
+        s = settings.merge(config, **self["mergeArgs"])
         # a broken ratify file stops start-up; later edits that break it are
         # logged and the last good version stays in force
-        try:
-            check_files(s, self["require-auth"], bool(self["passwd"]))
-        except smtpdconf.ConfigError as e:
-            raise SystemExit("upas-smtpd: %s" % e)
+        check_files(s, self["require-auth"], bool(self["passwd"]))
+        return s
 
     def value_problems(self):
         """Each option value the server refuses, as its one-line reason

@@ -130,6 +130,29 @@ def zone_from_json(data):
     return records
 
 
+def zone_from_lines(lines, filename="zone"):
+    """``NAME TYPE VALUE`` lines (``#`` comments, blank lines) -> records,
+    as ``zone_from_json``; ValueError names the line that is not one.
+
+    ``mx.example.net A 192.0.2.9``, ``example.net MX 10 mx.example.net``,
+    ``9.2.0.192.in-addr.arpa PTR mx.example.net``.
+    """
+    records = {}
+    for lineno, raw in enumerate(lines, 1):
+        text = raw.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split(None, 2)
+        try:
+            if len(parts) < 3 or not hasattr(dns, "Record_" + parts[1].upper()):
+                raise ValueError("want NAME TYPE VALUE")
+            rrs = zone_from_json({parts[0]: [[parts[1].upper(), parts[2]]]})
+        except (TypeError, ValueError, OSError) as e:  # OSError: inet_aton's
+            raise ValueError("%s:%d: %r: %s" % (filename, lineno, text, e)) from None
+        records.setdefault(parts[0], []).extend(rrs[parts[0]])
+    return records
+
+
 @implementer(ITLSTransport)
 class FakeTLSTransport(StringTransport):
     """A StringTransport that can "start TLS": it records the context and
