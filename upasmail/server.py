@@ -35,7 +35,7 @@ the state store (``statestore.IStateStore``), which may be another
 process: its answers are Deferreds.
 """
 
-from twisted.cred import credentials, error
+from twisted.cred import error
 from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
@@ -870,24 +870,8 @@ class UpasESMTP(smtp.ESMTP):
 
     def _authMechanisms(self):
         """(a checker exists, the mechanisms this session may use)."""
-        portal = self.portal
-        if portal is None:
-            return False, []
-
-        def usable(checker):
-            return checker is not None and getattr(checker, "available", lambda: True)()
-
-        clear = portal.checkers.get(credentials.IUsernamePassword)
-        hashed = portal.checkers.get(credentials.IUsernameHashedPassword)
-        clear_ok, cram_ok = usable(clear), usable(hashed)
-        if not (clear_ok or cram_ok):
-            return False, []
-        cram_ok = cram_ok and getattr(hashed, "cram_md5_ok", lambda: True)()
-        mechanisms = auth.offered(self.session.encrypted, self.settings.clear_passwords,
-                                  cram_ok)
-        if not clear_ok:
-            mechanisms = [m for m in mechanisms if m not in auth.CLEARTEXT]
-        return True, mechanisms
+        return auth.session_mechanisms(self.portal, self.session.encrypted,
+                                       self.settings.clear_passwords)
 
     def cmd_AUTH(self, cmd):
         s = self.session
