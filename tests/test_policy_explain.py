@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import re
 import smtplib
 import subprocess
 import sys
@@ -441,7 +442,9 @@ def test_the_documented_example(tmp_path, monkeypatch):
     assert expected.endswith("hang-up at data by greylisting: %s\n" % GREY)
     monkeypatch.chdir(tmp_path)
     make_mailboxes("mail", "bob")
-    (tmp_path / "zone").write_text(doc.rsplit("holds::\n\n", 1)[1].replace("    ", ""))
+    zone = doc.split("holds::\n\n", 1)[1]
+    zone = zone[:re.search(r"^\S", zone, re.M).start()]  # the literal block only
+    (tmp_path / "zone").write_text(zone.replace("    ", ""))
     out = io.StringIO()
     assert policytool.main(["explain"] + argv, out=out, err=io.StringIO()) == 1
     assert out.getvalue() == expected
