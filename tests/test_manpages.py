@@ -18,7 +18,7 @@ from docutils import nodes
 from docutils.core import publish_doctree
 from docutils.utils import SystemMessage
 
-from upasmail import conf, policytool, tap_runq, tap_smtp, tap_smtpd
+from upasmail import conf, policytool, replay, tap_runq, tap_smtp, tap_smtpd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(ROOT, "docs", "man")
@@ -52,7 +52,7 @@ COMMANDS = {
     "upas-smtp.8": [tap_smtp.Options],
     "upas-mailq.1": [tap_runq.MailqOptions],
     "upas-runq.8": [tap_runq.RunqOptions],
-    "upas-policy.8": [policytool.ExplainOptions],
+    "upas-policy.8": [policytool.ExplainOptions, replay.Options],
 }
 PAGES = sorted(COMMANDS) + ["smtpd.conf.5"]
 TWISTED_OWN = {"help", "version"}  # every usage.Options has them
