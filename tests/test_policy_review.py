@@ -1,7 +1,9 @@
 """Found by the review of the policy-as-data refactor (issue 16): each test
 failed before its fix."""
 
-from test_policy_replay import BODY, Recorder, json_replay
+import os
+
+from test_policy_replay import BODY, PASSWORD, Recorder, b64, json_replay
 
 
 def test_free_text_of_noop_and_help_is_not_in_the_decision_log(tmp_path):
@@ -18,4 +20,18 @@ def test_free_text_of_noop_and_help_is_not_in_the_decision_log(tmp_path):
     assert [c["line"] for c in r["commands"]][4:] == ["HELP", "NOOP", "NOOP", "HELP", "QUIT"]
     # and the session replays as it was decided
     code, result = json_replay(rec)
+    assert (code, result["changes"], result["undecidable"]) == (0, [], [])
+
+
+def test_a_failed_auth_before_a_good_one_does_not_authenticate_in_replay(tmp_path):
+    rec = Recorder(tmp_path, clear_passwords=True, require_auth=True)
+    rec.write("passwd", "alice:%s\n" % PASSWORD)
+    os.chmod(os.path.join(rec.root, "lib", "passwd"), 0o600)
+    replies = rec.session("192.0.2.7", "EHLO mx.sender.net", "AUTH PLAIN " + b64("\0alice\0no"),
+                          "MAIL FROM:<ann@good.example>",
+                          "AUTH PLAIN " + b64("\0alice\0" + PASSWORD),
+                          "MAIL FROM:<ann@good.example>", "QUIT")
+    assert [r[0][:3] for r in replies[1:5]] == ["535", "530", "235", "250"]
+    # the same policy decides the same: the first MAIL was not authenticated
+    code, result = json_replay(rec, "-p", "-a")
     assert (code, result["changes"], result["undecidable"]) == (0, [], [])

@@ -188,6 +188,15 @@ class DecisionLog:
             entry["line"] = parsed_text(cmd, entry["line"])
             entry.update(self._evaluation(None, looked, trace))
 
+    def authenticated(self, session):
+        """The session's last AUTH succeeded: replay lets only that one
+        authenticate (an earlier one may have failed)."""
+        record = self._open.get(session.id)
+        for entry in reversed(record["commands"] if record is not None else ()):
+            if isinstance(entry["line"], str) and entry["line"].startswith("AUTH "):
+                entry["authenticated"] = True
+                return
+
     def message(self, session, code, queue_id=None):
         """DATA's outcome after the dot: the last command is that DATA (no
         command is read before the dot's reply)."""

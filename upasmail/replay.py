@@ -20,8 +20,8 @@ that would now be decided differently, and how, then a count by change;
 1 something changes or cannot be decided, 2 an error (options, a
 configuration or log that cannot be read).
 
-Not replayed: the AUTH exchanges themselves (an AUTH counts as the
-session's recorded outcome: ``auth_user``), and the refusals counted
+Not replayed: the AUTH exchanges themselves (the AUTH the log marks
+``authenticated`` authenticates the recorded ``auth_user``), and the refusals counted
 outside the tables (failed AUTHs, a message refused after its dot), which
 feed the tarpit's count in the server.
 """
@@ -117,10 +117,19 @@ def replay_session(settings, record, data):
     d = simulate.run_session(
         settings, record["peer"], record.get("local") or "0.0.0.0",
         [e["line"] for e in entries[1:]], gather, encrypted=bool(record.get("encrypted")),
-        authenticated=record.get("auth_user"),
+        authenticated=_authenticated(record, entries),
         connect_facts={k: connect_facts[k] for k in ("closing", "connections",
                                                      "connection_cap") if k in connect_facts})
     return d.addCallback(lambda result: list(zip(entries, result[1])))
+
+
+def _authenticated(record, entries):
+    """Who the AUTH at each index authenticated: the log marks the one that
+    succeeded; in a log without the mark, every AUTH of a session that
+    ended authenticated."""
+    user = record.get("auth_user")
+    marked = any(e.get("authenticated") for e in entries)
+    return lambda index: user if not marked or entries[index].get("authenticated") else None
 
 
 def _now(d):

@@ -948,6 +948,8 @@ class UpasESMTP(smtp.ESMTP):
         self._onLogout = logout
         s.authenticated = True
         s.user = user
+        if self.factory.decisions is not None:
+            self.factory.decisions.authenticated(s)
         self.log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys,
                       event="smtpd.auth", peer=s.rsys, mechanism=mech, result="success")
         self.sendReply(235, replies.AUTH_OK)

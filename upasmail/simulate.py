@@ -72,12 +72,14 @@ def run_session(settings, peer, local, lines, gather, encrypted=False, authentic
     ``gather(name, arg, session, index)`` gives each fact the checks ask
     for (a value or a Deferred), or raises ``Undecidable``; ``index`` is 0
     for the connection, n for ``lines[n - 1]``.  ``authenticated``:
-    the user an AUTH command authenticates (its password is not checked).
+    the user an AUTH command authenticates (its password is not checked),
+    or a function of the line's index giving it (None: that AUTH failed).
     A STARTTLS line is one that succeeded: the session goes on encrypted,
     with what the client said before forgotten, as the server's does.
     Fires with (the session, [Step]); the run stops at a hang-up, at QUIT
     or at the first fact that cannot be had.
     """
+    who = authenticated if callable(authenticated) else (lambda index: authenticated)
     s = new_session(settings, peer, local)
     s.encrypted = encrypted
     steps = []
@@ -90,7 +92,7 @@ def run_session(settings, peer, local, lines, gather, encrypted=False, authentic
         return s, steps
     s.trusted, s.hisaction = policy.peer_facts(peer, settings, looked)
     for index, line in enumerate(lines, 1):
-        step = yield _command(s, line, settings, gather, authenticated, index)
+        step = yield _command(s, line, settings, gather, who(index), index)
         steps.append(step)
         if step.decision is None or step.decision.hangup:
             break
