@@ -3,7 +3,9 @@ failed before its fix."""
 
 import os
 
+from test_auth_tls import pem
 from test_policy_replay import BODY, PASSWORD, Recorder, b64, json_replay
+from upasmail import testing, tls
 
 
 def test_free_text_of_noop_and_help_is_not_in_the_decision_log(tmp_path):
@@ -34,4 +36,25 @@ def test_a_failed_auth_before_a_good_one_does_not_authenticate_in_replay(tmp_pat
     assert [r[0][:3] for r in replies[1:5]] == ["535", "530", "235", "250"]
     # the same policy decides the same: the first MAIL was not authenticated
     code, result = json_replay(rec, "-p", "-a")
+    assert (code, result["changes"], result["undecidable"]) == (0, [], [])
+
+
+def test_only_the_starttls_that_brought_tls_up_is_replayed_as_such(tmp_path):
+    rec = Recorder(tmp_path)
+    cert = tmp_path / "cert.pem"
+    cert.write_text("".join(pem()))
+    d = testing.Dialogue(rec.settings, peer="192.0.2.7", clock=rec.clock, decisions=rec.log,
+                         contextFactory=tls.CertificateFile(str(cert)), mailboxes=["bob"])
+    replies = [d.send(line) for line in (
+        "EHLO mx.sender.net", "STARTTLS now", "MAIL FROM:<ann@good.example>", "RSET",
+        "STARTTLS")]
+    d.proto.session.cipher = "TLSv1.3/TLS_AES_256_GCM_SHA384"  # what the handshake sets
+    replies += [d.send(line) for line in (
+        "EHLO mx.sender.net", "STARTTLS", "MAIL FROM:<ann@good.example>", "QUIT")]
+    d.proto.connectionLost(None)
+    d.proto.setTimeout(None)
+    assert [r[-1][:3] for r in replies] == [
+        "250", "500", "250", "250", "220", "250", "503", "250", "221"]
+    # the same policy decides the same: the refused STARTTLS lines forgot nothing
+    code, result = json_replay(rec)
     assert (code, result["changes"], result["undecidable"]) == (0, [], [])

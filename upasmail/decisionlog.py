@@ -188,6 +188,14 @@ class DecisionLog:
             entry["line"] = parsed_text(cmd, entry["line"])
             entry.update(self._evaluation(None, looked, trace))
 
+    def tls_started(self, session):
+        """The command last received, a STARTTLS, brought TLS up: replay
+        forgets what the client said before only there (a refused one,
+        "STARTTLS now" or one inside TLS, is recorded too)."""
+        record = self._open.get(session.id)
+        if record is not None and record["commands"]:
+            record["commands"][-1]["started_tls"] = True
+
     def authenticated(self, session):
         """The session's last AUTH succeeded: replay lets only that one
         authenticate (an earlier one may have failed)."""

@@ -88,10 +88,14 @@ Undecided = collections.namedtuple("Undecided", "record mail entry missing")
 
 def replayed_lines(record):
     """The recorded command entries run again, in order: a STARTTLS only
-    when TLS came up (the log has no reply to the commands the policy does
-    not decide)."""
+    when it brought TLS up (the log marks it ``started_tls``; a log without
+    the mark, every STARTTLS of a session where TLS came up)."""
+    commands = record.get("commands", ())
+    if any(entry.get("started_tls") for entry in commands):
+        return [entry for entry in commands
+                if grammar_verb(entry["line"]) != "STARTTLS" or entry.get("started_tls")]
     tls_came_up = record.get("tls", "none") != "none" and not record.get("encrypted")
-    return [entry for entry in record.get("commands", ())
+    return [entry for entry in commands
             if grammar_verb(entry["line"]) != "STARTTLS" or tls_came_up]
 
 

@@ -859,6 +859,8 @@ class UpasESMTP(smtp.ESMTP):
                            event="smtpd.tls", peer=s.rsys, status="unavailable")
             return self.reply(reject(454, replies.TLS_NOT_AVAILABLE, counts=False, reason="tls"))
         self.sendReply(220, replies.TLS_GO_AHEAD)
+        if self.factory.decisions is not None:
+            self.factory.decisions.tls_started(s)
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
         self._dropPlaintext = True
