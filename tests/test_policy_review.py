@@ -58,3 +58,16 @@ def test_only_the_starttls_that_brought_tls_up_is_replayed_as_such(tmp_path):
     # the same policy decides the same: the refused STARTTLS lines forgot nothing
     code, result = json_replay(rec)
     assert (code, result["changes"], result["undecidable"]) == (0, [], [])
+
+
+def test_replay_with_p_lets_plain_through_instead_of_calling_it_unrecognised(tmp_path):
+    rec = Recorder(tmp_path)
+    rec.write("passwd", "alice:%s\n" % PASSWORD)
+    os.chmod(os.path.join(rec.root, "lib", "passwd"), 0o600)
+    replies = rec.session("192.0.2.7", "EHLO mx.sender.net",
+                          "AUTH PLAIN " + b64("\0alice\0" + PASSWORD), "QUIT")
+    assert replies[1][0].startswith("538 ")  # PLAIN needs TLS or -p
+    code, result = json_replay(rec, "-p")
+    [change] = result["changes"]
+    # with -p the server starts the exchange (and says 235 for this password)
+    assert (change["old"]["code"], change["new"]["check"]) == (538, "exchange")

@@ -620,7 +620,7 @@ class UpasESMTP(smtp.ESMTP):
         if name == "mailer_ready":
             return getattr(self.delivery, "ready", lambda: ACCEPT)()
         if name == "auth_mechanisms":
-            return self._authMechanisms()
+            return self._authCapability()
         return self.spam.gather(name, arg, self.session)
 
     def _delivered(self, f, what, *args):
@@ -871,7 +871,16 @@ class UpasESMTP(smtp.ESMTP):
     # -- AUTH ------------------------------------------------------------
 
     def _authMechanisms(self):
-        """(a checker exists, the mechanisms this session may use)."""
+        """(a checker exists, the mechanisms this session may use: EHLO's list)."""
+        available, mechanisms = self._authCapability()
+        clear_now = self.session.encrypted or self.settings.clear_passwords
+        return available, [m for m in mechanisms if clear_now or m not in auth.CLEARTEXT]
+
+    def _authCapability(self):
+        """(a checker exists, the mechanisms the checkers take): the auth
+        table's fact.  Whether PLAIN and LOGIN may be used now (TLS, -p) is
+        the table's own check (``policy.encryption``), so that replay with
+        another -p decides it again rather than reading it from the log."""
         portal = self.portal
         if portal is None:
             return False, []
@@ -885,8 +894,7 @@ class UpasESMTP(smtp.ESMTP):
         if not (clear_ok or cram_ok):
             return False, []
         cram_ok = cram_ok and getattr(hashed, "cram_md5_ok", lambda: True)()
-        mechanisms = auth.offered(self.session.encrypted, self.settings.clear_passwords,
-                                  cram_ok)
+        mechanisms = auth.offered(True, True, cram_ok)
         if not clear_ok:
             mechanisms = [m for m in mechanisms if m not in auth.CLEARTEXT]
         return True, mechanisms
