@@ -68,6 +68,21 @@ def test_replay_with_p_lets_plain_through_instead_of_calling_it_unrecognised(tmp
                           "AUTH PLAIN " + b64("\0alice\0" + PASSWORD), "QUIT")
     assert replies[1][0].startswith("538 ")  # PLAIN needs TLS or -p
     code, result = json_replay(rec, "-p")
-    [change] = result["changes"]
-    # with -p the server starts the exchange (and says 235 for this password)
-    assert (change["old"]["code"], change["new"]["check"]) == (538, "exchange")
+    # with -p the server starts the exchange (not 501 "unrecognised"); its
+    # outcome was never checked
+    assert result["changes"] == []
+    assert [u["missing"] for u in result["undecidable"]] == ["authenticated"]
+
+
+def test_an_auth_the_old_policy_refused_has_an_unknown_outcome_in_replay(tmp_path):
+    rec = Recorder(tmp_path)
+    rec.write("passwd", "alice:%s\n" % PASSWORD)
+    os.chmod(os.path.join(rec.root, "lib", "passwd"), 0o600)
+    rec.session("192.0.2.7", "EHLO mx.sender.net", "AUTH PLAIN " + b64("\0alice\0" + PASSWORD),
+                "MAIL FROM:<ann@good.example>", "QUIT")
+    # -p -a: the exchange would now run, and whether the password is good
+    # was never checked; replay must not guess that it failed (MAIL 530)
+    code, result = json_replay(rec, "-p", "-a")
+    assert result["changes"] == []
+    [undecided] = result["undecidable"]
+    assert (undecided["command"], undecided["missing"]) == ("AUTH PLAIN", "authenticated")

@@ -35,7 +35,7 @@ import sys
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import decisionlog, grammar, ratify, simulate, spam, tap_smtpd, validators
+from . import decisionlog, grammar, policy, ratify, simulate, spam, tap_smtpd, validators
 
 EXIT_SAME, EXIT_CHANGED, EXIT_ERROR = 0, 1, 2
 # the facts replay takes from the new configuration, never from the log
@@ -127,13 +127,24 @@ def replay_session(settings, record, data):
     return d.addCallback(lambda result: list(zip(entries, result[1])))
 
 
+# the AUTH table's last check: the exchange ran (and its outcome is known)
+EXCHANGE = policy.AUTH[-1].__name__
+
+
 def _authenticated(record, entries):
     """Who the AUTH at each index authenticated: the log marks the one that
     succeeded; in a log without the mark, every AUTH of a session that
-    ended authenticated."""
+    ended authenticated.  An AUTH the recorded policy refused never had its
+    password checked: its outcome is undecidable."""
     user = record.get("auth_user")
     marked = any(e.get("authenticated") for e in entries)
-    return lambda index: user if not marked or entries[index].get("authenticated") else None
+
+    def who(index):
+        entry = entries[index]
+        if (entry.get("decision") or {}).get("check") != EXCHANGE:
+            raise simulate.Undecidable("authenticated")
+        return user if not marked or entry.get("authenticated") else None
+    return who
 
 
 def _now(d):
