@@ -63,8 +63,9 @@ def offered(encrypted, clear_ok, cram_ok):
 
 def session_mechanisms(portal, encrypted, clear_ok):
     """(a checker exists, the mechanisms a session may use) for a cred
-    ``portal`` (None: no AUTH): what ``server.UpasESMTP._authMechanisms``
-    and ``upas-policy explain`` offer."""
+    ``portal`` (None: no AUTH): what EHLO offers.  With ``encrypted`` and
+    ``clear_ok`` true: what the checkers take, the auth table's fact (the
+    server's and ``upas-policy explain``'s)."""
     if portal is None:
         return False, []
 

@@ -9,7 +9,8 @@ checks run with their verdicts and the decision; for DATA the outcome
 after the dot.  Field names are the logs' (docs/logging.rst).
 
 What is not in it, by design: message bodies and headers, AUTH initial
-responses and exchange lines (``AUTH <mechanism>`` only), and the policy's
+responses and exchange lines (``AUTH <mechanism>`` only), the free text
+of NOOP and HELP (``FREE_TEXT``), and the policy's
 data (the ratify lists, names.blocked): replay takes those from the new
 configuration.
 
@@ -94,11 +95,25 @@ def decided(trace):
 # the command words; a line that does not parse is recorded as its word
 # alone when it is one of these, else as "?"
 VERBS = frozenset(policy.BY_VERB) | {"QUIT", "STARTTLS"}
+# commands whose argument is free text no check reads (RFC 5321 4.1.1.9,
+# 4.1.1.8): recorded as their word alone, since a message sent although
+# DATA was refused arrives as command lines ("Help me with ...")
+FREE_TEXT = frozenset(["NOOP", "HELP"])
+
+
+def parsed_text(cmd, raw):
+    """A command line that parsed, as recorded."""
+    if cmd.verb == "AUTH":
+        return "AUTH " + cmd.arg
+    if cmd.verb in FREE_TEXT:
+        return cmd.verb
+    return raw.decode("utf-8", "replace")
 
 
 def command_text(line):
     """A command line as recorded: as sent, but AUTH only with its mechanism
-    (an initial response is a credential), and of a line that does not
+    (an initial response is a credential), NOOP and HELP without their free
+    text, and of a line that does not
     parse only its command word (it may be a credential sent out of turn,
     an AUTH response pipelined behind a refused AUTH)."""
     raw = line if isinstance(line, bytes) else line.encode("utf-8")
@@ -109,9 +124,7 @@ def command_text(line):
     except grammar.CommandSyntaxError:
         word = raw.split(None, 1)[0].decode("ascii", "replace").upper() if raw.split() else ""
         return word if word in VERBS else "?"
-    if cmd.verb == "AUTH":
-        return "AUTH " + cmd.arg
-    return raw.decode("utf-8", "replace")
+    return parsed_text(cmd, raw)
 
 
 class DecisionLog:
@@ -172,9 +185,25 @@ class DecisionLog:
         record = self._open.get(session.id)
         if record is not None and record["commands"]:
             entry = record["commands"][-1]
-            entry["line"] = ("AUTH " + cmd.arg if cmd.verb == "AUTH"
-                             else entry["line"].decode("utf-8", "replace"))
+            entry["line"] = parsed_text(cmd, entry["line"])
             entry.update(self._evaluation(None, looked, trace))
+
+    def tls_started(self, session):
+        """The command last received, a STARTTLS, brought TLS up: replay
+        forgets what the client said before only there (a refused one,
+        "STARTTLS now" or one inside TLS, is recorded too)."""
+        record = self._open.get(session.id)
+        if record is not None and record["commands"]:
+            record["commands"][-1]["started_tls"] = True
+
+    def authenticated(self, session):
+        """The session's last AUTH succeeded: replay lets only that one
+        authenticate (an earlier one may have failed)."""
+        record = self._open.get(session.id)
+        for entry in reversed(record["commands"] if record is not None else ()):
+            if isinstance(entry["line"], str) and entry["line"].startswith("AUTH "):
+                entry["authenticated"] = True
+                return
 
     def message(self, session, code, queue_id=None):
         """DATA's outcome after the dot: the last command is that DATA (no

@@ -35,7 +35,8 @@ rcpt               ``validateaddress`` ("ok", "unknown", "tempfail" or
 data               ``validatesender`` (its decision), ``nospamfiltering``,
                    ``greylist`` (whitelisted, [(rcpt, outcome)]),
                    ``mailer_ready`` (the back end's answer)
-auth               ``auth_mechanisms`` (a checker exists, the mechanisms)
+auth               ``auth_mechanisms`` (a checker exists, the mechanisms
+                   the checkers take, TLS or not)
 =================  ==========================================================
 """
 
@@ -661,7 +662,7 @@ FACTS = {
     "nospamfiltering": "every recipient opted out of spam filtering",
     "greylist": "(whitelisted, [(rcpt, new|recent|other)]) of this attempt",
     "mailer_ready": "the delivery back end's answer: may DATA start",
-    "auth_mechanisms": "(a checker exists, the mechanisms offered)",
+    "auth_mechanisms": "(a checker exists, the mechanisms the checkers take)",
 }
 
 

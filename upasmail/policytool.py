@@ -118,7 +118,9 @@ class ReadOnlyLookups:
         return self._delivery(session).ready()
 
     def fact_auth_mechanisms(self, arg, session):
-        return session_mechanisms(self.portal, session.encrypted, self.settings.clear_passwords)
+        # what the checkers take, as the server's fact: TLS and -p are the
+        # table's own check (policy.encryption)
+        return session_mechanisms(self.portal, True, True)
 
     def has_user(self, user):
         """Is ``user`` in the password file? None when there is none."""

@@ -20,8 +20,8 @@ that would now be decided differently, and how, then a count by change;
 1 something changes or cannot be decided, 2 an error (options, a
 configuration or log that cannot be read).
 
-Not replayed: the AUTH exchanges themselves (an AUTH counts as the
-session's recorded outcome: ``auth_user``), and the refusals counted
+Not replayed: the AUTH exchanges themselves (the AUTH the log marks
+``authenticated`` authenticates the recorded ``auth_user``), and the refusals counted
 outside the tables (failed AUTHs, a message refused after its dot), which
 feed the tarpit's count in the server.
 """
@@ -35,7 +35,7 @@ import sys
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import decisionlog, grammar, ratify, simulate, spam, tap_smtpd, validators
+from . import decisionlog, grammar, policy, ratify, simulate, spam, tap_smtpd, validators
 
 EXIT_SAME, EXIT_CHANGED, EXIT_ERROR = 0, 1, 2
 # the facts replay takes from the new configuration, never from the log
@@ -88,10 +88,14 @@ Undecided = collections.namedtuple("Undecided", "record mail entry missing")
 
 def replayed_lines(record):
     """The recorded command entries run again, in order: a STARTTLS only
-    when TLS came up (the log has no reply to the commands the policy does
-    not decide)."""
+    when it brought TLS up (the log marks it ``started_tls``; a log without
+    the mark, every STARTTLS of a session where TLS came up)."""
+    commands = record.get("commands", ())
+    if any(entry.get("started_tls") for entry in commands):
+        return [entry for entry in commands
+                if grammar_verb(entry["line"]) != "STARTTLS" or entry.get("started_tls")]
     tls_came_up = record.get("tls", "none") != "none" and not record.get("encrypted")
-    return [entry for entry in record.get("commands", ())
+    return [entry for entry in commands
             if grammar_verb(entry["line"]) != "STARTTLS" or tls_came_up]
 
 
@@ -117,10 +121,30 @@ def replay_session(settings, record, data):
     d = simulate.run_session(
         settings, record["peer"], record.get("local") or "0.0.0.0",
         [e["line"] for e in entries[1:]], gather, encrypted=bool(record.get("encrypted")),
-        authenticated=record.get("auth_user"),
+        authenticated=_authenticated(record, entries),
         connect_facts={k: connect_facts[k] for k in ("closing", "connections",
                                                      "connection_cap") if k in connect_facts})
     return d.addCallback(lambda result: list(zip(entries, result[1])))
+
+
+# the AUTH table's last check: the exchange ran (and its outcome is known)
+EXCHANGE = policy.AUTH[-1].__name__
+
+
+def _authenticated(record, entries):
+    """Who the AUTH at each index authenticated: the log marks the one that
+    succeeded; in a log without the mark, every AUTH of a session that
+    ended authenticated.  An AUTH the recorded policy refused never had its
+    password checked: its outcome is undecidable."""
+    user = record.get("auth_user")
+    marked = any(e.get("authenticated") for e in entries)
+
+    def who(index):
+        entry = entries[index]
+        if (entry.get("decision") or {}).get("check") != EXCHANGE:
+            raise simulate.Undecidable("authenticated")
+        return user if not marked or entry.get("authenticated") else None
+    return who
 
 
 def _now(d):

@@ -620,7 +620,7 @@ class UpasESMTP(smtp.ESMTP):
         if name == "mailer_ready":
             return getattr(self.delivery, "ready", lambda: ACCEPT)()
         if name == "auth_mechanisms":
-            return self._authMechanisms()
+            return self._authCapability()
         return self.spam.gather(name, arg, self.session)
 
     def _delivered(self, f, what, *args):
@@ -859,6 +859,8 @@ class UpasESMTP(smtp.ESMTP):
                            event="smtpd.tls", peer=s.rsys, status="unavailable")
             return self.reply(reject(454, replies.TLS_NOT_AVAILABLE, counts=False, reason="tls"))
         self.sendReply(220, replies.TLS_GO_AHEAD)
+        if self.factory.decisions is not None:
+            self.factory.decisions.tls_started(s)
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
         self._dropPlaintext = True
@@ -869,9 +871,16 @@ class UpasESMTP(smtp.ESMTP):
     # -- AUTH ------------------------------------------------------------
 
     def _authMechanisms(self):
-        """(a checker exists, the mechanisms this session may use)."""
+        """(a checker exists, the mechanisms this session may use: EHLO's list)."""
         return auth.session_mechanisms(self.portal, self.session.encrypted,
                                        self.settings.clear_passwords)
+
+    def _authCapability(self):
+        """(a checker exists, the mechanisms the checkers take): the auth
+        table's fact.  Whether PLAIN and LOGIN may be used now (TLS, -p) is
+        the table's own check (``policy.encryption``), so that replay with
+        another -p decides it again rather than reading it from the log."""
+        return auth.session_mechanisms(self.portal, True, True)
 
     def cmd_AUTH(self, cmd):
         s = self.session
@@ -932,6 +941,8 @@ class UpasESMTP(smtp.ESMTP):
         self._onLogout = logout
         s.authenticated = True
         s.user = user
+        if self.factory.decisions is not None:
+            self.factory.decisions.authenticated(s)
         self.log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys,
                       event="smtpd.auth", peer=s.rsys, mechanism=mech, result="success")
         self.sendReply(235, replies.AUTH_OK)

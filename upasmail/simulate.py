@@ -72,7 +72,9 @@ def run_session(settings, peer, local, lines, gather, encrypted=False, authentic
     ``gather(name, arg, session, index)`` gives each fact the checks ask
     for (a value or a Deferred), or raises ``Undecidable``; ``index`` is 0
     for the connection, n for ``lines[n - 1]``.  ``authenticated``:
-    the user an AUTH command authenticates (its password is not checked).
+    the user an AUTH command authenticates (its password is not checked),
+    or a function of the line's index giving it (None: that AUTH failed;
+    it may raise ``Undecidable``).
     A STARTTLS line is one that succeeded: the session goes on encrypted,
     with what the client said before forgotten, as the server's does.
     Fires with (the session, [Step]); the run stops at a hang-up, at QUIT
@@ -92,7 +94,7 @@ def run_session(settings, peer, local, lines, gather, encrypted=False, authentic
     for index, line in enumerate(lines, 1):
         step = yield _command(s, line, settings, gather, authenticated, index)
         steps.append(step)
-        if step.decision is None or step.decision.hangup:
+        if step.decision is None or step.missing is not None or step.decision.hangup:
             break
     return s, steps
 
@@ -112,7 +114,7 @@ def _command(s, line, settings, gather, authenticated, index):
             return defer.succeed(Step("other", line, decision=ACCEPT))
         return defer.succeed(Step("other", line, decision=None))
     d = _step(PHASES[id(table)], line, table, s, cmd, settings, gather, policy.Facts(), index)
-    return d.addCallback(_after, s, cmd, authenticated)
+    return d.addCallback(_after, s, cmd, authenticated, index)
 
 
 def _refused(s, line, decision):
@@ -120,7 +122,7 @@ def _refused(s, line, decision):
     return Step("syntax", line, decision=decision, check="grammar", lines=decision.lines)
 
 
-def _after(step, s, cmd, authenticated):
+def _after(step, s, cmd, authenticated, index):
     d = step.decision
     if d is None:
         return step
@@ -129,8 +131,13 @@ def _after(step, s, cmd, authenticated):
     elif cmd.verb == "DATA":
         s.reset()  # the message is not simulated: its end starts a new transaction
     elif cmd.verb == "AUTH":
-        s.authenticated = authenticated is not None
-        s.user = authenticated
+        try:
+            user = authenticated(index) if callable(authenticated) else authenticated
+        except Undecidable as e:  # the exchange's outcome cannot be had
+            step.missing = e.name
+            return step
+        s.authenticated = user is not None
+        s.user = user
     else:
         policy.accepted(s, cmd, d)
     return step
