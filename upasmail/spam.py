@@ -15,7 +15,7 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import dnscheck, greylist, logs, ratify, relay
+from . import dnscheck, greylist, logs, policy, ratify, relay
 from .conf import WatchedFile
 from .statestore import LocalStateStore
 from .validators import Validators
@@ -42,12 +42,10 @@ class SpamFilter:
     # -- connect ---------------------------------------------------------
 
     def peer(self, rsys, granted=False):
-        """(trusted, IP action) for a new connection; ``granted``: the
-        store's temporary grant (``policy.peer_facts`` is what the server asks)."""
-        lists = self.ratify.current()
-        trusted = (relay.is_trusted(rsys, self.settings.ournets)
-                   or lists.is_trusted(rsys) or granted)
-        return trusted, lists.ip_action(rsys)
+        """(trusted, IP action) for a new connection, as the connect table
+        decides it; ``granted``: the store's temporary grant."""
+        facts = policy.Facts(ratify=self.ratify.current(), granted=granted)
+        return policy.peer_facts(rsys, self.settings, facts)
 
     # -- facts (policy.FACTS) ------------------------------------------------
 
