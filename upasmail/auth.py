@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from . import replies
 from .decision import Accept, reject
+from .interfaces import ICredentialsSource
 from .tarpit import doubling
 
 CRAM_MD5, PLAIN, LOGIN = "CRAM-MD5", "PLAIN", "LOGIN"
@@ -70,14 +71,17 @@ def session_mechanisms(portal, encrypted, clear_ok):
         return False, []
 
     def usable(checker):
-        return checker is not None and getattr(checker, "available", lambda: True)()
+        if ICredentialsSource.providedBy(checker):
+            return checker.available()
+        return checker is not None
 
     clear = portal.checkers.get(credentials.IUsernamePassword)
     hashed = portal.checkers.get(credentials.IUsernameHashedPassword)
     clear_usable, cram_ok = usable(clear), usable(hashed)
     if not (clear_usable or cram_ok):
         return False, []
-    cram_ok = cram_ok and getattr(hashed, "cram_md5_ok", lambda: True)()
+    if ICredentialsSource.providedBy(hashed):
+        cram_ok = cram_ok and hashed.cram_md5_ok()
     mechanisms = offered(encrypted, clear_ok, cram_ok)
     if not clear_usable:
         mechanisms = [m for m in mechanisms if m not in CLEARTEXT]

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from .interfaces import IReloadable
 
 log = Logger(namespace="smtpd")
 
@@ -172,6 +175,7 @@ def load(path):
     return parse(text, path)
 
 
+@implementer(IReloadable)
 class WatchedFile:
     """A parsed file that is re-read when it changes, as ratfs does.
 

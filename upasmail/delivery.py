@@ -32,13 +32,14 @@ from zope.interface import implementer
 
 from . import local, logs, pipemsg, relay, replies
 from .decision import reject
+from .interfaces import IUpasDelivery, IUpasMessage
 from .session import Transaction
 
 log = Logger(namespace="smtpd")
 
 MESSAGE_LIMIT = 128 * 1024 * 1024  # upas send's MSGLIMIT
 
-@implementer(smtp.IMessageDelivery)
+@implementer(IUpasDelivery)
 class UpasDelivery:
     """One per connection; ``session`` and ``settings`` are the facts."""
 
@@ -112,7 +113,7 @@ class RefusedRecipient(smtp.SMTPServerError):
         self.verdict = verdict
 
 
-@implementer(smtp.IMessage)
+@implementer(IUpasMessage)
 class UpasMessage:
     """The message of one transaction, spooled while DATA arrives."""
 

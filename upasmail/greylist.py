@@ -24,7 +24,10 @@ greylisted (upas [9F] greylists trusted peers too; see deviations).
 import errno
 import os
 
+from zope.interface import implementer
+
 from .conf import ConfigError, WatchedFile, parse_network, tokenize
+from .interfaces import IReloadable
 from .relay import in_nets
 
 MIN_AGE = 5 * 60
@@ -68,6 +71,7 @@ def _earlier(path, now):
     return RECENT if is_recent(now - os.stat(path).st_mtime) else OTHER
 
 
+@implementer(IReloadable)
 class Greylist:
     def __init__(self, directory, clock):
         self.directory = directory

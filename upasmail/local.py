@@ -33,10 +33,13 @@ import os
 import re
 import string
 
+from zope.interface import implementer
+
 from . import replies
 from .address import NULL_SENDER
 from .conf import WatchedFile, report
 from .decision import Accept, reject
+from .interfaces import IReloadable
 
 POSTMASTER = "postmaster"
 ABUSE = "abuse"
@@ -274,6 +277,7 @@ def home_sender(sender, bare, trusted, domain):
     return sender
 
 
+@implementer(IReloadable)
 class Mailboxes:
     """The facts about local users: ``box/`` directories and the lib files."""
 

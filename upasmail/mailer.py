@@ -18,9 +18,11 @@ message gets the 450 reply, so a hung mailer never hangs the session.
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import logs, process, replies
 from .decision import ACCEPT, reject
+from .interfaces import IMailBackend
 from .process import resolve
 
 log = Logger(namespace="smtpd")
@@ -44,6 +46,7 @@ def verdict(exited_ok, stderr, timed_out=False):
         reason="store", detail="mailer")
 
 
+@implementer(IMailBackend)
 class Mailer:
     """Deliver by running an external mailer command."""
 

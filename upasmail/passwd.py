@@ -36,8 +36,10 @@ import bcrypt
 from twisted.cred import checkers, credentials, error
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .conf import ConfigError, WatchedFile, read_text, report
+from .interfaces import ICredentialsSource, IReloadable
 
 log = Logger(namespace="smtpd")
 
@@ -125,6 +127,7 @@ def exposed(st, egid=None):
                 or (st.st_mode & stat.S_IRWXG and st.st_gid != egid))
 
 
+@implementer(ICredentialsSource, IReloadable)
 class PasswordFile(checkers.FilePasswordDB):
     """An ``ICredentialsChecker`` for UsernamePassword and CRAM-MD5 credentials.
 

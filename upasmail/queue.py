@@ -91,6 +91,7 @@ from twisted.python.failure import Failure
 
 from . import bounce, client, convert, crashpoint, factotum, relay, replies
 from .address import NULL_SENDER
+from .interfaces import IMessageStore
 from .local import at_form
 from .logs import printable
 from .session import Transaction
@@ -488,9 +489,8 @@ class QueueRunner(service.Service):
         self.stopping = False
         self.queue.tidy(self.clock.seconds())
         self._reindex(self.clock.seconds(), force=True)
-        root_hooks = getattr(self.root, "enqueued", None)
-        if root_hooks is not None and self.wake not in root_hooks:
-            root_hooks.append(self.wake)
+        if IMessageStore.providedBy(self.root) and self.wake not in self.root.enqueued:
+            self.root.enqueued.append(self.wake)
         self._schedule(0)
         if not self.once:
             self._poll_call = self.clock.callLater(FLUSH_POLL, self._poll)
@@ -506,9 +506,8 @@ class QueueRunner(service.Service):
         closing = self.connections.close()  # idle ones say QUIT
         for wire in list(self.wires - idle):
             wire.transport.abortConnection()  # their recipients stay pending
-        hooks = getattr(self.root, "enqueued", None)
-        if hooks is not None and self.wake in hooks:
-            hooks.remove(self.wake)
+        if IMessageStore.providedBy(self.root) and self.wake in self.root.enqueued:
+            self.root.enqueued.remove(self.wake)
         return defer.DeferredList(list(self.inflight.values()) + [closing]).addCallback(
             lambda _: defer.DeferredList(list(self._saving)))
 

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from . import auth, framing, grammar, greylist, logs, policy, ratify, relay, replies, tarpit
 from .tls import describe as describe_tls, version_cipher as tls_version_cipher
 from .decision import ACCEPT, Reject, reject
+from .interfaces import IReloadable, IUpasDelivery, IUpasMessage
 from .session import Recipient, Session
 
 # for lines outside any session; a session logs through its own
@@ -421,9 +422,8 @@ class UpasESMTP(smtp.ESMTP):
         data = framing.unstuff(block)
         try:
             for m in self._messages:
-                feed = getattr(m, "linesReceived", None)
-                if feed is not None:
-                    feed(data)
+                if IUpasMessage.providedBy(m):
+                    m.linesReceived(data)
                 else:  # a plain IMessage gets lines, as Twisted's protocol gives them
                     for line in data.split(b"\n")[:-1]:
                         m.lineReceived(line)
@@ -617,8 +617,10 @@ class UpasESMTP(smtp.ESMTP):
         if name == "validate_to":
             user = Recipient(arg, self, self._helo, self.session.envelope.sender)
             return self._delivered(self.delivery.validateTo, "validateTo", user)
-        if name == "mailer_ready":
-            return getattr(self.delivery, "ready", lambda: ACCEPT)()
+        if name == "mailer_ready":  # a plain IMessageDelivery is always ready
+            if IUpasDelivery.providedBy(self.delivery):
+                return self.delivery.ready()
+            return ACCEPT
         if name == "auth_mechanisms":
             return self._authCapability()
         return self.spam.gather(name, arg, self.session)
@@ -748,7 +750,8 @@ class UpasESMTP(smtp.ESMTP):
         """The message is refused at the dot; stop writing it now."""
         self._dataRefused = verdict
         for m in self._messages or ():
-            getattr(m, "refuse", lambda v: None)(verdict)
+            if IUpasMessage.providedBy(m):
+                m.refuse(verdict)
 
     def _endOfData(self):
         s = self.session
@@ -783,7 +786,7 @@ class UpasESMTP(smtp.ESMTP):
                 verdict = v
         mlog = self._messageLog(messages)
         if verdict.ok:
-            size = sum(getattr(m, "size", 0) for m in messages)
+            size = sum(m.size for m in messages if IUpasMessage.providedBy(m))
             self._accepted += 1
             tls = s.cipher or "none"
             mlog.info(
@@ -811,9 +814,8 @@ class UpasESMTP(smtp.ESMTP):
     def _messageLog(self, messages):
         """The logger naming the message's queue id, when the back end gave one."""
         for m in messages:
-            mlog = getattr(m, "log", None)
-            if isinstance(mlog, logs.SessionLogger) and mlog.queue_id is not None:
-                return mlog
+            if IUpasMessage.providedBy(m) and m.log.queue_id is not None:
+                return m.log
         return self.log
 
     def _abortMessages(self):
@@ -1230,7 +1232,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         self.domain = settings.dom
         self.spam.reread()
         for checker in set((self.portal.checkers if self.portal else {}).values()):
-            getattr(checker, "reread", lambda: None)()
+            if IReloadable.providedBy(checker):
+                checker.reread()
 
     def shutdown(self, grace):
         """Close every session: those in DATA get up to ``grace`` seconds to finish.

@@ -14,15 +14,18 @@ import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import dnscheck, greylist, logs, policy, ratify, relay
 from .conf import WatchedFile
+from .interfaces import IReloadable
 from .statestore import LocalStateStore
 from .validators import Validators
 
 log = Logger(namespace="smtpd")
 
 
+@implementer(IReloadable)
 class SpamFilter:
     def __init__(self, settings, resolver, reactor, clock, store=None):
         self.settings = settings
@@ -37,7 +40,8 @@ class SpamFilter:
         """SIGHUP: every watched policy file is read again."""
         self.ratify.reread()
         self.validators.reread()
-        getattr(self.store, "reread", lambda: None)()  # a local store's whitelist
+        if IReloadable.providedBy(self.store):  # a local store's whitelist
+            self.store.reread()
 
     # -- connect ---------------------------------------------------------
 

@@ -28,6 +28,7 @@ from zope.interface import Interface, implementer
 
 from . import auth
 from .greylist import Greylist
+from .interfaces import IReloadable
 from .ratify import TrustedGrants
 
 # acquireConnection's refusals
@@ -80,7 +81,7 @@ class IStateStore(Interface):
         """Trust ``ip`` temporarily (POP/IMAP-before-SMTP)."""
 
 
-@implementer(IStateStore)
+@implementer(IStateStore, IReloadable)
 class LocalStateStore:
     """Memory and files of this process; correct for every process on the
     same mail root only when they ask the one that owns it."""

@@ -42,11 +42,13 @@ from dataclasses import dataclass
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import local, logs, mbox
 from .pipemsg import MONTHS
 from .tarpit import doubling
 from .decision import ACCEPT, Accept
+from .interfaces import IMessageStore
 from .relay import Ours, route
 
 log = Logger(namespace="smtpd")
@@ -404,6 +406,7 @@ def new_id(clock_seconds):
     return "%d.%s" % (int(clock_seconds), secrets.token_hex(6))
 
 
+@implementer(IMessageStore)
 class MailRoot:
     """Built-in delivery into ``<root>``: local mboxes and the queue."""
 

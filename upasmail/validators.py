@@ -27,11 +27,13 @@ import re
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import dnscheck, process, replies
 from .address import NULL_SENDER
 from .decision import ACCEPT, reject
 from .conf import WatchedFile
+from .interfaces import IReloadable
 
 log = Logger(namespace="smtpd")
 
@@ -80,6 +82,7 @@ def sender_status(outcome):
     return reject(450, replies.SENDER_DEFERRED.format(text=text), reason="sender-check")
 
 
+@implementer(IReloadable)
 class Validators:
     def __init__(self, lib, reactor, clock, resolver, timeout=60.0):
         self.lib = lib

@@ -1,0 +1,165 @@
+"""The extension points: what the server asks of the objects it is given.
+
+Each place where upasmail calls an object that another module, or an
+embedder, may provide is declared here as a ``zope.interface`` Interface.
+The server asks ``IFoo.providedBy(obj)`` and falls back to Twisted's
+plain behaviour for an object that does not declare it, so a plain
+``smtp.IMessageDelivery``, ``smtp.IMessage`` or ``twisted.cred`` checker
+works exactly as it does under Twisted's own ESMTP.
+
+* ``IUpasDelivery``: a delivery that may say "not now" before DATA.
+* ``IUpasMessage``: a message fed DATA in blocks, told of a refusal, and
+  carrying its size and its log.
+* ``ICredentialsSource``: a checker that may have nothing to check against,
+  or no plaintext secrets for CRAM-MD5.
+* ``IReloadable``: anything that re-reads its files on SIGHUP.
+* ``IMailBackend``: where accepted mail goes (the built-in store, ``-m``).
+* ``IMessageStore``: the built-in store the server and the queue runner share.
+* ``IStateStore`` (defined in ``statestore``): the state every connection shares.
+
+This module imports nothing of upasmail at import time, so that every
+module may import it.
+"""
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
+from zope.interface import Attribute, Interface
+
+__all__ = ["IUpasDelivery", "IUpasMessage", "ICredentialsSource", "IReloadable",
+           "IMailBackend", "IMessageStore", "IStateStore"]
+
+
+class IReloadable(Interface):
+    """An object whose files are read again on SIGHUP (``factory.reload``)."""
+
+    def reread():
+        """Read every watched file again at its next use, changed or not.
+
+        Returns nothing and raises nothing: a file that cannot be read is
+        logged then and its last good version stays in force.  The server
+        calls it on the state store and on each of the portal's checkers
+        that provide this interface.
+        """
+
+
+class IUpasDelivery(IMessageDelivery):
+    """An ``IMessageDelivery`` that is asked whether DATA may start.
+
+    A plain ``IMessageDelivery`` is always ready.
+    """
+
+    def ready():
+        """May a message be taken now?  Asked after a DATA command passes
+        the policy and before the ``354`` (the policy fact ``mailer_ready``).
+
+        Returns a ``decision.Decision`` at once: ``ACCEPT``, or a ``Reject``
+        whose reply the client gets instead of ``354`` (upas: the mailer
+        cannot be started, ``450 4.3.2``).
+        """
+
+
+class IUpasMessage(IMessageSMTP):
+    """An ``IMessage`` that takes DATA in blocks and learns of a refusal.
+
+    For a plain ``IMessage`` the server splits blocks into lines
+    (``lineReceived``), refuses without telling it (its ``eomReceived`` is
+    not called; ``connectionLost`` is), logs a size of 0 and logs through
+    the session's logger.
+    """
+
+    size = Attribute("Bytes written so far (the mailer stream); read after "
+                     "``eomReceived`` for the accepted line's ``size``.")
+
+    log = Attribute("The ``logs.SessionLogger`` naming this message (its "
+                    "``queue_id``, or None while it has none); the server logs "
+                    "the message's outcome through it.")
+
+    def linesReceived(data):
+        """Many clean DATA lines at once, instead of as many ``lineReceived``.
+
+        ``data`` is bytes of whole LF-terminated lines (CRLF already made
+        LF, dots unstuffed).  An exception refuses the message, as one
+        from ``lineReceived`` does.
+        """
+
+    def refuse(decision):
+        """The protocol refuses the message being received (a bare CR or LF,
+        a line or message too long): ``decision`` is the ``Reject`` the
+        client will get after the dot.  Stop writing; ``connectionLost``
+        follows instead of ``eomReceived``.  Returns nothing.
+        """
+
+
+class ICredentialsSource(ICredentialsChecker):
+    """A ``twisted.cred`` checker that says what it can check now.
+
+    A checker that does not provide it is taken as always usable and able
+    to check CRAM-MD5 (if it takes ``IUsernameHashedPassword``).
+    """
+
+    def available():
+        """Is there anything to check against (e.g. a readable, non-empty
+        password file)?  Asked whenever the mechanisms are offered (EHLO,
+        AUTH); False: the checker's
+        mechanisms are not offered.  Returns a bool at once."""
+
+    def cram_md5_ok():
+        """Can CRAM-MD5 be checked (every secret held in plaintext)?  Asked
+        with ``available``; False: CRAM-MD5 is not offered.  Returns a bool
+        at once."""
+
+
+class IMailBackend(Interface):
+    """Where ``UpasDelivery`` hands accepted mail: the built-in store
+    (``store.MailRoot``) or the ``-m`` mailer (``mailer.Mailer``)."""
+
+    def ready():
+        """May a message be taken now (``IUpasDelivery.ready``): a Decision."""
+
+    def deliver(message, tx):
+        """Deliver one message: ``message`` the mailer stream (a
+        ``store.Spool`` for the built-in store, else the path of a file
+        holding it), ``tx`` its ``session.Transaction``.
+
+        Returns a Decision or a Deferred of one: ``Accept`` once the
+        message is durable (the client gets ``250``), a ``Reject`` for the
+        client's reply.  A failure is answered ``451``.
+        """
+
+
+class IMessageStore(IMailBackend):
+    """The mail root (``store.MailRoot``): mailboxes and the outbound
+    queue, shared by the server's deliveries and the queue runner."""
+
+    queue = Attribute("The queue directory.")
+
+    run_blocking = Attribute("``run_blocking(f, *args)``: a Deferred of ``f(*args)`` "
+                             "run off the reactor thread.")
+
+    enqueued = Attribute("A list of callables ``(queue id, record, inode)``, called "
+                         "when a delivery has queued a job: the queue runner adds "
+                         "its wake-up here while it runs.")
+
+    def new_spool():
+        """A new ``store.Spool`` for a message being received; its name is
+        the message's queue id."""
+
+    def open_spool():
+        """A new spool file for a message the queue makes (a bounce):
+        ``(path, file)``."""
+
+    def queue_id(spool):
+        """The queue id of a message held in ``spool`` (a Spool or a path)."""
+
+    def dump(spool, sender):
+        """Keep a blocked message under ``queue.dump`` (``-s``); a Deferred
+        of its path."""
+
+
+def __getattr__(name):
+    # IStateStore stays in statestore, which declares LocalStateStore
+    # IReloadable from here: importing it at the top would be a circle
+    if name == "IStateStore":
+        from .statestore import IStateStore
+        return IStateStore
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
