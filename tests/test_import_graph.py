@@ -18,6 +18,12 @@ Imports go one way: from the command line down to the pure modules.
 * The options the tools share live in ``upasmail.options``; only the
   command-line modules import it, and ``workers`` (its worker process's
   main parses upas-smtpd's options again).
+* Some modules have only the importers ``ONLY_FROM`` names: the
+  protocol (``server``) is built only by ``service``; the worker pool,
+  the metrics service and the test doubles (``testing``: upas-policy's
+  ``--dns`` zone) are wired in only by the command line.
+* The exception lists here name imports that exist: one that is gone
+  is an error too, so the rule only gets stricter.
 * ``twisted/plugins/`` imports nothing of ours: its ``ServiceMaker``
   lines name the ``tap_*`` modules, which twistd imports when asked.
 
@@ -46,6 +52,13 @@ HANDOVERS = {
 PURE_EXCEPTIONS = {
     ("policy", "statestore"): "statestore.TOTAL, the key of the connection count; "
                               "statestore also holds the workers' AMP wire",
+}
+# module -> the only modules that may import it
+ONLY_FROM = {
+    "server": {"service"},
+    "workers": COMMAND_LINE,
+    "metrics": COMMAND_LINE,
+    "testing": COMMAND_LINE,
 }
 # imports made inside a function: (importer, imported) -> why not at the top
 DEFERRED = {
@@ -112,8 +125,9 @@ def imports_of(path, importer=None, modules=()):
                     base = child.module
                 for alias in child.names:
                     full = base + "." + alias.name
-                    short = full[len(PACKAGE) + 1:] if full.startswith(PACKAGE + ".") else None
-                    add(full if short in modules else base, child, deferred)
+                    if full.startswith(PACKAGE + ".") and full[len(PACKAGE) + 1:] not in modules:
+                        full = base  # a name in one of our modules
+                    add(full, child, deferred)
             visit(child, deferred or isinstance(
                 child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
@@ -209,13 +223,24 @@ def test_pure_modules_import_only_pure_modules():
         elif i.target.startswith(REACTOR_FACING):
             bad.append(i)
     assert bad == [], "a pure module imports an impure one:\n" + explain(bad)
+    used = {(i.importer, i.target) for i in all_imports() if i.ours}
+    stale = sorted(set(PURE_EXCEPTIONS) - used)
+    assert stale == [], "PURE_EXCEPTIONS lists imports that are gone: %s" % stale
 
 
 def test_command_line_modules_are_imported_by_no_other_module():
-    bad = [e for e in import_graph() if e.target in COMMAND_LINE
+    edges = import_graph()
+    bad = [e for e in edges if e.target in COMMAND_LINE
            and (e.importer, e.target) not in HANDOVERS]
     assert bad == [], ("a command-line module is imported (options belong in "
                        "upasmail.options):\n" + explain(bad))
+    stale = sorted(set(HANDOVERS) - {(e.importer, e.target) for e in edges})
+    assert stale == [], "HANDOVERS lists imports that are gone: %s" % stale
+
+
+def test_some_modules_have_only_their_listed_importers():
+    bad = [e for e in import_graph() if e.importer not in ONLY_FROM.get(e.target, {e.importer})]
+    assert bad == [], "imported from outside its ONLY_FROM:\n" + explain(bad)
 
 
 def test_options_are_imported_only_by_the_command_line():
@@ -230,7 +255,7 @@ def test_twisted_plugins_import_nothing_of_ours_and_name_only_tap_modules():
         if not name.endswith(".py"):
             continue
         path = os.path.join(folder, name)
-        bad = [i for i in imports_of(path, name) if i.target != "twisted.application.service"]
+        bad = [i for i in imports_of(path, name) if i.target != "twisted.application.service.ServiceMaker"]
         assert bad == [], "a plugin file imports more than ServiceMaker:\n" + explain(bad)
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
