@@ -12,6 +12,9 @@ upas-runq's; ``parse_hostport`` reads ``--resolver`` for every tool.
 Only the command-line modules (``tap_*``, ``stdio``, ``checkconfig``,
 ``policytool``, ``replay``) and a worker process's main import this
 module, and it imports none of them: tests/test_import_graph.py.
+It is long because upas smtpd has many flags; it is one table and its
+checks, kept together so a flag, its default, help and check are read
+in one place.
 """
 
 import math
