@@ -7,7 +7,7 @@ judged for them, from each file's owner, group and mode and the user's
 groups, without switching user) and ``--changed``.
 
 Everything start-up reads goes through the server's own parsers and checks
-(``tap_smtpd.Options.value_problems`` and ``check_files``, ``conf``,
+(``options.SmtpdOptions.value_problems`` and ``check_files``, ``conf``,
 ``ratify``, ``local``, ``passwd``, ``tls``), collecting every problem
 instead of stopping at the first.  On top of that it judges, for the run
 user, the list the server checks right after dropping privileges
@@ -38,7 +38,8 @@ from twisted.internet import ssl
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import privileges, relay, service, settings, tap_smtpd
+from . import options as smtpd_options
+from . import privileges, relay, service, settings
 from .mailer import resolve as resolve_mailer
 from .privileges import R, W, X
 
@@ -47,7 +48,7 @@ EXPIRY_WARNING = datetime.timedelta(days=14)
 PATHS = ("lib", "blocked", "passwd", "trusted_dir", "log_dir")  # Settings.path
 
 
-class Options(tap_smtpd.Options):
+class Options(smtpd_options.SmtpdOptions):
     synopsis = "--check-config [--uid USER] [--gid GROUP] [--changed] [upas-smtpd options]"
     optFlags = [
         ["check-config", None, "check the configuration (what this program does)"],
@@ -143,7 +144,7 @@ def check(options, user, now):
     except usage.UsageError as e:
         report.error(str(e))
         return report, None
-    tap_smtpd.check_files(s, options["require-auth"], bool(options["passwd"]),
+    smtpd_options.check_files(s, options["require-auth"], bool(options["passwd"]),
                           errors=report.errors)
     check_needs(report, privileges.needs(s, options["conf"], options["workers"],
                                          options["listen"]), user)

@@ -4,7 +4,7 @@
 session through the policy tables (``simulate.run_session``) and shows,
 for each command, every check run with its verdict, the facts looked up
 and the reply a client would get, then the outcome.  It takes every flag
-``twistd upas-smtpd`` takes (``tap_smtpd.Options``: the same defaults,
+``twistd upas-smtpd`` takes (``options.SmtpdOptions``: the same defaults,
 the same start-up checks of the files), so the policy explained is the
 one that server would apply.
 
@@ -32,11 +32,12 @@ from twisted.mail import smtp
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import replies, simulate, tap_smtpd
+from . import replies, simulate
 from .auth import PLAIN, SessionRealm, session_mechanisms
 from .decision import ACCEPT, Accept, Reject, reject
 from .delivery import UpasDelivery
 from .mailer import Mailer
+from .options import SmtpdOptions
 from .passwd import PasswordFile, PasswordFileUnavailable
 from .service import makeResolver
 from .session import Recipient
@@ -143,7 +144,7 @@ def _refusal(failure):
 
 # -- options -----------------------------------------------------------------
 
-class ExplainOptions(tap_smtpd.Options):
+class ExplainOptions(SmtpdOptions):
     synopsis = ("explain --peer IP [--local IP] [--helo NAME | --ehlo NAME] [--from SENDER] "
                 "[--rcpt ADDR]... [--data] [--then LINE]... [--auth USER] [--tls] "
                 "[--dns FILE | --resolver HOST:PORT] [--json] [upas-smtpd options]")
@@ -168,7 +169,7 @@ class ExplainOptions(tap_smtpd.Options):
     ]
 
     def __init__(self):
-        tap_smtpd.Options.__init__(self)
+        SmtpdOptions.__init__(self)
         self["rcpt"] = []
         self["then"] = []
 

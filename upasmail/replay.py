@@ -35,14 +35,15 @@ import sys
 from twisted.python import usage
 
 from . import conf as smtpdconf
-from . import decisionlog, grammar, policy, ratify, simulate, spam, tap_smtpd, validators
+from . import decisionlog, grammar, policy, ratify, simulate, spam, validators
+from .options import SmtpdOptions
 
 EXIT_SAME, EXIT_CHANGED, EXIT_ERROR = 0, 1, 2
 # the facts replay takes from the new configuration, never from the log
 POLICY_DATA = decisionlog.POLICY_DATA | {"nospamfiltering"}
 
 
-class Options(tap_smtpd.Options):
+class Options(SmtpdOptions):
     synopsis = ("upas-policy replay [--conf new.conf] [--root DIR] [smtpd flags] [--json] "
                 "decisions.jsonl")
     longdesc = ("Run the sessions of a decision log (upas-smtpd --decision-log) again "

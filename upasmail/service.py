@@ -294,6 +294,16 @@ def listener_endpoint(reactor, description):
     return endpoint
 
 
+# the listeners --workers can share: a worker adopts the plain TCP socket
+# and puts TLS back on top (workers.adopted_endpoint)
+ADOPTABLE = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
+             endpoints.SSL4ServerEndpoint)
+
+
+def adoptable(endpoint):
+    return isinstance(endpoint, ADOPTABLE)
+
+
 def connectionFactory(factory, settings, clock):
     """What a connection meets: the protocol factory, inside the ``-d``
     trace, inside implicit TLS (``--smtps``).  The listener and stdio mode

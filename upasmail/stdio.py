@@ -5,7 +5,7 @@ output are the protocol connection", and ``-n netdir`` names the call so
 the peer's address can be found.  This is the same for inetd, xinetd and
 a systemd ``Accept=yes`` socket: one process per connection, which ends
 with the session.  Everything else is the daemon's: the same options
-(``tap_smtpd.Options``), settings, factory, protocol, policy, store and
+(``options.SmtpdOptions``), settings, factory, protocol, policy, store and
 limits; ``--listen`` and ``--workers`` are refused, as there is nothing to
 listen on.
 
@@ -59,6 +59,7 @@ from twisted.python.syslog import SyslogObserver
 from zope.interface import implementer
 
 from . import conf, logs, relay
+from .options import SmtpdOptions, open_decision_log
 from .queue import record_routing, recorded_routing, routing_of
 from .service import RefusalsClose, connectionFactory, makeResolver, makeSmtpdFactory
 
@@ -257,10 +258,8 @@ class Output:
 
 
 def options_class():
-    from .tap_smtpd import Options
-
-    class StdioOptions(Options):
-        synopsis = Options.synopsis.replace(" [--listen ENDPOINT]", "")
+    class StdioOptions(SmtpdOptions):
+        synopsis = SmtpdOptions.synopsis.replace(" [--listen ENDPOINT]", "")
 
         def opt_listen(self, value):
             raise usage.UsageError("--listen: in stdio mode the connection is stdin/stdout; "
@@ -335,8 +334,6 @@ def serve(options, reactor, sock, remote, local, source, out):
     except conf.ConfigError as e:
         out.say("%s: %s" % (PROG, e))
         return 1
-    from .tap_smtpd import open_decision_log
-
     try:
         open_decision_log(factory, options, reactor)
     except SystemExit as e:

@@ -28,6 +28,7 @@ from twisted.python import usage
 from . import conf as smtpdconf
 from . import mxdial, queue, settings
 from .logs import DNSNoise
+from .options import QUEUE_FLAGS, QUEUE_PARAMETERS, parse_hostport, queue_settings
 from .store import MailRoot
 
 log = Logger(namespace="queue")
@@ -38,50 +39,6 @@ ROUTING_FLAGS = {"sysname": "--sysname", "domain": "--domain",
                  "ourdomains": "ourdomains (--conf)", "smarthost": "--smarthost",
                  "smarthost_user": "--smarthost-user", "relay_auth_file": "--relay-auth-file",
                  "mx_port": "--mx-port"}
-
-# shared with twistd upas-smtpd
-QUEUE_FLAGS = [
-    ["no-outbound-tls", None, "do not use STARTTLS when sending (default: when offered)"],
-    ["ipv6", None, "also send to the IPv6 addresses of mail servers"],
-]
-QUEUE_PARAMETERS = [
-    ["smarthost", None, None, "send all outbound mail through this relay, a dial string "
-                              "such as tcp!relay.example.net!587 (also smtpd.conf smarthost)"],
-    ["smarthost-user", None, None, "AUTH user name at the smarthost"],
-    ["relay-auth-file", None, None, "file of 'server user password' lines (mode 0600) for "
-                                    "AUTH at the smarthost"],
-    ["mx-port", None, 25, "port mail servers are dialled on (labs and tests only)", int],
-    ["max-deliveries", None, 20, "deliveries at once", int],
-    ["max-per-destination", None, 20, "deliveries at once to one domain", int],
-    ["retry-min", None, 300.0, "first retry after a temporary failure, seconds", float],
-    ["retry-max", None, 3600.0, "longest wait between retries, seconds", float],
-    ["max-queue-age", None, 172800.0, "seconds before an undeliverable message is returned "
-                                      "(upas: 2 days)", float],
-    ["queue-scan", None, 60.0, "seconds between looks at the queue", float],
-]
-
-
-def queue_settings(o):
-    """Settings keywords from parsed queue options; UsageError for nonsense."""
-    for name in ("max-deliveries", "max-per-destination", "retry-min", "retry-max",
-                 "max-queue-age", "queue-scan"):
-        if o[name] <= 0:
-            raise usage.UsageError("--%s must be positive" % name)
-    if not 0 < o["mx-port"] < 65536:
-        raise usage.UsageError("--mx-port must be a port number")
-    if o["smarthost"]:
-        try:
-            mxdial.parse_dial(o["smarthost"])
-        except mxdial.DialError as e:
-            raise usage.UsageError("--smarthost: %s" % e.text)
-    auth_file = os.path.abspath(o["relay-auth-file"]) if o["relay-auth-file"] else None
-    return dict(smarthost=o["smarthost"], relay_user=o["smarthost-user"],
-                relay_auth_file=auth_file, outbound_tls=not o["no-outbound-tls"],
-                ipv6=o["ipv6"], mx_port=o["mx-port"], max_deliveries=o["max-deliveries"],
-                max_per_destination=o["max-per-destination"], retry_min=o["retry-min"],
-                retry_max=o["retry-max"], max_queue_age=o["max-queue-age"],
-                queue_scan=o["queue-scan"])
-
 
 def start_logging(err, logfile=None):
     """Log events to ``err`` and, when given, appended to ``logfile``.
@@ -190,7 +147,6 @@ class RunqOptions(usage.Options):
             except smtpdconf.ConfigError as e:
                 raise usage.UsageError(str(e))
         if self["resolver"]:
-            from .tap_smtpd import parse_hostport
             self["resolverAddress"] = parse_hostport(self["resolver"])
         given = {key for key, told in (
             ("sysname", self["sysname"]), ("domain", self["domain"] or config.defaultdomain),

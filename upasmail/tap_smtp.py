@@ -22,6 +22,7 @@ from twisted.python import usage
 
 from . import client, factotum, mxdial, settings, thumbprint
 from .conf import ConfigError
+from .options import parse_hostport
 
 USAGE = ("usage: upas-smtp [-aAdfipst] [-b busted-mx] [-g gw] [-h host] [-u user] "
          "[.domain] destaddr sender rcpt-list")
@@ -86,7 +87,6 @@ class Options(usage.Options):
 
     def postOptions(self):
         if self["resolver"]:
-            from .tap_smtpd import parse_hostport
             self["resolverAddress"] = parse_hostport(self["resolver"])
 
 

@@ -48,15 +48,6 @@ log = Logger(namespace="smtpd")
 LISTEN_FD, CHANNEL_FD = 3, 4
 MIN_BACKOFF, MAX_BACKOFF = 1.0, 30.0
 STEADY = 60.0  # a worker that ran this long restarts without waiting
-# the listeners a worker can adopt: a plain TCP socket, TLS put back on top
-ADOPTABLE = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
-             endpoints.SSL4ServerEndpoint)
-
-
-def adoptable(endpoint):
-    return isinstance(endpoint, ADOPTABLE)
-
-
 def share_accepts(port):
     """Make ``port`` (a ``tcp.Port``) accept one connection per wake-up.
 
@@ -328,8 +319,8 @@ def write_all(fd):
 
 def run(number, argv, reactor=None):
     """The worker process: serve on the inherited socket until stopped."""
+    from . import options as smtpd_options
     from . import service as smtpd_service
-    from . import tap_smtpd
 
     if reactor is None:
         from twisted.internet import reactor
@@ -340,7 +331,7 @@ def run(number, argv, reactor=None):
     os.close(CHANNEL_FD)  # the reactor has its own copy
     relay = log_relay(write_all(sys.stdout.fileno()), reactor)
     globalLogBeginner.beginLoggingTo([relay], redirectStandardIO=False)
-    options = tap_smtpd.Options()
+    options = smtpd_options.SmtpdOptions()
     try:
         options.parseOptions(argv)
     except (SystemExit, usage.UsageError) as e:
@@ -348,19 +339,19 @@ def run(number, argv, reactor=None):
         return 1
     # the main process runs the queue; a worker's jobs wake it (Enqueued)
     options["mergeArgs"]["queue_runner"] = False
-    settings = tap_smtpd.reloaded_settings(options)
+    settings = smtpd_options.reloaded_settings(options)
     store = statestore.RemoteStateStore(channel)
     original = smtpd_service.listener_endpoint(reactor, options["listen"])
     top = smtpd_service.makeSmtpdService(
         settings, options["listen"], reactor, endpoint=adopted_endpoint(reactor, original),
         store=store, resolver=smtpd_service.makeResolver(reactor, options.get("resolverAddress")))
-    tap_smtpd.open_decision_log(top.factory, options, reactor)
+    smtpd_options.open_decision_log(top.factory, options, reactor)
     top.factory.root.enqueued.append(
         # the id is enough: the main process reads that one envelope
         lambda qid, record=None, inode=None: channel.callRemote(statestore.Enqueued, qid=qid))
 
     def reload():
-        tap_smtpd.reload_service(top, options)
+        smtpd_options.reload_service(top, options)
 
     top.privilegedStartService()
     top.server._waitingForPort.addCallback(share_accepts)
