@@ -40,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "upasmail"
 
 PURE = {"address", "auth", "bounce", "conf", "convert", "crashpoint", "decision",
-        "dnscheck", "factotum", "framing", "grammar", "greylist", "helo", "local", "mbox",
-        "mxdial", "pipemsg", "policy", "ratify", "relay", "replies", "rfc822", "session",
+        "dnscheck", "factotum", "framing", "grammar", "greylist", "helo", "interfaces",
+        "local", "mbox", "mxdial", "pipemsg", "policy", "ratify", "relay", "replies", "rfc822", "session",
         "settings", "simulate", "tarpit", "thumbprint"}
 COMMAND_LINE = {"tap_smtpd", "tap_smtp", "tap_runq", "stdio", "checkconfig", "policytool",
                 "replay"}

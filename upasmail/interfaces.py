@@ -15,7 +15,7 @@ works exactly as it does under Twisted's own ESMTP.
 * ``IReloadable``: anything that re-reads its files on SIGHUP.
 * ``IMailBackend``: where accepted mail goes (the built-in store, ``-m``).
 * ``IMessageStore``: the built-in store the server and the queue runner share.
-* ``IStateStore`` (defined in ``statestore``): the state every connection shares.
+* ``IStateStore``: the state every connection shares (also importable from ``statestore``).
 
 This module imports nothing of upasmail at import time, so that every
 module may import it.
@@ -156,10 +156,44 @@ class IMessageStore(IMailBackend):
         of its path."""
 
 
-def __getattr__(name):
-    # IStateStore stays in statestore, which declares LocalStateStore
-    # IReloadable from here: importing it at the top would be a circle
-    if name == "IStateStore":
-        from .statestore import IStateStore
-        return IStateStore
-    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+class IStateStore(Interface):
+    """Anti-abuse state shared by every connection of every process."""
+
+    def acquireConnection(ip, exempt, perPeer, total):
+        """Count a new connection from ``ip``; fires with None when it may
+        go on, else ``TOTAL`` or ``PEER`` (the limit it would pass; it is
+        not counted).  ``exempt`` (trusted) connections count in all but
+        not per peer."""
+
+    def releaseConnection(ip, exempt):
+        """A connection ``acquireConnection`` admitted is gone."""
+
+    def authBegin(ip):
+        """May an AUTH check for ``ip`` start? (``auth.Throttle.begin``)"""
+
+    def authFailed(ip):
+        """The check failed: fires with (seconds its reply waits, failures
+        so far, the limit)."""
+
+    def authSucceeded(ip):
+        """The check succeeded: the address's failures are forgotten."""
+
+    def authAbandoned(ip):
+        """The check could not be made: it does not count."""
+
+    def isWhitelisted(rsys):
+        """Is the peer on the greylist's whitelist?"""
+
+    def greylistAttempt(lsys, rsys, recipients):
+        """Record an attempt; fires with ``[(rcpt, state)]``, ``state`` one
+        of ``greylist.NEW``, ``RECENT``, ``OTHER`` (recipients that name no
+        file are left out)."""
+
+    def addToWhitelist(rsys, name):
+        """Whitelist the peer (``name``: its PTR name, or None)."""
+
+    def isGranted(ip):
+        """Has ``ip`` a temporary trusted grant in force?"""
+
+    def grant(ip):
+        """Trust ``ip`` temporarily (POP/IMAP-before-SMTP)."""

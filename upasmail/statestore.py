@@ -24,11 +24,11 @@ from collections import Counter
 
 from twisted.internet import defer
 from twisted.protocols import amp
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from . import auth
 from .greylist import Greylist
-from .interfaces import IReloadable
+from .interfaces import IReloadable, IStateStore  # IStateStore: its public place is here too
 from .ratify import TrustedGrants
 
 # acquireConnection's refusals
@@ -36,49 +36,6 @@ TOTAL, PEER = "total", "peer"
 # a file the store cannot use is an OSError on the worker's side too
 # (the greylist lets the peer through and logs why)
 FILE_ERRORS = {OSError: b"OS_ERROR"}
-
-
-class IStateStore(Interface):
-    """Anti-abuse state shared by every connection of every process."""
-
-    def acquireConnection(ip, exempt, perPeer, total):
-        """Count a new connection from ``ip``; fires with None when it may
-        go on, else ``TOTAL`` or ``PEER`` (the limit it would pass; it is
-        not counted).  ``exempt`` (trusted) connections count in all but
-        not per peer."""
-
-    def releaseConnection(ip, exempt):
-        """A connection ``acquireConnection`` admitted is gone."""
-
-    def authBegin(ip):
-        """May an AUTH check for ``ip`` start? (``auth.Throttle.begin``)"""
-
-    def authFailed(ip):
-        """The check failed: fires with (seconds its reply waits, failures
-        so far, the limit)."""
-
-    def authSucceeded(ip):
-        """The check succeeded: the address's failures are forgotten."""
-
-    def authAbandoned(ip):
-        """The check could not be made: it does not count."""
-
-    def isWhitelisted(rsys):
-        """Is the peer on the greylist's whitelist?"""
-
-    def greylistAttempt(lsys, rsys, recipients):
-        """Record an attempt; fires with ``[(rcpt, state)]``, ``state`` one
-        of ``greylist.NEW``, ``RECENT``, ``OTHER`` (recipients that name no
-        file are left out)."""
-
-    def addToWhitelist(rsys, name):
-        """Whitelist the peer (``name``: its PTR name, or None)."""
-
-    def isGranted(ip):
-        """Has ``ip`` a temporary trusted grant in force?"""
-
-    def grant(ip):
-        """Trust ``ip`` temporarily (POP/IMAP-before-SMTP)."""
 
 
 @implementer(IStateStore, IReloadable)
