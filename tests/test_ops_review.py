@@ -46,7 +46,10 @@ def test_a_link_planted_for_routing_json_tmp_is_not_followed_as_root(world):  # 
         f.write("root's own\n")
     os.chmod(victim, 0o600)
     # the run user owns the mail root: it can put a link where root writes
-    os.symlink(victim, os.path.join(first.root, "routing.json.tmp"))
+    planted = os.path.join(first.root, "routing.json.tmp")
+    if os.path.lexists(planted):  # left by a first server stopped mid-write (a busy machine)
+        os.unlink(planted)
+    os.symlink(victim, planted)
     again = DroppedServer(world, "--sysname", "other.example.org", python=python)
     try:
         again.wait_for("cannot record the routing for upas-runq: Permission denied")
