@@ -62,14 +62,18 @@ def makeResolver(reactor, address=None, hosts=None):
     Without ``address``, /etc/hosts (or the ``hosts`` file) answers first;
     with one, a ``hosts`` file answers first only when given.
     """
-    from twisted.names import client
+    from twisted.names import cache, client
     from twisted.names import hosts as hostsfile
     from twisted.names.resolve import ResolverChain
 
     if address is not None:
         dns = client.Resolver(servers=[address], reactor=reactor)
         return dns if hosts is None else ResolverChain([hostsfile.Resolver(hosts), dns])
-    return client.createResolver(hosts=hosts)  # resolv.conf, global reactor
+    # client.createResolver's chain, built here because it takes no reactor
+    # (its cache and resolver would run on the global one)
+    return ResolverChain([hostsfile.Resolver(hosts or b"/etc/hosts"),
+                          cache.CacheResolver(reactor=reactor),
+                          client.Resolver(resolv=b"/etc/resolv.conf", reactor=reactor)])
 
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
@@ -301,7 +305,7 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     top.queue = None
     if settings.queue_runner:
         top.queue = QueueRunner(factory.root, settings, reactor, kw["resolver"],
-                                kw.get("clock") or reactor, ours=local_addresses())
+                                kw.get("clock") or reactor, ours=local_addresses)
         top.queue.setServiceParent(top)
     SessionDrain(factory).setServiceParent(top)
     listening = connectionFactory(factory, settings, kw.get("clock") or reactor)
