@@ -22,11 +22,16 @@ class ListeningService(service.Service):
         self.endpoint = endpoint
         self.factory = factory
         self.listening = None  # the port's Deferred, from the start on
+        self.port = None  # once bound
 
     def privilegedStartService(self):
         service.Service.privilegedStartService(self)
         starting = [True]
         at_start = []
+
+        def bound(port):
+            self.port = port
+            return port
 
         def failed(reason):
             if starting[0]:
@@ -35,7 +40,7 @@ class ListeningService(service.Service):
                 log.failure("cannot listen on {endpoint}", reason, endpoint=self.endpoint)
 
         self.listening = self.endpoint.listen(self.factory)
-        self.listening.addErrback(failed)
+        self.listening.addCallbacks(bound, failed)
         starting[0] = False
         if at_start:
             at_start[0].raiseException()
@@ -48,10 +53,10 @@ class ListeningService(service.Service):
     def stopService(self):
         service.Service.stopService(self)
         listening, self.listening = self.listening, None
-        if listening is None:
-            return None
-        listening.cancel()  # not bound yet: stop trying
-        return listening.addCallback(lambda port: port and port.stopListening())
+        port, self.port = self.port, None
+        if listening is not None:
+            listening.cancel()  # not bound yet: stop trying
+        return port.stopListening() if port is not None else None
 
 
 class Dropped(protocol.Protocol):

@@ -10,7 +10,8 @@ The stable API and its extension points: docs/embedding.rst.
 their own listening.  Everything with effects (reactor/clock, thread pool
 runner, mailer) is injectable; nothing here imports the global reactor
 unless no reactor is given.  The DNS resolver (any ``twisted.names``
-IResolver) defaults to ``client.createResolver``, i.e. resolv.conf.
+IResolver) defaults to ``makeResolver``: /etc/hosts, then resolv.conf's
+servers, on the reactor given.
 
 AUTH: pass a ``twisted.cred`` ``checker`` (or a whole ``portal``) or get
 ``passwd.PasswordFile`` on ``settings.path("passwd")``.  TLS: pass a
