@@ -64,7 +64,8 @@ def test_an_endpoints_own_tls_around_the_factory_writes_nothing_for_a_ban(tmp_pa
     factory = service.makeSmtpdFactory(s, reactor=task.Clock(), run_blocking=testing.run_now,
                                        resolver=testing.FakeResolver())
     context = tls.CertificateFile(str(tmp_path / "both.pem"))
-    wrapped = TLSMemoryBIOFactory(context, False, service.connectionFactory(factory, s, task.Clock()))
+    listening = service.connectionFactory(factory, s, task.Clock())
+    wrapped = TLSMemoryBIOFactory(context, False, listening)
     transport = connect(wrapped.buildProtocol(testing.address(BANNED, 1)))
     assert transport.value() == b"" and transport.disconnecting
 

@@ -1,13 +1,4 @@
-"""The listener's own pieces: the listening service and the -k drop.
-
-``ListeningService`` is a listening endpoint as a service, whose port
-must be bound to start.  Twisted's ``StreamServerEndpointService`` logs a port it cannot bind and
-starts anyway, unless a private flag says otherwise.  Here a failure to
-listen while the service starts is raised from ``privilegedStartService``
-(twistd binds there, before it drops privileges), so the command line
-turns it into its one-line start-up error and the server does not run
-deaf.  ``listening`` fires with the port once bound.
-"""
+"""The listener's own pieces: the listening service and the -k drop."""
 
 from twisted.application import service
 from twisted.internet import protocol
@@ -18,6 +9,17 @@ log = Logger(namespace="smtpd")
 
 
 class ListeningService(service.Service):
+    """A listening endpoint as a service, whose port must be bound to start.
+
+    Twisted's ``StreamServerEndpointService`` logs a port it cannot bind
+    and starts anyway, unless a private flag says otherwise.  Here a
+    failure to listen while the service starts is raised from
+    ``privilegedStartService`` (twistd binds there, before it drops
+    privileges), so the command line turns it into its one-line start-up
+    error and the server does not run deaf.  ``listening`` fires with the
+    port once bound; ``port`` is it.
+    """
+
     def __init__(self, endpoint, factory):
         self.endpoint = endpoint
         self.factory = factory
