@@ -477,7 +477,7 @@ def replay(text, root):
         try:
             for sent, expected in exchanges:
                 got = d.greeting if sent is None else d.send(sent)
-                if not closed and (d.proto is None or d.transport.disconnecting):
+                if not closed and d.transport.disconnecting:
                     closed, got = True, got + [CLOSED]
                 yield "%s %s" % (client, sent or "(connect)"), expected, got
         finally:

@@ -19,7 +19,7 @@ from twisted.logger import capturedLogs
 from twisted.names import dns
 from twisted.trial import unittest
 
-from upasmail import store, testing
+from upasmail import listening, store, testing
 
 LIAR = ["554 5.7.0 Liar!"]
 DIALUP = "554 5.7.1 We don't accept mail from dial-up ports."
@@ -82,7 +82,8 @@ class ConnectTests(Case):
     def test_item4_banned_peer_gets_nothing(self):
         with capturedLogs() as events:
             d = self.dialogue(evil=(ipaddress.ip_network("127.0.0.0/29"),))
-        self.assertIsNone(d.proto)
+        self.assertIsInstance(d.proto, listening.Dropped)
+        self.assertTrue(d.transport.disconnecting)
         self.assertEqual(d.greeting, [])
         self.assertEqual([e for e in events if "127.0.0.2" in repr(e)], [])
 

@@ -20,7 +20,8 @@ import pytest
 from twisted.internet import defer, task
 from twisted.logger import capturedLogs
 
-from upasmail import checkconfig, conf, decisionlog, ratify, replay, simulate, tap_smtpd, testing
+from upasmail import (checkconfig, conf, decisionlog, listening, ratify, replay, simulate,
+                      tap_smtpd, testing)
 
 from test_twistd import ROOT, env, server, dns_port  # noqa: F401 (fixtures)
 
@@ -50,7 +51,7 @@ class Recorder:
         d = testing.Dialogue(self.settings, peer=peer, clock=self.clock,
                              decisions=self.log if log is None else log, mailboxes=["bob"])
         replies = [d.send(line) for line in lines]
-        if d.proto is not None:
+        if not isinstance(d.proto, listening.Dropped):  # -k: no session
             d.proto.connectionLost(None)  # also after a hang-up: the session's end
             d.proto.setTimeout(None)
         return replies

@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.names import client, dns
 from twisted.trial import unittest
 
-from upasmail import conf, dnscheck, greylist, helo, ratify, tarpit, testing, trace
+from upasmail import conf, dnscheck, greylist, helo, listening, ratify, tarpit, testing, trace
 
 
 # -- account patterns --------------------------------------------------------
@@ -222,5 +222,5 @@ def test_trace_skips_banned_peers(tmp_path):
                               evil=(ipaddress.ip_network("127.0.0.2/32"),))
     factory = testing.Dialogue(s, peer="127.0.0.3").factory
     traced = trace.TraceFactory(factory, str(tmp_path / "log"), task.Clock())
-    assert traced.buildProtocol(testing.address("127.0.0.2", 1)) is None
+    assert isinstance(traced.buildProtocol(testing.address("127.0.0.2", 1)), listening.Dropped)
     assert os.listdir(tmp_path / "log" / "smtpdb") == []

@@ -9,15 +9,16 @@ start-up check runs a real ``twistd``.
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import shutil
 import tempfile
 
 import pytest
 from twisted.cred import checkers, credentials, error
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.internet.testing import StringTransport
 from twisted.plugin import IPlugin
 from twisted.protocols.haproxy._parser import unparseEndpoint
 from twisted.python import usage
@@ -26,6 +27,7 @@ from zope.interface import implementer
 
 from test_twistd import twistd
 from upasmail import auth, conf, service, tap_smtpd, testing
+from upasmail.listening import ListeningService
 
 SECRET = "s3cret-Pa55"
 POOR_CRAM = "501 5.5.4 Poorly formed CRAM-MD5 response"
@@ -434,12 +436,17 @@ def test_makeSmtpdService_refuses_a_proxy_listener(tmp_path, listen):
 
 
 def test_ssl_listener_however_spelled_closes_refused_peers(tmp_path):
-    """-k refuses with None, which an endpoint wrapping our factory cannot take."""
+    """-k: an endpoint wrapping our factory cannot take None, and gets none:
+    a protocol that drops the connection without a byte."""
     cert, key = testing.self_signed_pem("localhost")
     (tmp_path / "both.pem").write_text(cert + key)
-    s = testing.make_settings("", root=str(tmp_path / "mail"), queue_runner=False)
+    s = testing.make_settings("", root=str(tmp_path / "mail"), queue_runner=False,
+                              evil=(ipaddress.ip_network("127.0.0.3/32"),))
     for listen in ("tcp:0", "s\\sl:0:privateKey=%s" % (tmp_path / "both.pem")):
         top = service.makeSmtpdService(s, listen, reactor=task.Clock(),
                                        resolver=testing.FakeResolver({}))
-        [server] = [c for c in top if isinstance(c, StreamServerEndpointService)]
-        assert isinstance(server.factory, service.RefusalsClose) == listen.startswith("s\\")
+        [server] = [c for c in top if isinstance(c, ListeningService)]
+        p = server.factory.buildProtocol(testing.address("127.0.0.3", 1))
+        transport = StringTransport()
+        p.makeConnection(transport)
+        assert transport.value() == b"" and transport.disconnecting

@@ -23,11 +23,12 @@ module is imported only when metrics are asked for.
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web import resource, server
 
 from . import queue as outbound
+from .listening import ListeningService
 
 log = Logger(namespace="smtpd")
 
@@ -305,8 +306,7 @@ class MetricsService(service.MultiService):
         service.MultiService.__init__(self)
         self.metrics = metrics
         self.publisher = publisher
-        self.server = internet.StreamServerEndpointService(endpoint, site(metrics.registry))
-        self.server._raiseSynchronously = True
+        self.server = ListeningService(endpoint, site(metrics.registry))
         self.server.setServiceParent(self)
 
     def _listening(self, port):
@@ -318,7 +318,7 @@ class MetricsService(service.MultiService):
         self.publisher.addObserver(self.metrics)
         service.MultiService.startService(self)
         # bound by now: in privilegedStartService under twistd, else just now
-        self.server._waitingForPort.addCallback(self._listening)
+        self.server.listening.addCallback(self._listening)
 
     def stopService(self):
         self.publisher.removeObserver(self.metrics)

@@ -440,7 +440,13 @@ class QueueRunner(service.Service):
         self.resolver = resolver
         self.clock = clock or reactor
         self.deliver = deliver or client.deliver
-        self.ours = tuple(ours)
+        # our own addresses are never dialled (upas: an illegal address).
+        # Given as a function (``mxdial.local_addresses``: getaddrinfo may
+        # wait on DNS) they are found once, in a thread, before the first
+        # delivery; until then ``ours`` is None
+        self.ours = None if callable(ours) else tuple(ours)
+        self._find_ours = ours if callable(ours) else None
+        self._finding_ours = None
         self.once = once
         self.flush_all = flush
         self.jobs = {}  # qid -> live record while deliveries are under way
@@ -815,6 +821,24 @@ class QueueRunner(service.Service):
 
     # -- delivering ------------------------------------------------------
 
+    def _knowOurs(self):
+        """Fires once ``ours`` is known: at once, or when the lookup is done."""
+        if self.ours is not None:
+            return defer.succeed(None)
+        if self._finding_ours is None:
+            self._finding_ours = self.root.run_blocking(self._find_ours)
+            self._finding_ours.addCallbacks(self._foundOurs, self._oursUnknown)
+        known = defer.Deferred()
+        self._finding_ours.addCallback(lambda _: known.callback(None))
+        return known
+
+    def _foundOurs(self, addresses):
+        self.ours = tuple(addresses)
+
+    def _oursUnknown(self, failure):
+        log.failure("cannot find this host's addresses", failure, event="error")
+        self.ours = ()
+
     def client_options(self):
         s = self.settings
         auth = bool(s.smarthost and (s.relay_user or s.relay_auth_file))
@@ -878,6 +902,7 @@ class QueueRunner(service.Service):
             recorded.append(result)
             return self._record(record, dest, result)
 
+        yield self._knowOurs()
         with open(msg, "rb") as source:
             result = yield self.deliver(source, self.dial_string(dest), record["sender"],
                                         rcpts, self.client_options(), self.reactor,

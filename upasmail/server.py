@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, framing, grammar, greylist, logs, policy, ratify, relay, replies, tarpit
+from .listening import Dropped
 from .tls import describe as describe_tls, version_cipher as tls_version_cipher
 from .decision import ACCEPT, Reject, reject
 from .interfaces import IReloadable, IUpasDelivery, IUpasMessage
@@ -111,6 +112,7 @@ class UpasESMTP(smtp.ESMTP):
     _quietWaiters = ()
     _lost = False
     _exchange = None  # the AUTH exchange under way
+    _logout = None  # the realm's logout after AUTH, called when the connection ends
     _dropPlaintext = False
     _handshakeDone = False
     _closing = False  # the server is shutting down
@@ -234,6 +236,9 @@ class UpasESMTP(smtp.ESMTP):
             if self.factory.decisions is not None:  # the decision log
                 self.factory.decisions.ended(s, self._end, duration, self._accepted)
         smtp.ESMTP.connectionLost(self, reason)
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout()
         self.factory.connectionGone(self)
         waiters, self._closeWaiters = self._closeWaiters, ()
         for d in waiters:
@@ -940,7 +945,7 @@ class UpasESMTP(smtp.ESMTP):
             return None
         if avatar is not None:  # an embedder's realm may deliver per user
             self.delivery = avatar
-        self._onLogout = logout
+        self._logout = logout  # the realm's, called when the connection ends
         s.authenticated = True
         s.user = user
         if self.factory.decisions is not None:
@@ -1154,11 +1159,12 @@ class UpasSMTPFactory(smtp.SMTPFactory):
     def _refused(self, decision, ip, looked, trace=None):
         """A connection refused before its greeting: its one smtpd.disconnect
         line (a refused connection is a session too: its line has an id),
-        and a protocol that says 421 and closes; None for -k."""
+        and a protocol that says 421 and closes, or (-k) one that drops
+        the connection without a word."""
         if trace is not None:  # the decision log: -k too
             self.decisions.refused(ip, looked, trace, decision.reason)
         if not decision.code:  # -k: nothing is written, nothing logged (upas)
-            return None
+            return Dropped()
         session = logs.SessionLogger(logs.new_session_id())
         note = decision.note
         if note == "connect.shutdown":

@@ -10,7 +10,8 @@ The stable API and its extension points: docs/embedding.rst.
 their own listening.  Everything with effects (reactor/clock, thread pool
 runner, mailer) is injectable; nothing here imports the global reactor
 unless no reactor is given.  The DNS resolver (any ``twisted.names``
-IResolver) defaults to ``client.createResolver``, i.e. resolv.conf.
+IResolver) defaults to ``makeResolver``: /etc/hosts, then resolv.conf's
+servers, on the reactor given.
 
 AUTH: pass a ``twisted.cred`` ``checker`` (or a whole ``portal``) or get
 ``passwd.PasswordFile`` on ``settings.path("passwd")``.  TLS: pass a
@@ -19,9 +20,9 @@ server ``contextFactory`` or set ``settings.cert`` (``tls.CertificateFile``).
 
 import re
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints, protocol, threads
+from twisted.internet import endpoints, threads
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
@@ -29,6 +30,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from .auth import SessionRealm
 from .conf import ConfigError
 from .delivery import UpasDelivery
+from .listening import ListeningService
 from .mailer import Mailer
 from .server import UpasSMTPFactory
 from .spam import SpamFilter
@@ -61,14 +63,18 @@ def makeResolver(reactor, address=None, hosts=None):
     Without ``address``, /etc/hosts (or the ``hosts`` file) answers first;
     with one, a ``hosts`` file answers first only when given.
     """
-    from twisted.names import client
+    from twisted.names import cache, client
     from twisted.names import hosts as hostsfile
     from twisted.names.resolve import ResolverChain
 
     if address is not None:
         dns = client.Resolver(servers=[address], reactor=reactor)
         return dns if hosts is None else ResolverChain([hostsfile.Resolver(hosts), dns])
-    return client.createResolver(hosts=hosts)  # resolv.conf, global reactor
+    # client.createResolver's chain, built here because it takes no reactor
+    # (its cache and resolver would run on the global one)
+    return ResolverChain([hostsfile.Resolver(hosts or b"/etc/hosts"),
+                          cache.CacheResolver(reactor=reactor),
+                          client.Resolver(resolv=b"/etc/resolv.conf", reactor=reactor)])
 
 
 def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
@@ -117,41 +123,6 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
                               contextFactory=contextFactory, spamfilter=spamfilter)
     factory.root = root
     return factory
-
-
-class _Refused(protocol.Protocol):
-    def connectionMade(self):
-        self.transport.abortConnection()
-
-
-class RefusalsClose:
-    """For endpoints that wrap the factory themselves (``ssl:``, ``tls:``).
-
-    They cannot take None from ``buildProtocol`` (a -k refusal), so a
-    refused peer gets a protocol that drops the connection at once: no
-    byte, no log line.
-    """
-
-    def __init__(self, factory):
-        self.factory = factory
-
-    def buildProtocol(self, addr):
-        p = self.factory.buildProtocol(addr)
-        return p if p is not None else _Refused()
-
-    def __getattr__(self, name):
-        return getattr(self.factory, name)
-
-
-# Twisted's endpoints that hand the factory's protocols the socket itself
-PLAIN_ENDPOINTS = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
-                   endpoints.UNIXServerEndpoint, endpoints.AdoptedStreamServerEndpoint,
-                   endpoints.StandardIOEndpoint)
-
-
-def wraps_its_factory(endpoint):
-    """Does the endpoint put its own protocol around ours (``ssl:``, ``tls:``)?"""
-    return not isinstance(endpoint, PLAIN_ENDPOINTS)
 
 
 FD_RESERVE = 64  # open files kept for mailboxes, the queue, DNS, helpers
@@ -345,13 +316,10 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     top.queue = None
     if settings.queue_runner:
         top.queue = QueueRunner(factory.root, settings, reactor, kw["resolver"],
-                                kw.get("clock") or reactor, ours=local_addresses())
+                                kw.get("clock") or reactor, ours=local_addresses)
         top.queue.setServiceParent(top)
     SessionDrain(factory).setServiceParent(top)
     listening = connectionFactory(factory, settings, kw.get("clock") or reactor)
-    if wraps_its_factory(endpoint):
-        listening = RefusalsClose(listening)
-    top.server = server = internet.StreamServerEndpointService(endpoint, listening)
-    server._raiseSynchronously = True  # a port we cannot bind stops start-up
-    server.setServiceParent(top)
+    top.server = ListeningService(endpoint, listening)  # a port not bound stops start-up
+    top.server.setServiceParent(top)
     return top

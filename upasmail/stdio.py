@@ -61,7 +61,7 @@ from zope.interface import implementer
 from . import conf, logs, relay
 from .options import SmtpdOptions, open_decision_log
 from .queue import record_routing, recorded_routing, routing_of
-from .service import RefusalsClose, connectionFactory, makeResolver, makeSmtpdFactory
+from .service import connectionFactory, makeResolver, makeSmtpdFactory
 
 log = Logger(namespace="smtpd")
 
@@ -204,8 +204,7 @@ class NamedConnectionFactory(policies.WrappingFactory):
         self.connection = None
 
     def buildProtocol(self, addr):
-        # -k: a banned peer gets a protocol that closes at once, no byte sent
-        inner = RefusalsClose(self.wrappedFactory).buildProtocol(self.remote)
+        inner = self.wrappedFactory.buildProtocol(self.remote)
         self.connection = self.protocol(self, inner)
         return self.connection
 

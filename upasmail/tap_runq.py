@@ -200,7 +200,7 @@ def runq(reactor, argv, err=None, resolver=None, clock=None, deliver=None):
         root.make_directories()  # returns are spooled in tmp/ and may go to box/
         resolver = resolver or makeResolver(reactor, o.get("resolverAddress"))
         runner = queue.QueueRunner(root, s, reactor, resolver, clock, deliver=deliver,
-                                   ours=mxdial.local_addresses(), once=True,
+                                   ours=mxdial.local_addresses, once=True,
                                    flush=o["flush"])
         runner.startService()
         yield runner.done

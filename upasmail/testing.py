@@ -17,6 +17,7 @@ from zope.interface import alsoProvides, implementer
 from . import conf as smtpdconf
 from . import replies
 from . import settings as smtpdsettings
+from .listening import Dropped
 from .service import makeSmtpdFactory
 
 
@@ -192,10 +193,6 @@ class Dialogue:
         self.root = self.factory.root
         self.factory.decisions = decisions
         self.proto = self.factory.buildProtocol(address(peer, 4321))
-        if self.proto is None:  # -k: refused before any byte
-            self.transport = StringTransport()
-            self.greeting = []
-            return
         self.transport = FakeTLSTransport(
             peerAddress=address(peer, 4321), hostAddress=address(local, 25)
         )
@@ -222,7 +219,7 @@ class Dialogue:
         return self.proto.whenQuiet().addCallback(lambda _: self.take())
 
     def close(self):
-        if self.proto is None:
+        if isinstance(self.proto, Dropped):  # -k: gone before any byte
             return
         if not self.transport.disconnecting:
             self.proto.connectionLost(None)

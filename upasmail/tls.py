@@ -25,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from .conf import ConfigError, WatchedFile, read_text
+from .listening import Dropped
 
 log = Logger(namespace="smtpd")
 
@@ -102,15 +103,17 @@ class CertificateFile:
 
 
 class ImplicitTLSFactory(TLSMemoryBIOFactory):
-    """TLS from the first byte (port 465); refused peers (``-k``) stay refused."""
+    """TLS from the first byte (port 465)."""
 
     def __init__(self, contextFactory, wrappedFactory):
         TLSMemoryBIOFactory.__init__(self, contextFactory, False, wrappedFactory)
 
     def buildProtocol(self, addr):
         inner = self.wrappedFactory.buildProtocol(addr)
-        if inner is None:
-            return None
+        if isinstance(inner, Dropped):
+            # -k: closed before the handshake, which TLS could only abort
+            # (a reset); on the bare socket the peer sees a plain close
+            return inner
         return self.protocol(self, inner)
 
 

@@ -5,7 +5,7 @@ per connection under ``/sys/log/smtpdb/``.  Here each connection gets
 ``<log dir>/smtpdb/<unix time>.<n>.<peer ip>``, written by Twisted's
 ``TrafficLoggingProtocol``: ``C n: b'...'`` lines for client bytes and
 ``S n: b'...'`` for ours (Python byte reprs, so every byte is visible).
-Banned peers (``-k``) get no file: the wrapped factory refuses them first.
+Banned peers (``-k``) get no file: the factory drops them before any byte.
 
 The trace holds whole sessions, message bodies included: the directory
 is created mode 0700.  Passwords never reach it: client bytes are logged
@@ -23,6 +23,7 @@ from twisted.protocols import policies
 from zope.interface import implementer
 
 from .relay import normalize_ip
+from .listening import Dropped
 
 LONG_LINE = 64 * 1024  # log a line without its end once it is this long
 REMOVED = b"<removed>"
@@ -133,8 +134,8 @@ class TraceFactory(policies.TrafficLoggingFactory):
 
     def buildProtocol(self, addr):
         inner = self.wrappedFactory.buildProtocol(addr)
-        if inner is None:
-            return None
+        if isinstance(inner, Dropped):  # a -k ban carries no byte: nothing to trace
+            return inner
         self._counter += 1
         name = "%d.%d.%s" % (self.clock.seconds(), self._counter,
                              normalize_ip(getattr(addr, "host", "unix")))

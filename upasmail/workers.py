@@ -143,7 +143,7 @@ class WorkerPool(service.Service):
         service.Service.startService(self)
         # the listener was bound in privilegedStartService (twistd binds
         # before it drops privileges); its port is there already
-        self.top.server._waitingForPort.addCallback(self._listening)
+        self.top.server.listening.addCallback(self._listening)
 
     def _listening(self, port):
         self.port = share_accepts(port)
@@ -354,7 +354,7 @@ def run(number, argv, reactor=None):
         smtpd_options.reload_service(top, options)
 
     top.privilegedStartService()
-    top.server._waitingForPort.addCallback(share_accepts)
+    top.server.listening.addCallback(share_accepts)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
