@@ -3,7 +3,8 @@
 ``deliver(...)`` is the library API used by the ``upas-smtp`` command and
 the outbound queue.  It fires (never fails) with a ``Result``: upas's
 status string (``""`` delivered, ``Retry, Temporary Failure``,
-``Permanent Failure`` or another text upas would exit with), one
+``Permanent Failure`` or another text upas would exit with) and its
+``Outcome`` (delivered / retry / give up, with the exit code), one
 ``RecipientResult`` per recipient (delivered / temporary / permanent,
 with the server's reply), and the lines upas would print on stderr.
 
@@ -30,6 +31,8 @@ here, the message is converted once for the whole stream
 """
 
 import base64
+import dataclasses
+import enum
 import hashlib
 import hmac
 from collections import deque
@@ -77,11 +80,75 @@ DELIVERED, TEMPORARY, PERMANENT_FAILURE, ACCEPTED, NOT_SENT = (
     "delivered", "temporary", "permanent", "accepted", "not sent")
 
 
+class Kind(enum.Enum):
+    """How a delivery ended, as far as the caller must act on it."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    GIVE_UP = "give up"
+
+
+_EXIT_CODES = {Kind.DELIVERED: EX_OK, Kind.RETRY: EX_TEMPFAIL, Kind.GIVE_UP: EX_UNAVAILABLE}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of one delivery: its kind decides, the texts are upas's.
+
+    ``status`` is the line upas smtp exits with (``""``, ``RETRY``,
+    ``PERMANENT``, or another text it gives up with, such as
+    ``No supported AUTH method``); ``detail`` is why (upas's last stderr
+    line, else the status).  The kind is set where the ending is known (a
+    reply's class, a dial error's permanence), never read back from a text.
+    """
+
+    kind: Kind
+    status: str = ""
+    detail: str = ""
+
+    @classmethod
+    def delivered(cls):
+        return cls(Kind.DELIVERED)
+
+    @classmethod
+    def retry(cls):
+        return cls(Kind.RETRY, RETRY, RETRY)
+
+    @classmethod
+    def give_up(cls, status=PERMANENT):
+        return cls(Kind.GIVE_UP, status, status)
+
+    @classmethod
+    def of_reply(cls, reply):
+        """A reply that is not the one wanted: 5xx gives up, anything else retries."""
+        return cls.give_up() if reply.kind == 5 else cls.retry()
+
+    @classmethod
+    def of_status(cls, status, detail=""):
+        """The outcome of a status text from elsewhere (a Result built by hand,
+        ``exit_code(status)``): only upas's own ``RETRY`` is worth a retry."""
+        if not status:
+            return cls(Kind.DELIVERED, "", detail)
+        return cls(Kind.RETRY if status == RETRY else Kind.GIVE_UP, status, detail or status)
+
+    def because(self, detail):
+        """The same ending, with upas's last stderr line as its detail."""
+        return dataclasses.replace(self, detail=detail or self.status)
+
+    @property
+    def exit_code(self):
+        return _EXIT_CODES[self.kind]
+
+    @property
+    def recipient_status(self):
+        """What a recipient without its own answer gets from this ending."""
+        return {Kind.DELIVERED: DELIVERED, Kind.RETRY: TEMPORARY,
+                Kind.GIVE_UP: PERMANENT_FAILURE}[self.kind]
+
+
 def exit_code(status):
     """Unix exit code for a upas status string (0, 75, else 69)."""
-    if not status:
-        return EX_OK
-    return EX_TEMPFAIL if "Retry" in status else EX_UNAVAILABLE
+    return Outcome.of_status(status).exit_code
 
 
 @dataclass
@@ -167,10 +234,19 @@ class Result:
     report: List[str] = field(default_factory=list)  # upas's stderr lines
     phase: str = ""
     target: Optional[object] = None
+    outcome: Optional[Outcome] = None  # from the conversation; else from ``status``
+
+    def __post_init__(self):
+        if self.outcome is None:
+            self.outcome = Outcome.of_status(self.status,
+                                             self.report[-1] if self.report else "")
+        elif self.outcome.status != self.status:
+            raise ValueError("status %r is not the outcome's %r"
+                             % (self.status, self.outcome.status))
 
     @property
     def exit_code(self):
-        return exit_code(self.status)
+        return self.outcome.exit_code
 
 
 @dataclass
@@ -197,13 +273,17 @@ class Closed(Exception):
 
 
 class Failed(Exception):
-    """Ends the conversation with upas's status and the reply that caused it."""
+    """Ends the conversation with its Outcome and the reply that caused it."""
 
-    def __init__(self, status, reply=None, note=None):
-        Exception.__init__(self, status)
-        self.status = status
+    def __init__(self, outcome, reply=None, note=None):
+        Exception.__init__(self, outcome.status)
+        self.outcome = outcome
         self.reply = reply
         self.note = note
+
+    @property
+    def status(self):
+        return self.outcome.status
 
 
 @implementer(IHandshakeListener)
@@ -436,6 +516,7 @@ class Conversation:
         self.offered = None  # the EHLO keywords, once the connection is open
         self.clean = False  # the server finished the last transaction
         self.phase = "hello"
+        self.outcome = None  # of the last transaction that ran to its end
         self.report = []
         self.log = ClientLogger("smtp", queue_id)
         self.faillog = ClientLogger("smtp.fail", queue_id)
@@ -445,7 +526,7 @@ class Conversation:
     def _expect(self, reply, want):
         if reply.kind == want:
             return reply
-        raise Failed(PERMANENT if reply.kind == 5 else RETRY, reply)
+        raise Failed(Outcome.of_reply(reply), reply)
 
     def _rcpt(self, r):
         r.rcpt = convert.rcpt_to(r.address, self.ddomain or self.o.maildomain)
@@ -455,7 +536,7 @@ class Conversation:
         """upas: any failed AUTH exchange is worth a retry."""
         if reply.kind == want:
             return reply
-        raise Failed(RETRY, reply)
+        raise Failed(Outcome.retry(), reply)
 
     @defer.inlineCallbacks
     def _tls(self, start):
@@ -467,7 +548,7 @@ class Conversation:
         except Exception as e:
             self.log.info("tlsClient to {d}: {err}", d=self.ddomain or self.server, err=e,
                           event="smtp.tls", domain=self.ddomain or self.server, status="failed")
-            raise Failed(PERMANENT, note="tlsClient to %s: %s" % (self.ddomain or self.server,
+            raise Failed(Outcome.give_up(), note="tlsClient to %s: %s" % (self.ddomain or self.server,
                                                                    e))
         if self.o.thumbprints is not None:
             der = _peer_der(self.wire.transport)
@@ -477,7 +558,7 @@ class Conversation:
                     base64.b64encode(hashlib.sha256(der or b"").digest()).decode())
                 self.log.info("{note}", note=note, event="smtp.tls",
                               domain=self.ddomain or self.server, status="failed")
-                raise Failed(PERMANENT, note=note)
+                raise Failed(Outcome.give_up(), note=note)
         self.encrypted = True
         self.log.info("started TLS to {d}", d=self.ddomain or self.server, event="smtp.tls",
                       domain=self.ddomain or self.server, status="started")
@@ -500,7 +581,7 @@ class Conversation:
             try:
                 text = base64.b64decode(challenge.texts[0].strip(), validate=True)
             except (ValueError, IndexError):
-                raise Failed(RETRY, challenge)
+                raise Failed(Outcome.retry(), challenge)
             digest = hmac.new(password.encode(), text, hashlib.md5).hexdigest()
             answer = base64.b64encode(("%s %s" % (user, digest)).encode()).decode()
             self._auth_step((yield w.command(answer, "<removed>")), 2)
@@ -515,7 +596,7 @@ class Conversation:
             blob = base64.b64encode(("\0%s\0%s" % (user, password)).encode()).decode()
             self._auth_step((yield w.command("AUTH PLAIN " + blob, "AUTH PLAIN <removed>")), 2)
         else:
-            raise Failed(replies.NO_AUTH_METHOD)
+            raise Failed(Outcome.give_up(replies.NO_AUTH_METHOD))
 
     def _credentials(self):
         try:
@@ -524,7 +605,7 @@ class Conversation:
             return self.o.credentials(self.server, self.o.user)
         except NoCredentials as e:
             self.faillog.info("{err}", err=e)
-            raise Failed(PERMANENT, note=str(e))
+            raise Failed(Outcome.give_up(), note=str(e))
 
     # -- the conversation ------------------------------------------------
 
@@ -551,7 +632,7 @@ class Conversation:
                 if word == "STARTTLS" and not self.encrypted and o.try_tls:
                     reply = yield w.command("STARTTLS")
                     if reply.kind != 2:
-                        raise Failed(PERMANENT, reply)
+                        raise Failed(Outcome.give_up(), reply)
                     w.flush_input()  # CVE-2011-0411, client side
                     yield self._tls(start=True)
                     restart = True
@@ -584,14 +665,15 @@ class Conversation:
                               self.smtputf8, "".join(self.message.header.lines))
         if utf8 and "SMTPUTF8" not in offered:
             # RFC 6531 3.2: never sent to a server that cannot take it (no downgrade)
-            raise Failed(PERMANENT, Reply(0, [replies.SMTPUTF8_NOT_OFFERED.format(
+            raise Failed(Outcome.give_up(), Reply(0, [replies.SMTPUTF8_NOT_OFFERED.format(
                 host="%s[%s]" % (self.target.mx or self.target.ip, self.target.ip))]))
         w.arm(10 * o.unit)
         mail = "MAIL FROM:" + convert.mail_from(self.sender, o.hostdomain) + (
             " SMTPUTF8" if utf8 else "")
         # recipients refused before the connection (illegal addresses) count
         # as refused by the server
-        worst = PERMANENT if any(r.status == PERMANENT_FAILURE for r in self.results) else ""
+        worst = Kind.GIVE_UP if any(r.status == PERMANENT_FAILURE for r in self.results) \
+            else None
         todo = [r for r in self.results if r.status == NOT_SENT]
         if "PIPELINING" in offered:
             w.send(mail)
@@ -622,15 +704,17 @@ class Conversation:
                 r.status = ACCEPTED
             else:
                 r.status = PERMANENT_FAILURE if reply.kind == 5 else TEMPORARY
-                worst = PERMANENT if reply.kind == 5 or worst == PERMANENT else RETRY
+                worst = Kind.GIVE_UP if reply.kind == 5 or worst == Kind.GIVE_UP \
+                    else Kind.RETRY
         accepted = [r for r in self.results if r.status == ACCEPTED]
-        if not accepted or worst == RETRY:
+        if not accepted or worst == Kind.RETRY:
             if not self.results:
-                return ""  # upas: nothing to send is success
+                return self._ended(Outcome.delivered())  # upas: nothing to send is success
             failed = [r for r in self.results if r.status != ACCEPTED]
-            raise Failed(worst or RETRY, Reply(0, [failed[-1].reply]) if failed else None)
+            raise Failed(Outcome.give_up() if worst == Kind.GIVE_UP else Outcome.retry(),
+                         Reply(0, [failed[-1].reply]) if failed else None)
         if o.ping:
-            return ""
+            return self._ended(Outcome.delivered())
         self.phase = "data"
         toline = ", ".join(r.rcpt for r in self.results if r.rcpt)
         w.arm(20 * o.unit)
@@ -659,8 +743,14 @@ class Conversation:
                     self.faillog.info("delivery to {rcpt} at {addr} {mx} rcptto, failed: "
                                       "{reply}", rcpt=rcpt, addr=self.destaddr,
                                       mx=self.target.describe(), reply=r.reply)
-            return PERMANENT
-        return ""
+            return self._ended(Outcome.give_up())  # upas: a partial failure
+        return self._ended(Outcome.delivered())
+
+    def _ended(self, outcome):
+        """Note how the transaction ended; its status text is what
+        ``transaction()`` fires with (``self.outcome`` has the kind)."""
+        self.outcome = outcome
+        return outcome.status
 
     def ready_for_more(self):
         """Can this connection carry another message?  Only after a
@@ -694,7 +784,7 @@ class Conversation:
         yield w.whenClosed()
 
 
-def _failure_report(conv, status, reply, note, destaddr, clock):
+def _failure_report(conv, outcome, reply, note, destaddr, clock):
     kind = "ping" if conv.o.ping else "delivery"
     lines = []
     if note:
@@ -707,7 +797,8 @@ def _failure_report(conv, status, reply, note, destaddr, clock):
         lines.append(text)
     conv.faillog.info("{kind} to {rcpts} at {addr} {mx} {phase} failed: {reply}", kind=kind,
                  rcpts=",".join(r.rcpt or r.address for r in conv.results), addr=destaddr,
-                 mx=conv.target.describe(), phase=conv.phase, reply=text or note or status)
+                 mx=conv.target.describe(), phase=conv.phase,
+                      reply=text or note or outcome.status)
     return lines
 
 
@@ -723,7 +814,8 @@ def _dial(reactor, clock, targets, options, errors):
                                  options.debug)
             return target, wire
         except Exception as e:
-            errors.append("%s %s" % (_error_text(e), target.describe()))
+            errors.append(mxdial.DialError("%s %s" % (_error_text(e), target.describe()),
+                                           False))
     return None, None
 
 
@@ -900,13 +992,14 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
     report = []
     try:
         if cached is None:
-            status = yield conv.run()
+            yield conv.run()
         else:
             conv.offered, conv.encrypted = cached.conv.offered, cached.conv.encrypted
-            status = yield conv.transaction()
+            yield conv.transaction()
+        ending = conv.outcome
     except Failed as f:
-        status = f.status
-        report = _failure_report(conv, f.status, f.reply, f.note, destaddr, clock)
+        ending = f.outcome
+        report = _failure_report(conv, ending, f.reply, f.note, destaddr, clock)
     except Closed as c:
         if cached is not None and conv.phase in ("mailfrom", "rcptto"):
             # the server ended a connection it had let wait: nothing was
@@ -915,19 +1008,22 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
             return (yield deliver(source, destaddr, sender, recipients, options, reactor,
                                   resolver, clock, watch, outcome, queue_id, smtputf8,
                                   connections, _reuse=False))
-        status = RETRY
+        ending = Outcome.retry()
         if c.timed_out:
             report = [replies.REPORT_TIMEOUT.format(addr=destaddr)]
             faillog.info("{kind} interrupt: {addr}: alarm {mx}", kind=kind, addr=destaddr,
                          mx=target.describe())
         else:
-            report = _failure_report(conv, status, Reply(-1, [replies.CONNECTION_CLOSED]),
+            report = _failure_report(conv, ending, Reply(-1, [replies.CONNECTION_CLOSED]),
                                      None, destaddr, clock)
     except Exception as e:  # a bug here must cost a retry, never the message
         conv.log.failure("delivery to {addr} failed", addr=destaddr, event="error")
-        status, report = RETRY, [replies.REPORT_LOCAL_ERROR.format(err=e, addr=destaddr)]
-    _settle(results, status, report)
-    result = Result(status, results, conv.report + report, conv.phase, target)
+        ending = Outcome.retry()
+        report = [replies.REPORT_LOCAL_ERROR.format(err=e, addr=destaddr)]
+    report = conv.report + report
+    ending = ending.because(report[-1] if report else "")
+    _settle(results, ending)
+    result = Result(ending.status, results, report, conv.phase, target, ending)
     if outcome is not None:
         try:
             yield outcome(result)
@@ -943,13 +1039,11 @@ def deliver(source, destaddr, sender, recipients, options, reactor, resolver, cl
 
 def _dial_failed(results, e, kind, faillog, destaddr):
     """The Result when no conversation takes place."""
-    permanent = e.permanent or any(w in e.text for w in ("illegal", "unknown",
-                                                         "can't translate"))
     faillog.info("{kind} {err} ({addr})", kind=kind, err=e.text, addr=destaddr)
-    status = PERMANENT if permanent else RETRY
     report = [dial_report(e.text, destaddr)]
-    _settle(results, status, report)
-    return Result(status, results, report, phase="dial")
+    ending = (Outcome.give_up() if e.permanent else Outcome.retry()).because(report[-1])
+    _settle(results, ending)
+    return Result(ending.status, results, report, phase="dial", outcome=ending)
 
 
 @defer.inlineCallbacks
@@ -964,7 +1058,7 @@ def _connect(reactor, resolver, clock, dial, options):
     except mxdial.DialError as e:
         if not options.gateway or "illegal" in e.text:
             raise
-        errors.append(e.text)
+        errors.append(e)
     target, wire = yield _dial(reactor, clock, targets, options, errors)
     if wire is None and options.gateway:
         gw = mxdial.parse_dial(options.gateway)
@@ -973,21 +1067,20 @@ def _connect(reactor, resolver, clock, dial, options):
                                                       options.dns_timeout)
             target, wire = yield _dial(reactor, clock, gw_targets, options, errors)
         except mxdial.DialError as e:
-            errors.append(e.text)
+            errors.append(e)
     if wire is None:
-        raise mxdial.DialError(errors[-1] if errors else "no address to dial", False)
+        # the last error decides, with the permanence it was raised with
+        raise errors[-1] if errors else mxdial.DialError("no address to dial", False)
     return target, wire, ddomain
 
 
-def _settle(results, status, report):
+def _settle(results, outcome):
     """Give every recipient without its own outcome the transaction's."""
-    if status == "":
+    if outcome.kind == Kind.DELIVERED:
         return
-    failed = TEMPORARY if exit_code(status) == EX_TEMPFAIL else PERMANENT_FAILURE
-    why = report[-1] if report else status
     for r in results:
         if r.status in (ACCEPTED, NOT_SENT):
-            r.status, r.reply = failed, why
+            r.status, r.reply = outcome.recipient_status, outcome.detail
 
 
 def filter_message(source, sender, options, out):

@@ -14,9 +14,9 @@ system knows) or a port number; a netdir is accepted and ignored.
   hosts named with ``-b`` skipped;
 * with no MX records at all, the host's own addresses (upas's "ip" query).
 
-Refusals are ``DialError``\\s, permanent or temporary as upas decides
-(the text decides for upas: ``illegal``, ``unknown``, ``can't translate``
-mean permanent):
+Refusals are ``DialError``\\s, permanent or temporary as upas decides;
+the permanence is set here, where the reason is known (upas reads it
+back from the text, docs/deviations.rst):
 
 * ``[literal]`` as the last component: ``illegal address``;
 * a ``$meta`` name (Plan 9 cs): ``can't translate``;
