@@ -155,15 +155,13 @@ def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None, hosts=H
     illegal = client.address_errors(o["sender"], o["rcpts"],
                                     "ping" if o["ping"] else "delivery")
     if illegal:  # before anything is read or dialled, as for a [literal] destination
-        for text in illegal.values():
-            stderr.write(client.dial_report(text, o["destaddr"]) + "\n")
-        stderr.write(client.PERMANENT + "\n")
-        return client.exit_code(client.PERMANENT)
+        return _end(stderr, client.Outcome.give_up(),
+                    [client.dial_report(text, o["destaddr"]) for text in illegal.values()])
     try:
         message = spool_stdin(stdin)
     except OSError as e:
-        stderr.write("upas-smtp: reading the message: %s\n%s\n" % (e, client.RETRY))
-        return client.EX_TEMPFAIL
+        return _end(stderr, client.Outcome.retry(),
+                    ["upas-smtp: reading the message: %s" % e])
     if o["filter"]:
         client.filter_message(message, o["sender"], opts, stdout)
         stdout.flush()
@@ -173,12 +171,18 @@ def run(reactor, argv, stdin, stdout, stderr, resolver=None, clock=None, hosts=H
         resolver = makeResolver(reactor, o.get("resolverAddress"), hosts)
     result = yield client.deliver(message, o["destaddr"], o["sender"], o["rcpts"], opts,
                                   reactor, resolver, clock)
-    for line in result.report:
+    return _end(stderr, result.outcome, result.report)
+
+
+def _end(stderr, outcome, report):
+    """upas's ending: the report, the status line (none when delivered),
+    and the exit code of the outcome's kind."""
+    for line in report:
         stderr.write(line + "\n")
-    if result.status:
-        stderr.write(result.status + "\n")
+    if outcome.status:
+        stderr.write(outcome.status + "\n")
     stderr.flush()
-    return result.exit_code
+    return outcome.exit_code
 
 
 def main(argv=None):
