@@ -952,8 +952,7 @@ class QueueRunner(service.Service):
             record["attempts"][dest] = attempts
             record["next"][dest] = now + backoff(attempts, self.settings.retry_min,
                                                  self.settings.retry_max)
-            record["last_error"] = " ".join((result.report[-1] if result.report
-                                             else result.status).split())
+            record["last_error"] = " ".join(result.outcome.detail.split())
         others = any(q == qid and d != dest for q, d in self.inflight)
         if nothing_pending(record) and not unreturned(record) and not others:
             d = self._remove(qid)  # all done: the removal is the durable outcome
