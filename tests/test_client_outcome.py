@@ -24,9 +24,10 @@ REPLIES = {"EHLO": "250-mx.example\r\n250 8BITMIME", "HELO": "250 hi", "MAIL": "
 
 
 class ScriptedServer(testing.FakeTLSTransport):
-    """The server's side of a Wire: each command gets the reply its verb
-    has in ``replies`` (none: silence), on the next turn of the clock, as
-    from a real peer; the message gets the reply of ``"."``."""
+    """The server's side of a Wire: each command gets the reply it has in
+    ``replies``, else the one its verb has (none: silence), on the next
+    turn of the clock, as from a real peer; the message gets the reply of
+    ``"."``."""
 
     def __init__(self, clock, replies_by_verb, greeting="220 mx.example ESMTP", cert=None):
         testing.FakeTLSTransport.__init__(self)
@@ -54,16 +55,16 @@ class ScriptedServer(testing.FakeTLSTransport):
         if self.in_data:
             if self.pending.endswith(b"\r\n.\r\n"):
                 self.in_data, self.pending = False, b""
-                self.respond(".")
+                self.respond(".", ".")
             return
         while b"\r\n" in self.pending:
             line, self.pending = self.pending.split(b"\r\n", 1)
             command = line.decode()
             self.commands.append(command)
-            self.respond(command.split()[0].split(":")[0].upper())
+            self.respond(command, command.split()[0].split(":")[0].upper())
 
-    def respond(self, verb):
-        reply = self.replies.get(verb)
+    def respond(self, command, verb):
+        reply = self.replies.get(command, self.replies.get(verb))
         if reply is None:
             return
         self.in_data = verb == "DATA" and reply.startswith("3")
@@ -171,16 +172,8 @@ class EndingTests(Case):
         # upas: once a RCPT got a 5xx the transaction's ending is permanent;
         # the deferred recipient keeps its own temporary status for the queue
         d = self.deliver(rcpts=("bob@example.net", "eve@example.net"))
-        server = self.connected()
-        server.replies["RCPT"] = "550 5.1.1 no bob"
-        real_respond = server.respond
-
-        def respond(verb):  # the second RCPT gets a 4xx
-            if verb == "RCPT" and server.commands[-1].startswith("RCPT TO:<eve"):
-                server.answer("452 4.2.2 full")
-            else:
-                real_respond(verb)
-        server.respond = respond
+        server = self.connected({"RCPT": "550 5.1.1 no bob",
+                                 "RCPT TO:<eve@example.net>": "452 4.2.2 full"})
         r = self.settle(d, server)
         self.assertOutcome(r, client.Kind.GIVE_UP, client.PERMANENT, 69, "452 4.2.2 full")
         self.assertEqual([x.status for x in r.recipients],
@@ -188,15 +181,7 @@ class EndingTests(Case):
 
     def test_a_partial_delivery_gives_up_on_the_rest(self):
         d = self.deliver(rcpts=("bob@example.net", "eve@example.net"))
-        server = self.connected()
-        real_respond = server.respond
-
-        def respond(verb):
-            if verb == "RCPT" and server.commands[-1].startswith("RCPT TO:<eve"):
-                server.answer("550 5.1.1 no eve")
-            else:
-                real_respond(verb)
-        server.respond = respond
+        server = self.connected({"RCPT TO:<eve@example.net>": "550 5.1.1 no eve"})
         r = self.settle(d, server)
         self.assertOutcome(r, client.Kind.GIVE_UP, client.PERMANENT, 69)
         self.assertIn("550 5.1.1 no eve", r.outcome.detail)
