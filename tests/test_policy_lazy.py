@@ -28,7 +28,7 @@ from twisted.names import dns
 from zope.interface import implementer
 
 import test_antiabuse
-from upasmail import service, testing
+from upasmail import server, service, testing
 from upasmail.statestore import IStateStore, LocalStateStore
 
 TYPE = {dns.ALL_RECORDS: "ANY", dns.A: "A", dns.AAAA: "AAAA", dns.MX: "MX", dns.PTR: "PTR"}
@@ -162,7 +162,7 @@ class LazyCase(test_antiabuse.Case):
             if not d.proto._busy:
                 break
         replies += d.take()
-        if not d.proto._lost:  # a StringTransport never reports the close
+        if d.proto._state is not server.GONE:  # a StringTransport never reports the close
             d.proto.connectionLost(None)
         d.proto.setTimeout(None)
         runs = []

@@ -54,7 +54,25 @@ from .session import Recipient, Session
 # ``self.log``, which names it (logs.SessionLogger)
 log = Logger(namespace="smtpd")
 
+# The connection's phase: one value, not a set of booleans (OpenSMTPD's
+# smtp_enter_state), changed only by ``UpasESMTP._enter``.  COMMAND, DATA
+# and AUTH are Twisted's modes, and name the ``state_*`` method that reads
+# a line in them.
+#
+#   ADMITTING   the store decides on the connection; nothing is read
+#   COMMAND     commands are read (one at a time: see ``_busy``)
+#   DATA        a message is read, up to its dot
+#   AUTH        an AUTH exchange awaits the client's next response
+#   CLOSING     the last reply is written; the connection is closing
+#   GONE        the connection is lost (from any phase)
+#
+# A reply pending (``_busy``) is not a phase: the 354 or 334 that moves
+# the dialogue to DATA or AUTH goes out while it is pending, and a reply
+# may still be pending once the connection is closing or gone (stdio's
+# shutdown waits for a message's fsync behind a closed connection).
+ADMITTING, CLOSING, GONE = "ADMITTING", "CLOSING", "GONE"
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
+_READING = frozenset((COMMAND, DATA, AUTH))
 
 # A client that pipelines and never reads its replies (a NOOP a million
 # times: 47 bytes of reply for 6 read) must not fill our memory.  Replies
@@ -100,23 +118,20 @@ class UpasESMTP(smtp.ESMTP):
     # on the class: an idle connection then holds few attributes (its
     # instance dictionary stays a small shared-key one), which is most of
     # what 10,000 idle connections cost.
-    mode = COMMAND
     _from = None  # Twisted's own transaction state, unused: ours is the session's
     _to = ()
     ctx = None
     challengers = {}  # Twisted's AUTH table, unused: AUTH is ours (``auth``)
     authenticated = False
-    _skipping = False
+    _skipping = False  # the framing is dropping the tail of an over-long line
     _messages = None
     _dataRefused = None
     _quietWaiters = ()
-    _lost = False
     _exchange = None  # the AUTH exchange under way
     _logout = None  # the realm's logout after AUTH, called when the connection ends
-    _dropPlaintext = False
+    _dropPlaintext = False  # STARTTLS was answered: drop what was pipelined behind it
     _handshakeDone = False
-    _closing = False  # the server is shutting down
-    _closeWaiters = ()
+    _closeWaiters = ()  # closeGracefully's; not empty: the server is shutting down
     _accepted = 0  # messages answered 250, for the disconnect line
     _cmd = None  # the command being answered, for the refusal's line
     _end = "lost"  # how the connection ended, for the disconnect line
@@ -125,6 +140,7 @@ class UpasESMTP(smtp.ESMTP):
     _sendFull = False  # the transport's send buffer is over its size
     _held = False  # reading stopped: HOLD bytes unanswered while _sendFull
     _factory = None  # the accepted recipient's message maker (validateTo), for RCPT
+    logStates = False  # log each change of phase (smtpd.state, debug level)
 
     def __init__(self, settings, makeDelivery, clock, contextFactory=None,
                  spamfilter=None, store=None):
@@ -140,12 +156,31 @@ class UpasESMTP(smtp.ESMTP):
         self.host = settings.dom
         # what every connection sets, set first and in one order: the
         # instance dictionaries then share one key table and stay small
-        # (_waiting: inside _handle, for a reply that comes at once;
-        # _greeted: the store admitted the connection and it was greeted)
-        self._busy = self._waiting = self._paused = self._draining = False
+        # (_busy: a reply is pending, and reading is paused meanwhile;
+        # _draining: _drain is on the stack, so a reply that comes at once
+        # leaves the reading to it)
+        self._state = ADMITTING
+        self._busy = self._draining = False
         self._buf = b""
         self.session = self.log = self.delivery = self._helo = self._phaseTimer = None
-        self.canStartTLS = self._greeted = False
+        self.canStartTLS = False
+
+    @property
+    def mode(self):
+        """Twisted's view of the phase (its ``connectionLost`` reads it)."""
+        state = self._state
+        return state if state is DATA or state is AUTH else COMMAND
+
+    def _enter(self, state):
+        if self.logStates:  # off: no event is built at all
+            (self.log or log).debug("state {old} -> {new}", event="smtpd.state",
+                                    old=self._state, new=state)
+        self._state = state
+
+    def lineReceived(self, line):
+        # Twisted's, reading our state instead of its ``mode``
+        self.resetTimeout()
+        return getattr(self, "state_" + self._state)(line)
 
     @property
     def callLater(self):
@@ -164,7 +199,7 @@ class UpasESMTP(smtp.ESMTP):
     def connectionMade(self):
         # the greeting waits for the store (a grant? over a connection
         # limit?); nothing the client sends is read before it
-        self._busy = self._paused = True
+        self._busy = True
         self.transport.pauseProducing()
         self.factory.admit(self).addCallback(self._admitted)
 
@@ -173,7 +208,7 @@ class UpasESMTP(smtp.ESMTP):
         IP action), the connect table's outcome, its facts and its trace
         (None unless the decision log is kept); None: it has been refused
         and closed."""
-        if admitted is None or self._lost:
+        if admitted is None or self._state is GONE:
             return
         facts, outcome, looked, trace = admitted
         peer, host = self.transport.getPeer(), self.transport.getHost()
@@ -196,7 +231,7 @@ class UpasESMTP(smtp.ESMTP):
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not s.encrypted)
         self.sendReply(outcome.decision.code, *outcome.lines())
-        self._greeted = True
+        self._enter(COMMAND)
         if self._handshakeDone:
             self._logTLSStarted()
         # upas: one alarm for the whole command phase, until DATA starts
@@ -205,7 +240,7 @@ class UpasESMTP(smtp.ESMTP):
 
     def handshakeCompleted(self):
         self._handshakeDone = True
-        if self._greeted:  # else the greeting logs it
+        if self._state is not ADMITTING:  # else the greeting logs it
             self._logTLSStarted()
 
     def _logTLSStarted(self):
@@ -216,8 +251,9 @@ class UpasESMTP(smtp.ESMTP):
                       status="started", version=version, cipher=cipher)
 
     def connectionLost(self, reason):
-        self._lost = True
-        if self._greeted:  # not when refused, or gone before the store answered
+        greeted = self._state is not ADMITTING
+        self._enter(GONE)
+        if greeted:  # not when refused, or gone before the store answered
             s = self.session
             if s.encrypted and not self._handshakeDone:
                 self.log.info("TLS start-up failed with {rsys}", rsys=s.rsys, event="smtpd.tls",
@@ -252,16 +288,15 @@ class UpasESMTP(smtp.ESMTP):
         Fires when the connection is gone.
         """
         d = defer.Deferred()
-        if self._lost:
+        if self._state is GONE:
             d.callback(None)
             return d
         self._closeWaiters += (d,)
-        self._closing = True
         self._closeIfIdle()
         return d
 
     def _closeIfIdle(self):
-        if self._closing and not self._busy and self.mode == COMMAND and not self._lost \
+        if self._closeWaiters and not self._busy and self._state is COMMAND \
                 and not self.transport.disconnecting:
             self._end = "shutdown"
             self.sendReply(421, replies.SHUTDOWN.format(dom=self.settings.dom))
@@ -269,7 +304,7 @@ class UpasESMTP(smtp.ESMTP):
 
     def closeNow(self):
         """The grace period is over: 421, drop any message in DATA, close."""
-        if self._lost:
+        if self._state is GONE:
             return
         self._abortMessages()
         if not self.transport.disconnecting:
@@ -324,11 +359,11 @@ class UpasESMTP(smtp.ESMTP):
 
     def resumeProducing(self):
         self._sendFull = False
-        if self.transport.disconnecting or self._lost:
+        if self.transport.disconnecting or self._state is GONE:
             return
         if self._held:
             self._held = False
-            if not self._paused:
+            if not self._busy:  # else reading resumes with the reply
                 self.transport.resumeProducing()
         self._drain()
 
@@ -337,6 +372,8 @@ class UpasESMTP(smtp.ESMTP):
 
     def _close(self):
         """Close once what was written is sent."""
+        if self._state is not GONE and self._state is not CLOSING:
+            self._enter(CLOSING)
         if self._watched:
             # TLS shuts down only once no producer is registered
             self.transport.unregisterProducer()
@@ -349,14 +386,17 @@ class UpasESMTP(smtp.ESMTP):
         try:
             buf, pos = self._buf, 0
             while not (self._busy or self._sendFull or self.transport.disconnecting):
-                if self.mode == DATA and not self._skipping:
+                state = self._state
+                if state is DATA and not self._skipping:
                     pos, more = self._dataBlock(buf, pos)
                     if more:
                         continue
                     break
-                delim = b"\r\n" if self.mode == DATA else b"\n"
+                if state not in _READING:
+                    break
+                delim = b"\r\n" if state is DATA else b"\n"
                 end = buf.find(delim, pos)
-                limit = (self.settings.max_data_line if self.mode == DATA
+                limit = (self.settings.max_data_line if state is DATA
                          else self.settings.max_command_line)
                 if end < 0:
                     if _partial_too_long(buf, pos, limit):
@@ -370,7 +410,7 @@ class UpasESMTP(smtp.ESMTP):
                 if self._skipping:  # the tail of an over-long line
                     self._skipping = False
                     continue
-                if self.mode != DATA and line.endswith(b"\r"):
+                if state is not DATA and line.endswith(b"\r"):
                     line = line[:-1]
                 if len(line) > limit:
                     self._lineTooLong()
@@ -442,38 +482,34 @@ class UpasESMTP(smtp.ESMTP):
         except Exception:
             self.log.failure("command failed", event="error")
             result = None
-            if self.mode == DATA:
+            if self._state is DATA:
                 self._dataRefused = reject(451, replies.LOCAL_ERROR, reason="local-error")
             else:
-                self.mode = COMMAND  # e.g. out of a broken AUTH exchange
+                if self._state is AUTH:  # out of a broken AUTH exchange
+                    self._enter(COMMAND)
                 self.reply(reject(451, replies.LOCAL_ERROR, reason="local-error"))
         if isinstance(result, defer.Deferred):
             self._busy = True
-            self._waiting = True
             result.addBoth(self._replied)
-            self._waiting = False
             # a reply that is already there needs no pause of the reading
             if self._busy and not self.transport.disconnecting:
-                self._paused = True
                 self.transport.pauseProducing()
                 self.setTimeout(None)  # the client is waiting for us
 
     def _replied(self, result):
         if isinstance(result, Failure):
             self.log.failure("command failed", result, event="error")
-            if not self._lost:
+            if self._state is not GONE:
                 self.reply(reject(451, replies.LOCAL_ERROR, reason="local-error"))
         self._busy = False
-        if not self.transport.disconnecting and not self._lost:
+        if not self.transport.disconnecting and self._state is not GONE:
             self.setTimeout(self._idleLimit())
-            if self._paused:
-                self._paused = False
+            if not self._draining:  # else answered at once: reading never paused
                 if not self._held:
                     self.transport.resumeProducing()
-            if not self._waiting:  # else answered at once: _drain goes on
-                self._drain()
+                self._drain()  # else _drain goes on
         if not self._busy:
-            if not self._waiting:  # else _drain goes on, and says when it is quiet
+            if not self._draining:  # else _drain goes on, and says when it is quiet
                 self._quiet()
             self._closeIfIdle()
         return None
@@ -486,17 +522,18 @@ class UpasESMTP(smtp.ESMTP):
 
     def _idleLimit(self):
         """RFC 5321 4.5.3.2: how long the client may be silent now."""
-        return self.settings.data_block_timeout if self.mode == DATA else self.timeout
+        return self.settings.data_block_timeout if self._state is DATA else self.timeout
 
     def _lineTooLong(self):
         """Once per over-long line: refuse it without leaving the mode."""
-        if self.mode == DATA:
+        if self._state is DATA:
             if self._dataRefused is None:
                 self._refuseData(reject(554, replies.DATA_LINE_TOO_LONG, reason="syntax",
                                         detail="line-too-long"))
             return
-        if self.mode == AUTH:  # the exchange ends: the next line is a command
-            self.mode, self._exchange = COMMAND, None
+        if self._state is AUTH:  # the exchange ends: the next line is a command
+            self._enter(COMMAND)
+            self._exchange = None
         self._cmd = None
         self.reply(reject(500, replies.LINE_TOO_LONG, counts=False, reason="syntax",
                           detail="line-too-long"))
@@ -591,7 +628,7 @@ class UpasESMTP(smtp.ESMTP):
     def _decide(self, table, cmd, handler):
         """Run the command's policy table (``policy``), apply its decisions'
         effects, then refuse or hand the accepted command to ``handler``."""
-        if self._lost:
+        if self._state is GONE:
             return None
         looked = policy.Facts()
         trace = [] if self.factory.decisions is not None else None
@@ -602,7 +639,7 @@ class UpasESMTP(smtp.ESMTP):
         return self._decided(outcome, cmd, handler, looked, trace)
 
     def _decided(self, outcome, cmd, handler, looked, trace):
-        if self._lost:
+        if self._state is GONE:
             return None
         if trace is not None:
             self.factory.decisions.record(self.session, cmd, looked, trace)
@@ -725,7 +762,7 @@ class UpasESMTP(smtp.ESMTP):
         self._messages = messages
         self._dataRefused = None
         self._dataSize = 0
-        self.mode = DATA
+        self._enter(DATA)
         self.setTimeout(self._idleLimit())
         # upas: the command-phase alarm ends here; one DATA transfer has its own
         self._setPhaseTimer(self.settings.data_timeout)
@@ -760,7 +797,7 @@ class UpasESMTP(smtp.ESMTP):
 
     def _endOfData(self):
         s = self.session
-        self.mode = COMMAND
+        self._enter(COMMAND)
         self.setTimeout(self._idleLimit())
         self._setPhaseTimer(None)  # upas: no session alarm after the first DATA
         messages, self._messages = self._messages, None
@@ -902,9 +939,11 @@ class UpasESMTP(smtp.ESMTP):
 
     def _authStep(self, step):
         if isinstance(step, auth.Prompt):
-            self.mode = AUTH
+            if self._state is not AUTH:
+                self._enter(AUTH)
             return self.sendReply(334, step.text)
-        self.mode = COMMAND
+        if self._state is AUTH:
+            self._enter(COMMAND)
         exchange, self._exchange = self._exchange, None
         if not (step.ok or auth.is_failure(step)):
             return self.reply(step)
@@ -913,7 +952,7 @@ class UpasESMTP(smtp.ESMTP):
 
     def _authBegun(self, begun, step, exchange):
         s = self.session
-        if self._lost:  # gone while the store answered: the check is not made
+        if self._state is GONE:  # gone while the store answered: the check is not made
             if begun:
                 self.store.authAbandoned(s.rsys)
             return None
@@ -940,7 +979,7 @@ class UpasESMTP(smtp.ESMTP):
         _, avatar, logout = result
         s = self.session
         self.store.authSucceeded(s.rsys)
-        if self._lost:
+        if self._state is GONE:
             logout()
             return None
         if avatar is not None:  # an embedder's realm may deliver per user
@@ -979,7 +1018,7 @@ class UpasESMTP(smtp.ESMTP):
         return self.store.authFailed(s.rsys).addCallback(counted)
 
     def _answerFailure(self, verdict):
-        if not self._lost:
+        if self._state is not GONE:
             self.reply(verdict)
 
 
