@@ -45,6 +45,7 @@ from twisted.internet import defer
 from . import auth, dnscheck, grammar, greylist, helo, ratify, relay, replies, statestore, tarpit
 from .address import NULL_SENDER
 from .decision import ACCEPT, Accept, reject
+from .session import Session
 
 # -- the evaluator ---------------------------------------------------------
 
@@ -664,6 +665,17 @@ FACTS = {
     "mailer_ready": "the delivery back end's answer: may DATA start",
     "auth_mechanisms": "(a checker exists, the mechanisms the checkers take)",
 }
+
+
+# -- the session a connection starts ---------------------------------------------
+
+def new_session(settings, rsys, lsys, id=""):
+    """The session of a connection from ``rsys`` to our ``lsys``, as the
+    server, ``explain`` and ``replay`` all start it."""
+    s = Session(rsys=rsys, lsys=lsys, id=id)
+    s.auth_required = settings.require_auth
+    s.ours = settings.ours.with_local_ip(lsys)
+    return s
 
 
 # -- applying a decision to the session ----------------------------------------

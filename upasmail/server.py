@@ -48,7 +48,7 @@ from .listening import Dropped
 from .tls import describe as describe_tls, version_cipher as tls_version_cipher
 from .decision import ACCEPT, Reject, reject
 from .interfaces import IReloadable, IUpasDelivery, IUpasMessage
-from .session import Recipient, Session
+from .session import Recipient
 
 # for lines outside any session; a session logs through its own
 # ``self.log``, which names it (logs.SessionLogger)
@@ -214,12 +214,10 @@ class UpasESMTP(smtp.ESMTP):
         peer, host = self.transport.getPeer(), self.transport.getHost()
         rsys = relay.normalize_ip(getattr(peer, "host", str(peer)))
         lsys = relay.normalize_ip(getattr(host, "host", str(host)))
-        self.session = s = Session(rsys=rsys, lsys=lsys, id=logs.new_session_id())
+        self.session = s = policy.new_session(self.settings, rsys, lsys, logs.new_session_id())
         self.log = logs.SessionLogger(s.id)
         self._started = self.clock.seconds()
         s.trusted, s.hisaction = facts
-        s.auth_required = self.settings.require_auth
-        s.ours = self.settings.ours.with_local_ip(lsys)
         s.encrypted = ISSLTransport.providedBy(self.transport)  # implicit TLS
         if trace is not None:  # the decision log
             self.factory.decisions.connected(s, looked, trace, outcome)

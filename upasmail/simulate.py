@@ -15,7 +15,6 @@ from twisted.internet import defer
 
 from . import grammar, policy, replies
 from .decision import ACCEPT, reject
-from .session import Session
 
 
 class Undecidable(Exception):
@@ -57,13 +56,6 @@ PHASES = {id(t): name for name, t in policy.TABLES.items()}
 PHASES[id(policy.OTHER)] = "other"
 
 
-def new_session(settings, peer, local):
-    s = Session(rsys=peer, lsys=local)
-    s.ours = settings.ours.with_local_ip(local)
-    s.auth_required = settings.require_auth
-    return s
-
-
 @defer.inlineCallbacks
 def run_session(settings, peer, local, lines, gather, encrypted=False, authenticated=None,
                 connect_facts=None):
@@ -80,7 +72,7 @@ def run_session(settings, peer, local, lines, gather, encrypted=False, authentic
     Fires with (the session, [Step]); the run stops at a hang-up, at QUIT
     or at the first fact that cannot be had.
     """
-    s = new_session(settings, peer, local)
+    s = policy.new_session(settings, peer, local)
     s.encrypted = encrypted
     steps = []
     looked = policy.Facts(connect_facts or {"closing": False, "connections": 0,
