@@ -27,6 +27,7 @@ the rest is pure.
 """
 
 import enum
+import functools
 import ipaddress
 from collections import ChainMap
 import os
@@ -221,6 +222,7 @@ def _local_part(user):
     return '"%s"' % user.replace("\\", "\\\\").replace('"', '\\"')
 
 
+@functools.lru_cache(maxsize=4096)  # a busy sender's address, made once
 def at_form(path, qualifier):
     """A bang path as one RFC 5322 addr-spec, never mixing the two forms.
 

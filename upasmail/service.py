@@ -18,6 +18,7 @@ AUTH: pass a ``twisted.cred`` ``checker`` (or a whole ``portal``) or get
 server ``contextFactory`` or set ``settings.cert`` (``tls.CertificateFile``).
 """
 
+import functools
 import re
 
 from twisted.application import service
@@ -103,12 +104,13 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     if contextFactory is None and settings.cert:
         contextFactory = CertificateFile(settings.cert, settings.key)
         contextFactory.load()
-    sync_blocking = None
+    sync_blocking = collect = None
     if own_threads and IReactorCore.providedBy(reactor):  # else tests run it their way
         sync_blocking = SyncThread(reactor)
         reactor.addSystemEventTrigger("after", "shutdown", sync_blocking.stop)
+        collect = functools.partial(reactor.callLater, 0)  # a batch per reactor turn
     root = MailRoot(settings.root, run_blocking, clock, settings.dom, settings.path("lib"),
-                    settings.ours, sync_blocking=sync_blocking)
+                    settings.ours, sync_blocking=sync_blocking, collect=collect)
     root.prepare(tidy)  # a worker (tidy=False) must not clear a live process's spool
     backend = root
     if settings.mailer:

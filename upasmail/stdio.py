@@ -52,7 +52,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IAddress, IHandshakeListener
 from twisted.logger import (FileLogObserver, FilteringLogObserver, LegacyLogObserverWrapper,
-                            Logger, globalLogBeginner, textFileLogObserver)
+                            Logger, globalLogBeginner)
 from twisted.protocols import policies
 from twisted.python import usage
 from twisted.python.syslog import SyslogObserver
@@ -246,8 +246,8 @@ class Output:
                 SyslogObserver(PROG, facility=syslog.LOG_MAIL).emit)
         elif logs.under_journald(sys.stderr):
             observer = FileLogObserver(sys.stderr, logs.journal_line)
-        else:
-            observer = textFileLogObserver(sys.stderr)
+        else:  # twistd's text lines, made as the daemon makes them
+            observer = FileLogObserver(sys.stderr, logs.ClassicText())
         observers = [observer]
         if json_path is not None:  # one line per event, so sessions may share a file
             out = sys.stderr if json_path == "-" else open(json_path, "a", encoding="utf-8")
