@@ -20,7 +20,8 @@ verb inside it (quirk Q15): the whole line is one syntax error.
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from . import replies
 from .address import AddressError, parse_domain, parse_path, split_at
@@ -61,12 +62,15 @@ class ParameterError(CommandSyntaxError):
         self.text = text
 
 
-@dataclass(frozen=True)
+NO_PARAMS = MappingProxyType({})  # one for every command without parameters
+
+
+@dataclass(frozen=True, slots=True)  # the last command stays with an idle connection
 class Command:
     verb: str
     arg: Optional[str] = None  # domain, bang path, string or mechanism
     extra: Optional[str] = None  # AUTH initial response
-    params: Dict[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=lambda: NO_PARAMS)
     utf8: bool = False  # the path has characters beyond ASCII
     path: Optional[str] = None  # MAIL/RCPT: the path as sent, brackets included
 

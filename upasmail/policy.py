@@ -696,7 +696,7 @@ def apply(session, outcome):
         if d.filterstate is not None:
             session.envelope.filterstate = d.filterstate
             if d.filterstate == ratify.REFUSED:
-                session.refused_domains.add(d.value)
+                session.refused_domains |= {d.value}
         delay += d.delay
     return delay
 

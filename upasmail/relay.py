@@ -44,7 +44,10 @@ def normalize_ip(text):
         return text
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         return str(addr.ipv4_mapped)
-    return str(addr)
+    normal = str(addr)
+    # the text itself when it is already normal: each idle connection keeps
+    # its peer's address, and need not keep a copy of it
+    return text if normal == text else normal
 
 
 def in_nets(ip, nets):

@@ -162,7 +162,7 @@ class UpasESMTP(smtp.ESMTP):
         self._state = ADMITTING
         self._busy = self._draining = False
         self._buf = b""
-        self.session = self.log = self.delivery = self._helo = self._phaseTimer = None
+        self.session = self.log = self.delivery = self._phaseTimer = None
         self.canStartTLS = False
 
     @property
@@ -225,7 +225,6 @@ class UpasESMTP(smtp.ESMTP):
                       trusted_text=" (trusted)" if s.trusted else "", event="smtpd.connect",
                       peer=rsys, local=lsys, trusted=s.trusted)
         self.delivery = self.makeDelivery(self.session)
-        self._helo = (None, rsys)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not s.encrypted)
         self.sendReply(outcome.decision.code, *outcome.lines())
@@ -653,9 +652,10 @@ class UpasESMTP(smtp.ESMTP):
         """A fact a check asks for (``policy.FACTS``): the delivery back end's
         answers here, the rest from the anti-abuse state (``spam``)."""
         if name == "validate_from":
-            return self._delivered(self.delivery.validateFrom, "validateFrom", self._helo, arg)
+            return self._delivered(self.delivery.validateFrom, "validateFrom", self._heloPair(),
+                                   arg)
         if name == "validate_to":
-            user = Recipient(arg, self, self._helo, self.session.envelope.sender)
+            user = Recipient(arg, self, self._heloPair(), self.session.envelope.sender)
             return self._delivered(self.delivery.validateTo, "validateTo", user)
         if name == "mailer_ready":  # a plain IMessageDelivery is always ready
             if IUpasDelivery.providedBy(self.delivery):
@@ -664,6 +664,13 @@ class UpasESMTP(smtp.ESMTP):
         if name == "auth_mechanisms":
             return self._authCapability()
         return self.spam.gather(name, arg, self.session)
+
+    def _heloPair(self):
+        """Twisted's ``helo`` argument: (name, address) once HELO is
+        accepted, (None, address) before it and after STARTTLS.  Made when
+        asked: an idle connection need not keep it."""
+        s = self.session
+        return (s.him.encode(), s.rsys.encode()) if s.him else (None, s.rsys)
 
     def _delivered(self, f, what, *args):
         """The back end's answer as a decision (at once, if it gives one at
@@ -707,7 +714,6 @@ class UpasESMTP(smtp.ESMTP):
         if self.settings.quiet:
             self._logHelo(cmd, outcome.decision.value)
         policy.accepted(s, cmd, outcome.decision)
-        self._helo = (s.him.encode(), s.rsys.encode())
         lines = outcome.lines()
         if s.extended:
             lines += tuple(self.ehloExtensions())
@@ -908,7 +914,6 @@ class UpasESMTP(smtp.ESMTP):
         self._dropPlaintext = True
         s.encrypted = True
         s.forget_client(self.settings.require_auth)
-        self._helo = (None, s.rsys)
 
     # -- AUTH ------------------------------------------------------------
 

@@ -4,13 +4,16 @@ upas keeps these as process globals because it runs one process per
 connection; here they are plain objects owned by one protocol instance.
 RSET, HELO/EHLO and the end of DATA replace the Envelope; the Session
 lives as long as the connection.
+
+Both have ``__slots__``: a Session lives as long as its connection, and
+10,000 idle connections each keep one Session and one Envelope.
 """
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     senders: List[str] = field(default_factory=list)
     recipients: List[str] = field(default_factory=list)
@@ -34,7 +37,7 @@ class Envelope:
         return self.senders[-1] if self.senders else None
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     rsys: str  # peer IP as text
     lsys: str  # our IP as text
@@ -53,8 +56,9 @@ class Session:
     cipher: Optional[str] = None  # "<version>/<cipher>" once TLS is up, for the log
     refusals: int = 0  # every 4xx/5xx reply, for the disconnect line
     bytes_in: int = 0  # what the client has sent, in bytes
-    refused_domains: set = field(default_factory=set)  # -r: NXDOMAIN senders
+    refused_domains: frozenset = frozenset()  # -r: NXDOMAIN senders (a set is 216 B)
     envelope: Envelope = field(default_factory=Envelope)
+    ours: Optional[object] = None  # our names and addresses (policy.new_session)
 
     def reset(self):
         self.envelope = Envelope()
