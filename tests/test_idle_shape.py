@@ -48,3 +48,39 @@ def test_the_helo_pair_is_made_when_asked():
     d.raw(b"EHLO client.example.net\r\n")
     assert p._heloPair() == (b"client.example.net", b"127.0.0.1")
     assert "_helo" not in vars(p)
+
+
+def _dialogue(**kw):
+    settings = make_settings("ournets 127.0.0.1\n", idle_timeout=300, session_timeout=600, **kw)
+    return Dialogue(settings, peer="127.0.0.1")
+
+
+def test_one_timer_for_the_idle_limit_and_the_session_alarm():
+    d = _dialogue()
+    d.raw(b"EHLO client.example.net\r\n")
+    assert len(d.clock.getDelayedCalls()) == 1
+
+
+def test_data_moves_the_idle_limit_without_a_timer_of_its_own():
+    d = _dialogue()
+    d.raw(b"EHLO client.example.net\r\n")
+    d.clock.advance(200)
+    d.raw(b"NOOP\r\n")
+    d.clock.advance(200)  # 400 s in, 200 s since the NOOP: not idle for 300 s yet
+    assert not d.transport.disconnecting
+    assert len(d.clock.getDelayedCalls()) == 1
+    d.clock.advance(100)
+    assert d.take()[-1].startswith("421")
+    assert d.transport.disconnecting
+
+
+def test_the_session_alarm_still_ends_a_busy_session():
+    d = _dialogue()
+    d.raw(b"EHLO client.example.net\r\n")
+    for _ in range(5):  # never idle for long
+        d.clock.advance(120)
+        d.raw(b"NOOP\r\n")
+    d.take()
+    d.clock.advance(1)  # 601 s since the greeting: upas's alarm, no reply
+    assert d.transport.disconnecting
+    assert d.take() == []
