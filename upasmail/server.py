@@ -106,12 +106,6 @@ def _text(resp):
     return str(resp)
 
 
-def _partial_too_long(buf, start, limit):
-    """Is the line still arriving at ``buf[start:]`` already over ``limit``?
-    A CR at its end may be the start of its CRLF, so it is not counted."""
-    return len(buf) - start - buf.endswith(b"\r") > limit
-
-
 @implementer(IHandshakeListener)
 class UpasESMTP(smtp.ESMTP):
     # Per-connection state that most connections never change lives here,
@@ -123,7 +117,6 @@ class UpasESMTP(smtp.ESMTP):
     ctx = None
     challengers = {}  # Twisted's AUTH table, unused: AUTH is ours (``auth``)
     authenticated = False
-    _skipping = False  # the framing is dropping the tail of an over-long line
     _messages = None
     _dataRefused = None
     _quietWaiters = ()
@@ -161,7 +154,7 @@ class UpasESMTP(smtp.ESMTP):
         # leaves the reading to it)
         self._state = ADMITTING
         self._busy = self._draining = False
-        self._buf = b""
+        self._reader = framing.Reader()
         self.session = self.log = self.delivery = None
         self.canStartTLS = False
         # one timer for both limits (``_arm``): the idle limit and upas's alarm
@@ -375,7 +368,7 @@ class UpasESMTP(smtp.ESMTP):
     # -- framing ---------------------------------------------------------
 
     def dataReceived(self, data):
-        self._buf += data
+        self._reader.feed(data)
         # counted in the session: one more attribute here would cost each of
         # 10,000 idle connections its small shared-key dictionary
         s = self.session  # None only before the greeting (TLS may hand data on early)
@@ -386,7 +379,7 @@ class UpasESMTP(smtp.ESMTP):
                 self.transport.registerProducer(self, True)
         if not self._sendFull:
             self._drain()
-        elif len(self._buf) > HOLD and not self._held:
+        elif self._reader.pending() > HOLD and not self._held:
             self._held = True
             self.transport.pauseProducing()
 
@@ -421,36 +414,22 @@ class UpasESMTP(smtp.ESMTP):
         if self._draining:
             return
         self._draining = True
+        reader = self._reader
         try:
-            buf, pos = self._buf, 0
             while not (self._busy or self._sendFull or self.transport.disconnecting):
                 state = self._state
-                if state is DATA and not self._skipping:
-                    pos, more = self._dataBlock(buf, pos)
-                    if more:
+                if state is DATA and not reader.skipping:
+                    if self._dataBlock():
                         continue
                     break
                 if state not in _READING:
                     break
-                delim = b"\r\n" if state is DATA else b"\n"
-                end = buf.find(delim, pos)
                 limit = (self.settings.max_data_line if state is DATA
                          else self.settings.max_command_line)
-                if end < 0:
-                    if _partial_too_long(buf, pos, limit):
-                        if not self._skipping:
-                            self._lineTooLong()
-                            self._skipping = True
-                        pos = len(buf) - 1  # keep a CR that may start CRLF
+                line = reader.line(limit, crlf_only=state is DATA)
+                if line is None:
                     break
-                line = buf[pos:end]
-                pos = end + len(delim)
-                if self._skipping:  # the tail of an over-long line
-                    self._skipping = False
-                    continue
-                if state is not DATA and line.endswith(b"\r"):
-                    line = line[:-1]
-                if len(line) > limit:
+                if line is framing.TOO_LONG:
                     self._lineTooLong()
                     continue
                 self._handle(self.lineReceived, line)
@@ -458,26 +437,25 @@ class UpasESMTP(smtp.ESMTP):
                     # CVE-2011-0411: bytes behind STARTTLS were sent in the
                     # clear and may be an attacker's; the client must resend
                     self._dropPlaintext = False
-                    if pos < len(buf):
+                    dropped = reader.discard()
+                    if dropped:
                         self.log.info("discarded {n} bytes pipelined after STARTTLS from {rsys}",
-                                      n=len(buf) - pos, rsys=self.session.rsys,
+                                      n=dropped, rsys=self.session.rsys,
                                       event="smtpd.pipelined_after_starttls")
-                    pos = len(buf)
-            self._buf = buf[pos:]
+            reader.compact()
         finally:
             self._draining = False
         if not self._busy:
             self._quiet()
 
-    def _dataBlock(self, buf, pos):
-        """Take every complete DATA line in ``buf[pos:]`` at once (``framing``).
-
-        Returns the new position and whether the loop should go on (the
-        end of data was reached).  A block ``framing.clean`` does not vouch
-        for goes line by line through ``state_DATA``, which decides.
+    def _dataBlock(self):
+        """Take every complete DATA line received at once (``framing``);
+        true when the end of data was reached.  A block ``framing.clean``
+        does not vouch for goes line by line through ``state_DATA``, which
+        decides.
         """
         limit = self.settings.max_data_line
-        consumed, block, ended = framing.next_block(buf, pos)
+        block, ended, too_long = self._reader.data(limit)
         if block:
             if self._dataRefused is not None:
                 pass  # read to the dot, store nothing
@@ -493,12 +471,10 @@ class UpasESMTP(smtp.ESMTP):
                         self._handle(self.lineReceived, line)
         if ended:
             self._handle(self.lineReceived, b".")
-            return consumed, True
-        if _partial_too_long(buf, consumed, limit):  # an over-long line still arriving
+            return True
+        if too_long:  # an over-long line still arriving
             self._lineTooLong()
-            self._skipping = True
-            return len(buf) - 1, False  # keep a CR that may start CRLF
-        return consumed, False
+        return False
 
     def _blockReceived(self, block):
         """Clean DATA lines, many at once: to every message of the transaction."""
