@@ -22,7 +22,9 @@ Imports go one way: from the command line down to the pure modules.
   command-line modules import it, and ``workers`` (its worker process's
   main parses upas-smtpd's options again).
 * Some modules have only the importers ``ONLY_FROM`` names: the
-  protocol (``server``) is built only by ``service``; the worker pool,
+  protocol (``server``) is built only by its factory (``factory``), which
+  only ``service`` builds; the protocol's AUTH command (``authcommands``)
+  and the log lines of decisions (``notes``) are the protocol's alone; the worker pool,
   the metrics service and the test doubles (``testing``: upas-policy's
   ``--dns`` zone) are wired in only by the command line.
 * The exception lists here name imports that exist: one that is gone
@@ -41,7 +43,8 @@ PACKAGE = "upasmail"
 
 PURE = {"address", "auth", "bounce", "conf", "convert", "crashpoint", "decision",
         "dnscheck", "factotum", "framing", "grammar", "greylist", "helo", "interfaces",
-        "local", "mbox", "mxdial", "pipemsg", "policy", "ratify", "relay", "replies", "rfc822", "session",
+        "local", "mbox", "mxdial", "notes", "pipemsg", "policy", "ratify", "relay", "replies",
+        "rfc822", "session",
         "settings", "simulate", "tarpit", "thumbprint"}
 COMMAND_LINE = {"tap_smtpd", "tap_smtp", "tap_runq", "stdio", "checkconfig", "policytool",
                 "replay"}
@@ -58,7 +61,10 @@ PURE_EXCEPTIONS = {
 }
 # module -> the only modules that may import it
 ONLY_FROM = {
-    "server": {"service"},
+    "server": {"factory"},
+    "factory": {"service"},
+    "authcommands": {"server"},
+    "notes": {"server"},
     "workers": COMMAND_LINE,
     "metrics": COMMAND_LINE,
     "testing": COMMAND_LINE,

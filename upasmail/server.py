@@ -1,4 +1,4 @@
-"""upas smtpd as a Twisted ``ESMTP`` subclass, and its factory.
+"""upas smtpd as a Twisted ``ESMTP`` subclass (its factory: ``factory``).
 
 The protocol gathers facts (peer, HELO, envelope), asks the pure policy
 modules for verdicts, and maps them to replies in one place (``reply``).
@@ -33,45 +33,38 @@ which only records what was accepted.
 Connection counts, the AUTH budget, the greylist and the grants live in
 the state store (``statestore.IStateStore``), which may be another
 process: its answers are Deferreds.
+
+This module is one thing, the protocol class, in sections: limits (one
+timer), connection, shutdown, framing (the drain loop over
+``framing.Reader``), replies, commands, the policy's glue, DATA.  What
+is not the protocol's own left it: the factory (``factory``), the AUTH
+command (``authcommands``), the decisions' log lines (``notes``), the
+bytes (``framing``), the phases and the session (``session``).
 """
 
-from twisted.cred import error
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, framing, grammar, greylist, logs, policy, ratify, relay, replies, tarpit
-from .listening import Dropped
+from . import framing, grammar, logs, policy, relay, replies, tarpit
+from .authcommands import AuthCommands
+from .notes import NOTES
 from .tls import describe as describe_tls, version_cipher as tls_version_cipher
 from .decision import ACCEPT, Reject, reject
-from .interfaces import IReloadable, IUpasDelivery, IUpasMessage
-from .session import Recipient
+from .interfaces import IUpasDelivery, IUpasMessage
+from .session import ADMITTING, AUTH, CLOSING, COMMAND, DATA, GONE, Recipient
 
 # for lines outside any session; a session logs through its own
 # ``self.log``, which names it (logs.SessionLogger)
 log = Logger(namespace="smtpd")
 
-# The connection's phase: one value, not a set of booleans (OpenSMTPD's
-# smtp_enter_state), changed only by ``UpasESMTP._enter``.  COMMAND, DATA
+# The connection's phase (``session``'s ADMITTING ... GONE); COMMAND, DATA
 # and AUTH are Twisted's modes, and name the ``state_*`` method that reads
 # a line in them.
-#
-#   ADMITTING   the store decides on the connection; nothing is read
-#   COMMAND     commands are read (one at a time: see ``_busy``)
-#   DATA        a message is read, up to its dot
-#   AUTH        an AUTH exchange awaits the client's next response
-#   CLOSING     the last reply is written; the connection is closing
-#   GONE        the connection is lost (from any phase)
-#
-# A reply pending (``_busy``) is not a phase: the 354 or 334 that moves
-# the dialogue to DATA or AUTH goes out while it is pending, and a reply
-# may still be pending once the connection is closing or gone (stdio's
-# shutdown waits for a message's fsync behind a closed connection).
-ADMITTING, CLOSING, GONE = "ADMITTING", "CLOSING", "GONE"
-COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
+assert (COMMAND, DATA, AUTH) == (smtp.COMMAND, smtp.DATA, smtp.AUTH)
 _READING = frozenset((COMMAND, DATA, AUTH))
 
 # A client that pipelines and never reads its replies (a NOOP a million
@@ -107,7 +100,7 @@ def _text(resp):
 
 
 @implementer(IHandshakeListener)
-class UpasESMTP(smtp.ESMTP):
+class UpasESMTP(AuthCommands, smtp.ESMTP):
     # Per-connection state that most connections never change lives here,
     # on the class: an idle connection then holds few attributes (its
     # instance dictionary stays a small shared-key one), which is most of
@@ -120,8 +113,6 @@ class UpasESMTP(smtp.ESMTP):
     _messages = None
     _dataRefused = None
     _quietWaiters = ()
-    _exchange = None  # the AUTH exchange under way
-    _logout = None  # the realm's logout after AUTH, called when the connection ends
     _dropPlaintext = False  # STARTTLS was answered: drop what was pipelined behind it
     _handshakeDone = False
     _closeWaiters = ()  # closeGracefully's; not empty: the server is shutting down
@@ -712,7 +703,7 @@ class UpasESMTP(smtp.ESMTP):
         delay = policy.apply(self.session, outcome)
         for d in outcome.decisions():
             if d.note:
-                _NOTES[d.note](self, d, cmd, looked)
+                NOTES[d.note](self, d, cmd, looked)
         return delay
 
     def _later(self, units, f, *args):
@@ -931,395 +922,3 @@ class UpasESMTP(smtp.ESMTP):
         self._dropPlaintext = True
         s.encrypted = True
         s.forget_client(self.settings.require_auth)
-
-    # -- AUTH ------------------------------------------------------------
-
-    def _authMechanisms(self):
-        """(a checker exists, the mechanisms this session may use: EHLO's list)."""
-        return auth.session_mechanisms(self.portal, self.session.encrypted,
-                                       self.settings.clear_passwords)
-
-    def _authCapability(self):
-        """(a checker exists, the mechanisms the checkers take): the auth
-        table's fact.  Whether PLAIN and LOGIN may be used now (TLS, -p) is
-        the table's own check (``policy.encryption``), so that replay with
-        another -p decides it again rather than reading it from the log."""
-        return auth.session_mechanisms(self.portal, True, True)
-
-    def cmd_AUTH(self, cmd):
-        s = self.session
-        self.log.info("auth({mech}, (protected)) from {him}", mech=cmd.arg, him=s.him,
-                      event="smtpd.auth.start", mechanism=cmd.arg, helo=s.him)
-        self._exchange = auth.Exchange(cmd.arg, cmd.extra, self.settings.dom,
-                                       self.clock.seconds())
-        return self._authStep(self._exchange.start())
-
-    def state_AUTH(self, line):
-        return self._authStep(self._exchange.respond(line))
-
-    def _authStep(self, step):
-        if isinstance(step, auth.Prompt):
-            if self._state is not AUTH:
-                self._enter(AUTH)
-            return self.sendReply(334, step.text)
-        if self._state is AUTH:
-            self._enter(COMMAND)
-        exchange, self._exchange = self._exchange, None
-        if not (step.ok or auth.is_failure(step)):
-            return self.reply(step)
-        d = self.store.authBegin(self.session.rsys)
-        return d.addCallback(self._authBegun, step, exchange)
-
-    def _authBegun(self, begun, step, exchange):
-        s = self.session
-        if self._state is GONE:  # gone while the store answered: the check is not made
-            if begun:
-                self.store.authAbandoned(s.rsys)
-            return None
-        if not begun:
-            # the address has spent its failures: nothing more is checked
-            self.log.info("authentication refused: too many failures from {rsys}", rsys=s.rsys,
-                          event="smtpd.auth", peer=s.rsys, user=None, mechanism=exchange.mech,
-                          result="throttled")
-            return self.reply(self._tooManyFailures())
-        if not step.ok:
-            return self._authFailure(step, "(malformed response)", exchange.mech)
-        creds = step.value
-        user = auth.printable_user(creds.username)
-        d = self.portal.login(creds, None, smtp.IMessageDelivery)
-        return d.addCallbacks(self._authenticated, self._authFailed,
-                              callbackArgs=(user, exchange.mech),
-                              errbackArgs=(user, exchange.mech))
-
-    def _tooManyFailures(self):
-        return reject(421, replies.AUTH_TOO_MANY.format(dom=self.settings.dom), hangup=True,
-                      reason="auth-throttled")
-
-    def _authenticated(self, result, user, mech):
-        _, avatar, logout = result
-        s = self.session
-        self.store.authSucceeded(s.rsys)
-        if self._state is GONE:
-            logout()
-            return None
-        if avatar is not None:  # an embedder's realm may deliver per user
-            self.delivery = avatar
-        self._logout = logout  # the realm's, called when the connection ends
-        s.authenticated = True
-        s.user = user
-        if self.factory.decisions is not None:
-            self.factory.decisions.authenticated(s)
-        self.log.info("authenticated {user} from {rsys}", user=user, rsys=s.rsys,
-                      event="smtpd.auth", peer=s.rsys, mechanism=mech, result="success")
-        self.sendReply(235, replies.AUTH_OK)
-
-    def _authFailed(self, failure, user, mech):
-        s = self.session
-        if not failure.check(error.LoginFailed):
-            self.store.authAbandoned(s.rsys)
-            self.log.error("temporary authentication failure for {user} from {rsys}: {err}",
-                           user=user, rsys=s.rsys, err=failure.getErrorMessage(),
-                           event="smtpd.auth", peer=s.rsys, mechanism=mech, result="tempfail")
-            return self.reply(reject(454, replies.AUTH_TEMPORARY, reason="auth-error"))
-        return self._authFailure(reject(535, replies.AUTH_FAILED, reason="auth-failed"), user, mech)
-
-    def _authFailure(self, verdict, user, mech):
-        """Answer a failed attempt once the address's turn comes (``auth.Throttle``)."""
-        s = self.session
-
-        def counted(result):
-            wait, n, limit = result
-            self.log.info("authentication failed: {user} from {rsys} ({mech}, failure {n})",
-                          user=user, rsys=s.rsys, mech=mech, n=n, event="smtpd.auth",
-                          peer=s.rsys, mechanism=mech, result="failure", failures=n)
-            answer = self._tooManyFailures() if n >= limit else verdict
-            return self._after(wait, self._answerFailure, answer)
-
-        return self.store.authFailed(s.rsys).addCallback(counted)
-
-    def _answerFailure(self, verdict):
-        if self._state is not GONE:
-            self.reply(verdict)
-
-
-# -- the log lines decisions call for (``Decision.note``), upas's texts ----------
-
-def _disallowed(p, d, cmd, looked):
-    s = p.session
-    p.log.info("Disallowed {sender} ({him}/{rsys}) to blocked name {rcpt}",
-               sender=s.envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
-               event="smtpd.ratify", verb="blocked-name", peer=s.rsys, helo=s.him)
-
-
-def _validate_refused(why, text):
-    def note(p, d, cmd, looked):
-        p.log.info(text, rcpt=cmd.arg, event="smtpd.validate", why=why)
-        _disallowed(p, d, cmd, looked)
-    return note
-
-
-def _tarpit(p, d, cmd, looked):
-    s = p.session
-    p.log.info("Rejected ({him}/{rsys})", him=s.him, rsys=s.rsys, event="smtpd.tarpit",
-               peer=s.rsys, helo=s.him)
-
-
-def _helo_hangup(p, d, cmd, looked):
-    s = p.session
-    if not p.settings.quiet:
-        p.log.info("Hung up on {rsys}; claimed to be {him}", rsys=s.rsys, him=cmd.arg,
-                   event="smtpd.helo.hangup", peer=s.rsys, helo=cmd.arg)
-
-
-def _ptr_only(p, d, cmd, looked):
-    s = p.session
-    p.log.info("ptr only from {rsys} as {him}", rsys=s.rsys, him=cmd.arg,
-               event="smtpd.helo.ptr_only", peer=s.rsys, helo=cmd.arg)
-
-
-def _blocked_ip(p, d, cmd, looked):
-    s = p.session
-    p.log.info("Disallowed sending IP of {sender} ({him}/{rsys}) to {rcpt}",
-               sender=s.envelope.sender, him=s.him, rsys=s.rsys, rcpt=cmd.arg,
-               event="smtpd.ratify", verb="blocked-ip", peer=s.rsys, helo=s.him)
-
-
-def _bad_forward(p, d, cmd, looked):
-    s = p.session
-    p.log.info("Bad Forward {sender} ({him}/{rsys}) ({rcpt})", sender=s.envelope.sender,
-               him=s.him, rsys=s.rsys, rcpt=cmd.arg, event="smtpd.ratify", verb="bad-forward",
-               peer=s.rsys, helo=s.him)
-
-
-def _sendercheck(p, d, cmd, looked):
-    s = p.session
-    env = s.envelope
-    for rcpt in env.recipients:
-        p.log.info("[{him}/{rsys}] {sender} -> {rcpt} sendercheck: {err}", him=s.him,
-                   rsys=s.rsys, sender=env.sender, rcpt=rcpt, err=d.text()[6:],
-                   event="smtpd.sendercheck", peer=s.rsys, helo=s.him)
-
-
-# upas's words for the ratify states it logs at DATA, and smtpd.ratify's ``verb``
-_RATIFY_WORD = {"dial": "Dialup", "deny": "Denied", "block": "Blocked", "delay": "Blocked",
-                ratify.REFUSED: "Refused", ratify.TEMPFAIL: "Deferred"}
-_RATIFY_VERB = {"block": "block", "dial": "dialup", "deny": "deny", ratify.REFUSED: "refuse",
-                "delay": "delay", ratify.TEMPFAIL: "tempfail"}
-
-
-def _ratify(p, d, cmd, looked):
-    s = p.session
-    env = s.envelope
-    state = policy.data_state(s, looked)
-    for rcpt in env.recipients:
-        p.log.info("{what} {sender} ({him}/{rsys}) ({rcpt})", what=_RATIFY_WORD[state],
-                   sender=env.last_sender, him=s.him, rsys=s.rsys, rcpt=rcpt,
-                   event="smtpd.ratify", verb=_RATIFY_VERB[state], peer=s.rsys, helo=s.him)
-
-
-def _greylist(p, d, cmd, looked):
-    s = p.session
-    _, outcomes = looked["greylist"]
-    for rcpt, state in outcomes:
-        p.log.info(greylist.OUTCOME_LINES[state], rsys=s.rsys, rcpt=rcpt,
-                   event="smtpd.greylist", peer=s.rsys, state=state)
-    if not d.ok:
-        p.log.info("no recent call from {rsys} for a rcpt; rejecting with temporary failure",
-                   rsys=s.rsys, event="smtpd.greylist", peer=s.rsys, rcpt=None, state="refused")
-
-
-_NOTES = {
-    "tarpit": _tarpit,
-    "helo.hangup": _helo_hangup,
-    "helo.ptr_only": _ptr_only,
-    "rcpt.shellchars": _validate_refused("shellchars", "shellchars in user name"),
-    "rcpt.unknown": _disallowed,
-    "rcpt.names_blocked": _validate_refused("names.blocked", "names.blocked blocks {rcpt}"),
-    "rcpt.blocked_ip": _blocked_ip,
-    "rcpt.bad_forward": _bad_forward,
-    "data.sendercheck": _sendercheck,
-    "data.ratify": _ratify,
-    "data.greylist": _greylist,
-}
-
-
-def _refusedAtConnect(emit, format, ip, end, **kwargs):
-    """A connection refused before its greeting: its one smtpd.disconnect line."""
-    emit(format, ip=ip, event="smtpd.disconnect", peer=ip, helo="", tls="none",
-         auth_user=None, accepted=0, refused=0, duration=0.0, end=end, **kwargs)
-
-
-class _Busy(protocol.Protocol):
-    """Over a connection limit: one 421, then the connection closes."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def connectionMade(self):
-        self.transport.write(b"421 " + self.text.encode() + b"\r\n")
-        self.transport.loseConnection()
-
-
-class UpasSMTPFactory(smtp.SMTPFactory):
-    """Builds one ``UpasESMTP`` per connection with everything injected.
-
-    It counts connections (in all, and per untrusted peer address: over a
-    limit the peer gets ``421`` and is closed), and can reload its settings
-    (SIGHUP) and shut down gracefully (SIGTERM).  The counts over every
-    process are the store's (``spamfilter.store``); this process's own
-    connections are bounded by the open-file limit here, at once.
-    """
-
-    protocol = UpasESMTP
-
-    def __init__(self, settings, makeDelivery, clock, portal=None,
-                 contextFactory=None, spamfilter=None):
-        smtp.SMTPFactory.__init__(self, portal)
-        self.spam = spamfilter
-        self.settings = settings
-        self.makeDelivery = makeDelivery
-        self.clock = clock
-        self.contextFactory = contextFactory
-        self.domain = settings.dom
-        # connection counts and the AUTH budget, shared by every process
-        self.store = spamfilter.store
-        self.connections = set()
-        self._admitting = {}  # protocol -> the connect table waiting for the store
-        self.decisions = None  # the decision log (``--decision-log``), when kept
-        self.fdCap = None  # what the open-file limit allows; set at start-up
-        self.closing = False
-
-    @property
-    def maxConnections(self):
-        limit = self.settings.max_connections
-        return limit if self.fdCap is None else min(limit, self.fdCap)
-
-    def buildProtocol(self, addr):
-        ip = relay.normalize_ip(getattr(addr, "host", ""))
-        # the connect table's first checks need no lookup: -k, shutting
-        # down, this process's own limit are decided before any protocol
-        cmd = grammar.Command("CONNECT", ip)
-        looked = policy.Facts(closing=self.closing, connections=len(self.connections),
-                              connection_cap=self.fdCap)
-        trace = [] if self.decisions is not None else None  # the decision log's
-        r = policy.run(policy.CONNECT, None, cmd, self.settings, looked, trace=trace)
-        if isinstance(r, policy.Outcome):
-            return self._refused(r.decision, ip, looked, trace)
-        p = self.protocol(self.settings, self.makeDelivery, self.clock,
-                          self.contextFactory, self.spam, self.store)
-        p.factory = self
-        p.portal = self.portal
-        p.peerIP = ip
-        p.exempt = None  # counted by the store: exempt from the per-peer limit?
-        self.connections.add(p)
-        self._admitting[p] = (cmd, looked, r, trace)
-        return p
-
-    def _refused(self, decision, ip, looked, trace=None):
-        """A connection refused before its greeting: its one smtpd.disconnect
-        line (a refused connection is a session too: its line has an id),
-        and a protocol that says 421 and closes, or (-k) one that drops
-        the connection without a word."""
-        if trace is not None:  # the decision log: -k too
-            self.decisions.refused(ip, looked, trace, decision.reason)
-        if not decision.code:  # -k: nothing is written, nothing logged (upas)
-            return Dropped()
-        session = logs.SessionLogger(logs.new_session_id())
-        note = decision.note
-        if note == "connect.shutdown":
-            _refusedAtConnect(session.info, "connection from {ip} refused: shutting down", ip,
-                              "shutdown")
-        elif note == "connect.peer":
-            _refusedAtConnect(session.info, "too many connections from {ip}", ip, "limit")
-        else:
-            n = looked["connections"] if note == "connect.limit" else self.settings.max_connections
-            _refusedAtConnect(session.warn, "too many connections ({n}); refusing {ip}", ip,
-                              "limit", n=n)
-        return _Busy(decision.text())
-
-    def admit(self, p):
-        """Finish the connect table for ``p``, with the store's answers: fires
-        with (trusted, IP action), the greeting's outcome, the connect facts
-        and the trace (for the decision log), or None once the connection
-        has been refused (``421``) and closed."""
-        cmd, looked, pending, trace = self._admitting.pop(p)
-        ip = p.peerIP
-        s = self.settings
-
-        def gather(name, arg):
-            if name == "connection_slot":
-                return self.store.acquireConnection(
-                    ip, policy.peer_facts(ip, s, looked)[0], s.max_connections_per_peer,
-                    s.max_connections)
-            return self.spam.gather(name, ip, None)
-
-        def decided(outcome):
-            facts = policy.peer_facts(ip, s, looked)
-            trusted = facts[0]
-            if outcome.decision.ok:
-                if p not in self.connections:  # gone while the store answered
-                    self.store.releaseConnection(ip, trusted)
-                    return None
-                p.exempt = trusted
-                return facts, outcome, looked, trace
-            self.connections.discard(p)  # refused: no session to count or close
-            self._refused(outcome.decision, ip, looked, trace).makeConnection(p.transport)
-            return None
-
-        def failed(failure):
-            log.failure("connection state unavailable; closing the connection from {ip}",
-                        failure, ip=ip, event="error")
-            _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).info,
-                              "connection from {ip} closed: local error", ip, "error")
-            if trace is not None:  # the decision log
-                self.decisions.refused(ip, looked, trace, "error")
-            self.connections.discard(p)
-            p.transport.loseConnection()
-            return None
-
-        r = policy.resume(pending, policy.CONNECT, None, cmd, s, gather, looked, trace)
-        return defer.maybeDeferred(lambda: r).addCallback(decided).addErrback(failed)
-
-    def connectionGone(self, p):
-        if p in self.connections:
-            self.connections.discard(p)
-            if p.exempt is not None:
-                self.store.releaseConnection(p.peerIP, p.exempt)
-
-    def reload(self, settings):
-        """New settings for new connections (SIGHUP); sessions under way keep theirs.
-
-        The ratify lists, the helper files and the password file are read
-        again at once, changed or not.
-        """
-        self.settings = settings
-        self.spam.settings = settings
-        self.domain = settings.dom
-        self.spam.reread()
-        for checker in set((self.portal.checkers if self.portal else {}).values()):
-            if IReloadable.providedBy(checker):
-                checker.reread()
-
-    def shutdown(self, grace):
-        """Close every session: those in DATA get up to ``grace`` seconds to finish.
-
-        Fires once every connection is gone.
-        """
-        self.closing = True
-        waits = [p.closeGracefully() for p in list(self.connections)]
-        done = defer.DeferredList(waits)
-        if not waits:
-            return done
-
-        def overdue():
-            for p in list(self.connections):
-                p.closeNow()
-
-        timer = self.clock.callLater(grace, overdue)
-
-        def finished(result):
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return done.addBoth(finished)

@@ -33,7 +33,7 @@ from .conf import ConfigError
 from .delivery import UpasDelivery
 from .listening import ListeningService
 from .mailer import Mailer
-from .server import UpasSMTPFactory
+from .factory import UpasSMTPFactory
 from .spam import SpamFilter
 from .mxdial import local_addresses
 from .passwd import PasswordFile

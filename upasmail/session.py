@@ -13,6 +13,25 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
+# The connection's phase: one value, not a set of booleans (OpenSMTPD's
+# smtp_enter_state), changed only by the protocol's ``_enter``.  COMMAND, DATA
+# and AUTH are Twisted's mode names (``twisted.mail.smtp``).
+#
+#   ADMITTING   the store decides on the connection; nothing is read
+#   COMMAND     commands are read (one at a time: see ``_busy``)
+#   DATA        a message is read, up to its dot
+#   AUTH        an AUTH exchange awaits the client's next response
+#   CLOSING     the last reply is written; the connection is closing
+#   GONE        the connection is lost (from any phase)
+#
+# A reply pending (``_busy``) is not a phase: the 354 or 334 that moves
+# the dialogue to DATA or AUTH goes out while it is pending, and a reply
+# may still be pending once the connection is closing or gone (stdio's
+# shutdown waits for a message's fsync behind a closed connection).
+ADMITTING, CLOSING, GONE = "ADMITTING", "CLOSING", "GONE"
+COMMAND, DATA, AUTH = "COMMAND", "DATA", "AUTH"
+
+
 @dataclass(slots=True)
 class Envelope:
     senders: List[str] = field(default_factory=list)
