@@ -41,7 +41,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "upasmail"
 
-PURE = {"address", "auth", "bounce", "conf", "convert", "crashpoint", "decision",
+PURE = {"address", "auth", "bounce", "clientresult", "conf", "convert", "crashpoint", "decision",
         "dnscheck", "factotum", "framing", "grammar", "greylist", "helo", "interfaces",
         "local", "mbox", "mxdial", "notes", "pipemsg", "policy", "ratify", "relay", "replies",
         "rfc822", "session",
