@@ -38,7 +38,8 @@ from .spam import SpamFilter
 from .mxdial import local_addresses
 from .passwd import PasswordFile
 from .queue import QueueRunner, record_routing
-from .store import MailRoot, SyncThread
+from .groupcommit import SyncThread
+from .store import MailRoot
 from .tls import CertificateFile, ImplicitTLSFactory
 from .trace import TraceFactory
 
