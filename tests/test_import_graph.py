@@ -41,11 +41,11 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "upasmail"
 
-PURE = {"address", "auth", "bounce", "clientresult", "conf", "convert", "crashpoint", "decision",
-        "dnscheck", "factotum", "framing", "grammar", "greylist", "helo", "interfaces",
-        "local", "mbox", "mxdial", "notes", "pipemsg", "policy", "ratify", "relay", "replies",
-        "rfc822", "session",
-        "settings", "simulate", "tarpit", "thumbprint"}
+PURE = {"address", "auth", "bounce", "clientresult", "conf", "convert", "crashpoint",
+        "decision", "dnscheck", "factotum", "framing", "grammar", "greylist", "helo",
+        "interfaces", "local", "logformat", "mbox", "mxdial", "notes", "pipemsg", "policy",
+        "ratify", "relay", "replies", "rfc822", "session", "settings", "simulate",
+        "tarpit", "thumbprint"}
 COMMAND_LINE = {"tap_smtpd", "tap_smtp", "tap_runq", "stdio", "checkconfig", "policytool",
                 "replay"}
 OPTIONS = "options"

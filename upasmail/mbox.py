@@ -38,6 +38,9 @@ reader never sees half a message.
 
 These functions block; ``store`` runs them in a thread.  What they have to
 report goes into a ``notes`` list for the caller to log.
+
+One thing, the mbox file and its lock, kept together because the lock's
+append record and the recovery that reads it must agree byte for byte.
 """
 
 import collections

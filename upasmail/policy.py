@@ -38,6 +38,11 @@ data               ``validatesender`` (its decision), ``nospamfiltering``,
 auth               ``auth_mechanisms`` (a checker exists, the mechanisms
                    the checkers take, TLS or not)
 =================  ==========================================================
+
+This module is long because it is the whole policy, read in one place:
+every table, every check in table order, the facts they ask for, and how
+a run is driven and applied.  Splitting it would scatter the order that
+upas's smtpd.c has in one function per command.
 """
 
 from twisted.internet import defer

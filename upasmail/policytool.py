@@ -19,6 +19,9 @@ not prepared (no directory is made).
 
 Exit status: 0 the mail would be accepted, 1 refused, 2 undecidable or
 another error, 64 a usage error, 70 a subcommand this build lacks.
+
+One tool, in one module: its options, the zone and peer it simulates,
+the session it drives through ``simulate`` and the report it prints.
 """
 
 import importlib.util

@@ -27,6 +27,10 @@ tried again on the clock (``LOCK_RETRY`` doubling up to
 after ``LOCK_TIMEOUT`` seconds the message fails (451).  ``prepare``
 breaks the mailbox locks a crash left behind and cuts back the partial
 message they record (``mbox.recover``).
+
+One thing, the mail root (``MailRoot``: routing a message to mailboxes
+and the queue, the writer's batches, held mailboxes, the spool); how a
+batch is synced is ``groupcommit``'s, how an mbox is written ``mbox``'s.
 """
 
 import errno
