@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "upasmail"
 
 PURE = {"address", "auth", "bounce", "conf", "convert", "crashpoint", "decision",
-        "dnscheck", "factotum", "framing", "grammar", "greylist", "helo", "interfaces",
+        "dnscheck", "factotum", "framing", "grammar", "greylist", "helo", "interfaces", "job",
         "local", "mbox", "mxdial", "pipemsg", "policy", "ratify", "relay", "replies", "rfc822", "session",
         "settings", "simulate", "tarpit", "thumbprint"}
 COMMAND_LINE = {"tap_smtpd", "tap_smtp", "tap_runq", "stdio", "checkconfig", "policytool",
