@@ -2,8 +2,13 @@
 
 smtpd puts mail for other hosts into ``<root>/queue/`` (``store``): one
 job per message, ``<id>.msg`` (the mailer stream) and ``<id>.env`` (JSON
-envelope, written last with fsync and an atomic rename).  ``QueueRunner``
-delivers them:
+envelope, written last with fsync and an atomic rename).  A job is a
+``job.Job``; ``job`` defines the envelope (its version, reading, checking,
+migrating, writing), the schedule and how a delivery's result changes a
+job (``apply_result``); ``mailq`` lists and deletes for ``upas-mailq``.
+This module has the queue directory (``Queue``) and ``QueueRunner``,
+which schedules, locks, calls the client, writes and returns failures.
+``QueueRunner`` delivers the jobs:
 
 * the recipients of a job are grouped by destination domain (the first
   hop of the bang path), so one connection carries all recipients of a
@@ -49,14 +54,14 @@ delivers them:
 
 The runner keeps an index of the jobs (when each is next due), so that
 an enqueue, a wake-up and a scan cost nothing per job queued: the enqueue
-hook (``MailRoot.enqueued``) hands over the new job's record, the
+hook (``MailRoot.enqueued``) hands over the new ``Job``, the
 runner's own outcomes give each job its next time, and a scan takes only
 the jobs that are due.  The directory is listed (names only) at start-up
 and for a flush, and at a timed scan (``queue_scan``) when its mtime
 changed: that is how a job another program queued (stdio smtpd, a second
 server), delivered or deleted (``upas-runq``, ``upas-mailq --delete``) is
 noticed.  Envelopes are read when a job's turn comes, never to scan; a
-record handed over by the hook is checked against the envelope's inode
+job handed over by the hook is checked against the envelope's inode
 once the job is locked, so a second runner's write is never overlooked.
 
 The server records its routing in ``<root>/routing.json`` for
