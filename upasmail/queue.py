@@ -5,9 +5,10 @@ job per message, ``<id>.msg`` (the mailer stream) and ``<id>.env`` (JSON
 envelope, written last with fsync and an atomic rename).  A job is a
 ``job.Job``; ``job`` defines the envelope (its version, reading, checking,
 migrating, writing), the schedule and how a delivery's result changes a
-job (``apply_result``); ``mailq`` lists and deletes for ``upas-mailq``.
-This module has the queue directory (``Queue``) and ``QueueRunner``,
-which schedules, locks, calls the client, writes and returns failures.
+job (``apply_result``); ``returns`` makes and hands over the DSNs;
+``mailq`` lists and deletes for ``upas-mailq``.  This module has the
+queue directory (``Queue``) and ``QueueRunner``, which schedules, locks,
+calls the client and writes.
 ``QueueRunner`` delivers the jobs:
 
 * the recipients of a job are grouped by destination domain (the first
@@ -34,7 +35,7 @@ which schedules, locks, calls the client, writes and returns failures.
 * temporary failures wait ``retry_min``·2^(attempts-1) seconds, at most
   ``retry_max``; a job older than ``max_queue_age`` (2 days, upas runq)
   gives up; permanent failures and give-ups are returned to the sender
-  as an RFC 3464 DSN (``bounce``), never to ``<>``: a bounce that cannot
+  as an RFC 3464 DSN (``bounce``, ``returns``), never to ``<>``: a bounce that cannot
   be delivered goes to the local ``postmaster`` (from ``double-bounce``),
   and a failed postmaster copy is dropped with a log line; a return that
   cannot be stored goes to the postmaster too, and if that cannot be
@@ -94,18 +95,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import bounce, client, convert, crashpoint, factotum, relay
+from . import client, crashpoint, factotum, returns
 from . import job as _job
-from .address import NULL_SENDER
 from .interfaces import IMessageStore
-# re-exported: names this module had before ``job`` and ``mailq`` took them over
+# re-exported: names this module had before ``job``, ``mailq`` and
+# ``returns`` took them over
 from .job import (DELIVERED, FAILED, PENDING, CorruptJob, Job, backoff,  # noqa: F401
                   destination, from_record, to_record)
-from .local import at_form
 from .logs import printable
 from .mailq import delete, listing  # noqa: F401
-from .session import Transaction
-from .store import GroupCommit, by_relay, fsync_paths, write_envelope
+from .returns import (DOUBLE_BOUNCE, POSTMASTER, NotReturned,  # noqa: F401
+                      notification_place, return_path)
+from .store import GroupCommit, fsync_paths, write_envelope
 
 log = Logger(namespace="queue")
 
@@ -120,16 +121,6 @@ ORPHAN_AGE = 3600.0
 # the only names a job has: ``store.new_id``'s seconds, a dot, 12 hex digits
 # (the spool file's name).  Nothing else becomes a path in the queue.
 QUEUE_ID = re.compile(r"[0-9]+\.[0-9a-f]{12}")
-POSTMASTER = "postmaster"
-# the postmaster's copy of a failed bounce comes from here, and a failure
-# of that copy is discarded, so returns can never loop
-DOUBLE_BOUNCE = bounce.DOUBLE_BOUNCE
-
-
-class NotReturned(Exception):
-    """The failures of a job could be returned to nobody this time (why: the text)."""
-
-
 class BadQueueId(ValueError):
     """A name that is not a queue id (``../precious``): never made a path."""
 
@@ -168,19 +159,6 @@ def nothing_pending(job):
 
 def unreturned(job):
     return _job.unreturned(_typed(job))
-
-
-def return_path(sender):
-    """Who gets the report of a failure, and from which envelope sender.
-
-    A failed bounce (from ``<>``) is a double bounce: the postmaster gets it,
-    as in Postfix.  A failed postmaster copy is dropped (None): nobody is left.
-    """
-    if sender == DOUBLE_BOUNCE:
-        return None
-    if sender == NULL_SENDER:
-        return POSTMASTER, DOUBLE_BOUNCE
-    return sender, NULL_SENDER
 
 
 def routing_of(settings):
@@ -940,29 +918,11 @@ class QueueRunner(service.Service):
                       "delivered either; discarded: {rcpts}", id=qid, rcpts=", ".join(failed),
                       event="queue.bounce_failed", queue_id=qid)
         else:
-            yield self._return(job, failed, *route)  # durable before it is marked
+            # durable before it is marked
+            yield returns.give_back(self.root, self.settings, self.clock, job,
+                                    self.queue.paths(qid)[0], failed, *route)
         _job.mark_returned(job, failed)
         yield self._save(job)
-
-    @defer.inlineCallbacks
-    def _return(self, job, failed, to, envelope_sender):
-        """Bounce to ``to``; when that cannot be stored or queued, to the
-        postmaster, as a double bounce; NotReturned when nobody got it."""
-        try:
-            yield self._bounce(job, failed, to, envelope_sender)
-            return
-        except OSError as e:
-            err, why = e, "to %s (%s)" % (to, e)
-            if to == POSTMASTER:
-                raise NotReturned("not " + why)
-        log.warn("{id}: failures not returned {why}; the postmaster gets them",
-                 id=job.id, why=why, event="queue.bounce_failed", queue_id=job.id)
-        try:
-            yield self._bounce(job, failed, POSTMASTER, DOUBLE_BOUNCE, why_lines=[
-                "The report could not be given to its sender <%s>, so this copy is for "
-                "the postmaster: %s" % (convert.shown(at_form(to, self.settings.dom)), err)])
-        except OSError as e2:
-            raise NotReturned("not %s, nor to %s (%s)" % (why, POSTMASTER, e2))
 
     @defer.inlineCallbacks
     def _complete(self, job):
@@ -1001,74 +961,9 @@ class QueueRunner(service.Service):
         self.jobs[qid] = job
         self._track(qid, "", defer.maybeDeferred(work, job), what)
 
-    def _bounce(self, job, failed, to, envelope_sender, why_lines=()):
-        """Queue (or store) the DSN for ``to``; fires once it is durable.
-
-        From ``double-bounce`` it is the postmaster's copy: of a bounce that
-        failed, or (``why_lines`` say so) of a return that could not be stored.
-        """
-        s = self.settings
-        qid = job.id
-        msg, _ = self.queue.paths(qid)
-        with open(msg, "rb") as f:
-            head = f.read(256 * 1024)
-        # an address with a control character (refused by the client, never
-        # sent) is shown escaped: it must not make a header line of its own
-        failures = [(convert.shown(convert.bangtoat(r)), job.state[r].dsn or "5.0.0",
-                     _mx_name(job.state[r].relay), job.state[r].error) for r in failed]
-        double = envelope_sender == DOUBLE_BOUNCE
-        data = bounce.dsn(failures, convert.shown(at_form(to, s.dom)),
-                          bounce.original_header(head),
-                          s.dom, job.created, self.clock.seconds(), qid,
-                          why_lines=why_lines, double=double)
-        kind, where = relay.route(to, s.ours)
-        tx = Transaction(sender=envelope_sender, recipients=(to,),
-                         local=(where,) if kind == "local" else (),
-                         remote=(to,) if kind == "remote" else (), peer="", helo="")
-        path, spool = self.root.open_spool()
-
-        def unlink(result):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            return result
-
-        try:
-            with spool:
-                spool.write(data)
-            d = self.root.deliver(path, tx)
-        except BaseException:
-            unlink(None)
-            raise
-
-        def done(result):
-            users, remote = by_relay(result.value)  # what became of the bounce
-            if double and not why_lines:
-                log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
-                         "recipients failed)", id=qid, n=len(failed), event="queue.bounce_failed",
-                         queue_id=qid)
-            # as Postfix: the line that joins this job to the bounce's
-            log.info("{id}: {who} non-delivery notification: {where} (to {to}, {n} "
-                     "recipients failed)", id=qid, who="postmaster" if double else "sender",
-                     where=notification_place(self.root.queue_id(path), users, remote),
-                     to=to, n=len(failed), event="queue.bounce", queue_id=qid,
-                     kind="postmaster" if double else "sender", failed=len(failed))
-            return result
-
-        return d.addBoth(unlink).addCallback(done)
-
     def _finish_pass(self):
         if not self.done.called:
             self.done.callback(None)
-
-
-def notification_place(bounce_id, users, remote):
-    """Where a bounce went, for the log: its queue id, local mailboxes, or both."""
-    places = [bounce_id] if remote else []
-    if users:
-        places.append("stored in the local mailbox of %s" % ", ".join(users))
-    return "; ".join(places)
 
 
 def _log_trouble(failure, what, wait):
@@ -1080,11 +975,6 @@ def _log_trouble(failure, what, wait):
     else:
         log.failure("{what}; next try in {wait:.0f} s", failure, what=what, wait=wait,
                     event="queue.trouble")
-
-
-def _mx_name(relay_text):
-    """``(mx.example.net:192.0.2.1)`` → ``mx.example.net``."""
-    return relay_text.strip("()").split(":", 1)[0] if relay_text else ""
 
 
 def now():
