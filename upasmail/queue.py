@@ -387,7 +387,7 @@ class QueueRunner(service.Service):
         self._finding_ours = None
         self.once = once
         self.flush_all = flush
-        self.jobs = {}  # qid -> live record while deliveries are under way
+        self.jobs = {}  # qid -> live Job while deliveries are under way
         self.locks = {}  # qid -> fd holding the job's flock
         self.inflight = {}  # (qid, dest) -> Deferred
         self.per_dest = Counter()
@@ -412,7 +412,7 @@ class QueueRunner(service.Service):
         self.started = set()  # once=True: (qid, dest) already tried in this pass
         # the index: every job we know of, and when to look at it next
         # (``due_at``; ``_heap`` orders it, stale entries are skipped), so a
-        # scan touches only what is due.  ``fresh`` holds the records the
+        # scan touches only what is due.  ``fresh`` holds the jobs the
         # enqueue hook handed over (with the envelope's inode, to notice a
         # second runner's write), ``blocked`` the jobs waiting for a slot at
         # a destination, ``elsewhere`` the jobs another runner holds.
