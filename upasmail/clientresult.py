@@ -19,7 +19,8 @@ from . import convert, replies
 RETRY, PERMANENT = replies.RETRY, replies.PERMANENT
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 64, 69, 75
 DELIVERED, TEMPORARY, PERMANENT_FAILURE, ACCEPTED, NOT_SENT = (
-    "delivered", "temporary", "permanent", "accepted", "not sent")
+    replies.DELIVERED, replies.TEMPORARY, replies.PERMANENT_FAILURE, replies.ACCEPTED,
+    replies.NOT_SENT)
 
 
 class Kind(enum.Enum):

@@ -136,9 +136,10 @@ class IMessageStore(IMailBackend):
     run_blocking = Attribute("``run_blocking(f, *args)``: a Deferred of ``f(*args)`` "
                              "run off the reactor thread.")
 
-    enqueued = Attribute("A list of callables ``(queue id, record, inode)``, called "
-                         "when a delivery has queued a job: the queue runner adds "
-                         "its wake-up here while it runs.")
+    enqueued = Attribute("A list of callables ``(queue id, job, inode)``, called "
+                         "when a delivery has queued a job (a ``job.Job``, or its "
+                         "envelope as a dict): the queue runner adds its wake-up "
+                         "here while it runs.")
 
     def new_spool():
         """A new ``store.Spool`` for a message being received; its name is

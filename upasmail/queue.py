@@ -2,8 +2,14 @@
 
 smtpd puts mail for other hosts into ``<root>/queue/`` (``store``): one
 job per message, ``<id>.msg`` (the mailer stream) and ``<id>.env`` (JSON
-envelope, written last with fsync and an atomic rename).  ``QueueRunner``
-delivers them:
+envelope, written last with fsync and an atomic rename).  A job is a
+``job.Job``; ``job`` defines the envelope (its version, reading, checking,
+migrating, writing), the schedule and how a delivery's result changes a
+job (``apply_result``); ``returns`` makes and hands over the DSNs;
+``mailq`` lists and deletes for ``upas-mailq``.  This module has the
+queue directory (``Queue``) and ``QueueRunner``, which schedules, locks,
+calls the client and writes.
+``QueueRunner`` delivers the jobs:
 
 * the recipients of a job are grouped by destination domain (the first
   hop of the bang path), so one connection carries all recipients of a
@@ -29,7 +35,7 @@ delivers them:
 * temporary failures wait ``retry_min``·2^(attempts-1) seconds, at most
   ``retry_max``; a job older than ``max_queue_age`` (2 days, upas runq)
   gives up; permanent failures and give-ups are returned to the sender
-  as an RFC 3464 DSN (``bounce``), never to ``<>``: a bounce that cannot
+  as an RFC 3464 DSN (``bounce``, ``returns``), never to ``<>``: a bounce that cannot
   be delivered goes to the local ``postmaster`` (from ``double-bounce``),
   and a failed postmaster copy is dropped with a log line; a return that
   cannot be stored goes to the postmaster too, and if that cannot be
@@ -49,14 +55,14 @@ delivers them:
 
 The runner keeps an index of the jobs (when each is next due), so that
 an enqueue, a wake-up and a scan cost nothing per job queued: the enqueue
-hook (``MailRoot.enqueued``) hands over the new job's record, the
+hook (``MailRoot.enqueued``) hands over the new ``Job``, the
 runner's own outcomes give each job its next time, and a scan takes only
 the jobs that are due.  The directory is listed (names only) at start-up
 and for a flush, and at a timed scan (``queue_scan``) when its mtime
 changed: that is how a job another program queued (stdio smtpd, a second
 server), delivered or deleted (``upas-runq``, ``upas-mailq --delete``) is
 noticed.  Envelopes are read when a job's turn comes, never to scan; a
-record handed over by the hook is checked against the envelope's inode
+job handed over by the hook is checked against the envelope's inode
 once the job is locked, so a second runner's write is never overlooked.
 
 The server records its routing in ``<root>/routing.json`` for
@@ -89,18 +95,21 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import bounce, client, convert, crashpoint, factotum, relay, replies
-from .address import NULL_SENDER
+from . import client, crashpoint, factotum, returns
+from . import job as _job
 from .interfaces import IMessageStore
-from .local import at_form
+# re-exported: names this module had before ``job``, ``mailq`` and
+# ``returns`` took them over
+from .job import (DELIVERED, FAILED, PENDING, CorruptJob, Job, backoff,  # noqa: F401
+                  destination, from_record, to_record)
 from .logs import printable
-from .session import Transaction
-from .store import GroupCommit, by_relay, fsync_paths, write_envelope
-from .tarpit import doubling
+from .mailq import delete, listing  # noqa: F401
+from .returns import (DOUBLE_BOUNCE, POSTMASTER, NotReturned,  # noqa: F401
+                      notification_place, return_path)
+from .store import GroupCommit, fsync_paths, write_envelope
 
 log = Logger(namespace="queue")
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 CORRUPT = "corrupt"
 FLUSH = ".flush"
 ROUTING = "routing.json"  # in the mail root
@@ -112,20 +121,6 @@ ORPHAN_AGE = 3600.0
 # the only names a job has: ``store.new_id``'s seconds, a dot, 12 hex digits
 # (the spool file's name).  Nothing else becomes a path in the queue.
 QUEUE_ID = re.compile(r"[0-9]+\.[0-9a-f]{12}")
-POSTMASTER = "postmaster"
-# the postmaster's copy of a failed bounce comes from here, and a failure
-# of that copy is discarded, so returns can never loop
-DOUBLE_BOUNCE = bounce.DOUBLE_BOUNCE
-
-
-class CorruptJob(Exception):
-    pass
-
-
-class NotReturned(Exception):
-    """The failures of a job could be returned to nobody this time (why: the text)."""
-
-
 class BadQueueId(ValueError):
     """A name that is not a queue id (``../precious``): never made a path."""
 
@@ -138,61 +133,32 @@ def is_queue_id(name):
 
 
 # -- decisions (pure) -----------------------------------------------------
+# The schedule is ``job``'s; these take a ``Job`` or, as before ``job``
+# existed, an envelope as a dict (``normalize``).
 
-def destination(path):
-    """The next hop of a bang path: where the recipient's group goes."""
-    return path.split("!", 1)[0].lower() if "!" in path else ""
-
-
-def backoff(attempts, minimum, maximum):
-    """Seconds before the next try after ``attempts`` temporary failures."""
-    return doubling(attempts, minimum, maximum)
+def _typed(job):
+    return job if isinstance(job, Job) else from_record(job)
 
 
-def due_groups(record, now, smarthost=None):
-    """{destination: [pending recipients]} whose next try has come."""
-    groups = {}
-    for rcpt in record["recipients"]:
-        if record["state"][rcpt]["status"] != PENDING:
-            continue
-        dest = "smarthost" if smarthost else destination(rcpt)
-        groups.setdefault(dest, []).append(rcpt)
-    return {d: rs for d, rs in groups.items() if record["next"].get(d, 0) <= now}
+def normalize(record, qid):
+    """The envelope ``record`` checked and migrated, as a dict; CorruptJob if bad."""
+    return to_record(from_record(record, qid))
 
 
-def next_due(record, smarthost=None, busy=()):
-    """When the earliest pending group not in ``busy`` is due; None if there is none."""
-    times = []
-    for rcpt in record["recipients"]:
-        if record["state"][rcpt]["status"] == PENDING:
-            dest = "smarthost" if smarthost else destination(rcpt)
-            if dest not in busy:
-                times.append(record["next"].get(dest, 0))
-    return min(times) if times else None
+def due_groups(job, now, smarthost=None):
+    return _job.due_groups(_typed(job), now, smarthost)
 
 
-def nothing_pending(record):
-    """Has every recipient its final outcome (delivered or failed)?"""
-    return all(record["state"][r]["status"] != PENDING for r in record["recipients"])
+def next_due(job, smarthost=None, busy=()):
+    return _job.next_due(_typed(job), smarthost, busy)
 
 
-def unreturned(record):
-    """Failed recipients whose failure has not gone back to the sender yet."""
-    return [r for r in record["recipients"] if record["state"][r]["status"] == FAILED
-            and not record["state"][r].get("returned")]
+def nothing_pending(job):
+    return _job.nothing_pending(_typed(job))
 
 
-def return_path(sender):
-    """Who gets the report of a failure, and from which envelope sender.
-
-    A failed bounce (from ``<>``) is a double bounce: the postmaster gets it,
-    as in Postfix.  A failed postmaster copy is dropped (None): nobody is left.
-    """
-    if sender == DOUBLE_BOUNCE:
-        return None
-    if sender == NULL_SENDER:
-        return POSTMASTER, DOUBLE_BOUNCE
-    return sender, NULL_SENDER
+def unreturned(job):
+    return _job.unreturned(_typed(job))
 
 
 def routing_of(settings):
@@ -217,39 +183,12 @@ def reconcile(recorded, own, given):
     return routing, differ
 
 
-def normalize(record, qid):
-    """Check a loaded envelope and fill in the runner's fields; CorruptJob if bad."""
-    try:
-        sender = record["sender"]
-        recipients = list(record["recipients"])
-        created = float(record["created"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptJob("bad envelope: %s" % e) from None
-    if not isinstance(sender, str) or not recipients or not all(
-            isinstance(r, str) for r in recipients):
-        raise CorruptJob("bad envelope: sender or recipients")
-    record["id"] = qid
-    record["created"] = created
-    record["recipients"] = recipients
-    state = record.setdefault("state", {})
-    if not isinstance(state, dict):
-        raise CorruptJob("bad envelope: state")
-    for r in recipients:
-        st = state.setdefault(r, {})
-        st.setdefault("status", PENDING)
-        if st["status"] not in (PENDING, DELIVERED, FAILED):
-            raise CorruptJob("bad envelope: status %r" % st["status"])
-    record.setdefault("next", {})
-    record.setdefault("attempts", {})
-    record.setdefault("last_error", "")
-    return record
-
-
 # -- files ----------------------------------------------------------------
 
 @dataclass(eq=False)
 class Write:
-    """One change to a job's files: its envelope (``record``) or, with None, removal."""
+    """One change to a job's files: its envelope (``record``, ``job.to_record``'s)
+    or, with None, removal."""
 
     qid: str
     record: Optional[dict]
@@ -281,23 +220,22 @@ class Queue:
         return sorted(n for n in self._names() if n.endswith(".env") and not is_queue_id(n[:-4]))
 
     def load(self, qid):
+        """The job's envelope as stored (a dict: ``job`` reads it as a ``Job``)."""
         msg, env = self.paths(qid)
-        try:
-            with open(env, "rb") as f:
-                record = json.loads(f.read().decode("utf-8"))
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as e:
-            raise CorruptJob("unreadable envelope: %s" % e) from None
-        if not isinstance(record, dict):
-            raise CorruptJob("bad envelope: not an object")
+        record = _job.read_record(env)
         if not os.path.exists(msg):
             raise CorruptJob("message file missing")
-        return normalize(record, qid)
+        return record
 
-    def save(self, record):
-        """Write the envelope durably: temp file, fsync, rename, fsync the directory."""
-        self.apply([Write(record["id"], record)])
+    def job(self, qid):
+        """The ``Job`` ``qid``, of whatever version it was written in; CorruptJob if bad."""
+        return from_record(self.load(qid), qid)
+
+    def save(self, job):
+        """Write the envelope (of a ``Job``, or a dict) durably, in the current
+        version: temp file, fsync, rename, fsync the directory."""
+        job = _typed(job)
+        self.apply([Write(job.id, to_record(job))])
 
     def remove(self, qid):
         self.apply([Write(qid, None)])
@@ -449,7 +387,7 @@ class QueueRunner(service.Service):
         self._finding_ours = None
         self.once = once
         self.flush_all = flush
-        self.jobs = {}  # qid -> live record while deliveries are under way
+        self.jobs = {}  # qid -> live Job while deliveries are under way
         self.locks = {}  # qid -> fd holding the job's flock
         self.inflight = {}  # (qid, dest) -> Deferred
         self.per_dest = Counter()
@@ -474,7 +412,7 @@ class QueueRunner(service.Service):
         self.started = set()  # once=True: (qid, dest) already tried in this pass
         # the index: every job we know of, and when to look at it next
         # (``due_at``; ``_heap`` orders it, stale entries are skipped), so a
-        # scan touches only what is due.  ``fresh`` holds the records the
+        # scan touches only what is due.  ``fresh`` holds the jobs the
         # enqueue hook handed over (with the envelope's inode, to notice a
         # second runner's write), ``blocked`` the jobs waiting for a slot at
         # a destination, ``elsewhere`` the jobs another runner holds.
@@ -526,7 +464,7 @@ class QueueRunner(service.Service):
         return d
 
     def wake(self, qid=None, record=None, inode=None):
-        """New mail (the enqueue hook: its id, record and envelope inode), or
+        """New mail (the enqueue hook: its id, ``Job`` and envelope inode), or
         a nudge (no id: look at the disk, where another program may have
         written); O(1) for new mail: nothing is read."""
         if self.stopping:
@@ -536,7 +474,10 @@ class QueueRunner(service.Service):
         elif is_queue_id(qid):
             if record is not None:
                 try:
-                    self.fresh[qid] = (normalize(copy.deepcopy(record), qid), inode)
+                    # an embedder's store may hand over an envelope (a dict)
+                    job = copy.deepcopy(record) if isinstance(record, Job) else from_record(
+                        record, qid)
+                    self.fresh[qid] = (job, inode)
                 except CorruptJob:
                     pass  # read from disk when its turn comes, and judged there
             self._due(qid, self.clock.seconds())
@@ -710,29 +651,29 @@ class QueueRunner(service.Service):
         held = self.held.get(qid)
         if held is not None and held[1] > now:
             return held[1]
-        record, inode = self.jobs.get(qid), None
-        if record is None:
-            record, inode = self.fresh.pop(qid, (None, None))
-        if record is None:
-            record = self.queue.load(qid)
+        job, inode = self.jobs.get(qid), None
+        if job is None:
+            job, inode = self.fresh.pop(qid, (None, None))
+        if job is None:
+            job = self.queue.job(qid)
         smarthost = self.settings.smarthost
         idle = not any(k[0] == qid for k in self.inflight)
         if idle and (qid, "") in self.started:
             return None  # one pass: its finishing was tried already
-        if idle and now - record["created"] > self.settings.max_queue_age:
-            self._expire(record, now)
+        if idle and _job.expired(job, now, self.settings.max_queue_age):
+            self._expire(job, now)
             return None
-        if idle and (nothing_pending(record) or unreturned(record)):
+        if idle and (_job.nothing_pending(job) or _job.unreturned(job)):
             # a run was cut off after saving an outcome and before acting on it
-            if nothing_pending(record):
-                self._finish_off(record, self._complete, "finishing the job")
+            if _job.nothing_pending(job):
+                self._finish_off(job, self._complete, "finishing the job")
             else:
-                self._finish_off(record, self._return_failures, "returning failures")
+                self._finish_off(job, self._return_failures, "returning failures")
             return None
         if flush:
-            record["next"] = {}
+            job.next = {}
         full = False
-        for dest, rcpts in due_groups(record, now, smarthost).items():
+        for dest, rcpts in _job.due_groups(job, now, smarthost).items():
             if (qid, dest) in self.inflight or (qid, dest) in self.started:
                 continue
             if self._full():
@@ -752,14 +693,14 @@ class QueueRunner(service.Service):
                 if inode is not None and inode != self._inode(qid):
                     self._unlock(qid)  # another runner wrote it first: read that
                     return self._consider(qid, now, flush)
-                self.jobs[qid] = record
-            self._start(record, dest, rcpts)
+                self.jobs[qid] = job
+            self._start(job, dest, rcpts)
         if inode is not None and qid not in self.locks:
-            self.fresh[qid] = (record, inode)  # not started: keep it for its turn
+            self.fresh[qid] = (job, inode)  # not started: keep it for its turn
         if full:
             return now
         busy = {dest for (q, dest) in self.inflight if q == qid}
-        when = next_due(record, smarthost, busy)
+        when = _job.next_due(job, smarthost, busy)
         return when if when is not None and when > now else None
 
     def _elsewhere(self, qid):
@@ -795,17 +736,17 @@ class QueueRunner(service.Service):
                 lambda f: log.failure("closing a removed job's message", f, event="error"))
 
     def _reschedule(self, qid):
-        """A job's work ended: its next time, from the record in hand (no read)."""
+        """A job's work ended: its next time, from the job in hand (no read)."""
         if qid not in self.known:
             return  # removed
         held = self.held.get(qid)
         if held is not None:
             self._due(qid, held[1])
             return
-        record = self.jobs.get(qid)
-        when = next_due(record, self.settings.smarthost) if record is not None else None
+        job = self.jobs.get(qid)
+        when = _job.next_due(job, self.settings.smarthost) if job is not None else None
         if when is None:
-            when = self.clock.seconds()  # left to finish off, or a record we lack
+            when = self.clock.seconds()  # left to finish off, or a job we lack
         self._due(qid, when)
 
     def _unblock(self, dest):
@@ -855,8 +796,8 @@ class QueueRunner(service.Service):
             return self.settings.smarthost
         return "net!%s!%d" % (dest, self.settings.mx_port)
 
-    def _start(self, record, dest, rcpts):
-        self._track(record["id"], dest, defer.maybeDeferred(self._attempt, record, dest, rcpts),
+    def _start(self, job, dest, rcpts):
+        self._track(job.id, dest, defer.maybeDeferred(self._attempt, job, dest, rcpts),
                     "delivery to %s" % dest)
 
     def _track(self, qid, dest, d, what):
@@ -893,83 +834,62 @@ class QueueRunner(service.Service):
         d.addBoth(finished)
 
     @defer.inlineCallbacks
-    def _attempt(self, record, dest, rcpts):
-        qid = record["id"]
+    def _attempt(self, job, dest, rcpts):
+        qid = job.id
         msg, _ = self.queue.paths(qid)
         recorded = []
 
         def outcome(result):
             recorded.append(result)
-            return self._record(record, dest, result)
+            return self._record(job, dest, result)
 
         yield self._knowOurs()
         with open(msg, "rb") as source:
-            result = yield self.deliver(source, self.dial_string(dest), record["sender"],
+            result = yield self.deliver(source, self.dial_string(dest), job.sender,
                                         rcpts, self.client_options(), self.reactor,
                                         self.resolver, self.clock, watch=self._watch,
                                         outcome=outcome, queue_id=qid,
-                                        smtputf8=bool(record.get("smtputf8")),
+                                        smtputf8=job.smtputf8,
                                         connections=self.connections)
         if not recorded:  # no conversation took place (DNS, dialling)
-            yield self._record(record, dest, result)
+            yield self._record(job, dest, result)
         if qid not in self.jobs:
             return  # deleted while we were away
-        if nothing_pending(record):
-            yield self._complete(record)
+        if _job.nothing_pending(job):
+            yield self._complete(job)
         else:
-            yield self._return_failures(record)  # now, not when the others are done
+            yield self._return_failures(job)  # now, not when the others are done
 
-    def _record(self, record, dest, result):
+    def _record(self, job, dest, result):
         """Note every recipient's outcome in the envelope; fires once it is durable."""
-        qid = record["id"]
+        qid = job.id
         if qid not in self.jobs:
             return defer.succeed(None)
         now = self.clock.seconds()
-        relay_name = result.target.describe() if result.target is not None else ""
-        deferred = False
-        for r in result.recipients:
-            st = record["state"][r.address]
-            st["relay"] = relay_name
-            if r.status == client.DELIVERED:
-                st["status"], st["error"] = DELIVERED, ""
-                st["reply"] = r.reply  # the server's final reply: its queue id
-                word = "sent"
-            elif r.status == client.PERMANENT_FAILURE:
-                st["status"], st["error"] = FAILED, r.reply or result.status
-                st["dsn"] = bounce.status_of(r.reply, permanent=True)
-                word = "bounced"
-            else:
-                st["status"], st["error"] = PENDING, r.reply or result.status
-                word = "deferred"
-                deferred = True
-            reply = printable(r.reply or result.status or "ok", client.LOG_LIMIT)
+        # cut off by our own shutdown: no penalty
+        notes = _job.apply_result(job, dest, result, now, self.settings.retry_min,
+                                  self.settings.retry_max, penalize=not self.stopping)
+        for n in notes:
             log.info("{id}: to={rcpt} relay={relay} status={word} ({reply})",
-                     id=qid, rcpt=printable(r.address), relay=relay_name or "none", word=word,
-                     reply=reply, event="queue.delivery", queue_id=qid, status=word,
-                     delay=now - float(record["created"]))
-        if deferred and not self.stopping:  # cut off by our own shutdown: no penalty
-            attempts = record["attempts"].get(dest, 0) + 1
-            record["attempts"][dest] = attempts
-            record["next"][dest] = now + backoff(attempts, self.settings.retry_min,
-                                                 self.settings.retry_max)
-            record["last_error"] = " ".join(result.outcome.detail.split())
+                     id=qid, rcpt=printable(n.rcpt), relay=n.relay or "none", word=n.word,
+                     reply=printable(n.reply, client.LOG_LIMIT), event="queue.delivery",
+                     queue_id=qid, status=n.word, delay=now - job.created)
         others = any(q == qid and d != dest for q, d in self.inflight)
-        if nothing_pending(record) and not unreturned(record) and not others:
+        if _job.nothing_pending(job) and not _job.unreturned(job) and not others:
             d = self._remove(qid)  # all done: the removal is the durable outcome
         else:
-            d = self._save(record)
+            d = self._save(job)
         return d.addCallback(lambda _: crashpoint.reached("queue.after-save"))
 
     def _watch(self, wire):
         self.wires.add(wire)
         wire.whenClosed().addCallback(lambda _: self.wires.discard(wire))
 
-    def _save(self, record):
+    def _save(self, job):
         """Write a snapshot of the envelope; writes of one job never overlap."""
-        qid = record["id"]
+        qid = job.id
         lock = self._save_locks.setdefault(qid, defer.DeferredLock())
-        snapshot = copy.deepcopy(record)
-        d = lock.run(self.writes.sync, [Write(qid, snapshot)])
+        d = lock.run(self.writes.sync, [Write(qid, to_record(job))])
         self._saving.add(d)
 
         def done(result):
@@ -986,48 +906,29 @@ class QueueRunner(service.Service):
         return lock.run(lambda: None) if lock is not None else defer.succeed(None)
 
     @defer.inlineCallbacks
-    def _return_failures(self, record):
+    def _return_failures(self, job):
         """Return the failed recipients not yet returned; then remember that."""
-        qid = record["id"]
-        failed = unreturned(record)
+        qid = job.id
+        failed = _job.unreturned(job)
         if not failed:
             return
-        route = return_path(record["sender"])
+        route = return_path(job.sender)
         if route is None:
             log.error("{id}: the postmaster's copy of a failed bounce could not be "
                       "delivered either; discarded: {rcpts}", id=qid, rcpts=", ".join(failed),
                       event="queue.bounce_failed", queue_id=qid)
         else:
-            yield self._return(record, failed, *route)  # durable before it is marked
-        for r in failed:
-            record["state"][r]["returned"] = True
-        yield self._save(record)
+            # durable before it is marked
+            yield returns.give_back(self.root, self.settings, self.clock, job,
+                                    self.queue.paths(qid)[0], failed, *route)
+        _job.mark_returned(job, failed)
+        yield self._save(job)
 
     @defer.inlineCallbacks
-    def _return(self, record, failed, to, envelope_sender):
-        """Bounce to ``to``; when that cannot be stored or queued, to the
-        postmaster, as a double bounce; NotReturned when nobody got it."""
-        try:
-            yield self._bounce(record, failed, to, envelope_sender)
-            return
-        except OSError as e:
-            err, why = e, "to %s (%s)" % (to, e)
-            if to == POSTMASTER:
-                raise NotReturned("not " + why)
-        log.warn("{id}: failures not returned {why}; the postmaster gets them",
-                 id=record["id"], why=why, event="queue.bounce_failed", queue_id=record["id"])
-        try:
-            yield self._bounce(record, failed, POSTMASTER, DOUBLE_BOUNCE, why_lines=[
-                "The report could not be given to its sender <%s>, so this copy is for "
-                "the postmaster: %s" % (convert.shown(at_form(to, self.settings.dom)), err)])
-        except OSError as e2:
-            raise NotReturned("not %s, nor to %s (%s)" % (why, POSTMASTER, e2))
-
-    @defer.inlineCallbacks
-    def _complete(self, record):
+    def _complete(self, job):
         """Every recipient is done: return the failures, then remove the job."""
-        qid = record["id"]
-        yield self._return_failures(record)
+        qid = job.id
+        yield self._return_failures(job)
         if qid in self.known:  # not removed with its last outcome already
             yield self._remove(qid)
 
@@ -1042,101 +943,27 @@ class QueueRunner(service.Service):
 
         return d.addCallback(removed)
 
-    def _expire(self, record, now):
-        qid = record["id"]
-        for r in record["recipients"]:
-            st = record["state"][r]
-            if st["status"] == PENDING:
-                last = st.get("error") or record.get("last_error") or replies.NO_ANSWER
-                st["status"] = FAILED
-                st["error"] = replies.GAVE_UP.format(
-                    days=round(self.settings.max_queue_age / 86400), why=last)
-                st["dsn"] = "4.4.7"
-                why = " ".join(last.split())
-                log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=r, why=why,
-                         event="queue.delivery", queue_id=qid, relay=st.get("relay") or "none",
-                         status="expired", reply=why, delay=now - float(record["created"]))
-        self._finish_off(record, self._complete, "giving up")
+    def _expire(self, job, now):
+        qid = job.id
+        for n in _job.expire(job, self.settings.max_queue_age):
+            log.info("{id}: to={rcpt} status=expired ({why})", id=qid, rcpt=n.rcpt, why=n.reply,
+                     event="queue.delivery", queue_id=qid, relay=n.relay or "none",
+                     status="expired", reply=n.reply, delay=now - job.created)
+        self._finish_off(job, self._complete, "giving up")
 
-    def _finish_off(self, record, work, what):
-        """Run ``work(record)`` on a job that has no delivery under way, holding its lock."""
-        qid = record["id"]
+    def _finish_off(self, job, work, what):
+        """Run ``work(job)`` on a job that has no delivery under way, holding its lock."""
+        qid = job.id
         fd = self.queue.lock(qid)
         if fd is None:
             return  # another runner has it
         self.locks[qid] = fd
-        self.jobs[qid] = record
-        self._track(qid, "", defer.maybeDeferred(work, record), what)
-
-    def _bounce(self, record, failed, to, envelope_sender, why_lines=()):
-        """Queue (or store) the DSN for ``to``; fires once it is durable.
-
-        From ``double-bounce`` it is the postmaster's copy: of a bounce that
-        failed, or (``why_lines`` say so) of a return that could not be stored.
-        """
-        s = self.settings
-        qid = record["id"]
-        msg, _ = self.queue.paths(qid)
-        with open(msg, "rb") as f:
-            head = f.read(256 * 1024)
-        # an address with a control character (refused by the client, never
-        # sent) is shown escaped: it must not make a header line of its own
-        failures = [(convert.shown(convert.bangtoat(r)), record["state"][r].get("dsn", "5.0.0"),
-                     _mx_name(record["state"][r].get("relay", "")),
-                     record["state"][r].get("error", "")) for r in failed]
-        double = envelope_sender == DOUBLE_BOUNCE
-        data = bounce.dsn(failures, convert.shown(at_form(to, s.dom)),
-                          bounce.original_header(head),
-                          s.dom, record["created"], self.clock.seconds(), qid,
-                          why_lines=why_lines, double=double)
-        kind, where = relay.route(to, s.ours)
-        tx = Transaction(sender=envelope_sender, recipients=(to,),
-                         local=(where,) if kind == "local" else (),
-                         remote=(to,) if kind == "remote" else (), peer="", helo="")
-        path, spool = self.root.open_spool()
-
-        def unlink(result):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            return result
-
-        try:
-            with spool:
-                spool.write(data)
-            d = self.root.deliver(path, tx)
-        except BaseException:
-            unlink(None)
-            raise
-
-        def done(result):
-            users, remote = by_relay(result.value)  # what became of the bounce
-            if double and not why_lines:
-                log.warn("{id}: a bounce from <> failed; the postmaster gets it ({n} "
-                         "recipients failed)", id=qid, n=len(failed), event="queue.bounce_failed",
-                         queue_id=qid)
-            # as Postfix: the line that joins this job to the bounce's
-            log.info("{id}: {who} non-delivery notification: {where} (to {to}, {n} "
-                     "recipients failed)", id=qid, who="postmaster" if double else "sender",
-                     where=notification_place(self.root.queue_id(path), users, remote),
-                     to=to, n=len(failed), event="queue.bounce", queue_id=qid,
-                     kind="postmaster" if double else "sender", failed=len(failed))
-            return result
-
-        return d.addBoth(unlink).addCallback(done)
+        self.jobs[qid] = job
+        self._track(qid, "", defer.maybeDeferred(work, job), what)
 
     def _finish_pass(self):
         if not self.done.called:
             self.done.callback(None)
-
-
-def notification_place(bounce_id, users, remote):
-    """Where a bounce went, for the log: its queue id, local mailboxes, or both."""
-    places = [bounce_id] if remote else []
-    if users:
-        places.append("stored in the local mailbox of %s" % ", ".join(users))
-    return "; ".join(places)
 
 
 def _log_trouble(failure, what, wait):
@@ -1148,74 +975,6 @@ def _log_trouble(failure, what, wait):
     else:
         log.failure("{what}; next try in {wait:.0f} s", failure, what=what, wait=wait,
                     event="queue.trouble")
-
-
-def _mx_name(relay_text):
-    """``(mx.example.net:192.0.2.1)`` → ``mx.example.net``."""
-    return relay_text.strip("()").split(":", 1)[0] if relay_text else ""
-
-
-# -- inspection (upas-mailq) -------------------------------------------------
-
-def _age(seconds):
-    seconds = int(max(seconds, 0))
-    if seconds < 3600:
-        return "%dm" % (seconds // 60)
-    if seconds < 86400:
-        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
-    return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
-
-
-def listing(queue, now):
-    """``mailq``-style text for the queue (one block per job)."""
-    blocks, total = [], 0
-    for qid in queue.ids():
-        msg, _ = queue.paths(qid)
-        try:
-            record = queue.load(qid)
-            size = os.path.getsize(msg)
-        except FileNotFoundError:
-            continue
-        except CorruptJob as e:
-            blocks.append("%s  (corrupt: %s)" % (qid, e))
-            continue
-        total += 1
-        lines = ["%-24s %8d  %-7s %s" % (qid, size, _age(now - record["created"]),
-                                         record["sender"])]
-        returning = unreturned(record)
-        for r in record["recipients"]:
-            st = record["state"][r]
-            if st["status"] != PENDING and r not in returning:
-                continue
-            err = " ".join(st.get("error", "").split())
-            if r in returning:
-                err = "failed, to be returned: " + err
-            lines.append("%35s %s%s" % ("", r, "  (%s)" % err if err else ""))
-        if nothing_pending(record) and not returning:
-            # a run stopped between its last save and the removal
-            lines.append("%35s (all delivered; removed at the next queue run)" % "")
-        blocks.append("\n".join(lines))
-    if not blocks:
-        return "Mail queue is empty\n"
-    head = "%-24s %8s  %-7s %s" % ("Queue ID", "Size", "Age", "Sender/Recipient (last error)")
-    return "\n".join([head] + blocks + ["-- %d message%s in the queue" % (
-        total, "" if total == 1 else "s")]) + "\n"
-
-
-def delete(queue, qid):
-    """Remove one job; False if it is not there; OSError if it is being delivered."""
-    msg, env = queue.paths(qid)
-    if not os.path.exists(env):
-        return False
-    fd = queue.lock(qid)
-    if fd is None:
-        raise OSError(errno.EBUSY, "the message is being delivered right now; try again")
-    try:
-        queue.remove(qid)
-    finally:
-        os.close(fd)
-    log.info("{id}: deleted by the administrator", id=qid, event="queue.deleted", queue_id=qid)
-    return True
 
 
 def now():

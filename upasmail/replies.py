@@ -145,6 +145,9 @@ HOPS_WHY = "too many hops"  # the reply is TOO_MANY_HOPS; this is the reason log
 # upas smtp's statuses (client.RETRY and client.PERMANENT)
 RETRY = "Retry, Temporary Failure"
 PERMANENT = "Permanent Failure"
+# what became of one recipient of a delivery (client.RecipientResult.status)
+DELIVERED, TEMPORARY, PERMANENT_FAILURE, ACCEPTED, NOT_SENT = (
+    "delivered", "temporary", "permanent", "accepted", "not sent")
 NO_AUTH_METHOD = "No supported AUTH method"
 # as Postfix's smtp(8): a non-ASCII message the next server cannot take
 SMTPUTF8_NOT_OFFERED = "5.6.7 SMTPUTF8 is required, but was not offered by host {host}"

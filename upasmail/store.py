@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import local, logs, mbox
+from .job import Job, to_record
 from .pipemsg import MONTHS
 from .tarpit import doubling
 from .decision import ACCEPT, Accept
@@ -233,8 +234,8 @@ class MailRoot:
         self.spool_limit = SPOOL_MEMORY
         self.fsync = fsync_paths
         self._mailboxes = {}  # mbox path -> DeferredLock, while another program holds it
-        self.enqueued = []  # callables(queue id, record, inode): the queue runner wakes up
-        self._queued = {}  # queue id -> (record, inode of its .env) until the hooks have it
+        self.enqueued = []  # callables(queue id, Job, inode): the queue runner wakes up
+        self._queued = {}  # queue id -> (Job, inode of its .env) until the hooks have it
 
     def configure(self, domain, ours=None):
         """Our domain (Delivered-To, bare senders) and which alias targets are local.
@@ -364,11 +365,11 @@ class MailRoot:
         return tuple(dict.fromkeys(names)), paths
 
     def _wake(self, result, qid):
-        # the runner gets the record it would otherwise read back from disk
-        record, inode = self._queued.pop(qid, (None, None))
+        # the runner gets the job it would otherwise read back from disk
+        job, inode = self._queued.pop(qid, (None, None))
         for hook in list(self.enqueued):
             try:
-                hook(qid, record, inode)
+                hook(qid, job, inode)
             except Exception:
                 log.failure("queue wake-up failed", event="error")
         return result
@@ -528,7 +529,7 @@ class MailRoot:
         if not queued:
             return results
         renamed = []
-        for i, msg, tmp, env, record in queued:
+        for i, msg, tmp, env, job in queued:
             try:
                 self.fsync([msg, tmp])
                 os.rename(tmp, env)
@@ -536,7 +537,7 @@ class MailRoot:
             except Exception:
                 results[i] = (False, Failure())
                 continue
-            renamed.append((i, record, inode))
+            renamed.append((i, job, inode))
         try:
             self.fsync([self.queue])
         except Exception:
@@ -544,14 +545,14 @@ class MailRoot:
             for i, _, _ in renamed:
                 results[i] = (False, failure)
             return results
-        if self.enqueued:  # the runner gets the record instead of reading it back
-            for i, record, inode in renamed:
-                self._queued[record["id"]] = (record, inode)
+        if self.enqueued:  # the runner gets the job instead of reading it back
+            for i, job, inode in renamed:
+                self._queued[job.id] = (job, inode)
         return results
 
     def _enqueue(self, spool, envelope, remote):
         """Write one job's files, unsynced: ``(.msg, .env temp file, .env,
-        record)``.
+        Job)``.
 
         ``_sync_batch`` fsyncs both and only then renames the temp file:
         the ``.env`` file appears last, whole and atomically, and marks the
@@ -566,15 +567,9 @@ class MailRoot:
         else:
             with open(msg, "xb") as f:
                 f.write(data)
-        record = {
-            "id": qid,
-            "sender": envelope.sender,
-            "recipients": list(remote),
-            "created": self._clock.seconds(),
-            "peer": envelope.peer,
-            "helo": envelope.helo,
-            "smtputf8": envelope.smtputf8,
-        }
+        job = Job(id=qid, sender=envelope.sender, recipients=list(remote),
+                  created=self._clock.seconds(), peer=envelope.peer, helo=envelope.helo,
+                  smtputf8=envelope.smtputf8)
         with open(env + ".tmp", "w") as f:
-            json.dump(record, f)
-        return msg, env + ".tmp", env, record
+            json.dump(to_record(job), f)
+        return msg, env + ".tmp", env, job

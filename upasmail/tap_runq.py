@@ -28,6 +28,7 @@ from twisted.python import usage
 from . import conf as smtpdconf
 from . import mxdial, queue, settings
 from .logs import DNSNoise
+from .mailq import delete, listing
 from .options import QUEUE_FLAGS, QUEUE_PARAMETERS, parse_hostport, queue_settings
 from .store import MailRoot
 
@@ -101,7 +102,7 @@ def _mailq(o, out, err, now):
         return 66
     if o["delete"]:
         try:
-            if not queue.delete(q, o["delete"]):
+            if not delete(q, o["delete"]):
                 err.write("upas-mailq: %s: no such message\n" % o["delete"])
                 return 1
         except queue.BadQueueId as e:
@@ -117,7 +118,7 @@ def _mailq(o, out, err, now):
         out.write("flush requested: the running queue retries every message within "
                   "%d seconds\n" % queue.FLUSH_POLL)
         return 0
-    out.write(queue.listing(q, queue.now() if now is None else now))
+    out.write(listing(q, queue.now() if now is None else now))
     return 0
 
 
