@@ -34,7 +34,7 @@ from time import time as time_now
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorSSL, IStreamServerEndpoint
 from twisted.logger import (FilteringLogObserver, Logger, LogLevel, globalLogBeginner,
                             globalLogPublisher)
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -240,13 +240,36 @@ class AdoptedTLSEndpoint:
         return self.adopted.listen(TLSMemoryBIOFactory(self.contextFactory, False, factory))
 
 
-def adopted_endpoint(reactor, original, fd=LISTEN_FD):
-    """The worker's endpoint for the socket at ``fd`` bound from ``original``."""
+@implementer(IReactorSSL)
+class _ListenSSLSeen:
+    """A reactor that only notes what an ``ssl:`` endpoint would listen
+    with: its TLS context, which Twisted's endpoint keeps to itself."""
+
+    contextFactory = None
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        self.contextFactory = contextFactory
+        return None  # nothing listens
+
+    def connectSSL(self, *args, **kwargs):
+        raise NotImplementedError("a listener only")
+
+
+def tls_context(description):
+    """The TLS context the ``ssl:`` listen string names (its certificate
+    and options, as the main process's endpoint has them)."""
+    seen = _ListenSSLSeen()
+    endpoints.serverFromString(seen, description).listen(protocol.Factory())
+    return seen.contextFactory
+
+
+def adopted_endpoint(reactor, original, fd=LISTEN_FD, description=None):
+    """The worker's endpoint for the socket at ``fd`` bound from ``original``
+    (made from the listen string ``description``)."""
     family = socket.socket(fileno=os.dup(fd)).family  # closed with the object
     adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fd, family)
     if isinstance(original, endpoints.SSL4ServerEndpoint):
-        # the certificate the listen string names (Twisted keeps it there)
-        return AdoptedTLSEndpoint(adopted, original._sslContextFactory)
+        return AdoptedTLSEndpoint(adopted, tls_context(description))
     return adopted
 
 
@@ -343,7 +366,8 @@ def run(number, argv, reactor=None):
     store = statestore.RemoteStateStore(channel)
     original = smtpd_service.listener_endpoint(reactor, options["listen"])
     top = smtpd_service.makeSmtpdService(
-        settings, options["listen"], reactor, endpoint=adopted_endpoint(reactor, original),
+        settings, options["listen"], reactor,
+        endpoint=adopted_endpoint(reactor, original, description=options["listen"]),
         store=store, resolver=smtpd_service.makeResolver(reactor, options.get("resolverAddress")))
     smtpd_options.open_decision_log(top.factory, options, reactor)
     top.factory.root.enqueued.append(
