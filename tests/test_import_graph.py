@@ -32,6 +32,11 @@ Imports go one way: from the command line down to the pure modules.
 * ``twisted/plugins/`` imports nothing of ours: its ``ServiceMaker``
   lines name the ``tap_*`` modules, which twistd imports when asked.
 
+* The folders are layers (``LAYERS``, top down: the command line, the
+  wiring, ``smtpd``, ``runq``, ``smtp``, ``mailroot``, ``rules``, the
+  shared modules): a module imports only from its own layer and the ones
+  below it, but for the exceptions ``UPWARD`` names with their reasons.
+
 A failure names the offending import as ``file:line``.
 """
 
@@ -80,6 +85,26 @@ DEFERRED = {
     ("workers", "service"): "the worker process's main only",
     ("workers", "options"): "the worker process's main parses upas-smtpd's options",
 }
+# the layers, top down: a module may import from its own and those below
+LAYERS = ["cli", "wiring", "smtpd", "runq", "smtp", "mailroot", "rules", "shared"]
+WIRING = {"", "service", "workers", "metrics", "privileges", "testing", "passwd"}
+# imports up the layers: (importer, imported) -> why
+UPWARD = {
+    ("policy", "statestore"): PURE_EXCEPTIONS[("policy", "statestore")],
+    ("conf", "mxdial"): "the smarthost dial string is checked only when one is set",
+    ("workers", "options"): "the worker process's main parses upas-smtpd's options",
+}
+
+
+def layer(short, dotted):
+    """The layer of the module named ``short``."""
+    if short in WIRING:
+        return "wiring"
+    path = next(d for d, s in dotted.items() if s == short)
+    first = path.split(".")[0]
+    return first if first in LAYERS else "shared"
+
+
 # Twisted modules a pure module must not import (prefixes)
 REACTOR_FACING = ("twisted.internet.reactor", "twisted.internet.endpoints",
                   "twisted.internet.protocol", "twisted.internet.stdio",
@@ -99,25 +124,62 @@ class Import:
 
 
 def package_modules(root=ROOT):
-    """{short name: path} of the package's modules (``""`` for __init__)."""
-    folder = os.path.join(root, PACKAGE)
-    return {("" if name == "__init__.py" else name[:-3]): os.path.join(folder, name)
-            for name in sorted(os.listdir(folder)) if name.endswith(".py")}
+    """{short name: path} of the package's modules, subpackages included.
+
+    A module's short name is its own (``server`` for ``smtpd/server.py``),
+    a subpackage's ``__init__`` its package's (``smtpd``), the package's
+    own ``""``: the names are unique (a test says so), and the rules
+    below are written with them."""
+    top = os.path.join(root, PACKAGE)
+    found = {}
+    for folder, _, files in sorted(os.walk(top)):
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            rel = os.path.relpath(os.path.join(folder, name), top)
+            parts = rel[:-3].split(os.sep)
+            short = parts[-2] if parts[-1] == "__init__" and len(parts) > 1 else (
+                "" if parts == ["__init__"] else parts[-1])
+            assert short not in found, "two modules named %s" % short
+            found[short] = os.path.join(folder, name)
+    return found
 
 
-def imports_of(path, importer=None, modules=()):
+def dotted_names(root=ROOT):
+    """{dotted name under the package ("smtpd.server"): short name}."""
+    top = os.path.join(root, PACKAGE)
+    out = {}
+    for short, path in package_modules(root).items():
+        rel = os.path.relpath(path, top)[:-3].split(os.sep)
+        if rel[-1] == "__init__":
+            rel = rel[:-1]
+        out[".".join(rel)] = short
+    return out
+
+
+def imports_of(path, importer=None, modules=(), dotted=None):
     """Every import in ``path`` as ``Import``s, one per module and line; a
     target of ours (``ours``) is its short module name, anything else its
-    full dotted name (``import queue`` is the standard library's).  ``from . import
-    x`` is module ``x``; ``from .x import y`` is module ``x`` (or ``x.y``
-    were there subpackages)."""
+    full dotted name (``import queue`` is the standard library's).  ``from
+    .. import x`` is module ``x``; ``from .x import y`` is module ``x``
+    (``y`` a name in it)."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
     found = []
+    dotted = dotted or {}
+    folders = os.path.dirname(os.path.abspath(path)).split(os.sep)
+    inside = folders[len(folders) - folders[::-1].index(PACKAGE):] if PACKAGE in folders else []
+    package = [PACKAGE] + inside  # the package the file is in, as a dotted path
+
+    def ours_short(full):
+        rest = full[len(PACKAGE) + 1:]
+        while rest and rest not in dotted:  # a name inside a module: the module
+            rest = rest.rpartition(".")[0]
+        return dotted.get(rest, full[len(PACKAGE) + 1:])
 
     def add(name, node, deferred):
         ours = name.startswith(PACKAGE + ".")  # absolute or resolved relative
-        found.append(Import(importer, name[len(PACKAGE) + 1:] if ours else name, path,
+        found.append(Import(importer, ours_short(name) if ours else name, path,
                             node.lineno, deferred, ours))
 
     def visit(node, deferred):
@@ -126,15 +188,16 @@ def imports_of(path, importer=None, modules=()):
                 for alias in child.names:
                     add(alias.name, child, deferred)
             elif isinstance(child, ast.ImportFrom):
-                if child.level:  # relative: within the package (no subpackages yet)
-                    assert child.level == 1, "%s:%d: relative import above the package" % (
-                        path, child.lineno)
-                    base = PACKAGE + ("." + child.module if child.module else "")
+                if child.level:  # relative: within the package
+                    assert child.level <= len(package), (
+                        "%s:%d: relative import above the package" % (path, child.lineno))
+                    base = ".".join(package[:len(package) - child.level + 1]
+                                    + ([child.module] if child.module else []))
                 else:
                     base = child.module
                 for alias in child.names:
                     full = base + "." + alias.name
-                    if full.startswith(PACKAGE + ".") and full[len(PACKAGE) + 1:] not in modules:
+                    if full.startswith(PACKAGE + ".") and full[len(PACKAGE) + 1:] not in dotted:
                         full = base  # a name in one of our modules
                     add(full, child, deferred)
             visit(child, deferred or isinstance(
@@ -150,16 +213,18 @@ def imports_of(path, importer=None, modules=()):
 def import_graph(root=ROOT):
     """All imports between the package's own modules, module level and deferred."""
     modules = package_modules(root)
+    dotted = dotted_names(root)
     edges = []
     for name, path in modules.items():
-        edges += [i for i in imports_of(path, name, modules)
+        edges += [i for i in imports_of(path, name, modules, dotted)
                   if i.ours and i.target in modules and i.target != name]
     return edges
 
 
 def all_imports(root=ROOT):
     modules = package_modules(root)
-    return [i for name, path in modules.items() for i in imports_of(path, name, modules)]
+    dotted = dotted_names(root)
+    return [i for name, path in modules.items() for i in imports_of(path, name, modules, dotted)]
 
 
 def circles(edges):
@@ -274,9 +339,9 @@ def test_twisted_plugins_import_nothing_of_ours_and_name_only_tap_modules():
                  and getattr(node.func, "id", None) == "ServiceMaker"]
         assert named, path
         for module, line in named:
-            assert module.startswith(PACKAGE + ".tap_"), "%s:%d: names %s" % (
+            assert module.startswith(PACKAGE + ".cli.tap_"), "%s:%d: names %s" % (
                 os.path.relpath(path, ROOT), line, module)
-            assert module[len(PACKAGE) + 1:] in package_modules(), module
+            assert module[len(PACKAGE) + 1:] in dotted_names(), module
 
 
 def test_the_checker_sees_a_circle_hidden_in_a_function(tmp_path):
@@ -292,3 +357,22 @@ def test_the_checker_sees_a_circle_hidden_in_a_function(tmp_path):
     assert repr(circle[1]).endswith("b.py:5: b imports a")
     assert [(e.importer, e.target, e.line, e.deferred) for e in circle] == [
         ("a", "b", 1, False), ("b", "a", 5, True)]
+
+
+def test_the_folders_are_layers():
+    dotted = dotted_names()
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    up = [e for e in import_graph()
+          if rank[layer(e.target, dotted)] < rank[layer(e.importer, dotted)]]
+    bad = [e for e in up if (e.importer, e.target) not in UPWARD]
+    assert bad == [], "imports up the layers:\n" + explain(bad)
+    gone = set(UPWARD) - {(e.importer, e.target) for e in up}
+    assert not gone, "UPWARD names imports that are gone: %s" % sorted(gone)
+
+
+def test_every_subpackage_says_what_it_holds_and_may_import():
+    for short, path in package_modules().items():
+        if os.path.basename(path) == "__init__.py" and short:
+            with open(path, encoding="utf-8") as f:
+                doc = ast.get_docstring(ast.parse(f.read()))
+            assert doc and "May import" in doc, path

@@ -252,9 +252,9 @@ def test_install_puts_every_page_in_share_man():
 def test_the_replies_listed_are_the_servers():
     block = next(b.astext() for b in section(doctree("upas-smtpd.8"), "REPLIES").findall(
         nodes.literal_block))
-    code = "".join(open(os.path.join(ROOT, "upasmail", name), encoding="utf-8").read()
-                   for name in os.listdir(os.path.join(ROOT, "upasmail"))
-                   if name.endswith(".py"))
+    code = "".join(open(os.path.join(folder, name), encoding="utf-8").read()
+                   for folder, _, files in os.walk(os.path.join(ROOT, "upasmail"))
+                   for name in files if name.endswith(".py"))
     replies = re.findall(r"^\d{3} (.+)$", block, re.M)
     assert len(replies) > 10
     for reply in replies:

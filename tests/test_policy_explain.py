@@ -370,7 +370,7 @@ def test_the_console_script_runs(site):
 
 def test_setup_cfg_names_the_console_script():
     with open(os.path.join(ROOT, "setup.cfg")) as f:
-        assert "upas-policy = upasmail.policytool:main" in f.read()
+        assert "upas-policy = upasmail.cli.policytool:main" in f.read()
 
 
 @pytest.mark.parametrize("args, status, said", [

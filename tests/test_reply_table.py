@@ -90,9 +90,12 @@ def _known():
 
 
 def _modules():
-    for name in sorted(os.listdir(PACKAGE)):
-        if name.endswith(".py") and name != "replies.py":
-            yield name
+    """Every module of the package, subpackages included, as a path under it."""
+    for folder, _, files in sorted(os.walk(PACKAGE)):
+        for name in sorted(files):
+            path = os.path.relpath(os.path.join(folder, name), PACKAGE)
+            if name.endswith(".py") and path != "replies.py":
+                yield path
 
 
 def test_no_module_spells_a_reply_text():

@@ -127,7 +127,7 @@ def parse(text, filename="smtpd.conf", errors=None):
             elif keyword == "smarthost":
                 if len(values) != 1:
                     raise ValueError("expected one dial string, e.g. tcp!relay.example.net!587")
-                from .mxdial import DialError, parse_dial
+                from .smtp.mxdial import DialError, parse_dial
                 try:
                     parse_dial(values[0])
                 except DialError as e:

@@ -27,8 +27,8 @@ from twisted.application import service
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web import resource, server
 
-from . import queue as outbound
-from .listening import ListeningService
+from .runq import queue as outbound
+from .smtpd.listening import ListeningService
 
 log = Logger(namespace="smtpd")
 

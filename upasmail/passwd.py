@@ -38,7 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .conf import ConfigError, WatchedFile, read_text, report  # noqa: F401 (passwd.ConfigError)
+from .conf import ConfigError, WatchedFile, read_text, report  # noqa: F401
 from .interfaces import ICredentialsSource, IReloadable
 
 log = Logger(namespace="smtpd")

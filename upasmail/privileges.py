@@ -32,8 +32,8 @@ from typing import Optional
 
 from twisted.python.util import gidFromString, uidFromString
 
-from .mailer import resolve as resolve_mailer
-from .queue import CORRUPT, ROUTING
+from .mailroot.mailer import resolve as resolve_mailer
+from .runq.queue import CORRUPT, ROUTING
 
 
 R, W, X = os.R_OK, os.W_OK, os.X_OK  # 4, 2, 1: also the rwx bits of a mode

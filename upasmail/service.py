@@ -28,20 +28,20 @@ from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
-from .auth import SessionRealm
+from .rules.auth import SessionRealm
 from .conf import ConfigError
-from .delivery import UpasDelivery
-from .listening import ListeningService
-from .mailer import Mailer
-from .factory import UpasSMTPFactory
-from .spam import SpamFilter
-from .mxdial import local_addresses
+from .smtpd.delivery import UpasDelivery
+from .smtpd.listening import ListeningService
+from .mailroot.mailer import Mailer
+from .smtpd.factory import UpasSMTPFactory
+from .smtpd.spam import SpamFilter
+from .smtp.mxdial import local_addresses
 from .passwd import PasswordFile
-from .queue import QueueRunner, record_routing
-from .groupcommit import SyncThread
-from .store import MailRoot
-from .tls import CertificateFile, ImplicitTLSFactory
-from .trace import TraceFactory
+from .runq.queue import QueueRunner, record_routing
+from .mailroot.groupcommit import SyncThread
+from .mailroot.store import MailRoot
+from .smtpd.tls import CertificateFile, ImplicitTLSFactory
+from .smtpd.trace import TraceFactory
 
 log = Logger(namespace="smtpd")
 

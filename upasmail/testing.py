@@ -17,7 +17,7 @@ from zope.interface import alsoProvides, implementer
 from . import conf as smtpdconf
 from . import replies
 from . import settings as smtpdsettings
-from .listening import Dropped
+from .smtpd.listening import Dropped
 from .service import makeSmtpdFactory
 
 

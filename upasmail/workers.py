@@ -41,7 +41,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
-from . import logs, statestore
+from . import logs
+from .smtpd import statestore
 
 log = Logger(namespace="smtpd")
 
@@ -342,7 +343,7 @@ def write_all(fd):
 
 def run(number, argv, reactor=None):
     """The worker process: serve on the inherited socket until stopped."""
-    from . import options as smtpd_options
+    from .cli import options as smtpd_options
     from . import service as smtpd_service
 
     if reactor is None:

@@ -5,8 +5,8 @@
 from twisted.application.service import ServiceMaker
 
 upasSmtpd = ServiceMaker(
-    "upas smtpd", "upasmail.tap_smtpd", "Plan 9 upas smtpd: ESMTP server", "upas-smtpd"
+    "upas smtpd", "upasmail.cli.tap_smtpd", "Plan 9 upas smtpd: ESMTP server", "upas-smtpd"
 )
 upasSmtp = ServiceMaker(
-    "upas smtp", "upasmail.tap_smtp", "Plan 9 upas smtp: send one message (use -n)", "upas-smtp"
+    "upas smtp", "upasmail.cli.tap_smtp", "Plan 9 upas smtp: send one message (use -n)", "upas-smtp"
 )
