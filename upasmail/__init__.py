@@ -19,7 +19,8 @@ go one way, from ``cli`` down to the pure modules
 
 The modules used to sit in one folder.  Their old names still import
 (``upasmail.server`` is ``upasmail.smtpd.server``, ``upasmail.store``
-is ``upasmail.mailroot.store``: the same module objects): ``MOVED`` lists them, and an import finder here resolves them.
+is ``upasmail.mailroot.store``: the same module objects): ``MOVED``
+lists them, and an import finder here resolves them.
 """
 
 import importlib

@@ -31,8 +31,9 @@ from twisted.logger import (FileLogObserver, FilteringLogObserver, Logger, LogLe
                             PredicateResult, globalLogPublisher)
 
 # how a line is written: in logformat; these names stay importable from here
-from .logformat import (ClassicText, event_fields, event_text, faster_text_observer, format_event,  # noqa: F401
-                        journal_line, json_line)
+from .logformat import (  # noqa: F401
+    ClassicText, event_fields, event_text, faster_text_observer, format_event, journal_line,
+    json_line)
 
 NAMESPACE = "smtpd"
 

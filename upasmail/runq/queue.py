@@ -8,7 +8,9 @@ migrating, writing), the schedule and how a delivery's result changes a
 job (``apply_result``); ``returns`` makes and hands over the DSNs;
 ``mailq`` lists and deletes for ``upas-mailq``.  This module has the
 queue directory (``Queue``) and ``QueueRunner``, which schedules, locks,
-calls the client and writes.
+calls the client and writes; it is long because the runner is one thing:
+its index, its timers, its connections and its writes answer to each
+other, and they are read together.
 ``QueueRunner`` delivers the jobs:
 
 * the recipients of a job are grouped by destination domain (the first
@@ -102,11 +104,12 @@ from ..mailroot import job as _job
 from ..interfaces import IMessageStore
 # re-exported: names this module had before ``job``, ``mailq`` and
 # ``returns`` took them over
-from ..mailroot.job import (DELIVERED, FAILED, PENDING, CorruptJob, Job, backoff, destination,  # noqa: F401
-                            from_record, to_record)
+from ..mailroot.job import (  # noqa: F401
+    DELIVERED, FAILED, PENDING, CorruptJob, Job, backoff, destination, from_record, to_record)
 from ..logs import printable
 from .mailq import delete, listing  # noqa: F401
-from .returns import (DOUBLE_BOUNCE, POSTMASTER, NotReturned, notification_place, return_path)  # noqa: F401
+from .returns import (  # noqa: F401
+    DOUBLE_BOUNCE, POSTMASTER, NotReturned, notification_place, return_path)
 from ..mailroot.store import GroupCommit, fsync_paths, write_envelope
 
 log = Logger(namespace="queue")

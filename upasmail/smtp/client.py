@@ -36,10 +36,12 @@ from twisted.python.failure import Failure
 from . import convert, mxdial
 from .. import replies
 # what moved out of this module, still importable from it (the library API)
-from .clientresult import (ACCEPTED, DELIVERED, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE,  # noqa: F401
-                           NOT_SENT, PERMANENT, PERMANENT_FAILURE, RETRY, TEMPORARY,
-                           ClientOptions, Kind, Outcome, RecipientResult, Result, exit_code)
-from .conversation import (LOG_LIMIT, ClientLogger, Conversation, _failure_report, needs_smtputf8)  # noqa: F401
+from .clientresult import (  # noqa: F401
+    ACCEPTED, DELIVERED, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, NOT_SENT, PERMANENT,
+    PERMANENT_FAILURE, RETRY, TEMPORARY, ClientOptions, Kind, Outcome, RecipientResult, Result,
+    exit_code)
+from .conversation import (  # noqa: F401
+    LOG_LIMIT, ClientLogger, Conversation, _failure_report, needs_smtputf8)
 from .wire import Closed, Failed, Reply, Wire, connect  # noqa: F401
 
 
