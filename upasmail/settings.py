@@ -75,6 +75,8 @@ class Settings:
     helo_delay: bool = False  # -D: 15 tarpit units before HELO replies
     verify_sender: bool = False  # -r or verifysenderdom on
     greylist: bool = False  # -g
+    greylist_min: float = 5 * 60.0  # an earlier attempt passes once this old (upas: 5 min)
+    greylist_max: float = 14 * 60 * 60.0  # ... and until this old (upas: 14 h)
     save_blocked: bool = False  # -s or saveblockedmsg on
     require_auth: bool = False  # -a
     clear_passwords: bool = False  # -p: PLAIN and LOGIN without TLS

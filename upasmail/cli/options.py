@@ -178,6 +178,10 @@ class SmtpdOptions(usage.Options):
                                        "failure (at most 30)", float],
         ["auth-max-failures", None, 3, "failed AUTHs from one client address, over all "
                                        "its connections, before it is cut off", int],
+        ["greylist-min", None, 300.0, "seconds before a greylisted retry passes "
+                                      "(upas: 5 min)", float],
+        ["greylist-max", None, 50400.0, "seconds after which an attempt is forgotten "
+                                        "(upas: 14 h)", float],
         ["idle-timeout", None, 300.0, "seconds a client may stay silent", float],
         ["session-timeout", None, 2700.0, "seconds from connect until DATA must have "
                                           "started (upas: 45 min)", float],
@@ -301,6 +305,10 @@ class SmtpdOptions(usage.Options):
         for name in ("tarpit-unit", "tarpit-max"):
             if self[name] < 0:
                 yield "--%s cannot be negative" % name
+        if self["greylist-min"] < 0:
+            yield "--greylist-min cannot be negative"
+        if self["greylist-max"] <= self["greylist-min"]:
+            yield "--greylist-max must be more than --greylist-min"
 
     def _adoptable_listener(self):
         try:
@@ -330,6 +338,8 @@ class SmtpdOptions(usage.Options):
             helo_delay=self["delay"],
             verify_sender=self["verify-sender-domain"],
             greylist=self["greylist"],
+            greylist_min=self["greylist-min"],
+            greylist_max=self["greylist-max"],
             save_blocked=self["save-blocked"],
             evil=tuple(self["evil"]),
             debug=self["debug"],

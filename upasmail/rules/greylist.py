@@ -62,18 +62,17 @@ def user_of(rcpt):
     return user
 
 
-def is_recent(age):
-    return MIN_AGE <= age <= MAX_AGE
-
-
-def _earlier(path, now):
-    """RECENT or OTHER: what the earlier attempt recorded in ``path`` was."""
-    return RECENT if is_recent(now - os.stat(path).st_mtime) else OTHER
+def is_recent(age, min_age=MIN_AGE, max_age=MAX_AGE):
+    return min_age <= age <= max_age
 
 
 @implementer(IReloadable)
 class Greylist:
-    def __init__(self, directory, clock):
+    def __init__(self, directory, clock, min_age=MIN_AGE, max_age=MAX_AGE):
+        """``min_age``..``max_age`` (seconds): how old an earlier attempt
+        must be for a retry to pass (upas: 5 minutes to 14 hours;
+        ``--greylist-min``, ``--greylist-max``)."""
+        self.min_age, self.max_age = min_age, max_age
         self.directory = directory
         self.tmp = os.path.join(directory, "tmp")
         self.whitelist_path = os.path.join(directory, "whitelist")
@@ -99,7 +98,7 @@ class Greylist:
             except OSError as e:
                 if e.errno != errno.EEXIST:
                     raise
-                outcomes.append((rcpt, _earlier(path, now)))
+                outcomes.append((rcpt, self._earlier(path, now)))
             os.utime(path, (now, now))
         return outcomes
 
@@ -111,10 +110,15 @@ class Greylist:
         outcomes = []
         for rcpt, path in self._files(lsys, rsys, recipients):
             try:
-                outcomes.append((rcpt, _earlier(path, now)))
+                outcomes.append((rcpt, self._earlier(path, now)))
             except FileNotFoundError:
                 outcomes.append((rcpt, NEW))
         return outcomes
+
+    def _earlier(self, path, now):
+        """RECENT or OTHER: what the earlier attempt recorded in ``path`` was."""
+        age = now - os.stat(path).st_mtime
+        return RECENT if is_recent(age, self.min_age, self.max_age) else OTHER
 
     def _files(self, lsys, rsys, recipients):
         """(rcpt, its attempt file) for each recipient that names one."""

@@ -45,7 +45,8 @@ class LocalStateStore:
 
     def __init__(self, settings, clock):
         self.throttle = auth.Throttle.configured(clock, settings)
-        self.greylist = Greylist(settings.path("grey"), clock)
+        self.greylist = Greylist(settings.path("grey"), clock, settings.greylist_min,
+                                 settings.greylist_max)
         self.grants = TrustedGrants(settings.path("trusted_dir"), clock)
         self.perPeer = Counter()
         self.total = 0
