@@ -26,7 +26,8 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from zope.interface import Attribute, Interface
 
 __all__ = ["IUpasDelivery", "IUpasMessage", "ICredentialsSource", "IReloadable",
-           "IMailBackend", "IMessageStore", "IStateStore"]
+           "IMailBackend", "IMessageStore", "IStateStore", "StateUnavailable",
+           "CONNECTION", "MESSAGE", "RECIPIENT"]
 
 
 class IReloadable(Interface):
@@ -157,8 +158,23 @@ class IMessageStore(IMailBackend):
         of its path."""
 
 
+# what ``IStateStore.countAttempt`` counts per client (the rate limits)
+CONNECTION, MESSAGE, RECIPIENT = "connection", "message", "recipient"
+
+
+class StateUnavailable(Exception):
+    """The shared state cannot be reached now (its server is down, slow or
+    refusing): a store's Deferred fails with this, and the checks that
+    need the answer either reply with a temporary failure (4xx) or, with
+    ``--state-failure local``, the store answers from this node's own
+    state instead and says so in the log."""
+
+
 class IStateStore(Interface):
-    """Anti-abuse state shared by every connection of every process."""
+    """Anti-abuse state shared by every connection of every process (and,
+    with a shared store such as Redis, of every node).  Every method
+    returns a Deferred; one that cannot reach the state fails with
+    ``StateUnavailable``."""
 
     def acquireConnection(ip, exempt, perPeer, total):
         """Count a new connection from ``ip``; fires with None when it may
@@ -198,3 +214,9 @@ class IStateStore(Interface):
 
     def grant(ip):
         """Trust ``ip`` temporarily (POP/IMAP-before-SMTP)."""
+
+    def countAttempt(kind, ip, window):
+        """Count one attempt of ``kind`` (``CONNECTION``, ``MESSAGE`` or
+        ``RECIPIENT``) by ``ip``; fires with how many attempts of that kind
+        ``ip`` has made in the current window of ``window`` seconds, this
+        one included (the rate limits compare it with theirs)."""
