@@ -50,6 +50,8 @@ class LocalStateStore:
         self.grants = TrustedGrants(settings.path("trusted_dir"), clock)
         self.perPeer = Counter()
         self.total = 0
+        self.clock = clock
+        self.attempts = {}  # (kind, window, window index) -> Counter of ip -> attempts
 
     def reread(self):
         """SIGHUP: the whitelist is read again."""
@@ -104,6 +106,18 @@ class LocalStateStore:
 
     def grant(self, ip):
         return defer.maybeDeferred(self.grants.grant, ip)
+
+    def countAttempt(self, kind, ip, window):
+        # fixed windows aligned on the clock, as a shared store keys them,
+        # so every node counts in the same minute; past windows are dropped
+        index = int(self.clock.seconds() // window)
+        counts = self.attempts.get((kind, window, index))
+        if counts is None:
+            for key in [k for k in self.attempts if k[:2] == (kind, window)]:
+                del self.attempts[key]
+            counts = self.attempts[kind, window, index] = Counter()
+        counts[ip] += 1
+        return defer.succeed(counts[ip])
 
 
 # -- the channel between the main process and a worker ----------------------
@@ -170,6 +184,11 @@ class Grant(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = []
     errors = FILE_ERRORS
+
+
+class CountAttempt(amp.Command):
+    arguments = [(b"kind", amp.Unicode()), (b"ip", amp.Unicode()), (b"window", amp.Float())]
+    response = [(b"count", amp.Integer())]
 
 
 class Enqueued(amp.Command):
@@ -283,6 +302,10 @@ class StateServer(Channel):
     def grant(self, ip):
         return self.store.grant(ip).addCallback(lambda _: {})
 
+    @CountAttempt.responder
+    def countAttempt(self, kind, ip, window):
+        return self.store.countAttempt(kind, ip, window).addCallback(lambda n: {"count": n})
+
     @Enqueued.responder
     def jobEnqueued(self, qid):
         self.enqueued(qid)
@@ -353,3 +376,8 @@ class RemoteStateStore:
 
     def grant(self, ip):
         return self.amp.callRemote(Grant, ip=ip).addCallback(lambda _: None)
+
+    def countAttempt(self, kind, ip, window):
+        return self.amp.callRemote(CountAttempt, kind=kind, ip=ip,
+                                   window=float(window)).addCallback(
+            lambda r: r["count"])
