@@ -224,7 +224,8 @@ class Upasmail(Server):
             argv += ["--smarthost", "tcp!127.0.0.1!%d" % smarthost]
         self.child = Child(argv + list(extra), os.path.join(self.work, "twistd.log"),
                            cwd=self.work, src=src)
-        self.port = int(self.child.wait_for(r"UpasSMTPFactory starting on (\d+)").group(1))
+        # behind a PROXY listener the factory's name carries its wrapper's
+        self.port = int(self.child.wait_for(r"UpasSMTPFactory[^\n]*? starting on (\d+)").group(1))
 
     def mboxes(self):
         return verify.mbox_files(os.path.join(self.root, "box"))

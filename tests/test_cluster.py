@@ -1,0 +1,447 @@
+"""Several real ``twistd upas-smtpd`` nodes sharing one real ``redis-server``,
+behind a real HAProxy sending PROXY protocol v2 (examples/cluster/).
+
+Everything here is a real process on 127.0.0.1: what one node learns
+about a client (greylist, AUTH failures, connections, rates) must hold on
+the others, and HAProxy's PROXY header must carry the client's own
+address into trust, ratify, -k, the Received line and the logs.
+
+A test talks to a node either through HAProxy (the client binds its own
+address, e.g. 127.0.0.2, and HAProxy forwards it) or straight to the
+node's PROXY listener with a header it writes itself (``proxied``), to
+pick the node and the client's address.  The child processes act on
+their own clocks: waiting for them is polling, with a bound.
+"""
+
+import mailbox
+import os
+import signal
+import smtplib
+import socket
+import struct
+import time
+
+import pytest
+
+from realservers import HAProxy, RedisServer
+from test_twistd import ROOT, Server, dns_port  # noqa: F401  (dns_port is a fixture)
+
+EXAMPLE = os.path.join(ROOT, "examples", "cluster")
+BODY = b"Subject: %s\r\nFrom: alice@sender.net\r\n\r\nhello\r\n"
+
+
+class Node(Server):
+    """One node: a PROXY listener (HAProxy's on 127.0.0.1 only), the shared
+    state in ``redis``; ``start()`` returns at once, ``ready()`` waits."""
+
+    def __init__(self, directory, name, redis, dns, *args):
+        self.name = name
+        os.makedirs(directory, exist_ok=True)
+        Server.__init__(self, directory,
+                        "--listen", "haproxy:tcp:0:interface=127.0.0.1",
+                        "--proxy-from", "127.0.0.1/32", "--node", name,
+                        "--resolver", "127.0.0.1:%d" % dns, *(
+                            ("--state", redis.url) if redis else ()), *args,
+                        mailboxes=("bob",))
+
+    def _port(self):  # the nodes start side by side: ready() reads the port
+        return None
+
+    def ready(self):
+        self.port = Server._port(self)
+        return self
+
+    def kill(self):
+        """kill -9, as a crash."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def messages(self, user="bob"):
+        path = os.path.join(self.root, "box", user, "mbox")
+        return list(mailbox.mbox(path)) if os.path.exists(path) else []
+
+    def subjects(self, user="bob"):
+        return [m["Subject"] for m in self.messages(user)]
+
+
+def haproxy_config(ports):
+    """examples/cluster/haproxy.cfg for these node ports ({port}: the front)."""
+    with open(os.path.join(EXAMPLE, "haproxy.cfg")) as f:
+        text = f.read()
+    assert "{" not in text.replace("${", "")  # what str.format would trip on
+    text = text.replace("${UPAS_CLUSTER_PORT}", "{port}")
+    lines = []
+    for line in text.splitlines():
+        if line.strip().startswith("server node"):
+            n = int(line.split()[1][len("node"):])
+            if n > len(ports):
+                continue
+            line = line.replace("${UPAS_NODE%d_PORT}" % n, str(ports[n - 1]))
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+class Cluster:
+    def __init__(self, tmp_path, dns, count, args, balancer, state):
+        self.tmp = tmp_path
+        self.dns = dns
+        self.redis = RedisServer(tmp_path / "redis") if state == "redis" else None
+        self.args = args
+        self.nodes = [self._node(i) for i in range(count)]
+        for n in self.nodes:
+            n.ready()
+        self.haproxy = None
+        if balancer:
+            self.haproxy = HAProxy(tmp_path / "haproxy", haproxy_config(
+                [n.port for n in self.nodes]))
+
+    def _node(self, i):
+        name = "node%d" % (i + 1)
+        return Node(self.tmp / name, name, self.redis, self.dns, *self.args)
+
+    def output(self):
+        return "\n".join(n.output() for n in self.nodes)
+
+    def stop(self):
+        if self.haproxy:
+            self.haproxy.stop()
+        for n in self.nodes:
+            if n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGTERM)
+        for n in self.nodes:
+            n.stop()
+        if self.redis:
+            self.redis.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, dns_port):
+    """``cluster(count=3, *node options, balancer=True, state="redis")``."""
+    made = []
+
+    def start(*args, count=3, balancer=True, state="redis"):
+        c = Cluster(tmp_path / ("c%d" % len(made)), dns_port, count, args, balancer, state)
+        made.append(c)
+        return c
+
+    yield start
+    for c in made:
+        c.stop()
+
+
+# -- clients ----------------------------------------------------------------
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def v1_header(client, port=40000, dest="127.0.0.1", dport=25):
+    return b"PROXY TCP4 %s %s %d %d\r\n" % (client.encode(), dest.encode(), port, dport)
+
+
+def v2_header(client, port=40000, dest="127.0.0.1", dport=25):
+    addresses = socket.inet_aton(client) + socket.inet_aton(dest) + struct.pack("!HH", port,
+                                                                                dport)
+    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
+
+
+class ProxiedSMTP(smtplib.SMTP):
+    """smtplib straight to a node, the PROXY header written first (as HAProxy)."""
+
+    def __init__(self, port, header, **kw):
+        self.header = header
+        kw.setdefault("local_hostname", "client.sender.net")
+        kw.setdefault("timeout", 30)
+        smtplib.SMTP.__init__(self, "127.0.0.1", port, **kw)
+
+    def _get_socket(self, host, port, timeout):
+        sock = smtplib.SMTP._get_socket(self, host, port, timeout)
+        sock.sendall(self.header)
+        return sock
+
+
+def proxied(node, client, **kw):
+    return ProxiedSMTP(node.port, v1_header(client), **kw)
+
+
+def through(cluster, source="127.0.0.2", **kw):
+    """smtplib to HAProxy from ``source`` (a loopback address of this host)."""
+    kw.setdefault("local_hostname", "client.sender.net")
+    return smtplib.SMTP("127.0.0.1", cluster.haproxy.port, source_address=(source, 0),
+                        timeout=30, **kw)
+
+
+def send(c, subject, rcpt="bob"):
+    """One message; the DATA reply (250 means it is on disk)."""
+    c.ehlo_or_helo_if_needed()
+    assert c.mail("alice@sender.net")[0] == 250
+    assert c.rcpt(rcpt)[0] == 250
+    return c.data(BODY % subject.encode())
+
+
+def poll(predicate, timeout=15.0, what="condition"):
+    """Until ``predicate()`` is true: the nodes and Redis act on their own clocks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.1)
+
+
+def refused_at_connect(node, client):
+    """The 421 a node answers a connection from ``client`` with, or None if it greets."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as s:
+        s.sendall(v1_header(client))
+        f = s.makefile("rb")
+        line = f.readline()
+        if line.startswith(b"220"):
+            s.sendall(b"QUIT\r\n")
+            return None
+        return line
+
+
+# quiet defaults for every node: no HELO DNS checks, no tarpit
+QUIET = ("-e", "--tarpit-unit", "0")
+
+
+# -- PROXY: the real client everywhere --------------------------------------
+
+def test_haproxy_v2_carries_the_client_into_trust_ratify_k_received_and_logs(cluster):
+    c = cluster(*QUIET, "--conf", os.path.join(EXAMPLE, "smtpd.conf"), "-k", "127.0.0.3",
+                "--no-queue-runner")
+    for n in c.nodes:
+        os.makedirs(os.path.join(n.root, "lib"), exist_ok=True)
+        with open(os.path.join(n.root, "lib", "blocked"), "w") as f:
+            f.write("deny 127.0.0.4\n")
+    # 127.0.0.2 is an outside peer: its own address in Received and the log,
+    # and no relaying (the balancer, 127.0.0.1, is trusted: it would relay)
+    with through(c, "127.0.0.2") as s:
+        assert send(s, "from two")[0] == 250
+        s.mail("alice@sender.net")
+        assert s.rcpt("x@foreign.example")[0] == 550
+    [msg] = [m for n in c.nodes if n.subjects() for m in n.messages()]
+    assert msg["Received"].startswith("from client.sender.net ([127.0.0.2])")
+    assert "127.0.0.2" in c.output()
+    # 127.0.0.1 (ournets) through the same balancer may relay
+    with through(c, "127.0.0.1") as s:
+        s.ehlo()
+        s.mail("alice@sender.net")
+        assert s.rcpt("x@foreign.example")[0] == 250
+    # ratify sees 127.0.0.4 (refused at DATA), -k 127.0.0.3 (dropped before a byte)
+    with through(c, "127.0.0.4") as s:
+        s.ehlo()
+        s.mail("alice@sender.net")
+        s.rcpt("bob")
+        assert s.docmd("DATA")[0] == 554
+    with socket.create_connection(("127.0.0.1", c.haproxy.port),
+                                  source_address=("127.0.0.3", 0), timeout=30) as s:
+        assert s.recv(100) == b""
+    assert "127.0.0.3" not in c.output()
+
+
+@pytest.mark.parametrize("header", [v1_header, v2_header])
+def test_v1_and_v2_headers_straight_to_a_node(cluster, header):
+    c = cluster(*QUIET, count=1, balancer=False)
+    [n] = c.nodes
+    with ProxiedSMTP(n.port, header("198.51.100.7", 41000, "192.0.2.25", 25)) as s:
+        assert send(s, "v")[0] == 250
+    [msg] = n.messages()
+    assert msg["Received"].startswith("from client.sender.net ([198.51.100.7])")
+    assert "198.51.100.7" in n.output()
+
+
+def test_no_header_or_a_foreign_balancer_is_closed_without_a_reply(cluster):
+    c = cluster(*QUIET, count=1, balancer=False)
+    [n] = c.nodes
+    with socket.create_connection(("127.0.0.1", n.port), timeout=30) as s:
+        s.sendall(b"EHLO client.sender.net\r\n")
+        assert s.recv(100) == b""
+    # 127.0.0.2 is not in --proxy-from: its header is not believed
+    with socket.create_connection(("127.0.0.1", n.port), source_address=("127.0.0.2", 0),
+                                  timeout=30) as s:
+        s.sendall(v1_header("198.51.100.9"))
+        assert s.recv(100) == b""
+    n.wait_for("not in --proxy-from")
+    assert "198.51.100.9" not in n.output()
+
+
+# -- shared state over the nodes ----------------------------------------------
+
+def test_greylist_entry_made_on_one_node_passes_on_another(cluster):
+    c = cluster(*QUIET, "-g", "--greylist-min", "1", balancer=False)
+    a, b = c.nodes[0], c.nodes[1]
+    with proxied(a, "198.51.100.20") as s:
+        assert send(s, "grey") == (451, b"please try again soon from the same IP.")
+    # not yet: the entry is shared, and young
+    with proxied(b, "198.51.100.20") as s:
+        assert send(s, "grey")[0] == 451
+
+    def retry_on_b():
+        with proxied(b, "198.51.100.20") as s:
+            return send(s, "grey")[0] == 250
+    time.sleep(1.0)  # --greylist-min: the retry may not pass before
+    poll(retry_on_b, 10, "the greylisted retry to pass on node B")
+    assert b.subjects() == ["grey"] and a.subjects() == []
+    assert c.redis.command("DBSIZE") > 0
+
+
+def test_auth_failures_on_one_node_count_on_another(cluster, tmp_path):
+    pw = tmp_path / "passwd"
+    pw.write_text("alice:correct horse 9\n")
+    pw.chmod(0o600)
+    c = cluster(*QUIET, "--passwd", str(pw), "--auth-fail-delay", "0.2",
+                "--auth-max-failures", "2", balancer=False)
+    a, b = c.nodes[0], c.nodes[1]
+    with proxied(a, "198.51.100.30") as s:
+        s.ehlo()
+        for _ in range(2):
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                s.login("alice", "wrong")
+    # node B has seen nothing of this client itself; the shared budget is spent
+    with proxied(b, "198.51.100.30") as s:
+        s.ehlo()
+        with pytest.raises((smtplib.SMTPAuthenticationError, smtplib.SMTPServerDisconnected)) \
+                as e:
+            s.login("alice", "correct horse 9")
+        if isinstance(e.value, smtplib.SMTPAuthenticationError):
+            assert e.value.smtp_code == 421 and b"Too many failed" in e.value.smtp_error
+    # another client is not affected
+    with proxied(b, "198.51.100.31") as s:
+        s.ehlo()
+        assert s.login("alice", "correct horse 9")[0] == 235
+
+
+def test_connections_per_client_are_counted_over_three_nodes(cluster):
+    c = cluster(*QUIET, "--max-connections-per-peer", "2", balancer=False)
+    n1, n2, n3 = c.nodes
+    held = [proxied(n1, "198.51.100.40"), proxied(n2, "198.51.100.40")]
+    try:
+        line = refused_at_connect(n3, "198.51.100.40")
+        assert line is not None and line.startswith(b"421"), line
+        assert refused_at_connect(n3, "198.51.100.41") is None  # another client
+    finally:
+        for s in held:
+            s.close()
+    poll(lambda: refused_at_connect(n3, "198.51.100.40") is None, 10,
+         "the released connections to stop counting")
+
+
+def test_rate_limits_hold_over_three_nodes(cluster):
+    c = cluster(*QUIET, "--conn-rate", "4", "--msg-rate", "3", "--rcpt-rate", "4",
+                "--rate-window", "30", balancer=False)
+    nodes = c.nodes
+    # messages: 3 a window, wherever they are sent
+    for i, n in enumerate(nodes):
+        with proxied(n, "198.51.100.50") as s:
+            assert send(s, "m%d" % i)[0] == 250
+    with proxied(nodes[0], "198.51.100.50") as s:
+        s.ehlo()
+        code, text = s.mail("alice@sender.net")
+        assert code == 452 and text.startswith(b"4.7.0"), (code, text)
+    # recipients: 4 a window
+    for i, n in enumerate(nodes):
+        with proxied(n, "198.51.100.51") as s:
+            s.ehlo()
+            s.mail("alice@sender.net")
+            assert s.rcpt("bob")[0] == 250
+    with proxied(nodes[1], "198.51.100.51") as s:
+        s.ehlo()
+        s.mail("alice@sender.net")
+        assert s.rcpt("bob")[0] == 250  # the fourth
+        code, text = s.rcpt("bob")
+        assert code == 452 and text.startswith(b"4.5.3"), (code, text)
+    # connections: 4 a window (the ones above were other clients)
+    for n in nodes + [nodes[0]]:
+        assert refused_at_connect(n, "198.51.100.52") is None
+    line = refused_at_connect(nodes[2], "198.51.100.52")
+    assert line is not None and line.startswith(b"421 4.7.0"), line
+
+
+def test_a_killed_nodes_connections_stop_counting_once_its_lease_expires(cluster):
+    c = cluster(*QUIET, "--max-connections-per-peer", "2", "--state-lease", "2",
+                balancer=False)
+    n1, n2 = c.nodes[0], c.nodes[1]
+    held = [proxied(n1, "198.51.100.60"), proxied(n1, "198.51.100.60")]
+    try:
+        assert refused_at_connect(n2, "198.51.100.60").startswith(b"421")
+        n1.kill()  # its two connections are never released by it
+        killed = time.monotonic()
+        poll(lambda: refused_at_connect(n2, "198.51.100.60") is None, 15,
+             "node1's lease to expire")
+        # not before the lease could have expired (2 s, give or take the renewal)
+        assert time.monotonic() - killed > 0.5
+    finally:
+        for s in held:
+            s.sock.close()
+
+
+# -- Redis going away ---------------------------------------------------------
+
+@pytest.mark.parametrize("failure", ["tempfail", "local"])
+def test_redis_stopped_mid_session_then_back(cluster, failure):
+    c = cluster(*QUIET, "--msg-rate", "100", "--rcpt-rate", "100", "--state-failure",
+                failure, count=1, balancer=False)
+    [n] = c.nodes
+    s = proxied(n, "198.51.100.70")
+    try:
+        assert send(s, "before")[0] == 250
+        c.redis.stop()
+        assert s.noop()[0] == 250  # the session goes on
+        code, text = s.mail("alice@sender.net")
+        if failure == "tempfail":
+            assert code // 100 == 4, (code, text)
+            s.rset()
+        else:
+            assert code == 250, (code, text)
+            assert s.rcpt("bob")[0] == 250
+            assert s.data(BODY % b"during")[0] == 250
+        assert s.noop()[0] == 250
+    finally:
+        s.close()
+    assert n.proc.poll() is None
+    c.redis.start()  # the same port: Redis returns
+
+    def sends():
+        with proxied(n, "198.51.100.70") as t:
+            return send(t, "after")[0] == 250
+    poll(sends, 30, "the node to use Redis again")
+    assert n.proc.poll() is None
+    assert "Traceback" not in n.output()
+    expected = ["before", "during", "after"] if failure == "local" else ["before", "after"]
+    assert n.subjects() == expected
+
+
+# -- HAProxy: a node dies -----------------------------------------------------
+
+def test_killing_a_node_behind_haproxy_loses_no_acknowledged_message(cluster):
+    c = cluster(*QUIET, "--no-queue-runner")
+    acked = []
+    # three sessions at once: leastconn gives each node one
+    sessions = [through(c, "127.0.0.2") for _ in range(3)]
+    for i, s in enumerate(sessions):
+        assert send(s, "s%d-first" % i)[0] == 250
+        acked.append("s%d-first" % i)
+    where = {sub: n for n in c.nodes for sub in n.subjects()}
+    victim = c.nodes[1]
+    assert sorted(n.name for n in where.values()) == ["node1", "node2", "node3"]
+    victim.kill()
+    for i, s in enumerate(sessions):
+        subject = "s%d-second" % i
+        if where["s%d-first" % i] is victim:
+            with pytest.raises((smtplib.SMTPServerDisconnected, ConnectionError)):
+                send(s, subject)
+        else:
+            assert send(s, subject)[0] == 250
+            acked.append(subject)
+    for s in sessions:
+        s.close()
+    # new sessions: none fails, none reaches the dead node
+    for i in range(6):
+        with through(c, "127.0.0.2") as s:
+            assert send(s, "new%d" % i)[0] == 250
+            acked.append("new%d" % i)
+    stored = [sub for n in c.nodes for sub in n.subjects()]
+    assert sorted(stored) == sorted(acked)  # each once, none lost
+    assert not any(sub.startswith("new") for sub in victim.subjects())
