@@ -77,6 +77,12 @@ class Settings:
     greylist: bool = False  # -g
     greylist_min: float = 5 * 60.0  # an earlier attempt passes once this old (upas: 5 min)
     greylist_max: float = 14 * 60 * 60.0  # ... and until this old (upas: 14 h)
+    # per-client rate limits (Postfix anvil's; not upas's): attempts per window, 0 = off
+    conn_rate: int = 0  # --conn-rate: connections
+    msg_rate: int = 0  # --msg-rate: MAIL commands
+    rcpt_rate: int = 0  # --rcpt-rate: RCPT commands
+    rate_window: float = 60.0  # --rate-window: seconds (Postfix anvil_rate_time_unit)
+    rate_trusted: bool = False  # --rate-trusted: trusted and authenticated clients count too
     save_blocked: bool = False  # -s or saveblockedmsg on
     require_auth: bool = False  # -a
     clear_passwords: bool = False  # -p: PLAIN and LOGIN without TLS

@@ -82,6 +82,33 @@ def queue_settings(o):
                 queue_scan=o["queue-scan"])
 
 
+# per-client rate limits (Postfix anvil's), counted in the state store
+RATE_FLAGS = [
+    ["rate-trusted", None, "apply the rate limits to trusted and authenticated clients too"],
+]
+RATE_PARAMETERS = [
+    ["conn-rate", None, 0, "connections one client may make per --rate-window (0: no "
+                           "limit)", int],
+    ["msg-rate", None, 0, "MAIL commands one client may give per --rate-window (0: no "
+                          "limit)", int],
+    ["rcpt-rate", None, 0, "RCPT commands one client may give per --rate-window (0: no "
+                           "limit)", int],
+    ["rate-window", None, 60.0, "seconds the rate limits count over", float],
+]
+
+
+def rate_problems(o):
+    for name in ("conn-rate", "msg-rate", "rcpt-rate"):
+        if o[name] < 0:
+            yield "--%s cannot be negative (0: no limit)" % name
+    if o["rate-window"] <= 0:
+        yield "--rate-window must be positive"
+
+
+def rate_settings(o):
+    return dict(conn_rate=o["conn-rate"], msg_rate=o["msg-rate"], rcpt_rate=o["rcpt-rate"],
+                rate_window=o["rate-window"], rate_trusted=o["rate-trusted"])
+
 
 def _coercion(name, kind):
     """int or float for ``--name``; a bad value is a usage error naming it
@@ -137,7 +164,7 @@ class SmtpdOptions(usage.Options):
         ["quiet", "q", "log HELO only after it passes"],
         ["no-queue-runner", None, "do not deliver the outbound queue in this process "
                                   "(use upas-runq)"],
-    ] + QUEUE_FLAGS
+    ] + QUEUE_FLAGS + RATE_FLAGS
     optParameters = [
         ["domain", "h", None, "our mail domain (greeting, HELO replies)"],
         ["netdir", "n", None, "stdio mode (upas-smtpd): the connection's address, "
@@ -208,7 +235,7 @@ class SmtpdOptions(usage.Options):
                                        "finish", float],
         ["workers", None, 1, "processes serving the listener (tcp: or ssl:), this one "
                              "included; recommended: the number of CPU cores", int],
-    ] + QUEUE_PARAMETERS
+    ] + QUEUE_PARAMETERS + RATE_PARAMETERS
     optParameters = named_coercions(optParameters)
 
     def __init__(self):
@@ -309,6 +336,7 @@ class SmtpdOptions(usage.Options):
             yield "--greylist-min cannot be negative"
         if self["greylist-max"] <= self["greylist-min"]:
             yield "--greylist-max must be more than --greylist-min"
+        yield from rate_problems(self)
 
     def _adoptable_listener(self):
         try:
@@ -368,6 +396,7 @@ class SmtpdOptions(usage.Options):
             max_connections_per_peer=self["max-connections-per-peer"],
             shutdown_grace=self["shutdown-grace"],
             **queue_settings(self),
+            **rate_settings(self),
             **paths,
         )
 

@@ -93,6 +93,11 @@ class ReadOnlyLookups:
     def fact_connection_slot(self, ip, session):
         return None  # explaining holds no connection: the slot is free
 
+    def fact_connection_rate(self, ip, session):
+        return 1  # explaining counts nothing: the first attempt of its window
+
+    fact_message_rate = fact_recipient_rate = fact_connection_rate
+
     @defer.inlineCallbacks
     def fact_greylist(self, rsys, session):
         """What this attempt would find (``Greylist.peek``), not recorded."""
