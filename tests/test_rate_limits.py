@@ -62,7 +62,7 @@ class ConnectionRateCheck(unittest.TestCase):
             self.assertTrue(d.ok)
         d = policy.connection_rate(None, self.cmd, conf, connect_facts(connection_rate=3))
         self.assertEqual((d.code, d.text(), d.hangup, d.reason, d.detail, d.counts),
-                         (421, CONN_REFUSED[4:], True, "rate", "connection", False))
+                         (421, CONN_REFUSED[4:], True, "limit", "rate", False))
 
     def test_the_window_is_in_the_reply(self):
         conf = settings(conn_rate=1, rate_window=30)
@@ -289,6 +289,26 @@ def test_replay_reads_the_recorded_counts(tmp_path):
     # a looser limit passes the second MAIL, whose later checks were never run
     _, looser = json_replay(rec, "--msg-rate", "2")
     assert [u["missing"] for u in looser["undecidable"]] == ["validate_from"]
+
+
+def test_a_connection_refused_for_its_rate_in_the_decision_log(tmp_path):
+    rec = Recorder(tmp_path, conn_rate=1)
+    d = testing.Dialogue(rec.settings, peer=PEER, clock=rec.clock, decisions=rec.log)
+    d.send("QUIT")
+    d.proto.connectionLost(None)  # the session's end: its record
+    d.proto.setTimeout(None)
+    # a second connection to the same factory, so the same store's count
+    t = testing.FakeTLSTransport(peerAddress=testing.address(PEER, 4322),
+                                 hostAddress=testing.address("127.0.0.1", 25))
+    d.factory.buildProtocol(testing.address(PEER, 4322)).makeConnection(t)
+    assert t.value().decode().startswith("421 4.7.0 ")
+    first, refused = rec.records()
+    assert first["connect"]["facts"]["connection_rate"] == 1
+    assert refused["end"] == "limit"  # as smtpd.disconnect says
+    assert refused["connect"]["facts"]["connection_rate"] == 2
+    assert refused["connect"]["decision"]["check"] == "connection_rate"
+    _, looser = json_replay(rec, "--conn-rate", "2")  # its slot was never asked
+    assert [u["missing"] for u in looser["undecidable"]] == ["connection_slot"]
 
 
 # -- a real server --------------------------------------------------------------------

@@ -73,7 +73,7 @@ class AtConnect(Case):
         self.assertTrue(d.transport.disconnecting)
         self.assertEqual(d.factory.connections, set())
         [ended] = [e for e in self.events if e.get("event") == "smtpd.disconnect"]
-        self.assertEqual(ended["end"], "unavailable")
+        self.assertEqual(ended["end"], "state-unavailable")
 
     def test_the_grant_unknown(self):
         d = self.dialogue(failing=("isGranted",))
@@ -208,7 +208,7 @@ class Metrics(Case):
             return m.registry.get_sample_value(name, labels) or 0
         self.assertEqual(value("upasmail_state_unavailable_total", fact="connection_rate"), 1)
         self.assertEqual(value("upasmail_state_unavailable_total", fact="message_rate"), 1)
-        self.assertEqual(value("upasmail_connections_total", end="unavailable"), 1)
+        self.assertEqual(value("upasmail_connections_total", end="state-unavailable"), 1)
         self.assertEqual(value("upasmail_refusals_total", command="MAIL",
                                reason="state-unavailable", **{"class": "4xx"}), 1)
 

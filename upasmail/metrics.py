@@ -44,7 +44,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # "other": no client can make the number of series grow.
 OTHER = "other"
 ENDS = frozenset(["quit", "lost", "timeout", "session-limit", "hangup", "banned", "limit",
-                  "shutdown", "error", "unavailable"])
+                  "shutdown", "error", "state-unavailable"])
 VERBS = frozenset(["", "HELO", "EHLO", "MAIL", "SEND", "SOML", "SAML", "RCPT", "DATA", "RSET",
                    "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "AUTH", "STARTTLS"])
 REASONS = frozenset(["relay", "ratify", "helo", "greylist", "tarpit", "auth-required",

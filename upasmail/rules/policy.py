@@ -297,7 +297,7 @@ def connection_rate(s, cmd, conf, looked):
     if over_rate(count, conf.conn_rate):
         return reject(421, replies.RATE_CONNECTIONS.format(dom=conf.dom, ip=cmd.arg,
                                                            window=conf.rate_window),
-                      hangup=True, counts=False, reason="rate", detail="connection",
+                      hangup=True, counts=False, reason="limit", detail="rate",
                       note="connect.rate")
     return ACCEPT
 

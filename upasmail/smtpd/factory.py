@@ -122,7 +122,7 @@ class UpasSMTPFactory(smtp.SMTPFactory):
                               ip, "limit")
         elif note == "connect.state":
             _refusedAtConnect(session.warn, "connection from {ip} refused: shared state "
-                              "unavailable", ip, "unavailable")
+                              "unavailable", ip, "state-unavailable")
         else:
             n = looked["connections"] if note == "connect.limit" else self.settings.max_connections
             _refusedAtConnect(session.warn, "too many connections ({n}); refusing {ip}", ip,
