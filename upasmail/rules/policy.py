@@ -404,20 +404,26 @@ def smtputf8_sender(s, cmd, conf, looked):
     return ACCEPT
 
 
-def message_rate(s, cmd, conf, looked):
-    """--msg-rate: MAIL commands from the peer in the window, counted
-    whether or not they are accepted (Postfix anvil), once the command is
-    well formed and in sequence, before the checks that look things up."""
-    if not conf.msg_rate or rate_exempt(not untrusted(s), conf):
+def session_rate(s, conf, looked, limit, kind, text):
+    """--msg-rate and --rcpt-rate: the peer's commands of ``kind``
+    (``message``, ``recipient``) in the window, this one included."""
+    if not limit or rate_exempt(not untrusted(s), conf):
         return ACCEPT
-    count = looked.need("message_rate", s.rsys)
+    fact = kind + "_rate"
+    count = looked.need(fact, s.rsys)
     if count == UNAVAILABLE:
-        return state_unavailable(conf, 451, "message_rate")
-    if over_rate(count, conf.msg_rate):
-        return reject(452, replies.RATE_MESSAGES.format(dom=conf.dom, ip=s.rsys,
-                                                        window=conf.rate_window),
-                      counts=False, reason="rate", detail="message", note="rate")
+        return state_unavailable(conf, 451, fact)
+    if over_rate(count, limit):
+        return reject(452, text.format(dom=conf.dom, ip=s.rsys, window=conf.rate_window),
+                      counts=False, reason="rate", detail=kind, note="rate")
     return ACCEPT
+
+
+def message_rate(s, cmd, conf, looked):
+    """--msg-rate: MAIL commands, counted whether or not they are accepted
+    (Postfix anvil), once the command is well formed and in sequence,
+    before the checks that look things up."""
+    return session_rate(s, conf, looked, conf.msg_rate, "message", replies.RATE_MESSAGES)
 
 
 def filterstate(s, cmd, conf, looked):
@@ -500,18 +506,8 @@ def _unknown(path, detail, note):
 
 
 def recipient_rate(s, cmd, conf, looked):
-    """--rcpt-rate: RCPT commands from the peer in the window, counted as
-    MAIL's (``message_rate``)."""
-    if not conf.rcpt_rate or rate_exempt(not untrusted(s), conf):
-        return ACCEPT
-    count = looked.need("recipient_rate", s.rsys)
-    if count == UNAVAILABLE:
-        return state_unavailable(conf, 451, "recipient_rate")
-    if over_rate(count, conf.rcpt_rate):
-        return reject(452, replies.RATE_RECIPIENTS.format(dom=conf.dom, ip=s.rsys,
-                                                          window=conf.rate_window),
-                      counts=False, reason="rate", detail="recipient", note="rate")
-    return ACCEPT
+    """--rcpt-rate: RCPT commands, counted as MAIL's (``message_rate``)."""
+    return session_rate(s, conf, looked, conf.rcpt_rate, "recipient", replies.RATE_RECIPIENTS)
 
 
 def shellchars(s, cmd, conf, looked):
