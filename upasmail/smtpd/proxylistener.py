@@ -171,5 +171,9 @@ class ProxyEndpoint:
         self.networks = tuple(networks)
         self.clock = clock
 
+    def wrap(self, factory):
+        """What each connection meets first."""
+        return ProxyHeaderFactory(factory, self.networks, self.clock)
+
     def listen(self, factory):
-        return self.endpoint.listen(ProxyHeaderFactory(factory, self.networks, self.clock))
+        return self.endpoint.listen(self.wrap(factory))
