@@ -19,7 +19,7 @@ hence this one.
 
 import ipaddress
 
-from twisted.internet import address
+from twisted.internet import address, protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols import policies
@@ -70,7 +70,7 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         # ProtocolWrapper's, except that the wrapped protocol waits for the header
         directlyProvides(self, providedBy(transport))
         self.factory.registerProtocol(self)
-        policies.Protocol.makeConnection(self, transport)
+        protocol.Protocol.makeConnection(self, transport)
 
     def connectionMade(self):
         balancer = self.transport.getPeer()
