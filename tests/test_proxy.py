@@ -355,6 +355,11 @@ def test_starttls_reaches_the_real_transport(node, tmp_path):
     assert any(line[4:] == "STARTTLS" for line in c.send("EHLO client.sender.net"))
     assert c.send("STARTTLS")[0].startswith("220")
     assert c.transport.tlsContext is not None and ISSLTransport.providedBy(c.transport)
+    # Twisted's STARTTLS puts TLS under the wrapper, and tells the wrapper
+    with capturedLogs() as events:
+        c.proto.handshakeCompleted()
+    [started] = named(events, "smtpd.tls")
+    assert (started["peer"], started["status"]) == (CLIENT, "started")
     c.lose()
 
 
@@ -473,6 +478,26 @@ def test_twistd_smtps_behind_proxy_header(server, tls_files):  # noqa: F811
         c.sendall(b"QUIT\r\n")
         assert c.recv(100).startswith(b"221")
     srv.wait_for("connect from 203.0.113.10")
+
+
+def test_twistd_starttls_behind_proxy_header(server, tls_files):  # noqa: F811
+    """STARTTLS reaches the real connection through the PROXY layer."""
+    srv = server("--listen", PROXY_LISTEN, "--proxy-from", "127.0.0.1", "-e",
+                 "-c", str(tls_files / "both.pem"), "--tarpit-unit", "0")
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    sock.sendall(v1(src="203.0.113.11", dst="127.0.0.1"))
+    c = smtplib.SMTP(local_hostname="client.sender.net", timeout=30)
+    c.sock, c._host = sock, "localhost"  # connected by hand, after the header
+    try:
+        assert c.getreply()[0] == 220
+        assert c.starttls(context=client_context(tls_files))[0] == 220
+        assert c.sendmail("a@example.org", ["bob"], b"Subject: hi\r\n\r\nhello\r\n") == {}
+        c.quit()
+    finally:
+        c.close()
+    srv.wait_for("started TLS with 203.0.113.11")
+    [msg] = mailbox.mbox(os.path.join(srv.root, "box", "bob", "mbox"))
+    assert msg["Received"].startswith("from client.sender.net ([203.0.113.11])\n\t(using TLS")
 
 
 def test_twistd_workers_read_the_header_too(server):

@@ -303,6 +303,13 @@ def open_relay(settings, listen):
     return not (settings.relay_control or loopback)
 
 
+PROXY_HIDDEN = ("--listen {listen}: a PROXY protocol (haproxy:) listener must be written "
+                "haproxy:ENDPOINT, not inside another endpoint type")
+PROXY_OVER_TLS = ("--listen {listen}: the PROXY header comes before TLS: write "
+                  "haproxy:tcp:... with --smtps")
+PROXY_TWICE = "--listen {listen}: haproxy: twice (one PROXY header is read)"
+
+
 def listener_endpoint(reactor, description, proxy_from=(), clock=None):
     """The server endpoint for ``description``: Twisted's, inside our
     PROXY layer for ``haproxy:ENDPOINT`` (headers believed from the
@@ -312,24 +319,15 @@ def listener_endpoint(reactor, description, proxy_from=(), clock=None):
     raises.
     """
     inner = proxy_listener(description)
+    kind = _unescaped(_raw_parts(inner)[0]).lower() if inner is not None else None
+    refusal = {"ssl": PROXY_OVER_TLS, "haproxy": PROXY_TWICE}.get(kind)
+    if refusal:
+        raise ConfigError(refusal.format(listen=description))
+    endpoint = endpoints.serverFromString(reactor, inner or description)
+    if hides_proxy_protocol(endpoint, inner or description):
+        raise ConfigError(PROXY_HIDDEN.format(listen=description))
     if inner is None:
-        endpoint = endpoints.serverFromString(reactor, description)
-        if hides_proxy_protocol(endpoint, description):
-            raise ConfigError("--listen %s: a PROXY protocol (haproxy:) listener must be "
-                              "written haproxy:ENDPOINT, not inside another endpoint type"
-                              % description)
         return endpoint
-    kind = _unescaped(_raw_parts(inner)[0]).lower()
-    if kind in ("ssl", "haproxy"):
-        raise ConfigError("--listen %s: the PROXY header comes before TLS: write "
-                          "haproxy:tcp:... with --smtps" % description
-                          if kind == "ssl" else
-                          "--listen %s: haproxy: twice" % description)
-    endpoint = endpoints.serverFromString(reactor, inner)
-    if hides_proxy_protocol(endpoint, inner):
-        raise ConfigError("--listen %s: a PROXY protocol (haproxy:) listener must be "
-                          "written haproxy:ENDPOINT, not inside another endpoint type"
-                          % description)
     return ProxyEndpoint(endpoint, proxy_from, clock or reactor)
 
 

@@ -20,7 +20,7 @@ hence this one.
 import ipaddress
 
 from twisted.internet import address, protocol
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, implementer, providedBy
@@ -54,6 +54,7 @@ def allowed(peer, networks):
     return any(ip in net for net in networks)
 
 
+@implementer(IHandshakeListener)
 class ProxyHeaderProtocol(policies.ProtocolWrapper):
     """One connection: the header first, then the wrapped protocol."""
 
@@ -122,6 +123,11 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         inner.makeConnection(self)
         if rest:
             inner.dataReceived(rest)
+
+    def handshakeCompleted(self):
+        # STARTTLS puts TLS under this wrapper: the session must hear of it
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def getPeer(self):
         return self._peer or self.transport.getPeer()
