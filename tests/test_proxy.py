@@ -222,6 +222,18 @@ def test_user_at_our_literal_is_the_headers_destination(node):
     c.lose()
 
 
+def test_helo_that_is_us_uses_both_header_addresses(node):
+    """HELO with our name is a lie, except from our own address (rsys = lsys):
+    both sides come from the header.  (-e: only that check.)"""
+    n = node(relax_helo=True)
+    liar, us = n.connect(), n.connect()
+    liar.raw(v1(src=CLIENT, dst=US))
+    us.raw(v1(src=US, dst=US))
+    assert liar.send("HELO gnot.example.org") == ["554 5.7.0 Liar!"]
+    assert us.send("HELO gnot.example.org")[0].startswith("250")
+    us.lose()
+
+
 def test_greylist_keyed_by_real_addresses(node):
     n = node(greylist=True)
     c = n.connect()

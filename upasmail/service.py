@@ -318,15 +318,15 @@ def listener_endpoint(reactor, description, proxy_from=(), clock=None):
     serve; a description Twisted cannot parse raises whatever its parser
     raises.
     """
-    inner = proxy_listener(description)
-    kind = _unescaped(_raw_parts(inner)[0]).lower() if inner is not None else None
+    under = proxy_listener(description)
+    kind = _unescaped(_raw_parts(under)[0]).lower() if under is not None else None
     refusal = {"ssl": PROXY_OVER_TLS, "haproxy": PROXY_TWICE}.get(kind)
     if refusal:
         raise ConfigError(refusal.format(listen=description))
-    endpoint = endpoints.serverFromString(reactor, inner or description)
-    if hides_proxy_protocol(endpoint, inner or description):
+    endpoint = endpoints.serverFromString(reactor, under or description)
+    if hides_proxy_protocol(endpoint, under or description):
         raise ConfigError(PROXY_HIDDEN.format(listen=description))
-    if inner is None:
+    if under is None:
         return endpoint
     return ProxyEndpoint(endpoint, proxy_from, clock or reactor)
 

@@ -114,11 +114,8 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         if header.source is not None:
             self._peer = _address(*header.source)
             self._host = _address(*header.destination)
+        # a refusal (-k, over a limit) is a protocol too (listening.Dropped)
         inner = self.factory.wrappedFactory.buildProtocol(self.getPeer())
-        if inner is None:
-            self.disconnecting = True
-            self.transport.loseConnection()
-            return
         self.wrappedProtocol = inner
         inner.makeConnection(self)
         if rest:
