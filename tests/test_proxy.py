@@ -9,9 +9,7 @@ import mailbox
 import os
 import smtplib
 import socket
-import ssl
 import struct
-import time
 
 import pytest
 from twisted.internet import task
@@ -388,6 +386,22 @@ def test_close_and_abort_go_to_the_connection(node):
     d.inner.transport.abortConnection()
     assert d.transport.disconnecting
     d.lose()
+
+
+def test_producer_calls_reach_the_connection(node):
+    """The session's flow control (pause, resume, its producer) is the socket's."""
+    c = node().connect()
+    c.raw(v1())
+    session = c.inner
+    session.transport.pauseProducing()
+    assert c.transport.producerState == "paused"
+    session.transport.resumeProducing()
+    assert c.transport.producerState == "producing"
+    session.transport.registerProducer(session, True)
+    assert c.transport.producer is session
+    session.transport.unregisterProducer()
+    assert c.transport.producer is None
+    c.lose()
 
 
 # -- configuration ---------------------------------------------------------------
