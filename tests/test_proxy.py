@@ -311,6 +311,17 @@ def test_invalid_header_closed_without_a_byte_and_logged(node, data, why):
     assert named(events, "smtpd.connect") == [] and len(n.factory.connections) == 0
 
 
+def test_proxy_refusals_are_counted():
+    pytest.importorskip("prometheus_client")
+    from upasmail import metrics
+    m = metrics.Metrics()
+    for status in ("invalid", "invalid", "timeout"):
+        m({"event": "smtpd.proxy", "status": status, "balancer": BALANCER, "why": "x"})
+    value = m.registry.get_sample_value
+    assert value("upasmail_proxy_closed_total", {"status": "invalid"}) == 2
+    assert value("upasmail_proxy_closed_total", {"status": "timeout"}) == 1
+
+
 def test_peer_outside_proxy_from_closed_at_once(node):
     n = node(proxy_from=("10.0.0.0/8",))
     with capturedLogs() as events:
