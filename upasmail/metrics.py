@@ -60,6 +60,7 @@ DELIVERY_STATUSES = frozenset(["sent", "queued", "deferred", "bounced", "expired
 RELAY_KINDS = frozenset(["local", "mailer", "queue", "none"])
 BOUNCE_KINDS = frozenset(["sender", "postmaster"])
 TLS_STATUSES = frozenset(["started", "failed", "unavailable"])
+PROXY_STATUSES = frozenset(["refused", "invalid", "timeout"])
 AUTH_RESULTS = frozenset(["success", "failure", "throttled", "tempfail"])
 MECHANISMS = frozenset(["PLAIN", "LOGIN", "CRAM-MD5"])
 RATE_KINDS = frozenset(["connection", "message", "recipient"])
@@ -146,6 +147,9 @@ class Metrics:
             PREFIX + "_state_unavailable", "Checks answered with a temporary failure because "
             "the shared state could not answer, by the fact they needed", ["fact"],
             registry=r)
+        self.proxy_closed = Counter(
+            PREFIX + "_proxy_closed", "Connections to a PROXY listener closed before "
+            "their header was read (smtpd.proxy), by status", ["status"], registry=r)
         self.errors = Counter(
             PREFIX + "_errors", "Unexpected errors logged with a traceback", registry=r)
         self._children = {}  # (metric, label values) -> its child: labels() is slow
@@ -164,6 +168,7 @@ class Metrics:
             "smtpd.auth": self.authenticated,
             "smtpd.rate": self.rate,
             "smtpd.state": self.state,
+            "smtpd.proxy": self.proxy_refused,
             "worker.died": self.worker_gone,
             "worker.stopped": self.worker_gone,
             "error": self.error,
@@ -228,6 +233,9 @@ class Metrics:
 
     def tls_session(self, event):
         self._count(self.tls, closed(event.get("status"), TLS_STATUSES))
+
+    def proxy_refused(self, event):
+        self._count(self.proxy_closed, closed(event.get("status"), PROXY_STATUSES))
 
     def authenticated(self, event):
         self._count(self.auth, closed(event.get("result"), AUTH_RESULTS),

@@ -107,6 +107,8 @@ class Settings:
     max_queue_age: float = 2 * 86400.0  # then the message is returned (upas runq)
     queue_scan: float = 60.0  # how often the queue is looked at
     evil: Tuple[object, ...] = ()  # -k networks
+    # --proxy-from: the load balancers a PROXY (haproxy:) listener takes headers from
+    proxy_from: Tuple[object, ...] = ()
     debug: bool = False  # -d
     lib: Optional[str] = None  # upas /mail/lib; default <root>/lib
     blocked: Optional[str] = None  # ratify file; default <lib>/blocked

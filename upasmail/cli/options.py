@@ -233,14 +233,15 @@ class SmtpdOptions(usage.Options):
                                                "address", int],
         ["shutdown-grace", None, 60.0, "SIGTERM: seconds a message in DATA may take to "
                                        "finish", float],
-        ["workers", None, 1, "processes serving the listener (tcp: or ssl:), this one "
-                             "included; recommended: the number of CPU cores", int],
+        ["workers", None, 1, "processes serving the listener (tcp:, ssl: or haproxy:tcp:), "
+                             "this one included; recommended: the number of CPU cores", int],
     ] + QUEUE_PARAMETERS + RATE_PARAMETERS
     optParameters = named_coercions(optParameters)
 
     def __init__(self):
         usage.Options.__init__(self)
         self["evil"] = []
+        self["proxy-from"] = []
 
     def opt_k(self, value):
         """banned peer IP or CIDR, dropped at connect; may be repeated"""
@@ -250,6 +251,15 @@ class SmtpdOptions(usage.Options):
             raise usage.UsageError("-k: %s" % e)
 
     opt_evil = opt_k
+
+    def opt_proxy_from(self, value):
+        """load balancer IP or CIDR whose PROXY headers a haproxy: listener
+        believes (required with one); comma-separated and/or repeated"""
+        try:
+            self["proxy-from"].extend(smtpdconf.parse_network(v.strip())
+                                      for v in value.split(","))
+        except ValueError as e:
+            raise usage.UsageError("--proxy-from: %s" % e)
 
     def parseOptions(self, options=None):
         # the workers (--workers) parse the same options again
@@ -315,6 +325,10 @@ class SmtpdOptions(usage.Options):
             check_endpoint(self["listen"])
         except usage.UsageError as e:
             yield str(e)
+        else:
+            problem = service.proxy_from_problem(self["listen"], self["proxy-from"])
+            if problem:
+                yield problem
         if self["metrics"]:
             try:
                 check_metrics(self["metrics"])
@@ -370,6 +384,7 @@ class SmtpdOptions(usage.Options):
             greylist_max=self["greylist-max"],
             save_blocked=self["save-blocked"],
             evil=tuple(self["evil"]),
+            proxy_from=tuple(self["proxy-from"]),
             debug=self["debug"],
             tarpit_unit=self["tarpit-unit"],
             tarpit_max=self["tarpit-max"],
