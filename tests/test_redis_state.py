@@ -183,7 +183,6 @@ class RedisCase:
 
     def node(self, name, clock=None, settings=None, **kw):
         """A started RedisStateStore (a Deferred of it) named ``name``."""
-        self.redis.command("SELECT", "0")
         kw.setdefault("timeout", 0.5)
         kw.setdefault("backoff", (0.05, 0.2))
         store = redisstate.RedisStateStore(self.redis.url, settings or self.settings,
