@@ -319,3 +319,11 @@ def test_redis_gone_the_server_falls_back_and_keeps_answering(server, redis):
     assert data_reply(s.port) == (451, b"please try again soon from the same IP.")
     s.wait_for("answering from this node's local state")
     assert os.path.exists(os.path.join(s.root, "grey", "tmp", "127.0.0.1", "127.0.0.2", "bob"))
+
+
+def test_workers_ask_the_main_process_which_asks_redis(server, redis):
+    s = server("-g", "--state", redis.url, "--node", "w", "--workers", "2")
+    for _ in range(4):  # whichever process takes them
+        assert data_reply(s.port)[0] == 451
+    assert redis.command("EXISTS", "upas:grey:{127.0.0.1/127.0.0.2}:bob") == 1
+    assert redis.command("ZRANGE", "upas:{conn}:nodes", 0, -1) == ["w"]

@@ -279,6 +279,7 @@ class RedisStateStore(service.Service):
         self.rewrite = True  # Redis may not hold ``held``: write it whole
         self.unavailable = None  # why, while Redis cannot answer
         self.factory = self.redis = None
+        self.connecting = None
         self.renewal = None
 
     # -- connecting ------------------------------------------------------
@@ -297,7 +298,15 @@ class RedisStateStore(service.Service):
         connected = defer.Deferred()  # the factory's own must not be cancelled
         self.factory.deferred.addBoth(lambda r: None if connected.called else connected.callback(r))
         connected.addTimeout(self.timeout, self.reactor)
-        connected.addCallbacks(self._up, self._down)
+        self.connecting = []  # calls made meanwhile wait for the first connection
+
+        def made(result):
+            waiting, self.connecting = self.connecting, None
+            for d in waiting:
+                d.callback(None)
+            return result
+
+        connected.addCallbacks(self._up, self._down).addBoth(made)
         return connected.addErrback(lambda f: f.trap(StateUnavailable))
 
     def disconnect(self):
@@ -358,12 +367,25 @@ class RedisStateStore(service.Service):
     # -- calling Redis ---------------------------------------------------
 
     def _call(self, script, keys, args):
-        """Run ``script``; StateUnavailable at once when not connected, or
-        after ``timeout``."""
+        """Run ``script`` (loaded again if Redis lost it)."""
+        return self._send(lambda: self.redis.evalsha(script.sha, keys, args).addErrback(
+            self._loadAndCall, script, keys, args))
+
+    def redis_command(self, *args):
+        """One plain command (no script needed: it is atomic by itself)."""
+        return self._send(lambda: self.redis.execute_command(*args))
+
+    def _send(self, request):
+        """``request()``'s Deferred; StateUnavailable at once when not
+        connected (but for the first connection, being made: it is waited
+        for), or after ``timeout``."""
         if self.factory is None or not self.factory.size:
+            if self.connecting is not None:
+                waiting = defer.Deferred()
+                self.connecting.append(waiting)
+                return waiting.addCallback(lambda _: self._send(request))
             return self._unconnected()
-        d = self.redis.evalsha(script.sha, keys, args)
-        d.addErrback(self._loadAndCall, script, keys, args)
+        d = request()
         d.addTimeout(self.timeout + 0.5, self.reactor)  # txredisapi's own comes first
         return d.addCallbacks(self._up, self._down)
 
@@ -454,14 +476,6 @@ class RedisStateStore(service.Service):
         # seen: kept another 35 days (EXPIRE answers 0 for no such key)
         return self.redis_command("EXPIRE", PREFIX + "white:" + rsys, WHITELIST_TTL).addCallback(
             lambda n: n == 1)
-
-    def redis_command(self, *args):
-        """One plain command (no script needed: it is atomic by itself)."""
-        if self.factory is None or not self.factory.size:
-            return self._unconnected()
-        d = self.redis.execute_command(*args)
-        d.addTimeout(self.timeout + 0.5, self.reactor)
-        return d.addCallbacks(self._up, self._down)
 
     def _greylist(self, lsys, rsys, recipients, record):
         rcpts, keys = [], []
