@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from realservers import RedisServer
-from upasmail.interfaces import CONNECTION, MESSAGE, IStateStore
+from upasmail.interfaces import CONNECTION, MESSAGE, IStateStore, StateUnavailable
 from upasmail.rules import greylist
 from upasmail.rules.ratify import GRANT_LIFETIME
 from upasmail.smtpd import redisstate, statestore
@@ -196,3 +196,30 @@ class RedisStore(RedisCase, Contract, unittest.TestCase):
     def makeStore(self):
         self.redis.command("FLUSHALL")
         return self.node("a")
+
+
+class Workers(unittest.TestCase):
+    """A worker asks the main process, whose Redis store cannot answer:
+    the worker's store fails with StateUnavailable too (not an unknown
+    remote error), so it answers as the main process would."""
+
+    @defer.inlineCallbacks
+    def test_state_unavailable_crosses_the_channel(self):
+        from twisted.protocols import loopback
+
+        settings = make_settings("", root=self.mktemp())
+        down = redisstate.RedisStateStore("redis://127.0.0.1:1/0", settings, task.Clock())
+        server = statestore.StateServer(down)
+        client = statestore.Channel()
+        remote = statestore.RemoteStateStore(client)
+        pump = loopback.loopbackAsync(server, client)
+        for call in (lambda: remote.acquireConnection("10.0.0.1", False, 1, 10),
+                     lambda: remote.authBegin("10.0.0.1"),
+                     lambda: remote.authFailed("10.0.0.1"),
+                     lambda: remote.greylistAttempt("192.0.2.1", "10.0.0.1", ["bob"]),
+                     lambda: remote.isGranted("10.0.0.1"),
+                     lambda: remote.countAttempt(CONNECTION, "10.0.0.1", 60)):
+            with self.assertRaises(StateUnavailable):
+                yield call()
+        client.transport.loseConnection()
+        yield pump

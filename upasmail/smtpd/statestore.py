@@ -28,14 +28,17 @@ from zope.interface import implementer
 
 from ..rules import auth
 from ..rules.greylist import Greylist
-from ..interfaces import IReloadable, IStateStore
+from ..interfaces import IReloadable, IStateStore, StateUnavailable
 from ..rules.ratify import TrustedGrants
 
 # acquireConnection's refusals
 TOTAL, PEER = "total", "peer"
+# a shared store that cannot answer is StateUnavailable on the worker's
+# side too (it answers 4xx, as the main process would)
+STATE_ERRORS = {StateUnavailable: b"STATE_UNAVAILABLE"}
 # a file the store cannot use is an OSError on the worker's side too
 # (the greylist lets the peer through and logs why)
-FILE_ERRORS = {OSError: b"OS_ERROR"}
+FILE_ERRORS = {OSError: b"OS_ERROR", **STATE_ERRORS}
 
 
 @implementer(IStateStore, IReloadable)
@@ -126,6 +129,7 @@ class AcquireConnection(amp.Command):
     arguments = [(b"ip", amp.Unicode()), (b"exempt", amp.Boolean()),
                  (b"perPeer", amp.Integer()), (b"total", amp.Integer())]
     response = [(b"refused", amp.Unicode(optional=True))]
+    errors = STATE_ERRORS
 
 
 class ReleaseConnection(amp.Command):
@@ -137,21 +141,25 @@ class ReleaseConnection(amp.Command):
 class AuthBegin(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = [(b"ok", amp.Boolean())]
+    errors = STATE_ERRORS
 
 
 class AuthFailed(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = [(b"wait", amp.Float()), (b"failures", amp.Integer()), (b"limit", amp.Integer())]
+    errors = STATE_ERRORS
 
 
 class AuthSucceeded(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = []
+    errors = STATE_ERRORS
 
 
 class AuthAbandoned(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = []
+    errors = STATE_ERRORS
 
 
 class IsWhitelisted(amp.Command):
@@ -189,6 +197,7 @@ class Grant(amp.Command):
 class CountAttempt(amp.Command):
     arguments = [(b"kind", amp.Unicode()), (b"ip", amp.Unicode()), (b"window", amp.Float())]
     response = [(b"count", amp.Integer())]
+    errors = STATE_ERRORS
 
 
 class Enqueued(amp.Command):
@@ -322,7 +331,8 @@ class StateServer(Channel):
         checking, self.checking = self.checking, Counter()
         for ip, n in checking.items():
             for _ in range(n):
-                self.store.authAbandoned(ip)
+                # a shared store that cannot answer forgets them with its TTL
+                self.store.authAbandoned(ip).addErrback(lambda f: f.trap(StateUnavailable))
 
     def connectionLost(self, reason):
         Channel.connectionLost(self, reason)
