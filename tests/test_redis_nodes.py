@@ -3,6 +3,7 @@ connections summed over the nodes whose lease is in force; Redis going
 away and coming back.  Each node is its own RedisStateStore (its own
 name, connection and clock) on one real redis-server."""
 
+import json
 import os
 import smtplib
 import subprocess
@@ -327,3 +328,20 @@ def test_workers_ask_the_main_process_which_asks_redis(server, redis):
         assert data_reply(s.port)[0] == 451
     assert redis.command("EXISTS", "upas:grey:{127.0.0.1/127.0.0.2}:bob") == 1
     assert redis.command("ZRANGE", "upas:{conn}:nodes", 0, -1) == ["w"]
+
+
+def test_policy_explain_reads_the_greylist_in_redis(tmp_path, redis):
+    from test_policy_explain import PEER, SESSION, Site
+
+    site = Site(tmp_path)
+    redis.command("SET", "upas:grey:{127.0.0.1/%s}:bob" % PEER, time.time() - 600)
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from upasmail.cli.policytool import main; "
+                               "sys.exit(main())",
+         "explain", *site.argv(["-g", "--json", "--state", redis.url, *SESSION,
+                                "--rcpt", "bob"])],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["phases"][-1]["facts"]["greylist"] == [False, [["bob", "recent"]]]
+    assert redis.command("KEYS", "upas:grey:*") == ["upas:grey:{127.0.0.1/%s}:bob" % PEER]
