@@ -158,7 +158,10 @@ class Unavailable(RedisCase, unittest.TestCase):
         self.clock = clock()
         self.settings = make_settings("", root=self.mktemp())
         self.events = []
-        observer = lambda e: self.events.append(e) if e.get("event") == "smtpd.state" else None  # noqa: E731
+        def observer(event):
+            if event.get("event") == "smtpd.state":
+                self.events.append(event)
+
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.addCleanup(self.ensureRunning)

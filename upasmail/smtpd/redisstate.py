@@ -296,7 +296,8 @@ class RedisStateStore(service.Service):
             self.reactor, self.host, self.port, timeout=self.timeout))
         self.redis = self.factory.handler
         connected = defer.Deferred()  # the factory's own must not be cancelled
-        self.factory.deferred.addBoth(lambda r: None if connected.called else connected.callback(r))
+        self.factory.deferred.addBoth(
+            lambda r: None if connected.called else connected.callback(r))
         connected.addTimeout(self.timeout, self.reactor)
         self.connecting = []  # calls made meanwhile wait for the first connection
 
