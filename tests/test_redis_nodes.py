@@ -348,3 +348,16 @@ def test_policy_explain_reads_the_greylist_in_redis(tmp_path, redis):
     report = json.loads(out.stdout)
     assert report["phases"][-1]["facts"]["greylist"] == [False, [["bob", "recent"]]]
     assert redis.command("KEYS", "upas:grey:*") == ["upas:grey:{127.0.0.1/%s}:bob" % PEER]
+
+
+def test_stdio_mode_session_is_a_node_of_its_own(tmp_path, redis, dns_port):  # noqa: F811
+    from test_stdio import TO_BOB, on_socketpair, received
+
+    session, sock = on_socketpair(tmp_path, "-n", "192.0.2.7", "-g", "--state", redis.url,
+                                  "--resolver", "127.0.0.1:%d" % dns_port)
+    sock.sendall(TO_BOB)
+    assert b"451 please try again soon" in received(sock)
+    assert session.wait() == 0
+    # lsys is "stdio": a socketpair has no address of ours
+    assert redis.command("KEYS", "upas:grey:*") == ["upas:grey:{stdio/192.0.2.7}:bob"]
+    assert redis.command("ZRANGE", "upas:{conn}:nodes", 0, -1) == []  # it stopped cleanly
