@@ -19,6 +19,7 @@ from docutils.core import publish_doctree
 from docutils.utils import SystemMessage
 
 from upasmail import conf, policytool, replay, tap_runq, tap_smtp, tap_smtpd
+from upasmail.cli import granttool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(ROOT, "docs", "man")
@@ -53,6 +54,7 @@ COMMANDS = {
     "upas-mailq.1": [tap_runq.MailqOptions],
     "upas-runq.8": [tap_runq.RunqOptions],
     "upas-policy.8": [policytool.ExplainOptions, replay.Options],
+    "upas-grant.8": [granttool.GrantOptions],
 }
 PAGES = sorted(COMMANDS) + ["smtpd.conf.5"]
 TWISTED_OWN = {"help", "version"}  # every usage.Options has them

@@ -64,7 +64,7 @@ class Case(unittest.TestCase):
         return out
 
     def state_lines(self):
-        return [e for e in self.events if e.get("event") == "smtpd.state"]
+        return [e for e in self.events if e.get("event") == "state.unavailable"]
 
 
 class AtConnect(Case):
@@ -191,7 +191,7 @@ class Auth(Case):
         with capturedLogs() as events:
             self.assertEqual(d.send("AUTH PLAIN AGJvYgBzZWNyZXQ="),
                              ["235 2.0.0 Authentication successful"])
-        self.assertEqual([e["state"] for e in events if e.get("event") == "smtpd.state"],
+        self.assertEqual([e["state"] for e in events if e.get("event") == "state.unavailable"],
                          ["unavailable"])
 
 

@@ -64,7 +64,7 @@ PROXY_STATUSES = frozenset(["refused", "invalid", "timeout"])
 AUTH_RESULTS = frozenset(["success", "failure", "throttled", "tempfail"])
 MECHANISMS = frozenset(["PLAIN", "LOGIN", "CRAM-MD5"])
 RATE_KINDS = frozenset(["connection", "message", "recipient"])
-# the store's facts a check could not have (smtpd.state's ``fact``)
+# the store's facts a check could not have (state.unavailable's ``fact``)
 STATE_FACTS = frozenset(["granted", "connection_rate", "connection_slot", "message_rate",
                          "recipient_rate", "greylist"])
 
@@ -167,7 +167,7 @@ class Metrics:
             "smtpd.tls": self.tls_session,
             "smtpd.auth": self.authenticated,
             "smtpd.rate": self.rate,
-            "smtpd.state": self.state,
+            "state.unavailable": self.state,
             "smtpd.proxy": self.proxy_refused,
             "worker.died": self.worker_gone,
             "worker.stopped": self.worker_gone,

@@ -35,6 +35,8 @@ from .mailroot.mailer import Mailer
 from .smtpd.factory import UpasSMTPFactory
 from .smtpd.proxylistener import ProxyEndpoint
 from .smtpd.spam import SpamFilter
+from .smtpd.redisstate import FallbackStateStore, RedisStateStore
+from .smtpd.statestore import LocalStateStore
 from .smtp.mxdial import local_addresses
 from .passwd import PasswordFile
 from .runq.queue import QueueRunner, record_routing
@@ -126,6 +128,22 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
                               contextFactory=contextFactory, spamfilter=spamfilter)
     factory.root = root
     return factory
+
+
+def makeStateStore(settings, reactor, clock=None):
+    """The store ``settings.state`` names: (the store, the service that
+    connects it and holds this node's lease), or (None, None) for the local
+    default.  An unreachable Redis is no error: the store fails (or falls
+    back, ``--state-failure local``) until it answers."""
+    if settings.state == "local":
+        return None, None
+    clock = clock or reactor
+    shared = RedisStateStore(settings.state, settings, clock, reactor, node=settings.node,
+                             lease=settings.state_lease)
+    store = shared
+    if settings.state_failure == "local":
+        store = FallbackStateStore(shared, LocalStateStore(settings, clock))
+    return store, shared
 
 
 FD_RESERVE = 64  # open files kept for mailboxes, the queue, DNS, helpers
@@ -376,6 +394,9 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
         endpoint = listener_endpoint(reactor, listen, settings.proxy_from,
                                      kw.get("clock") or reactor)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
+    shared = None
+    if kw.get("store") is None:
+        kw["store"], shared = makeStateStore(settings, reactor, kw.get("clock"))
     factory = makeSmtpdFactory(settings, reactor, tidy=not adopted, **kw)
     if not adopted and open_relay(settings, listen):
         log.warn("WARNING: " + OPEN_RELAY, listen=listen, event="smtpd.config")
@@ -387,6 +408,8 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     top.recordsRouting = not adopted
     top.factory = factory
     top.queue = None
+    if shared is not None:  # first: connected before the listener, stopped after it
+        shared.setServiceParent(top)
     if settings.queue_runner:
         top.queue = QueueRunner(factory.root, settings, reactor, kw["resolver"],
                                 kw.get("clock") or reactor, ours=local_addresses)

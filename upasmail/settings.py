@@ -120,6 +120,11 @@ class Settings:
     data_timeout: float = 145 * 60.0  # upas: one DATA transfer
     validator_timeout: float = 60.0
     dns_timeout: float = 20.0
+    # shared state (issue 18): see docs/configuration.rst "Shared state (Redis)"
+    state: str = "local"  # or redis://HOST:PORT/DB
+    state_failure: str = "tempfail"  # or local: answer from this node's state
+    node: Optional[str] = None  # this node's lease name; None: host name + pid
+    state_lease: float = 30.0  # how long a dead node's connections keep counting
 
     def path(self, name):
         """Where a file lives: the explicit setting, else upas's place."""

@@ -32,7 +32,7 @@ from ..rules import decisionlog, ratify
 from ..mailroot import local
 from ..smtp import mxdial
 from .. import passwd, service, settings
-from ..smtpd import tls
+from ..smtpd import redisstate, tls
 from ..mailroot.mailer import resolve as resolve_mailer
 
 log = Logger(namespace="smtpd")
@@ -233,6 +233,15 @@ class SmtpdOptions(usage.Options):
                                                "address", int],
         ["shutdown-grace", None, 60.0, "SIGTERM: seconds a message in DATA may take to "
                                        "finish", float],
+        # shared state (issue 18)
+        ["state", None, "local", "where the anti-abuse state lives: local (memory and "
+                                 "files under the mail root) or redis://HOST:PORT/DB, "
+                                 "shared by every node"],
+        ["state-failure", None, "tempfail", "when Redis cannot answer: tempfail (4xx) or "
+                                            "local (this node's own state)"],
+        ["node", None, None, "this node's name for its connection lease "
+                             "(default: host name and pid)"],
+        ["state-lease", None, 30.0, "seconds a dead node's connections keep counting", float],
         ["workers", None, 1, "processes serving the listener (tcp:, ssl: or haproxy:tcp:), "
                              "this one included; recommended: the number of CPU cores", int],
     ] + QUEUE_PARAMETERS + RATE_PARAMETERS
@@ -351,6 +360,7 @@ class SmtpdOptions(usage.Options):
         if self["greylist-max"] <= self["greylist-min"]:
             yield "--greylist-max must be more than --greylist-min"
         yield from rate_problems(self)
+        yield from state_problems(self)
 
     def _adoptable_listener(self):
         try:
@@ -410,10 +420,28 @@ class SmtpdOptions(usage.Options):
             max_connections=self["max-connections"],
             max_connections_per_peer=self["max-connections-per-peer"],
             shutdown_grace=self["shutdown-grace"],
+            state=self["state"],
+            state_failure=self["state-failure"],
+            node=self["node"] or redisstate.default_node(),
+            state_lease=self["state-lease"],
             **queue_settings(self),
             **rate_settings(self),
             **paths,
         )
+
+
+def state_problems(o):
+    """The shared-state options' problems, each one line (a URL that does
+    not parse; an unreachable Redis is no start-up error)."""
+    if o["state"] != "local":
+        try:
+            redisstate.parse_url(o["state"])
+        except ValueError as e:
+            yield "--state: %s (local or redis://HOST:PORT/DB)" % e
+    if o["state-failure"] not in ("tempfail", "local"):
+        yield "--state-failure wants tempfail or local, not %r" % o["state-failure"]
+    if o["state-lease"] <= 0:
+        yield "--state-lease must be positive"
 
 
 def check_files(s, require_auth=False, passwd_named=False, errors=None):

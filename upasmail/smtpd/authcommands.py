@@ -104,7 +104,7 @@ class AuthCommands:
             failure.trap(StateUnavailable)
             self.log.warn("shared state unavailable: AUTH outcome for {rsys} not counted "
                           "({err})", rsys=self.session.rsys,
-                          err=str(failure.value) or "no answer", event="smtpd.state",
+                          err=str(failure.value) or "no answer", event="state.unavailable",
                           peer=self.session.rsys, state="unavailable")
         return d.addErrback(unavailable)
 

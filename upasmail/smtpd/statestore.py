@@ -329,7 +329,8 @@ class StateServer(Channel):
         checking, self.checking = self.checking, Counter()
         for ip, n in checking.items():
             for _ in range(n):
-                self.store.authAbandoned(ip)
+                # a shared store that cannot answer forgets them with its TTL
+                self.store.authAbandoned(ip).addErrback(lambda f: f.trap(StateUnavailable))
 
     def connectionLost(self, reason):
         Channel.connectionLost(self, reason)
