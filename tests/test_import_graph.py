@@ -49,10 +49,10 @@ PACKAGE = "upasmail"
 PURE = {"address", "auth", "bounce", "clientresult", "conf", "convert", "crashpoint",
         "decision", "dnscheck", "factotum", "framing", "grammar", "greylist", "helo",
         "interfaces", "job", "local", "logformat", "mbox", "mxdial", "notes", "pipemsg",
-        "policy", "ratify", "relay", "replies", "rfc822", "session", "settings",
+        "policy", "proxyheader", "ratify", "relay", "replies", "rfc822", "session", "settings",
         "simulate", "tarpit", "thumbprint"}
 COMMAND_LINE = {"tap_smtpd", "tap_smtp", "tap_runq", "stdio", "checkconfig", "policytool",
-                "replay"}
+                "replay", "granttool"}
 OPTIONS = "options"
 OPTIONS_USERS = COMMAND_LINE | {"workers"}
 # command-line module -> command-line module it hands the whole run to

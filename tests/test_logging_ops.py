@@ -37,7 +37,7 @@ DISCONNECT = {"event", "session", "peer", "helo", "tls", "auth_user", "accepted"
 REASONS = {"relay", "ratify", "helo", "greylist", "tarpit", "auth-required", "auth-failed",
            "auth-throttled", "auth-error", "size", "smuggling", "syntax", "sequence",
            "unknown-user", "sender-check", "recipients", "busy", "tls", "spam", "loop", "store",
-           "local-error", "other"}
+           "local-error", "rate", "state-unavailable", "other"}
 
 
 def named(events, name):

@@ -19,6 +19,7 @@ from docutils.core import publish_doctree
 from docutils.utils import SystemMessage
 
 from upasmail import conf, policytool, replay, tap_runq, tap_smtp, tap_smtpd
+from upasmail.cli import granttool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(ROOT, "docs", "man")
@@ -53,6 +54,7 @@ COMMANDS = {
     "upas-mailq.1": [tap_runq.MailqOptions],
     "upas-runq.8": [tap_runq.RunqOptions],
     "upas-policy.8": [policytool.ExplainOptions, replay.Options],
+    "upas-grant.8": [granttool.GrantOptions],
 }
 PAGES = sorted(COMMANDS) + ["smtpd.conf.5"]
 TWISTED_OWN = {"help", "version"}  # every usage.Options has them
@@ -258,6 +260,6 @@ def test_the_replies_listed_are_the_servers():
     replies = re.findall(r"^\d{3} (.+)$", block, re.M)
     assert len(replies) > 10
     for reply in replies:
-        # dom, rcpt and ip stand for values filled in
-        for fragment in re.split(r"\b(?:dom|rcpt|ip)\b", reply):
+        # dom, rcpt, ip and window stand for values filled in
+        for fragment in re.split(r"\b(?:dom|rcpt|ip|window)\b", reply):
             assert fragment.strip() in code, reply

@@ -80,12 +80,12 @@ SPEC_ORDER = {
 
 # the checks that are ours, not upas's (docs/deviations.rst says why)
 OURS = {
-    "connect": {"shutting_down", "process_limit", "connection_limits"},
+    "connect": {"shutting_down", "process_limit", "connection_rate", "connection_limits"},
     "helo": set(),
     "mail": {"sender_length", "not_nested", "declared_size", "smtputf8_sender",
-             "validate_from"},
+             "message_rate", "validate_from"},
     "rcpt": {"recipient_length", "mail_given", "recipient_limit", "smtputf8_recipient",
-             "validate_to"},
+             "recipient_rate", "validate_to"},
     "data": set(),
     "auth": {"auth_available", "helo_given_auth", "no_transaction"},
 }
@@ -208,6 +208,7 @@ SAMPLES = {
     "validate_to": ACCEPT, "validatesender": ACCEPT, "nospamfiltering": False,
     "greylist": (False, [("bob", "new")]), "mailer_ready": ACCEPT,
     "auth_mechanisms": (True, ["CRAM-MD5"]),
+    "connection_rate": 1, "message_rate": 1, "recipient_rate": 1,
 }
 COMMANDS = {"connect": "CONNECT 192.0.2.1", "helo": "HELO mx.sender.net",
             "mail": "MAIL FROM:<a@sender.net>", "rcpt": "RCPT TO:<bob>", "data": "DATA",
@@ -235,7 +236,8 @@ def asked(check, s, cmd, conf):
 
 
 def test_facts_names_every_fact_a_check_asks_for():
-    conf = testing.make_settings("", root="/nonexistent", verify_sender=True, greylist=True)
+    conf = testing.make_settings("", root="/nonexistent", verify_sender=True, greylist=True,
+                                 conn_rate=1, msg_rate=1, rcpt_rate=1)
     seen = set()
     for state in ("accept", "block", "deny"):
         for phase, table in policy.TABLES.items():

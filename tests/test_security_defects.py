@@ -28,6 +28,7 @@ from zope.interface import implementer
 from test_twistd import twistd
 from upasmail import auth, conf, service, tap_smtpd, testing
 from upasmail.listening import ListeningService
+from upasmail.smtpd.proxylistener import ProxyEndpoint
 
 SECRET = "s3cret-Pa55"
 POOR_CRAM = "501 5.5.4 Poorly formed CRAM-MD5 response"
@@ -330,14 +331,14 @@ class PathTests(Case):
             self.assertRaises(usage.UsageError, tap_smtpd.Options().parseOptions, bad)
 
 
-# -- item 5: no PROXY-protocol listener ----------------------------------------
+# -- item 5: no PROXY-protocol listener Twisted's wrapper would read -------------
+# (issue 18 made haproxy: listeners ours: tests/test_proxy.py)
 
 
 # Every spelling Twisted's own parser turns into a PROXY endpoint.
 PROXY_SPELLINGS = [
     "haproxy:tcp:0:interface=127.0.0.1",
     "HAProxy:tcp:0:interface=127.0.0.1",
-    "haproxy:haproxy:tcp:0:interface=127.0.0.1",
     "haproxy:interface=127.0.0.1:tcp:2611",  # options first: Twisted sorts them last
     "haproxy:backlog=5:interface=127.0.0.1:tcp:0",
     "h\\aproxy:tcp:0",  # a backslash escapes any character
@@ -352,8 +353,16 @@ def endpoint(listen):
 
 
 @pytest.mark.parametrize("listen", PROXY_SPELLINGS)
-def test_proxy_listener_refused_by_the_library(listen):
-    with pytest.raises(conf.ConfigError, match="PROXY protocol"):
+def test_proxy_listener_is_ours_however_spelled(listen):
+    e = endpoint(listen)
+    assert isinstance(e, ProxyEndpoint)
+    assert type(e.endpoint).__module__ == endpoints.__name__  # Twisted's, without a wrapper
+
+
+@pytest.mark.parametrize("listen", ["haproxy:haproxy:tcp:0:interface=127.0.0.1",
+                                    "haproxy:ssl:0", "HAProxy:interface=127.0.0.1:S\\SL:0"])
+def test_proxy_listener_we_cannot_serve_refused(listen):
+    with pytest.raises(conf.ConfigError, match="haproxy: twice|before TLS"):
         endpoint(listen)
 
 
@@ -363,7 +372,7 @@ def test_proxy_listener_refused_by_the_library(listen):
     "tcp6:0:interface=\\:\\:1",
 ])
 def test_other_listeners_pass(listen):
-    endpoint(listen)
+    assert not isinstance(endpoint(listen), ProxyEndpoint)
 
 
 @implementer(IStreamServerEndpoint)
@@ -417,19 +426,18 @@ def test_foreign_wrapper_without_proxy_passes(wrapper_plugins, listen):
     endpoint(listen)
 
 
-@pytest.mark.parametrize("listen", [PROXY_SPELLINGS[1], PROXY_SPELLINGS[3], PROXY_SPELLINGS[5]])
-def test_proxy_listener_stops_startup(tmp_path, listen):
+@pytest.mark.parametrize("listen", [PROXY_SPELLINGS[1], PROXY_SPELLINGS[2], PROXY_SPELLINGS[4]])
+def test_proxy_listener_without_proxy_from_stops_startup(tmp_path, listen):
     r = twistd("-n", "--pidfile=", "upas-smtpd", "--listen", listen, "--root", str(tmp_path))
     out = r.stdout + r.stderr
     assert r.returncode == 1
-    assert ("upas-smtpd: --listen %s: PROXY protocol (haproxy:) listeners are not supported"
-            % listen) in out
+    assert ("upas-smtpd: --listen %s: a PROXY listener needs --proxy-from" % listen) in out
     assert "Traceback" not in out
     assert len(out.strip().splitlines()) == 1, out
 
 
 @pytest.mark.parametrize("listen", PROXY_SPELLINGS)
-def test_makeSmtpdService_refuses_a_proxy_listener(tmp_path, listen):
+def test_makeSmtpdService_refuses_a_proxy_listener_without_proxy_from(tmp_path, listen):
     s = testing.make_settings("", root=str(tmp_path), queue_runner=False)
     with pytest.raises(conf.ConfigError):
         service.makeSmtpdService(s, listen, reactor=task.Clock())

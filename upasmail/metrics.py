@@ -44,13 +44,14 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # "other": no client can make the number of series grow.
 OTHER = "other"
 ENDS = frozenset(["quit", "lost", "timeout", "session-limit", "hangup", "banned", "limit",
-                  "shutdown", "error"])
+                  "shutdown", "error", "state-unavailable"])
 VERBS = frozenset(["", "HELO", "EHLO", "MAIL", "SEND", "SOML", "SAML", "RCPT", "DATA", "RSET",
                    "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "AUTH", "STARTTLS"])
 REASONS = frozenset(["relay", "ratify", "helo", "greylist", "tarpit", "auth-required",
                      "auth-failed", "auth-throttled", "auth-error", "size", "smuggling",
                      "syntax", "sequence", "unknown-user", "sender-check", "recipients",
-                     "busy", "tls", "spam", "loop", "store", "local-error"])
+                     "busy", "tls", "spam", "loop", "store", "local-error", "rate",
+                     "state-unavailable"])
 CLASSES = frozenset(["2xx", "4xx", "5xx"])
 DELIVERY_STATUSES = frozenset(["sent", "queued", "deferred", "bounced", "expired"])
 # queue.delivery's relay names the server for remote deliveries; as a
@@ -59,8 +60,13 @@ DELIVERY_STATUSES = frozenset(["sent", "queued", "deferred", "bounced", "expired
 RELAY_KINDS = frozenset(["local", "mailer", "queue", "none"])
 BOUNCE_KINDS = frozenset(["sender", "postmaster"])
 TLS_STATUSES = frozenset(["started", "failed", "unavailable"])
+PROXY_STATUSES = frozenset(["refused", "invalid", "timeout"])
 AUTH_RESULTS = frozenset(["success", "failure", "throttled", "tempfail"])
 MECHANISMS = frozenset(["PLAIN", "LOGIN", "CRAM-MD5"])
+RATE_KINDS = frozenset(["connection", "message", "recipient"])
+# the store's facts a check could not have (state.unavailable's ``fact``)
+STATE_FACTS = frozenset(["granted", "connection_rate", "connection_slot", "message_rate",
+                         "recipient_rate", "greylist"])
 
 
 def closed(value, values):
@@ -133,6 +139,17 @@ class Metrics:
         self.auth = Counter(
             PREFIX + "_auth", "AUTH exchanges by result (success, failure, throttled, "
             "tempfail) and mechanism", ["result", "mechanism"], registry=r)
+        self.rate_limited = Counter(
+            PREFIX + "_rate_limited", "Connections, MAIL and RCPT commands refused by the "
+            "per-client rate limits (--conn-rate, --msg-rate, --rcpt-rate), by kind",
+            ["kind"], registry=r)
+        self.state_unavailable = Counter(
+            PREFIX + "_state_unavailable", "Checks answered with a temporary failure because "
+            "the shared state could not answer, by the fact they needed", ["fact"],
+            registry=r)
+        self.proxy_closed = Counter(
+            PREFIX + "_proxy_closed", "Connections to a PROXY listener closed before "
+            "their header was read (smtpd.proxy), by status", ["status"], registry=r)
         self.errors = Counter(
             PREFIX + "_errors", "Unexpected errors logged with a traceback", registry=r)
         self._children = {}  # (metric, label values) -> its child: labels() is slow
@@ -149,6 +166,9 @@ class Metrics:
             "queue.bounce": self.bounced,
             "smtpd.tls": self.tls_session,
             "smtpd.auth": self.authenticated,
+            "smtpd.rate": self.rate,
+            "state.unavailable": self.state,
+            "smtpd.proxy": self.proxy_refused,
             "worker.died": self.worker_gone,
             "worker.stopped": self.worker_gone,
             "error": self.error,
@@ -214,9 +234,18 @@ class Metrics:
     def tls_session(self, event):
         self._count(self.tls, closed(event.get("status"), TLS_STATUSES))
 
+    def proxy_refused(self, event):
+        self._count(self.proxy_closed, closed(event.get("status"), PROXY_STATUSES))
+
     def authenticated(self, event):
         self._count(self.auth, closed(event.get("result"), AUTH_RESULTS),
                     closed(event.get("mechanism"), MECHANISMS))
+
+    def rate(self, event):
+        self._count(self.rate_limited, closed(event.get("kind"), RATE_KINDS))
+
+    def state(self, event):
+        self._count(self.state_unavailable, closed(event.get("fact"), STATE_FACTS))
 
     def error(self, event):
         self.errors.inc()

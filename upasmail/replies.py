@@ -68,6 +68,13 @@ TOO_MANY_FROM_PEER = "4.7.0 {dom} Error: too many connections from {ip}"
 TOO_MANY_HOPS = "5.4.6 Too many hops"
 FORWARDING_LOOP = "5.4.6 mail forwarding loop for {addr}"
 SHUTDOWN = "4.3.2 {dom} Error: service shutting down"
+# the per-client rate limits (Postfix anvil's codes; upas has none), {window} in seconds
+RATE_CONNECTIONS = "4.7.0 {dom}: too many connections from {ip} in {window:g} seconds; try later"
+RATE_MESSAGES = "4.7.0 {dom}: too many messages from {ip} in {window:g} seconds; try later"
+RATE_RECIPIENTS = "4.5.3 {dom}: too many recipients from {ip} in {window:g} seconds; try later"
+# the shared anti-abuse state (the state store) cannot answer: 421 at connect,
+# 451 for MAIL, RCPT and DATA; AUTH says AUTH_TEMPORARY (454, RFC 4954)
+STATE_UNAVAILABLE = "4.3.0 {dom}: anti-abuse state temporarily unavailable; try later"
 # MAIL parameters (ours: upas knows only AUTH=)
 BAD_SIZE = "5.5.4 Bad SIZE= value"
 BAD_BODY = "5.5.4 BODY= takes 7BIT or 8BITMIME"

@@ -26,7 +26,6 @@ from twisted.cred.portal import Portal
 from twisted.internet import endpoints, threads
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
 from .rules.auth import SessionRealm
 from .conf import ConfigError
@@ -34,7 +33,10 @@ from .smtpd.delivery import UpasDelivery
 from .smtpd.listening import ListeningService
 from .mailroot.mailer import Mailer
 from .smtpd.factory import UpasSMTPFactory
+from .smtpd.proxylistener import ProxyEndpoint
 from .smtpd.spam import SpamFilter
+from .smtpd.redisstate import FallbackStateStore, RedisStateStore
+from .smtpd.statestore import LocalStateStore
 from .smtp.mxdial import local_addresses
 from .passwd import PasswordFile
 from .runq.queue import QueueRunner, record_routing
@@ -128,6 +130,22 @@ def makeSmtpdFactory(settings, reactor=None, run_blocking=None, portal=None,
     return factory
 
 
+def makeStateStore(settings, reactor, clock=None):
+    """The store ``settings.state`` names: (the store, the service that
+    connects it and holds this node's lease), or (None, None) for the local
+    default.  An unreachable Redis is no error: the store fails (or falls
+    back, ``--state-failure local``) until it answers."""
+    if settings.state == "local":
+        return None, None
+    clock = clock or reactor
+    shared = RedisStateStore(settings.state, settings, clock, reactor, node=settings.node,
+                             lease=settings.state_lease)
+    store = shared
+    if settings.state_failure == "local":
+        store = FallbackStateStore(shared, LocalStateStore(settings, clock))
+    return store, shared
+
+
 FD_RESERVE = 64  # open files kept for mailboxes, the queue, DNS, helpers
 
 
@@ -204,6 +222,7 @@ class SmtpdService(service.MultiService):
 
 def listens_on_loopback_only(description):
     """Does an endpoint string bind only to a loopback interface?"""
+    description = proxy_listener(description) or description
     ifaces = [p[len("interface="):] for p in endpoint_parts(description)
               if p.startswith("interface=")]
     if not ifaces:
@@ -216,6 +235,42 @@ def endpoint_parts(description):
     return [p.replace("\0", ":") for p in description.replace("\\:", "\0").split(":")]
 
 
+def _raw_parts(description):
+    """The ``:``-separated parts as written, escapes kept (Twisted's rule:
+    a backslash escapes any character)."""
+    parts, part, chars = [], "", iter(description)
+    for c in chars:
+        if c == "\\":
+            part += c + next(chars, "")
+        elif c == ":":
+            parts.append(part)
+            part = ""
+        else:
+            part += c
+    return parts + [part]
+
+
+def _unescaped(part):
+    return re.sub(r"\\(.)", r"\1", part)
+
+
+def proxy_listener(description):
+    """For a PROXY listener (``haproxy:ENDPOINT``, any letter case or
+    escape), the description of the endpoint under it; else None.
+
+    The PROXY layer is ours (``proxylistener``); the endpoint under it is
+    Twisted's.  As Twisted's ``haproxy:`` parser does, options written
+    before the endpoint type go after it.
+    """
+    first, *rest = _raw_parts(description)
+    if _unescaped(first).lower() != "haproxy" or not rest:
+        return None
+    options = []
+    while len(rest) > 1 and "=" in _unescaped(rest[0]):
+        options.append(rest.pop(0))
+    return ":".join(rest + options)
+
+
 def _nested_endpoints(endpoint):
     """The endpoint and those it wraps, as far as they are its attributes."""
     yield endpoint
@@ -224,21 +279,33 @@ def _nested_endpoints(endpoint):
             yield from _nested_endpoints(value)
 
 
-def speaks_proxy_protocol(endpoint, description):
-    """Does the endpoint Twisted built from ``description`` read PROXY headers?
+def hides_proxy_protocol(endpoint, description):
+    """Might the endpoint Twisted built read PROXY headers itself, where
+    our layer cannot be put outside it?
 
-    Decided on what Twisted built, so every spelling its parser accepts
-    (letter case, escapes, options before the wrapped endpoint) counts.
-    An endpoint type Twisted does not ship might keep a nested ``haproxy:``
-    where we cannot see it: then a ``haproxy`` anywhere in the string is
+    Twisted's own ``haproxy:`` can only come first (``proxy_listener``);
+    an endpoint type Twisted does not ship might keep a nested one where
+    we cannot see it: then a ``haproxy`` anywhere in the string is
     enough, as we cannot be sure it is not one.
     """
-    nested = list(_nested_endpoints(endpoint))
-    if any(isinstance(getattr(e, "_wrapperFactory", None), type)
-           and issubclass(e._wrapperFactory, HAProxyWrappingFactory) for e in nested):
-        return True
-    foreign = any(type(e).__module__ != endpoints.__name__ for e in nested)
-    return foreign and "haproxy" in re.sub(r"\\(.)", r"\1", description).lower()
+    foreign = any(type(e).__module__ != endpoints.__name__ for e in _nested_endpoints(endpoint))
+    return foreign and "haproxy" in _unescaped(description).lower()
+
+
+PROXY_FROM_NEEDED = ("--listen {listen}: a PROXY listener needs --proxy-from "
+                     "(the load balancers' addresses)")
+PROXY_FROM_UNUSED = ("--proxy-from is only for a PROXY listener (--listen haproxy:...), "
+                     "not {listen}: every client here has the address it connects from")
+
+
+def proxy_from_problem(listen, proxy_from):
+    """Start-up's one-line error when ``--proxy-from`` and the listener
+    do not go together, or None."""
+    if proxy_listener(listen) is not None and not proxy_from:
+        return PROXY_FROM_NEEDED.format(listen=listen)
+    if proxy_from and proxy_listener(listen) is None:
+        return PROXY_FROM_UNUSED.format(listen=listen)
+    return None
 
 
 OPEN_RELAY = ("relay control is OFF (norelay off) and {listen} is not loopback-only: "
@@ -246,26 +313,40 @@ OPEN_RELAY = ("relay control is OFF (norelay off) and {listen} is not loopback-o
 
 
 def open_relay(settings, listen):
-    """Do these settings on this listener make an open relay (``OPEN_RELAY``)?"""
-    return not (settings.relay_control or listens_on_loopback_only(listen))
+    """Do these settings on this listener make an open relay (``OPEN_RELAY``)?
+
+    Behind a PROXY listener the clients are whoever reaches the load
+    balancer, however the listener itself is bound."""
+    loopback = proxy_listener(listen) is None and listens_on_loopback_only(listen)
+    return not (settings.relay_control or loopback)
 
 
-def listener_endpoint(reactor, description):
-    """Twisted's server endpoint for ``description``; ConfigError for PROXY.
+PROXY_HIDDEN = ("--listen {listen}: a PROXY protocol (haproxy:) listener must be written "
+                "haproxy:ENDPOINT, not inside another endpoint type")
+PROXY_OVER_TLS = ("--listen {listen}: the PROXY header comes before TLS: write "
+                  "haproxy:tcp:... with --smtps")
+PROXY_TWICE = "--listen {listen}: haproxy: twice (one PROXY header is read)"
 
-    Behind a PROXY-protocol (``haproxy:``) endpoint every client has the
-    load balancer's address: loopback is trusted by default, so anyone
-    could relay, and ``-k`` bans, per-peer limits and the AUTH budget would
-    all hit the balancer.  Until PROXY support takes the real address into
-    account, such a listener is refused.  A description Twisted cannot
-    parse raises whatever its parser raises.
+
+def listener_endpoint(reactor, description, proxy_from=(), clock=None):
+    """The server endpoint for ``description``: Twisted's, inside our
+    PROXY layer for ``haproxy:ENDPOINT`` (headers believed from the
+    ``proxy_from`` networks only; the header timeout on ``clock``,
+    default the reactor).  ConfigError for a PROXY listener we cannot
+    serve; a description Twisted cannot parse raises whatever its parser
+    raises.
     """
-    endpoint = endpoints.serverFromString(reactor, description)
-    if speaks_proxy_protocol(endpoint, description):
-        raise ConfigError("--listen %s: PROXY protocol (haproxy:) listeners are not "
-                          "supported: every client would have the load balancer's "
-                          "address" % description)
-    return endpoint
+    under = proxy_listener(description)
+    kind = _unescaped(_raw_parts(under)[0]).lower() if under is not None else None
+    refusal = {"ssl": PROXY_OVER_TLS, "haproxy": PROXY_TWICE}.get(kind)
+    if refusal:
+        raise ConfigError(refusal.format(listen=description))
+    endpoint = endpoints.serverFromString(reactor, under or description)
+    if hides_proxy_protocol(endpoint, under or description):
+        raise ConfigError(PROXY_HIDDEN.format(listen=description))
+    if under is None:
+        return endpoint
+    return ProxyEndpoint(endpoint, proxy_from, clock or reactor)
 
 
 # the listeners --workers can share: a worker adopts the plain TCP socket
@@ -275,6 +356,8 @@ ADOPTABLE = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
 
 
 def adoptable(endpoint):
+    if isinstance(endpoint, ProxyEndpoint):
+        endpoint = endpoint.endpoint
     return isinstance(endpoint, ADOPTABLE)
 
 
@@ -297,15 +380,23 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     """The listener plus, unless ``settings.queue_runner`` is off, the queue
     runner (``top.queue``) on the same mail root, resolver and clock.
 
-    A ``haproxy:`` listener raises ConfigError (``listener_endpoint``).
+    A ``haproxy:`` listener without ``settings.proxy_from`` raises
+    ConfigError (``PROXY_FROM_NEEDED``), as do those ``listener_endpoint``
+    refuses.
     ``endpoint``, when given, is used instead of ``listen``'s (a worker's
     adopted socket: the process that bound it has given the warnings).
     """
     reactor = _reactor(reactor)
     adopted = endpoint is not None
+    if proxy_listener(listen) is not None and not settings.proxy_from:
+        raise ConfigError(PROXY_FROM_NEEDED.format(listen=listen))
     if not adopted:
-        endpoint = listener_endpoint(reactor, listen)
+        endpoint = listener_endpoint(reactor, listen, settings.proxy_from,
+                                     kw.get("clock") or reactor)
     kw["resolver"] = kw.get("resolver") or makeResolver(reactor)
+    shared = None
+    if kw.get("store") is None:
+        kw["store"], shared = makeStateStore(settings, reactor, kw.get("clock"))
     factory = makeSmtpdFactory(settings, reactor, tidy=not adopted, **kw)
     if not adopted and open_relay(settings, listen):
         log.warn("WARNING: " + OPEN_RELAY, listen=listen, event="smtpd.config")
@@ -317,6 +408,8 @@ def makeSmtpdService(settings, listen=DEFAULT_LISTEN, reactor=None, endpoint=Non
     top.recordsRouting = not adopted
     top.factory = factory
     top.queue = None
+    if shared is not None:  # first: connected before the listener, stopped after it
+        shared.setServiceParent(top)
     if settings.queue_runner:
         top.queue = QueueRunner(factory.root, settings, reactor, kw["resolver"],
                                 kw.get("clock") or reactor, ours=local_addresses)

@@ -77,6 +77,12 @@ class Settings:
     greylist: bool = False  # -g
     greylist_min: float = 5 * 60.0  # an earlier attempt passes once this old (upas: 5 min)
     greylist_max: float = 14 * 60 * 60.0  # ... and until this old (upas: 14 h)
+    # per-client rate limits (Postfix anvil's; not upas's): attempts per window, 0 = off
+    conn_rate: int = 0  # --conn-rate: connections
+    msg_rate: int = 0  # --msg-rate: MAIL commands
+    rcpt_rate: int = 0  # --rcpt-rate: RCPT commands
+    rate_window: float = 60.0  # --rate-window: seconds (Postfix anvil_rate_time_unit)
+    rate_trusted: bool = False  # --rate-trusted: trusted and authenticated clients count too
     save_blocked: bool = False  # -s or saveblockedmsg on
     require_auth: bool = False  # -a
     clear_passwords: bool = False  # -p: PLAIN and LOGIN without TLS
@@ -101,6 +107,8 @@ class Settings:
     max_queue_age: float = 2 * 86400.0  # then the message is returned (upas runq)
     queue_scan: float = 60.0  # how often the queue is looked at
     evil: Tuple[object, ...] = ()  # -k networks
+    # --proxy-from: the load balancers a PROXY (haproxy:) listener takes headers from
+    proxy_from: Tuple[object, ...] = ()
     debug: bool = False  # -d
     lib: Optional[str] = None  # upas /mail/lib; default <root>/lib
     blocked: Optional[str] = None  # ratify file; default <lib>/blocked
@@ -112,6 +120,11 @@ class Settings:
     data_timeout: float = 145 * 60.0  # upas: one DATA transfer
     validator_timeout: float = 60.0
     dns_timeout: float = 20.0
+    # shared state (issue 18): see docs/configuration.rst "Shared state (Redis)"
+    state: str = "local"  # or redis://HOST:PORT/DB
+    state_failure: str = "tempfail"  # or local: answer from this node's state
+    node: Optional[str] = None  # this node's lease name; None: host name + pid
+    state_lease: float = 30.0  # how long a dead node's connections keep counting
 
     def path(self, name):
         """Where a file lives: the explicit setting, else upas's place."""

@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from . import logs
 from .smtpd import statestore
+from .smtpd.proxylistener import ProxyEndpoint
 
 log = Logger(namespace="smtpd")
 
@@ -266,7 +267,11 @@ def tls_context(description):
 
 def adopted_endpoint(reactor, original, fd=LISTEN_FD, description=None):
     """The worker's endpoint for the socket at ``fd`` bound from ``original``
-    (made from the listen string ``description``)."""
+    (made from the listen string ``description``); a PROXY listener's
+    layer is put back around it."""
+    if isinstance(original, ProxyEndpoint):
+        return ProxyEndpoint(adopted_endpoint(reactor, original.endpoint, fd, description),
+                             original.networks, original.clock)
     family = socket.socket(fileno=os.dup(fd)).family  # closed with the object
     adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fd, family)
     if isinstance(original, endpoints.SSL4ServerEndpoint):
@@ -365,7 +370,7 @@ def run(number, argv, reactor=None):
     options["mergeArgs"]["queue_runner"] = False
     settings = smtpd_options.reloaded_settings(options)
     store = statestore.RemoteStateStore(channel)
-    original = smtpd_service.listener_endpoint(reactor, options["listen"])
+    original = smtpd_service.listener_endpoint(reactor, options["listen"], settings.proxy_from)
     top = smtpd_service.makeSmtpdService(
         settings, options["listen"], reactor,
         endpoint=adopted_endpoint(reactor, original, description=options["listen"]),

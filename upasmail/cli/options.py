@@ -32,7 +32,7 @@ from ..rules import decisionlog, ratify
 from ..mailroot import local
 from ..smtp import mxdial
 from .. import passwd, service, settings
-from ..smtpd import tls
+from ..smtpd import redisstate, tls
 from ..mailroot.mailer import resolve as resolve_mailer
 
 log = Logger(namespace="smtpd")
@@ -81,6 +81,33 @@ def queue_settings(o):
                 retry_max=o["retry-max"], max_queue_age=o["max-queue-age"],
                 queue_scan=o["queue-scan"])
 
+
+# per-client rate limits (Postfix anvil's), counted in the state store
+RATE_FLAGS = [
+    ["rate-trusted", None, "apply the rate limits to trusted and authenticated clients too"],
+]
+RATE_PARAMETERS = [
+    ["conn-rate", None, 0, "connections one client may make per --rate-window (0: no "
+                           "limit)", int],
+    ["msg-rate", None, 0, "MAIL commands one client may give per --rate-window (0: no "
+                          "limit)", int],
+    ["rcpt-rate", None, 0, "RCPT commands one client may give per --rate-window (0: no "
+                           "limit)", int],
+    ["rate-window", None, 60.0, "seconds the rate limits count over", float],
+]
+
+
+def rate_problems(o):
+    for name in ("conn-rate", "msg-rate", "rcpt-rate"):
+        if o[name] < 0:
+            yield "--%s cannot be negative (0: no limit)" % name
+    if o["rate-window"] <= 0:
+        yield "--rate-window must be positive"
+
+
+def rate_settings(o):
+    return dict(conn_rate=o["conn-rate"], msg_rate=o["msg-rate"], rcpt_rate=o["rcpt-rate"],
+                rate_window=o["rate-window"], rate_trusted=o["rate-trusted"])
 
 
 def _coercion(name, kind):
@@ -137,7 +164,7 @@ class SmtpdOptions(usage.Options):
         ["quiet", "q", "log HELO only after it passes"],
         ["no-queue-runner", None, "do not deliver the outbound queue in this process "
                                   "(use upas-runq)"],
-    ] + QUEUE_FLAGS
+    ] + QUEUE_FLAGS + RATE_FLAGS
     optParameters = [
         ["domain", "h", None, "our mail domain (greeting, HELO replies)"],
         ["netdir", "n", None, "stdio mode (upas-smtpd): the connection's address, "
@@ -206,14 +233,24 @@ class SmtpdOptions(usage.Options):
                                                "address", int],
         ["shutdown-grace", None, 60.0, "SIGTERM: seconds a message in DATA may take to "
                                        "finish", float],
-        ["workers", None, 1, "processes serving the listener (tcp: or ssl:), this one "
-                             "included; recommended: the number of CPU cores", int],
-    ] + QUEUE_PARAMETERS
+        # shared state (issue 18)
+        ["state", None, "local", "where the anti-abuse state lives: local (memory and "
+                                 "files under the mail root) or redis://HOST:PORT/DB, "
+                                 "shared by every node"],
+        ["state-failure", None, "tempfail", "when Redis cannot answer: tempfail (4xx) or "
+                                            "local (this node's own state)"],
+        ["node", None, None, "this node's name for its connection lease "
+                             "(default: host name and pid)"],
+        ["state-lease", None, 30.0, "seconds a dead node's connections keep counting", float],
+        ["workers", None, 1, "processes serving the listener (tcp:, ssl: or haproxy:tcp:), "
+                             "this one included; recommended: the number of CPU cores", int],
+    ] + QUEUE_PARAMETERS + RATE_PARAMETERS
     optParameters = named_coercions(optParameters)
 
     def __init__(self):
         usage.Options.__init__(self)
         self["evil"] = []
+        self["proxy-from"] = []
 
     def opt_k(self, value):
         """banned peer IP or CIDR, dropped at connect; may be repeated"""
@@ -223,6 +260,15 @@ class SmtpdOptions(usage.Options):
             raise usage.UsageError("-k: %s" % e)
 
     opt_evil = opt_k
+
+    def opt_proxy_from(self, value):
+        """load balancer IP or CIDR whose PROXY headers a haproxy: listener
+        believes (required with one); comma-separated and/or repeated"""
+        try:
+            self["proxy-from"].extend(smtpdconf.parse_network(v.strip())
+                                      for v in value.split(","))
+        except ValueError as e:
+            raise usage.UsageError("--proxy-from: %s" % e)
 
     def parseOptions(self, options=None):
         # the workers (--workers) parse the same options again
@@ -288,6 +334,10 @@ class SmtpdOptions(usage.Options):
             check_endpoint(self["listen"])
         except usage.UsageError as e:
             yield str(e)
+        else:
+            problem = service.proxy_from_problem(self["listen"], self["proxy-from"])
+            if problem:
+                yield problem
         if self["metrics"]:
             try:
                 check_metrics(self["metrics"])
@@ -309,6 +359,8 @@ class SmtpdOptions(usage.Options):
             yield "--greylist-min cannot be negative"
         if self["greylist-max"] <= self["greylist-min"]:
             yield "--greylist-max must be more than --greylist-min"
+        yield from rate_problems(self)
+        yield from state_problems(self)
 
     def _adoptable_listener(self):
         try:
@@ -342,6 +394,7 @@ class SmtpdOptions(usage.Options):
             greylist_max=self["greylist-max"],
             save_blocked=self["save-blocked"],
             evil=tuple(self["evil"]),
+            proxy_from=tuple(self["proxy-from"]),
             debug=self["debug"],
             tarpit_unit=self["tarpit-unit"],
             tarpit_max=self["tarpit-max"],
@@ -367,9 +420,28 @@ class SmtpdOptions(usage.Options):
             max_connections=self["max-connections"],
             max_connections_per_peer=self["max-connections-per-peer"],
             shutdown_grace=self["shutdown-grace"],
+            state=self["state"],
+            state_failure=self["state-failure"],
+            node=self["node"] or redisstate.default_node(),
+            state_lease=self["state-lease"],
             **queue_settings(self),
+            **rate_settings(self),
             **paths,
         )
+
+
+def state_problems(o):
+    """The shared-state options' problems, each one line (a URL that does
+    not parse; an unreachable Redis is no start-up error)."""
+    if o["state"] != "local":
+        try:
+            redisstate.parse_url(o["state"])
+        except ValueError as e:
+            yield "--state: %s (local or redis://HOST:PORT/DB)" % e
+    if o["state-failure"] not in ("tempfail", "local"):
+        yield "--state-failure wants tempfail or local, not %r" % o["state-failure"]
+    if o["state-lease"] <= 0:
+        yield "--state-lease must be positive"
 
 
 def check_files(s, require_auth=False, passwd_named=False, errors=None):

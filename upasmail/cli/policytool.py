@@ -45,6 +45,7 @@ from .options import SmtpdOptions
 from ..passwd import PasswordFile, PasswordFileUnavailable
 from ..service import makeResolver
 from ..session import Recipient
+from ..smtpd.redisstate import RedisStateStore
 from ..smtpd.spam import SpamFilter
 from ..mailroot.store import MailRoot
 from ..testing import FakeResolver, zone_from_lines
@@ -69,10 +70,11 @@ class ReadOnlyLookups:
     reading only.  A fact not known here is ``Undecidable`` rather than
     looked up some way that might write."""
 
-    def __init__(self, settings, resolver, reactor, clock, run_blocking=defer.maybeDeferred):
+    def __init__(self, settings, resolver, reactor, clock, run_blocking=defer.maybeDeferred,
+                 store=None):
         self.settings = settings
         self.clock = clock
-        self.spam = SpamFilter(settings, resolver, reactor, clock)
+        self.spam = SpamFilter(settings, resolver, reactor, clock, store)
         # never prepare()d: that makes directories and tidies the spool
         self.root = MailRoot(settings.root, run_blocking, clock, settings.dom,
                              settings.path("lib"), settings.ours)
@@ -92,6 +94,11 @@ class ReadOnlyLookups:
 
     def fact_connection_slot(self, ip, session):
         return None  # explaining holds no connection: the slot is free
+
+    def fact_connection_rate(self, ip, session):
+        return 1  # explaining counts nothing: the first attempt of its window
+
+    fact_message_rate = fact_recipient_rate = fact_connection_rate
 
     @defer.inlineCallbacks
     def fact_greylist(self, rsys, session):
@@ -379,7 +386,10 @@ def explain(options, reactor, clock=None, resolver=None):
         with open(options["dns"], encoding="utf-8") as f:
             resolver = FakeResolver(zone_from_lines(f, options["dns"]))
     resolver = resolver or makeResolver(reactor, options.get("resolverAddress"))
-    lookups = ReadOnlyLookups(s, resolver, reactor, clock or reactor)
+    store = None
+    if s.state != "local":  # --state redis://: the greylist and grants every node sees
+        store = RedisStateStore(s.state, s, clock or reactor, reactor)
+    lookups = ReadOnlyLookups(s, resolver, reactor, clock or reactor, store=store)
     notes = []
     if options["auth"] is not None:
         known = lookups.has_user(options["auth"])
@@ -390,9 +400,16 @@ def explain(options, reactor, clock=None, resolver=None):
                                      None: "there is no usable password file"}[known]))
     if options["ehlo"]:
         notes.append("EHLO's extension lines are not shown")
-    d = simulate.run_session(s, options["peer"], options["local"], options.command_lines(),
-                             lookups, encrypted=bool(options["tls"] or s.smtps),
-                             authenticated=options["auth"])
+    def run(_):
+        return simulate.run_session(s, options["peer"], options["local"],
+                                    options.command_lines(), lookups,
+                                    encrypted=bool(options["tls"] or s.smtps),
+                                    authenticated=options["auth"])
+
+    d = defer.succeed(None) if store is None else store.connect()
+    d.addCallback(run)
+    if store is not None:
+        d.addBoth(lambda result: store.disconnect().addCallback(lambda _: result))
     return d.addCallback(lambda result: Explanation(options, result[0], result[1], notes))
 
 

@@ -61,7 +61,7 @@ from zope.interface import implementer
 from .. import conf, logs, relay
 from .options import SmtpdOptions, open_decision_log
 from ..runq.queue import record_routing, recorded_routing, routing_of
-from ..service import connectionFactory, makeResolver, makeSmtpdFactory
+from ..service import connectionFactory, makeResolver, makeSmtpdFactory, makeStateStore
 
 log = Logger(namespace="smtpd")
 
@@ -325,7 +325,9 @@ def serve(options, reactor, sock, remote, local, source, out):
     s = options["settings"]
     try:
         # tidy=False: the other sessions' processes share tmp/ and the mailboxes
-        factory = makeSmtpdFactory(s, reactor, tidy=False,
+        # --state redis://: this session's process is a node of its own
+        store, shared = makeStateStore(s, reactor)
+        factory = makeSmtpdFactory(s, reactor, tidy=False, store=store,
                                    resolver=makeResolver(reactor, options.get("resolverAddress")))
     except OSError as e:
         out.say("%s: mail root %s: %s" % (PROG, s.root, e.strerror or e))
@@ -344,6 +346,8 @@ def serve(options, reactor, sock, remote, local, source, out):
     if source is None:
         log.info("peer address unknown (standard input is not an IP socket, and no -n): "
                  "{peer}, untrusted", peer=UNKNOWN_PEER)
+    if shared is not None:
+        shared.startService()  # the session's questions wait for its connection
     wrapper = NamedConnectionFactory(connectionFactory(factory, s, reactor), remote, local)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the next session reads the files anew
     if sock is not None:
@@ -366,7 +370,10 @@ def serve(options, reactor, sock, remote, local, source, out):
         grace period, and one whose end has been read is stored (fsynced)
         even when the connection is already gone."""
         d = factory.shutdown(s.shutdown_grace)
-        return d.addCallback(lambda _: defer.gatherResults([p.whenQuiet() for p in sessions]))
+        d.addCallback(lambda _: defer.gatherResults([p.whenQuiet() for p in sessions]))
+        if shared is not None:  # its connection released first
+            d.addBoth(lambda _: shared.stopService())
+        return d
 
     reactor.addSystemEventTrigger("before", "shutdown", finish)
 

@@ -63,6 +63,8 @@ def encode_fact(value):
 
 def decode_fact(name, value):
     """A recorded fact in the form the checks take (``policy.FACTS``)."""
+    if value == policy.UNAVAILABLE:  # the shared state could not give it
+        return value
     if name in DECISION_FACTS:
         return decode_decision(value)
     if name == "greylist":

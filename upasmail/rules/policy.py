@@ -24,12 +24,14 @@ The facts (``FACTS`` says what each is):
 =================  ==========================================================
 connect            ``closing``, ``connections``, ``connection_cap``,
                    ``ratify`` (the ratify lists), ``granted`` (the store's
-                   grant), ``connection_slot`` (None, or which limit refused)
+                   grant), ``connection_rate`` (the store's count),
+                   ``connection_slot`` (None, or which limit refused)
 helo               ``helo_dns`` (dnscheck status of the name),
                    ``peer_ptr`` (the peer's PTR names)
-mail               ``ratify`` (the ratify lists), ``sender_domain`` (-r),
+mail               ``message_rate`` (the store's count),
+                   ``ratify`` (the ratify lists), ``sender_domain`` (-r),
                    ``validate_from`` (the delivery back end's answer)
-rcpt               ``validateaddress`` ("ok", "unknown", "tempfail" or
+rcpt               ``recipient_rate`` (the store's count), ``validateaddress`` ("ok", "unknown", "tempfail" or
                    "absent"), ``names_blocked``, ``senders`` (the senders
                    file's answer), ``validate_to`` (the back end's answer)
 data               ``validatesender`` (its decision), ``nospamfiltering``,
@@ -38,6 +40,11 @@ data               ``validatesender`` (its decision), ``nospamfiltering``,
 auth               ``auth_mechanisms`` (a checker exists, the mechanisms
                    the checkers take, TLS or not)
 =================  ==========================================================
+
+A fact the state store gives (``granted``, the ``*_rate`` counts,
+``connection_slot``, ``greylist``) is ``UNAVAILABLE`` when the shared state
+could not answer (``interfaces.StateUnavailable``): its check then refuses
+with a temporary failure, never lets the client through.
 
 This module is long because it is the whole policy, read in one place:
 every table, every check in table order, the facts they ask for, and how
@@ -152,6 +159,29 @@ def run(table, session, cmd, conf, looked, start=0, effects=(), trace=None):
 
 # -- facts the checks share ------------------------------------------------
 
+# a state store's fact when the shared state could not answer (a string:
+# the decision log records it, and replay reads it back, as it is)
+UNAVAILABLE = "unavailable"
+
+
+def state_unavailable(conf, code, what, hangup=False, note=""):
+    """The temporary refusal of a check whose state store fact is
+    ``UNAVAILABLE`` (``what``: which fact, for the log)."""
+    return reject(code, replies.STATE_UNAVAILABLE.format(dom=conf.dom), hangup=hangup,
+                  counts=False, reason="state-unavailable", detail=what, note=note)
+
+
+def rate_exempt(trusted, conf):
+    """Trusted and authenticated clients pass the rate limits, unless
+    --rate-trusted (Postfix: smtpd_client_event_limit_exceptions)."""
+    return trusted and not conf.rate_trusted
+
+
+def over_rate(count, limit):
+    """A count of attempts in the window, this one included, against a
+    limit (Postfix anvil: refused once the count passes the limit)."""
+    return count > limit
+
 def untrusted(s):
     return not (s.trusted or s.authenticated)
 
@@ -239,12 +269,37 @@ def peer_facts(ip, conf, looked):
     the store's grant, asked only when nothing else trusts the peer."""
     lists = looked["ratify"]
     trusted = (relay.is_trusted(ip, conf.ournets) or lists.is_trusted(ip)
-               or looked.need("granted", ip))
+               or _grants(looked.need("granted", ip)))
     return trusted, lists.ip_action(ip)
 
 
+def _grants(granted):
+    return granted != UNAVAILABLE and bool(granted)
+
+
 def peer_trust(s, cmd, conf, looked):
-    return Accept(peer_facts(cmd.arg, conf, looked))
+    facts = peer_facts(cmd.arg, conf, looked)
+    if looked.get("granted") == UNAVAILABLE:  # a grant may trust the peer: unknown
+        return state_unavailable(conf, 421, "granted", hangup=True, note="connect.state")
+    return Accept(facts)
+
+
+def connection_rate(s, cmd, conf, looked):
+    """--conn-rate: connections from the peer in the window.  Before the
+    connection limits: every attempt counts (Postfix anvil), and a
+    connection refused here has taken no slot the factory must give back."""
+    if not conf.conn_rate or rate_exempt(peer_facts(cmd.arg, conf, looked)[0], conf):
+        return ACCEPT
+    count = looked.need("connection_rate", cmd.arg)
+    if count == UNAVAILABLE:
+        return state_unavailable(conf, 421, "connection_rate", hangup=True,
+                                 note="connect.state")
+    if over_rate(count, conf.conn_rate):
+        return reject(421, replies.RATE_CONNECTIONS.format(dom=conf.dom, ip=cmd.arg,
+                                                           window=conf.rate_window),
+                      hangup=True, counts=False, reason="limit", detail="rate",
+                      note="connect.rate")
+    return ACCEPT
 
 
 def connection_limits(s, cmd, conf, looked):
@@ -252,6 +307,9 @@ def connection_limits(s, cmd, conf, looked):
     refused = looked["connection_slot"]
     if refused is None:
         return ACCEPT
+    if refused == UNAVAILABLE:
+        return state_unavailable(conf, 421, "connection_slot", hangup=True,
+                                 note="connect.state")
     if refused == statestore.TOTAL:
         return reject(421, replies.TOO_MANY_CONNECTIONS.format(dom=conf.dom), hangup=True,
                       counts=False, reason="limit", note="connect.total")
@@ -263,7 +321,8 @@ def greet(s, cmd, conf, looked):
     return Accept(code=220, lines=(replies.GREETING.format(dom=conf.dom),))
 
 
-CONNECT = (banned, shutting_down, process_limit, peer_trust, connection_limits, greet)
+CONNECT = (banned, shutting_down, process_limit, peer_trust, connection_rate, connection_limits,
+           greet)
 
 
 # -- HELO/EHLO (smtpd.c hello, heloclaims, ckhello; §1.7) ----------------------
@@ -345,6 +404,28 @@ def smtputf8_sender(s, cmd, conf, looked):
     return ACCEPT
 
 
+def session_rate(s, conf, looked, limit, kind, text):
+    """--msg-rate and --rcpt-rate: the peer's commands of ``kind``
+    (``message``, ``recipient``) in the window, this one included."""
+    if not limit or rate_exempt(not untrusted(s), conf):
+        return ACCEPT
+    fact = kind + "_rate"
+    count = looked.need(fact, s.rsys)
+    if count == UNAVAILABLE:
+        return state_unavailable(conf, 451, fact)
+    if over_rate(count, limit):
+        return reject(452, text.format(dom=conf.dom, ip=s.rsys, window=conf.rate_window),
+                      counts=False, reason="rate", detail=kind, note="rate")
+    return ACCEPT
+
+
+def message_rate(s, cmd, conf, looked):
+    """--msg-rate: MAIL commands, counted whether or not they are accepted
+    (Postfix anvil), once the command is well formed and in sequence,
+    before the checks that look things up."""
+    return session_rate(s, conf, looked, conf.msg_rate, "message", replies.RATE_MESSAGES)
+
+
 def filterstate(s, cmd, conf, looked):
     """The ratify state; upas refuses for it only at DATA."""
     return Accept(filterstate=filter_state(s, sender_path(s, cmd), looked))
@@ -383,7 +464,7 @@ def sender_ok(s, cmd, conf, looked):
 
 
 MAIL = (rejectcheck, sender_length, auth_required, helo_given_mail, not_nested, declared_size,
-        smtputf8_sender, filterstate, sender_domain, validate_from, sender_ok)
+        smtputf8_sender, message_rate, filterstate, sender_domain, validate_from, sender_ok)
 
 
 # -- RCPT (smtpd.c receiver, spam.c recipok, senderok, forwarding; §1.9) -------
@@ -422,6 +503,11 @@ def smtputf8_recipient(s, cmd, conf, looked):
 def _unknown(path, detail, note):
     return reject(550, replies.USER_UNKNOWN.format(path=path), reason="unknown-user",
                   detail=detail, note=note)
+
+
+def recipient_rate(s, cmd, conf, looked):
+    """--rcpt-rate: RCPT commands, counted as MAIL's (``message_rate``)."""
+    return session_rate(s, conf, looked, conf.rcpt_rate, "recipient", replies.RATE_RECIPIENTS)
 
 
 def shellchars(s, cmd, conf, looked):
@@ -486,8 +572,8 @@ def receiver_ok(s, cmd, conf, looked):
 
 
 RCPT = (rejectcheck, recipient_length, helo_given_rcpt, mail_given, recipient_limit,
-        smtputf8_recipient, shellchars, validateaddress, names_blocked, senders, relaying,
-        validate_to, receiver_ok)
+        smtputf8_recipient, recipient_rate, shellchars, validateaddress, names_blocked, senders,
+        relaying, validate_to, receiver_ok)
 
 
 # -- DATA (smtpd.c data, startcmd, spam.c; §1.10.1, §1.10.2) ------------------
@@ -562,7 +648,10 @@ def greylisting(s, cmd, conf, looked):
     peer not whitelisted is refused and the connection closed."""
     if not (conf.greylist and untrusted(s)) or data_action(s, looked) != "deliver":
         return ACCEPT
-    white, outcomes = looked.need("greylist", s.rsys)
+    grey = looked.need("greylist", s.rsys)
+    if grey == UNAVAILABLE:  # not known to have tried before: not let through
+        return state_unavailable(conf, 451, "greylist")
+    white, outcomes = grey
     if white or any(state == greylist.RECENT for _, state in outcomes):
         return Accept(note="data.greylist") if outcomes else ACCEPT
     return reject(451, replies.TRY_AGAIN, hangup=True, reason="greylist", note="data.greylist")
@@ -657,6 +746,9 @@ FACTS = {
     "connection_cap": "what the open-file limit allows (None: no cap)",
     "granted": "the store's temporary grant trusts the peer",
     "connection_slot": "None, or the store's refusal (total or per peer)",
+    "connection_rate": "the peer's connections in the rate window, this one included",
+    "message_rate": "the peer's MAIL commands in the rate window, this one included",
+    "recipient_rate": "the peer's RCPT commands in the rate window, this one included",
     "helo_dns": "the HELO name's DNS status (dnscheck)",
     "peer_ptr": "the peer's PTR names",
     "ratify": "the ratify lists",

@@ -244,12 +244,18 @@ class TrustedGrants:
                 return True
         return False
 
-    def grant(self, ip):
+    def grant(self, ip, duration=None):
+        """Trust ``ip`` for ``duration`` seconds (at most, and by default,
+        ``lifetime``: the file's age is all it says)."""
         ip = normalize_ip(ip)
         ipaddress.ip_address(ip)  # refuse anything that is not an address
+        if duration is not None and not 0 < duration <= self.lifetime:
+            raise ValueError("a grant in %s lasts at most %g seconds" % (self.directory,
+                                                                         self.lifetime))
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, ip)
         with open(path, "a"):
             pass
-        now = self.clock.seconds()
-        os.utime(path, (now, now))
+        # dated as if made earlier, so that it ends ``duration`` from now
+        when = self.clock.seconds() - (self.lifetime - (duration or self.lifetime))
+        os.utime(path, (when, when))

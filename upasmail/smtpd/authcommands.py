@@ -5,7 +5,9 @@ machine, the failure throttle's arithmetic), pure; this is what the
 protocol does with it: it moves the connection into and out of the AUTH
 phase, asks the state store whether the client's address may still try,
 logs in through the ``twisted.cred`` portal, and answers a failure once
-the address's turn comes.  ``AuthCommands`` is mixed into the protocol
+the address's turn comes.  When the shared state cannot say whether the
+address may try (``StateUnavailable``), AUTH is a temporary failure
+(454, RFC 4954): no password is checked without its throttle.  ``AuthCommands`` is mixed into the protocol
 (``server.UpasESMTP``), whose reply, phase and log it uses.
 """
 
@@ -15,6 +17,7 @@ from twisted.mail import smtp
 from ..rules import auth
 from .. import replies
 from ..decision import reject
+from ..interfaces import StateUnavailable
 from ..session import AUTH, COMMAND, GONE
 
 
@@ -58,13 +61,14 @@ class AuthCommands:
         if not (step.ok or auth.is_failure(step)):
             return self.reply(step)
         d = self.store.authBegin(self.session.rsys)
-        return d.addCallback(self._authBegun, step, exchange)
+        return d.addCallbacks(self._authBegun, self._authUnavailable,
+                              callbackArgs=(step, exchange), errbackArgs=(exchange.mech,))
 
     def _authBegun(self, begun, step, exchange):
         s = self.session
         if self._state is GONE:  # gone while the store answered: the check is not made
             if begun:
-                self.store.authAbandoned(s.rsys)
+                self._settled(self.store.authAbandoned(s.rsys))
             return None
         if not begun:
             # the address has spent its failures: nothing more is checked
@@ -81,6 +85,29 @@ class AuthCommands:
                               callbackArgs=(user, exchange.mech),
                               errbackArgs=(user, exchange.mech))
 
+    def _authUnavailable(self, failure, mech):
+        """The throttle's state cannot be had (authBegin, authFailed): 454."""
+        failure.trap(StateUnavailable)
+        s = self.session
+        self.log.warn("temporary authentication failure for {rsys}: shared state "
+                      "unavailable ({err})", rsys=s.rsys, err=str(failure.value) or "no answer",
+                      event="smtpd.auth", peer=s.rsys, user=None, mechanism=mech,
+                      result="tempfail")
+        if self._state is not GONE:
+            self.reply(reject(454, replies.AUTH_TEMPORARY, counts=False,
+                              reason="state-unavailable", detail="auth"))
+
+    def _settled(self, d):
+        """authSucceeded, authAbandoned: nothing waits for them; a store that
+        cannot answer them only loses a count, which is logged."""
+        def unavailable(failure):
+            failure.trap(StateUnavailable)
+            self.log.warn("shared state unavailable: AUTH outcome for {rsys} not counted "
+                          "({err})", rsys=self.session.rsys,
+                          err=str(failure.value) or "no answer", event="state.unavailable",
+                          peer=self.session.rsys, state="unavailable")
+        return d.addErrback(unavailable)
+
     def _tooManyFailures(self):
         return reject(421, replies.AUTH_TOO_MANY.format(dom=self.settings.dom), hangup=True,
                       reason="auth-throttled")
@@ -88,7 +115,7 @@ class AuthCommands:
     def _authenticated(self, result, user, mech):
         _, avatar, logout = result
         s = self.session
-        self.store.authSucceeded(s.rsys)
+        self._settled(self.store.authSucceeded(s.rsys))
         if self._state is GONE:
             logout()
             return None
@@ -106,7 +133,7 @@ class AuthCommands:
     def _authFailed(self, failure, user, mech):
         s = self.session
         if not failure.check(error.LoginFailed):
-            self.store.authAbandoned(s.rsys)
+            self._settled(self.store.authAbandoned(s.rsys))
             self.log.error("temporary authentication failure for {user} from {rsys}: {err}",
                            user=user, rsys=s.rsys, err=failure.getErrorMessage(),
                            event="smtpd.auth", peer=s.rsys, mechanism=mech, result="tempfail")
@@ -125,7 +152,8 @@ class AuthCommands:
             answer = self._tooManyFailures() if n >= limit else verdict
             return self._after(wait, self._answerFailure, answer)
 
-        return self.store.authFailed(s.rsys).addCallback(counted)
+        return self.store.authFailed(s.rsys).addCallbacks(counted, self._authUnavailable,
+                                                          errbackArgs=(mech,))
 
     def _answerFailure(self, verdict):
         if self._state is not GONE:

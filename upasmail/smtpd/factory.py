@@ -4,7 +4,8 @@ connections have in common.
 For each new connection it runs the policy's connect table (``-k`` bans,
 shutting down, the process's limit) before anything is read, builds the
 protocol (``server.UpasESMTP``) with everything injected, and asks the
-state store to admit it (connections in all and per peer).  It also
+state store to admit it (the connection rate, connections in all and per
+peer; a store that cannot answer is a ``421`` and the connection closes).  It also
 reloads the settings of every connection (SIGHUP) and shuts them down
 with grace (SIGTERM).  A banned peer gets ``listening.Dropped``, a full
 server ``_Busy``.
@@ -14,11 +15,12 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
 
-from .. import grammar, logs, relay
+from .. import grammar, logs, relay, replies
 from ..rules import policy
 from ..interfaces import IReloadable
 from .listening import Dropped
 from .server import UpasESMTP
+from .spam import unless_unavailable
 
 log = Logger(namespace="smtpd")
 
@@ -111,6 +113,16 @@ class UpasSMTPFactory(smtp.SMTPFactory):
                               "shutdown")
         elif note == "connect.peer":
             _refusedAtConnect(session.info, "too many connections from {ip}", ip, "limit")
+        elif note == "connect.rate":
+            session.info("rate limit: {n} connections from {ip} in {window} seconds (limit "
+                         "{limit})", n=looked["connection_rate"], ip=ip,
+                         window=self.settings.rate_window, limit=self.settings.conn_rate,
+                         event="smtpd.rate", peer=ip, kind="connection")
+            _refusedAtConnect(session.info, "too many connections from {ip} in the rate window",
+                              ip, "limit")
+        elif note == "connect.state":
+            _refusedAtConnect(session.warn, "connection from {ip} refused: shared state "
+                              "unavailable", ip, "state-unavailable")
         else:
             n = looked["connections"] if note == "connect.limit" else self.settings.max_connections
             _refusedAtConnect(session.warn, "too many connections ({n}); refusing {ip}", ip,
@@ -128,9 +140,9 @@ class UpasSMTPFactory(smtp.SMTPFactory):
 
         def gather(name, arg):
             if name == "connection_slot":
-                return self.store.acquireConnection(
+                return unless_unavailable(self.store.acquireConnection(
                     ip, policy.peer_facts(ip, s, looked)[0], s.max_connections_per_peer,
-                    s.max_connections)
+                    s.max_connections), name, ip)
             return self.spam.gather(name, ip, None)
 
         def decided(outcome):
@@ -147,6 +159,9 @@ class UpasSMTPFactory(smtp.SMTPFactory):
             return None
 
         def failed(failure):
+            # a bug, not an outage (that is UNAVAILABLE, a refusal of the
+            # table): the client still gets its 421 (RFC 5321 3.8), not a
+            # bare close it cannot tell from a network fault
             log.failure("connection state unavailable; closing the connection from {ip}",
                         failure, ip=ip, event="error")
             _refusedAtConnect(logs.SessionLogger(logs.new_session_id()).info,
@@ -154,7 +169,7 @@ class UpasSMTPFactory(smtp.SMTPFactory):
             if trace is not None:  # the decision log
                 self.decisions.refused(ip, looked, trace, "error")
             self.connections.discard(p)
-            p.transport.loseConnection()
+            _Busy(replies.LOCAL_ERROR).makeConnection(p.transport)
             return None
 
         r = policy.resume(pending, policy.CONNECT, None, cmd, s, gather, looked, trace)
@@ -164,7 +179,8 @@ class UpasSMTPFactory(smtp.SMTPFactory):
         if p in self.connections:
             self.connections.discard(p)
             if p.exempt is not None:
-                self.store.releaseConnection(p.peerIP, p.exempt)
+                d = self.store.releaseConnection(p.peerIP, p.exempt)
+                unless_unavailable(d, "connection release", p.peerIP)
 
     def reload(self, settings):
         """New settings for new connections (SIGHUP); sessions under way keep theirs.

@@ -94,6 +94,14 @@ def _greylist(p, d, cmd, looked):
                    rsys=s.rsys, event="smtpd.greylist", peer=s.rsys, rcpt=None, state="refused")
 
 
+def _rate(p, d, cmd, looked):
+    s, conf = p.session, p.settings
+    limit = conf.msg_rate if d.detail == "message" else conf.rcpt_rate
+    p.log.info("rate limit: {n} {kind}s from {rsys} in {window} seconds (limit {limit})",
+               n=looked[d.detail + "_rate"], kind=d.detail, rsys=s.rsys,
+               window=conf.rate_window, limit=limit, event="smtpd.rate", peer=s.rsys)
+
+
 NOTES = {
     "tarpit": _tarpit,
     "helo.hangup": _helo_hangup,
@@ -106,4 +114,5 @@ NOTES = {
     "data.sendercheck": _sendercheck,
     "data.ratify": _ratify,
     "data.greylist": _greylist,
+    "rate": _rate,
 }

@@ -6,7 +6,9 @@ facts the policy checks need that take I/O.
 and the state store (``statestore.IStateStore``: the temporary trusted
 grants and the greylist, shared by every process).  ``gather`` looks up
 one fact named by ``policy`` (``policy.FACTS``) when a check asks for it;
-the decisions themselves are ``policy``'s tables.
+the decisions themselves are ``policy``'s tables.  A store's fact the
+shared state cannot give (``StateUnavailable``) is ``policy.UNAVAILABLE``,
+logged here; its check answers a temporary failure.
 """
 
 import ipaddress
@@ -19,7 +21,7 @@ from zope.interface import implementer
 from ..rules import dnscheck, greylist, policy, ratify
 from .. import logs, relay
 from ..conf import WatchedFile
-from ..interfaces import IReloadable
+from ..interfaces import CONNECTION, MESSAGE, RECIPIENT, IReloadable, StateUnavailable
 from .statestore import LocalStateStore
 from .validators import Validators
 
@@ -59,7 +61,20 @@ class SpamFilter:
         return getattr(self, "fact_" + name)(arg, session)
 
     def fact_granted(self, rsys, session):
-        return self.store.isGranted(rsys)
+        return unless_unavailable(self.store.isGranted(rsys), "granted", rsys, session)
+
+    def _rate(self, kind, fact, rsys, session):
+        d = self.store.countAttempt(kind, rsys, self.settings.rate_window)
+        return unless_unavailable(d, fact, rsys, session)
+
+    def fact_connection_rate(self, rsys, session):
+        return self._rate(CONNECTION, "connection_rate", rsys, session)
+
+    def fact_message_rate(self, rsys, session):
+        return self._rate(MESSAGE, "message_rate", rsys, session)
+
+    def fact_recipient_rate(self, rsys, session):
+        return self._rate(RECIPIENT, "recipient_rate", rsys, session)
 
     def fact_ratify(self, arg, session):
         return self.ratify.current()
@@ -108,6 +123,9 @@ class SpamFilter:
             white = yield self.store.isWhitelisted(rsys)
             outcomes = [] if white else (
                 yield self.store.greylistAttempt(session.lsys, rsys, session.envelope.recipients))
+        except StateUnavailable as e:
+            state_unavailable(log, "greylist", rsys, e)
+            return policy.UNAVAILABLE
         except OSError as e:
             log.error("greylist: {err}; letting {rsys} through", err=e, rsys=rsys,
                       event="smtpd.greylist", peer=rsys, state="error")
@@ -117,7 +135,7 @@ class SpamFilter:
                                              self.settings.dns_timeout)
             try:
                 yield self.store.addToWhitelist(rsys, names[0] if names else None)
-            except OSError as e:
+            except (OSError, StateUnavailable) as e:  # the attempt passes all the same
                 log.error("greylist whitelist: {err}", err=e, event="smtpd.greylist",
                           peer=rsys, state="error")
         return white, list(outcomes)
@@ -134,6 +152,25 @@ class SpamFilter:
             if not os.path.exists(os.path.join(boxes, user.lower(), "nospamfiltering")):
                 return False
         return bool(recipients)
+
+
+def state_unavailable(logger, fact, ip, err):
+    """The log line of a store's fact the shared state could not give."""
+    logger.warn("shared state unavailable for {fact} of {ip}: {err}; answering a "
+                "temporary failure", fact=fact, ip=ip, err=str(err) or "no answer", event="state.unavailable",
+                peer=ip, state="unavailable")
+
+
+def unless_unavailable(d, fact, ip, session=None):
+    """The store's answer ``d`` (a Deferred), or ``policy.UNAVAILABLE``
+    when the shared state could not answer (``session``: whose log says
+    so; None before the greeting)."""
+    def unavailable(failure):
+        failure.trap(StateUnavailable)
+        logger = log if session is None else logs.SessionLogger(session.id)
+        state_unavailable(logger, fact, ip, failure.value)
+        return policy.UNAVAILABLE
+    return d.addErrback(unavailable)
 
 
 def _is_literal(domain):

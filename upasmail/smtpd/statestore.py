@@ -28,14 +28,15 @@ from zope.interface import implementer
 
 from ..rules import auth
 from ..rules.greylist import Greylist
-from ..interfaces import IReloadable, IStateStore
+from ..interfaces import IReloadable, IStateStore, StateUnavailable
 from ..rules.ratify import TrustedGrants
 
 # acquireConnection's refusals
 TOTAL, PEER = "total", "peer"
 # a file the store cannot use is an OSError on the worker's side too
-# (the greylist lets the peer through and logs why)
-FILE_ERRORS = {OSError: b"OS_ERROR"}
+# (the greylist lets the peer through and logs why), and a shared state
+# that cannot answer is StateUnavailable there (a temporary failure)
+STORE_ERRORS = {OSError: b"OS_ERROR", StateUnavailable: b"STATE_UNAVAILABLE"}
 
 
 @implementer(IStateStore, IReloadable)
@@ -126,6 +127,7 @@ class AcquireConnection(amp.Command):
     arguments = [(b"ip", amp.Unicode()), (b"exempt", amp.Boolean()),
                  (b"perPeer", amp.Integer()), (b"total", amp.Integer())]
     response = [(b"refused", amp.Unicode(optional=True))]
+    errors = STORE_ERRORS
 
 
 class ReleaseConnection(amp.Command):
@@ -137,27 +139,31 @@ class ReleaseConnection(amp.Command):
 class AuthBegin(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = [(b"ok", amp.Boolean())]
+    errors = STORE_ERRORS
 
 
 class AuthFailed(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = [(b"wait", amp.Float()), (b"failures", amp.Integer()), (b"limit", amp.Integer())]
+    errors = STORE_ERRORS
 
 
 class AuthSucceeded(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = []
+    errors = STORE_ERRORS
 
 
 class AuthAbandoned(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = []
+    errors = STORE_ERRORS
 
 
 class IsWhitelisted(amp.Command):
     arguments = [(b"rsys", amp.Unicode())]
     response = [(b"yes", amp.Boolean())]
-    errors = FILE_ERRORS
+    errors = STORE_ERRORS
 
 
 class GreylistAttempt(amp.Command):
@@ -165,30 +171,31 @@ class GreylistAttempt(amp.Command):
                  (b"recipients", amp.ListOf(amp.Unicode()))]
     response = [(b"outcomes", amp.AmpList([(b"rcpt", amp.Unicode()),
                                            (b"state", amp.Unicode())]))]
-    errors = FILE_ERRORS
+    errors = STORE_ERRORS
 
 
 class AddToWhitelist(amp.Command):
     arguments = [(b"rsys", amp.Unicode()), (b"name", amp.Unicode(optional=True))]
     response = []
-    errors = FILE_ERRORS
+    errors = STORE_ERRORS
 
 
 class IsGranted(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = [(b"yes", amp.Boolean())]
-    errors = FILE_ERRORS
+    errors = STORE_ERRORS
 
 
 class Grant(amp.Command):
     arguments = [(b"ip", amp.Unicode())]
     response = []
-    errors = FILE_ERRORS
+    errors = STORE_ERRORS
 
 
 class CountAttempt(amp.Command):
     arguments = [(b"kind", amp.Unicode()), (b"ip", amp.Unicode()), (b"window", amp.Float())]
     response = [(b"count", amp.Integer())]
+    errors = STORE_ERRORS
 
 
 class Enqueued(amp.Command):
@@ -322,7 +329,8 @@ class StateServer(Channel):
         checking, self.checking = self.checking, Counter()
         for ip, n in checking.items():
             for _ in range(n):
-                self.store.authAbandoned(ip)
+                # a shared store that cannot answer forgets them with its TTL
+                self.store.authAbandoned(ip).addErrback(lambda f: f.trap(StateUnavailable))
 
     def connectionLost(self, reason):
         Channel.connectionLost(self, reason)
