@@ -109,10 +109,12 @@ class Redis:
         return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
     def commands(self):
-        """Commands served so far, the bench's own INFO left out."""
-        return sum(int(v.split("calls=")[1].split(",")[0])
-                   for k, v in self.info("commandstats").items()
-                   if k.startswith("cmdstat_") and k != "cmdstat_info")
+        """(commands served so far, the bench's own INFO left out; of them
+        EVALSHA, one round trip each).  A script's own commands count too."""
+        calls = {k: int(v.split("calls=")[1].split(",")[0])
+                 for k, v in self.info("commandstats").items() if k.startswith("cmdstat_")}
+        calls.pop("cmdstat_info", None)
+        return sum(calls.values()), calls.get("cmdstat_evalsha", 0)
 
     def stop(self):
         self.child.stop()
@@ -124,10 +126,9 @@ class Node(servers.Upasmail):
     def __init__(self, work, dns_port, name, state):
         os.makedirs(work)
         extra = ["--listen", "haproxy:tcp:0:interface=127.0.0.1:backlog=4096",
-                 "--proxy-from", "127.0.0.1/32", "--node", name,
-                 "-g", "--greylist-min", "0", *RATES]
+                 "--proxy-from", "127.0.0.1/32", "-g", "--greylist-min", "0", *RATES]
         if state != "local":
-            extra += ["--state", state]
+            extra += ["--state", state, "--node", name]
         servers.Upasmail.__init__(self, work, dns_port, extra=extra)
         self.name = name
 
@@ -208,7 +209,7 @@ def run_one(bench_work, dns_port, count, state, sc, rep, serial):
         redis_pids = [c.redis.child.pid] if c.redis else []
         r_cpu0 = procstat.cpu_seconds(redis_pids)
         h_cpu0 = procstat.cpu_seconds([c.haproxy.pid])
-        cmds0 = c.redis.commands() if c.redis else 0
+        cmds0 = c.redis.commands() if c.redis else (0, 0)
         result = scenarios.run_load(c, sc, tag)
         acked = result["acked"] or 1
         result["redis_cpu_ms_per_msg"] = (
@@ -216,7 +217,10 @@ def run_one(bench_work, dns_port, count, state, sc, rep, serial):
         result["haproxy_cpu_ms_per_msg"] = (
             (procstat.cpu_seconds([c.haproxy.pid]) - h_cpu0) * 1000.0 / acked)
         # the warm-up session of run_load counts too: a handful of commands
-        result["redis_cmds_per_msg"] = (c.redis.commands() - cmds0) / acked if c.redis else None
+        if c.redis:
+            cmds = c.redis.commands()
+            result["redis_cmds_per_msg"] = (cmds[0] - cmds0[0]) / acked
+            result["redis_evalsha_per_msg"] = (cmds[1] - cmds0[1]) / acked
         count_problems, first = c.log_problems()
         if count_problems:
             result["log_problems"] = ["%d: %s" % (count_problems, first)]
@@ -234,7 +238,8 @@ def run_one(bench_work, dns_port, count, state, sc, rep, serial):
 
 def table(results):
     rows = [["state", "nodes", "msgs/s", "p50 ms", "p99 ms", "nodes CPU ms/msg",
-             "redis CPU ms/msg", "haproxy CPU ms/msg", "redis cmds/msg", "errors", "verified"]]
+             "redis CPU ms/msg", "haproxy CPU ms/msg", "redis cmds/msg", "EVALSHA/msg",
+             "errors", "verified"]]
     for (_, name), rs in report.summarize(results).items():
         def col(key, fmt="%.1f"):
             vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
@@ -243,7 +248,7 @@ def table(results):
         rows.append([rs[0]["state"], str(rs[0]["nodes"]), col("msgs_per_s", "%.0f"),
                      col("p50_ms"), col("p99_ms", "%.0f"), col("cpu_ms_per_msg", "%.2f"),
                      col("redis_cpu_ms_per_msg", "%.2f"), col("haproxy_cpu_ms_per_msg", "%.2f"),
-                     col("redis_cmds_per_msg"), str(sum(r.get("errors", 0) for r in rs)),
+                     col("redis_cmds_per_msg"), col("redis_evalsha_per_msg"), str(sum(r.get("errors", 0) for r in rs)),
                      "ok" if ok else "; ".join(
                          r.get("failed") or r["verified"] for r in rs if not r.get("verified_ok"))])
     return report.format_rst(rows)

@@ -13,18 +13,23 @@ pick the node and the client's address.  The child processes act on
 their own clocks: waiting for them is polling, with a bound.
 """
 
+import json
 import mailbox
 import os
 import signal
 import smtplib
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
 
-from realservers import HAProxy, RedisServer
-from test_twistd import ROOT, Server, dns_port  # noqa: F401  (dns_port is a fixture)
+from bench.cluster import haproxy_config
+from bench.servers import wait_until as poll  # the child processes act on their own clocks
+from realservers import HAProxy, RedisServer, free_port
+from test_twistd import ROOT, Server, dns_port, env  # noqa: F401  (dns_port is a fixture)
 
 EXAMPLE = os.path.join(ROOT, "examples", "cluster")
 BODY = b"Subject: %s\r\nFrom: alice@sender.net\r\n\r\nhello\r\n"
@@ -39,9 +44,9 @@ class Node(Server):
         os.makedirs(directory, exist_ok=True)
         Server.__init__(self, directory,
                         "--listen", "haproxy:tcp:0:interface=127.0.0.1",
-                        "--proxy-from", "127.0.0.1/32", "--node", name,
+                        "--proxy-from", "127.0.0.1/32",
                         "--resolver", "127.0.0.1:%d" % dns, *(
-                            ("--state", redis.url) if redis else ()), *args,
+                            ("--state", redis.url, "--node", name) if redis else ()), *args,
                         mailboxes=("bob",))
 
     def _port(self):  # the nodes start side by side: ready() reads the port
@@ -64,25 +69,14 @@ class Node(Server):
         return [m["Subject"] for m in self.messages(user)]
 
 
-def haproxy_config(ports):
-    """examples/cluster/haproxy.cfg for these node ports ({port}: the front)."""
-    with open(os.path.join(EXAMPLE, "haproxy.cfg")) as f:
-        text = f.read()
-    assert "{" not in text.replace("${", "")  # what str.format would trip on
-    text = text.replace("${UPAS_CLUSTER_PORT}", "{port}")
-    lines = []
-    for line in text.splitlines():
-        if line.strip().startswith("server node"):
-            n = int(line.split()[1][len("node"):])
-            if n > len(ports):
-                continue
-            line = line.replace("${UPAS_NODE%d_PORT}" % n, str(ports[n - 1]))
-        lines.append(line)
-    return "\n".join(lines) + "\n"
+def redis_clients(redis):
+    """Connections Redis has open, the one asking included."""
+    info = redis.command("INFO", "clients")
+    return int(info.split("connected_clients:")[1].split()[0])
 
 
 class Cluster:
-    def __init__(self, tmp_path, dns, count, args, balancer, state):
+    def __init__(self, tmp_path, dns, count, args, balancer, state, proxy):
         self.tmp = tmp_path
         self.dns = dns
         self.redis = RedisServer(tmp_path / "redis") if state == "redis" else None
@@ -90,10 +84,19 @@ class Cluster:
         self.nodes = [self._node(i) for i in range(count)]
         for n in self.nodes:
             n.ready()
+        if self.redis:
+            # the tests below are about sharing, not start-up: each node's
+            # Redis connection is up (test_a_node_answers_at_once_after_start)
+            poll(lambda: redis_clients(self.redis) > count, 15,
+                 "every node to connect to Redis")
         self.haproxy = None
         if balancer:
-            self.haproxy = HAProxy(tmp_path / "haproxy", haproxy_config(
-                [n.port for n in self.nodes]))
+            port = free_port()
+            config = haproxy_config(port, [n.port for n in self.nodes])
+            config = config.replace("send-proxy-v2", proxy)
+            # HAProxy's "${VAR}" in the comments are not str.format's
+            self.haproxy = HAProxy(tmp_path / "haproxy",
+                                   config.replace("{", "{{").replace("}", "}}"), port=port)
 
     def _node(self, i):
         name = "node%d" % (i + 1)
@@ -103,12 +106,13 @@ class Cluster:
         return "\n".join(n.output() for n in self.nodes)
 
     def stop(self):
-        if self.haproxy:
+        if getattr(self, "haproxy", None):
             self.haproxy.stop()
-        for n in self.nodes:
+        for n in self.nodes:  # all at once, then each waited for
             if n.proc.poll() is None:
                 n.proc.send_signal(signal.SIGTERM)
         for n in self.nodes:
+            n.proc.wait(30)
             n.stop()
         if self.redis:
             self.redis.stop()
@@ -116,11 +120,13 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path, dns_port):
-    """``cluster(count=3, *node options, balancer=True, state="redis")``."""
+    """``cluster(*node options, count=3, balancer=True, state="redis",
+    proxy="send-proxy-v2")``: ``proxy`` is HAProxy's (``send-proxy``: v1)."""
     made = []
 
-    def start(*args, count=3, balancer=True, state="redis"):
-        c = Cluster(tmp_path / ("c%d" % len(made)), dns_port, count, args, balancer, state)
+    def start(*args, count=3, balancer=True, state="redis", proxy="send-proxy-v2"):
+        c = Cluster(tmp_path / ("c%d" % len(made)), dns_port, count, args, balancer, state,
+                    proxy)
         made.append(c)
         return c
 
@@ -175,19 +181,10 @@ def send(c, subject, rcpt="bob"):
     c.ehlo_or_helo_if_needed()
     assert c.mail("alice@sender.net")[0] == 250
     assert c.rcpt(rcpt)[0] == 250
-    return c.data(BODY % subject.encode())
-
-
-def poll(predicate, timeout=15.0, what="condition"):
-    """Until ``predicate()`` is true: the nodes and Redis act on their own clocks."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.1)
+    try:
+        return c.data(BODY % subject.encode())
+    except smtplib.SMTPDataError as e:  # refused at DATA or after the dot
+        return e.smtp_code, e.smtp_error
 
 
 def refused_at_connect(node, client):
@@ -208,13 +205,18 @@ QUIET = ("-e", "--tarpit-unit", "0")
 
 # -- PROXY: the real client everywhere --------------------------------------
 
-def test_haproxy_v2_carries_the_client_into_trust_ratify_k_received_and_logs(cluster):
-    c = cluster(*QUIET, "--conf", os.path.join(EXAMPLE, "smtpd.conf"), "-k", "127.0.0.3",
-                "--no-queue-runner")
+@pytest.mark.parametrize("version", ["send-proxy-v2", "send-proxy"])
+def test_haproxy_carries_the_client_into_trust_helo_ratify_k_received_and_logs(cluster,
+                                                                              version):
+    c = cluster("--tarpit-unit", "0", "--conf", os.path.join(EXAMPLE, "smtpd.conf"),
+                "-k", "127.0.0.3", "--no-queue-runner", proxy=version)
     for n in c.nodes:
         os.makedirs(os.path.join(n.root, "lib"), exist_ok=True)
         with open(os.path.join(n.root, "lib", "blocked"), "w") as f:
             f.write("deny 127.0.0.4\n")
+    # the HELO checks look up 127.0.0.2's name (the balancer, trusted, is not checked)
+    with through(c, "127.0.0.2", local_hostname="nowhere.sender.net") as s:
+        assert s.ehlo() == (554, b"5.7.0 Liar!")
     # 127.0.0.2 is an outside peer: its own address in Received and the log,
     # and no relaying (the balancer, 127.0.0.1, is trusted: it would relay)
     with through(c, "127.0.0.2") as s:
@@ -230,7 +232,7 @@ def test_haproxy_v2_carries_the_client_into_trust_ratify_k_received_and_logs(clu
         s.mail("alice@sender.net")
         assert s.rcpt("x@foreign.example")[0] == 250
     # ratify sees 127.0.0.4 (refused at DATA), -k 127.0.0.3 (dropped before a byte)
-    with through(c, "127.0.0.4") as s:
+    with through(c, "127.0.0.4", local_hostname="broken.sender.net") as s:  # SERVFAIL: no lie
         s.ehlo()
         s.mail("alice@sender.net")
         s.rcpt("bob")
@@ -243,7 +245,7 @@ def test_haproxy_v2_carries_the_client_into_trust_ratify_k_received_and_logs(clu
 
 @pytest.mark.parametrize("header", [v1_header, v2_header])
 def test_v1_and_v2_headers_straight_to_a_node(cluster, header):
-    c = cluster(*QUIET, count=1, balancer=False)
+    c = cluster(*QUIET, count=1, balancer=False, state="local")
     [n] = c.nodes
     with ProxiedSMTP(n.port, header("198.51.100.7", 41000, "192.0.2.25", 25)) as s:
         assert send(s, "v")[0] == 250
@@ -253,7 +255,7 @@ def test_v1_and_v2_headers_straight_to_a_node(cluster, header):
 
 
 def test_no_header_or_a_foreign_balancer_is_closed_without_a_reply(cluster):
-    c = cluster(*QUIET, count=1, balancer=False)
+    c = cluster(*QUIET, count=1, balancer=False, state="local")
     [n] = c.nodes
     with socket.create_connection(("127.0.0.1", n.port), timeout=30) as s:
         s.sendall(b"EHLO client.sender.net\r\n")
@@ -313,6 +315,23 @@ def test_auth_failures_on_one_node_count_on_another(cluster, tmp_path):
         assert s.login("alice", "correct horse 9")[0] == 235
 
 
+def test_a_grant_from_upas_grant_is_trusted_on_every_node(cluster):
+    c = cluster(*QUIET, "--no-queue-runner", balancer=False)
+
+    def relays(node):
+        with proxied(node, "198.51.100.35") as s:
+            s.ehlo()
+            s.mail("alice@sender.net")
+            return s.rcpt("x@foreign.example")[0] == 250
+
+    assert not relays(c.nodes[2])
+    r = subprocess.run([sys.executable, "-c", "from upasmail.cli.granttool import main; main()",
+                        "--state", c.redis.url, "198.51.100.35"], env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert all(relays(n) for n in c.nodes)
+
+
 def test_connections_per_client_are_counted_over_three_nodes(cluster):
     c = cluster(*QUIET, "--max-connections-per-peer", "2", balancer=False)
     n1, n2, n3 = c.nodes
@@ -340,18 +359,16 @@ def test_rate_limits_hold_over_three_nodes(cluster):
         s.ehlo()
         code, text = s.mail("alice@sender.net")
         assert code == 452 and text.startswith(b"4.7.0"), (code, text)
-    # recipients: 4 a window
-    for i, n in enumerate(nodes):
+    # recipients: 4 a window (in 3 messages: the message limit is not hit)
+    for n, rcpts in zip(nodes, (2, 1, 1)):
         with proxied(n, "198.51.100.51") as s:
             s.ehlo()
-            s.mail("alice@sender.net")
-            assert s.rcpt("bob")[0] == 250
-    with proxied(nodes[1], "198.51.100.51") as s:
-        s.ehlo()
-        s.mail("alice@sender.net")
-        assert s.rcpt("bob")[0] == 250  # the fourth
-        code, text = s.rcpt("bob")
-        assert code == 452 and text.startswith(b"4.5.3"), (code, text)
+            assert s.mail("alice@sender.net")[0] == 250
+            for _ in range(rcpts):
+                assert s.rcpt("bob")[0] == 250
+            if n is nodes[2]:
+                code, text = s.rcpt("bob")  # the fifth
+                assert code == 452 and text.startswith(b"4.5.3"), (code, text)
     # connections: 4 a window (the ones above were other clients)
     for n in nodes + [nodes[0]]:
         assert refused_at_connect(n, "198.51.100.52") is None
@@ -379,6 +396,19 @@ def test_a_killed_nodes_connections_stop_counting_once_its_lease_expires(cluster
 
 # -- Redis going away ---------------------------------------------------------
 
+def test_a_node_answers_at_once_after_start(tmp_path, dns_port):
+    """The listener opens once the store can answer: a client that connects
+    the moment a node is up is greeted, not dropped for want of Redis."""
+    redis = RedisServer(tmp_path / "redis")
+    node = Node(tmp_path / "node1", "node1", redis, dns_port, *QUIET)
+    try:
+        node.ready()
+        assert refused_at_connect(node, "198.51.100.80") is None
+    finally:
+        node.stop()
+        redis.stop()
+
+
 @pytest.mark.parametrize("failure", ["tempfail", "local"])
 def test_redis_stopped_mid_session_then_back(cluster, failure):
     c = cluster(*QUIET, "--msg-rate", "100", "--rcpt-rate", "100", "--state-failure",
@@ -389,6 +419,12 @@ def test_redis_stopped_mid_session_then_back(cluster, failure):
         assert send(s, "before")[0] == 250
         c.redis.stop()
         assert s.noop()[0] == 250  # the session goes on
+        # a new client: tempfail answers 421 at once, local greets it
+        line = refused_at_connect(n, "198.51.100.71")
+        if failure == "tempfail":
+            assert line is not None and line.startswith(b"421 4."), line
+        else:
+            assert line is None
         code, text = s.mail("alice@sender.net")
         if failure == "tempfail":
             assert code // 100 == 4, (code, text)
@@ -404,8 +440,11 @@ def test_redis_stopped_mid_session_then_back(cluster, failure):
     c.redis.start()  # the same port: Redis returns
 
     def sends():
-        with proxied(n, "198.51.100.70") as t:
-            return send(t, "after")[0] == 250
+        try:
+            with proxied(n, "198.51.100.70") as t:
+                return send(t, "after")[0] == 250
+        except smtplib.SMTPConnectError:  # 421: not yet
+            return False
     poll(sends, 30, "the node to use Redis again")
     assert n.proc.poll() is None
     assert "Traceback" not in n.output()
@@ -445,3 +484,69 @@ def test_killing_a_node_behind_haproxy_loses_no_acknowledged_message(cluster):
     stored = [sub for n in c.nodes for sub in n.subjects()]
     assert sorted(stored) == sorted(acked)  # each once, none lost
     assert not any(sub.startswith("new") for sub in victim.subjects())
+
+
+# -- examples/cluster/cluster and bench/cluster.py ----------------------------
+
+def test_example_cluster_script_starts_serves_and_stops(tmp_path):
+    from realservers import need
+
+    need("redis-server", "redis-server")
+    need("haproxy", "haproxy")
+    run = tmp_path / "run"
+    e = dict(os.environ, UPAS_CLUSTER_DIR=str(run), UPAS_CLUSTER_PORT=str(free_port()),
+             UPAS_NODE1_PORT=str(free_port()), UPAS_NODE2_PORT=str(free_port()),
+             UPAS_NODE3_PORT=str(free_port()), UPAS_REDIS_PORT=str(free_port()),
+             TWISTD=os.path.join(os.path.dirname(sys.executable), "twistd"),
+             UPAS_CLUSTER_ARGS="-e --tarpit-unit 0")
+    script = os.path.join(EXAMPLE, "cluster")
+
+    def cluster(command):
+        return subprocess.run([script, command], env=e, capture_output=True, text=True,
+                              timeout=120)
+
+    started = cluster("start")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        pids = {p.name[:-4]: int(p.read_text()) for p in (run / "pids").iterdir()}
+        assert sorted(pids) == ["haproxy", "node1", "node2", "node3", "redis"]
+        assert cluster("status").returncode == 0
+        assert cluster("start").returncode != 0  # not twice
+        with smtplib.SMTP("127.0.0.1", int(e["UPAS_CLUSTER_PORT"]), timeout=30,
+                          source_address=("127.0.0.2", 0),
+                          local_hostname="client.sender.net") as s:
+            assert send(s, "through the example")[0] == 250
+        stored = [p for p in run.glob("node*/mail/box/bob/mbox")]
+        assert len(stored) == 1
+        assert "[127.0.0.2]" in stored[0].read_text()
+    finally:
+        stopped = cluster("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    for pid in pids.values():
+        assert gone(pid), pid
+    assert cluster("status").returncode == 1
+
+
+def gone(pid):
+    """Ended (the script's children are reaped by init, maybe later: a zombie is gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_bench_cluster_quick(tmp_path):
+    from realservers import need
+
+    need("redis-server", "redis-server")
+    need("haproxy", "haproxy")
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cluster.py"), "--reps",
+                        "1", "--nodes", "2", "--total", "200", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = {x["state"]: x for x in json.loads(out.read_text())["results"]}
+    assert results["redis"]["found"] == results["local"]["found"] == 200
+    assert results["redis"]["redis_cmds_per_msg"] > 1  # the policy asked Redis
+    assert "redis_cmds_per_msg" not in results["local"]
