@@ -289,20 +289,28 @@ def test_greylist_entry_made_on_one_node_passes_on_another(cluster):
     assert c.redis.command("DBSIZE") > 0
 
 
-def test_auth_failures_on_one_node_count_on_another(cluster, tmp_path):
+def test_auth_failures_on_one_node_slow_and_stop_the_client_on_another(cluster, tmp_path):
     pw = tmp_path / "passwd"
     pw.write_text("alice:correct horse 9\n")
     pw.chmod(0o600)
-    c = cluster(*QUIET, "--passwd", str(pw), "--auth-fail-delay", "0.2",
-                "--auth-max-failures", "2", balancer=False)
+    c = cluster(*QUIET, "--passwd", str(pw), "--auth-fail-delay", "0.3",
+                "--auth-max-failures", "3", balancer=False)
     a, b = c.nodes[0], c.nodes[1]
     with proxied(a, "198.51.100.30") as s:
         s.ehlo()
-        for _ in range(2):
+        for _ in range(2):  # answered 0.3 s, then 0.6 s after the previous
             with pytest.raises(smtplib.SMTPAuthenticationError):
                 s.login("alice", "wrong")
-    # node B has seen nothing of this client itself; the shared budget is spent
+    # node B has seen nothing of this client itself: its third failure is
+    # answered 1.2 s after the second (0.3 s, were the count B's own) ...
     with proxied(b, "198.51.100.30") as s:
+        s.ehlo()
+        started = time.monotonic()
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("alice", "wrong")
+        assert time.monotonic() - started > 0.9
+    # ... and the budget of three is spent, on every node
+    with proxied(c.nodes[2], "198.51.100.30") as s:
         s.ehlo()
         with pytest.raises((smtplib.SMTPAuthenticationError, smtplib.SMTPServerDisconnected)) \
                 as e:
