@@ -37,7 +37,8 @@ BODY = b"Subject: %s\r\nFrom: alice@sender.net\r\n\r\nhello\r\n"
 
 class Node(Server):
     """One node: a PROXY listener (HAProxy's on 127.0.0.1 only), the shared
-    state in ``redis``; ``start()`` returns at once, ``ready()`` waits."""
+    state in ``redis`` (None: local).  Made, it is starting; ``ready()``
+    waits until it listens."""
 
     def __init__(self, directory, name, redis, dns, *args):
         self.name = name
@@ -69,34 +70,30 @@ class Node(Server):
         return [m["Subject"] for m in self.messages(user)]
 
 
-def redis_clients(redis):
-    """Connections Redis has open, the one asking included."""
-    info = redis.command("INFO", "clients")
-    return int(info.split("connected_clients:")[1].split()[0])
-
-
 class Cluster:
     def __init__(self, tmp_path, dns, count, args, balancer, state, proxy):
         self.tmp = tmp_path
         self.dns = dns
-        self.redis = RedisServer(tmp_path / "redis") if state == "redis" else None
         self.args = args
-        self.nodes = [self._node(i) for i in range(count)]
-        for n in self.nodes:
-            n.ready()
-        if self.redis:
-            # the tests below are about sharing, not start-up: each node's
-            # Redis connection is up (test_a_node_answers_at_once_after_start)
-            poll(lambda: redis_clients(self.redis) > count, 15,
-                 "every node to connect to Redis")
-        self.haproxy = None
-        if balancer:
-            port = free_port()
-            config = haproxy_config(port, [n.port for n in self.nodes])
-            config = config.replace("send-proxy-v2", proxy)
-            # HAProxy's "${VAR}" in the comments are not str.format's
-            self.haproxy = HAProxy(tmp_path / "haproxy",
-                                   config.replace("{", "{{").replace("}", "}}"), port=port)
+        self.nodes = []
+        self.haproxy = self.redis = None
+        try:
+            if state == "redis":
+                self.redis = RedisServer(tmp_path / "redis")
+            for i in range(count):
+                self.nodes.append(self._node(i))
+            for n in self.nodes:
+                n.ready()
+            if balancer:
+                port = free_port()
+                config = haproxy_config(port, [n.port for n in self.nodes])
+                config = config.replace("send-proxy-v2", proxy)
+                # HAProxy's "${VAR}" in the comments are not str.format's
+                self.haproxy = HAProxy(tmp_path / "haproxy",
+                                       config.replace("{", "{{").replace("}", "}}"), port=port)
+        except BaseException:
+            self.stop()
+            raise
 
     def _node(self, i):
         name = "node%d" % (i + 1)
@@ -106,7 +103,7 @@ class Cluster:
         return "\n".join(n.output() for n in self.nodes)
 
     def stop(self):
-        if getattr(self, "haproxy", None):
+        if self.haproxy:
             self.haproxy.stop()
         for n in self.nodes:  # all at once, then each waited for
             if n.proc.poll() is None:
