@@ -19,7 +19,8 @@ tag, so each script's keys live in one slot):
 ``upas:white:RSYS``                a peer the server whitelisted (its PTR
                                    name); TTL 35 days, renewed when seen
 ``upas:grant:IP``                  when a trusted grant ends; TTL its end + 1 h
-``upas:auth:IP``                   hash failures, pending, answered (Throttle)
+``upas:auth:IP``                   hash failures, pending, answered (Throttle),
+                                   begun (checks under way that old are dead)
 ``upas:rate:KIND:WINDOW:N:IP``     attempts in the N-th window; TTL 2 windows
 ``upas:{conn}:nodes``              sorted set: node name -> lease end
 ``upas:{conn}:node:NAME``          hash: ``*`` -> connections of that node in
@@ -93,9 +94,11 @@ def parse_url(url):
     """``redis://HOST[:PORT][/DB]`` -> (host, port, db); ValueError says why."""
     try:
         parts = urlsplit(url)
-        port = parts.port or DEFAULT_PORT
+        port = DEFAULT_PORT if parts.port is None else parts.port
     except ValueError as e:
         raise ValueError("%s: %s" % (url, e)) from None
+    if port == 0:  # no server listens there: not the default port either
+        raise ValueError("%s: port 0" % url)
     if parts.scheme != "redis" or not parts.hostname:
         raise ValueError("%s: not redis://HOST:PORT/DB" % url)
     db = parts.path.strip("/") or "0"
@@ -179,13 +182,17 @@ return false
 """)
 
 # KEYS: auth:IP; ARGV: begin|failed|succeeded|abandoned, now, memory, limit,
-# unit, cap, ttl.  auth.Throttle's record, kept in a hash.
+# unit, cap, ttl.  auth.Throttle's record, kept in a hash, and when the
+# last check began: checks under way that old never end (their node was
+# killed, or Redis missed their end) and are forgotten with the record,
+# or they would refuse the address for as long as it keeps trying.
 AUTH = Script("""
-local now = tonumber(ARGV[2])
-local r = redis.call('HMGET', KEYS[1], 'failures', 'pending', 'answered')
+local now, memory = tonumber(ARGV[2]), tonumber(ARGV[3])
+local r = redis.call('HMGET', KEYS[1], 'failures', 'pending', 'answered', 'begun')
 local failures, pending, answered = tonumber(r[1]), tonumber(r[2]), tonumber(r[3])
-if not failures or (pending == 0 and now - answered >= tonumber(ARGV[3])) then
-  failures, pending, answered = 0, 0, now
+local begun = tonumber(r[4]) or answered
+if not failures or (now - answered >= memory and (pending == 0 or now - begun >= memory)) then
+  failures, pending, answered, begun = 0, 0, now, now
 end
 local result = false
 if ARGV[1] == 'begin' then
@@ -193,6 +200,7 @@ if ARGV[1] == 'begin' then
     result = 0
   else
     pending = pending + 1
+    begun = now
     result = 1
   end
 else
@@ -208,7 +216,7 @@ else
   end
 end
 redis.call('HSET', KEYS[1], 'failures', failures, 'pending', pending,
-           'answered', tostring(answered))
+           'answered', tostring(answered), 'begun', tostring(begun))
 redis.call('EXPIRE', KEYS[1], math.ceil(math.max(answered - now, 0) + tonumber(ARGV[7])))
 return result
 """)

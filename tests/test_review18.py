@@ -1,0 +1,47 @@
+"""Issue 18 reviewed from outside: defects found probing the merged PROXY
+listeners, the Redis state store and the rate limits, each with the test
+that showed it."""
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from test_redis_nodes import clock
+from test_redis_state import RedisCase
+from upasmail.smtpd import redisstate
+from upasmail.testing import make_settings
+
+
+class AuthChecksThatNeverEnd(RedisCase, unittest.TestCase):
+    """An AUTH check counted in Redis (``authBegin``) whose end never
+    arrives -- its node killed with kill -9, or Redis not answering the
+    ``authFailed``/``authAbandoned`` -- must not keep the address locked
+    out for good: locally such a check dies with the process (or the
+    worker channel abandons it); in Redis it has to be forgotten too."""
+
+    def setUp(self):
+        self.redis.command("FLUSHALL")
+        self.clock = clock()
+        self.settings = make_settings("", root=self.mktemp(), auth_fail_delay=1.0)
+
+    @defer.inlineCallbacks
+    def test_pending_checks_of_a_dead_node_are_forgotten_after_the_memory(self):
+        dead = yield self.node("dead")
+        for _ in range(3):  # the limit: checks under way, never ended
+            self.assertTrue((yield dead.authBegin("10.9.0.1")))
+        alive = yield self.node("alive")
+        self.assertFalse((yield alive.authBegin("10.9.0.1")))  # still under way: refused
+        memory = alive.throttle.memory
+        for _ in range(3):  # the client keeps trying, each attempt refused
+            self.clock.advance(memory / 2)
+            yield alive.authBegin("10.9.0.1")
+        self.clock.advance(memory)
+        self.assertTrue((yield alive.authBegin("10.9.0.1")))
+        ttl = self.redis.command("TTL", "upas:auth:10.9.0.1")
+        self.assertGreater(ttl, 0)
+
+
+class RedisURL(unittest.TestCase):
+    def test_port_zero_is_refused_not_taken_for_the_default(self):
+        with self.assertRaises(ValueError):
+            redisstate.parse_url("redis://127.0.0.1:0/0")
+        self.assertEqual(redisstate.parse_url("redis://127.0.0.1/3"), ("127.0.0.1", 6379, 3))
