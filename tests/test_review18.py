@@ -45,3 +45,21 @@ class RedisURL(unittest.TestCase):
         with self.assertRaises(ValueError):
             redisstate.parse_url("redis://127.0.0.1:0/0")
         self.assertEqual(redisstate.parse_url("redis://127.0.0.1/3"), ("127.0.0.1", 6379, 3))
+
+
+class GrantDuration(unittest.TestCase):
+    """``upas-grant --duration`` that is not a finite number is a usage
+    error (64, one line), not a traceback (inf, with Redis) nor an error
+    about the trusted directory."""
+
+    def test_not_finite_is_a_usage_error(self):
+        import io
+
+        from upasmail.cli import granttool
+
+        for value in ("inf", "nan", "x"):
+            err = io.StringIO()
+            status = granttool.main(["--state", "redis://127.0.0.1:1/0", "--root",
+                                     self.mktemp(), "--duration", value, "192.0.2.1"], err=err)
+            self.assertEqual(status, granttool.EX_USAGE, err.getvalue())
+            self.assertIn("--duration wants a number, not %r" % value, err.getvalue())
