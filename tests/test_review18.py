@@ -40,6 +40,38 @@ class AuthChecksThatNeverEnd(RedisCase, unittest.TestCase):
         self.assertGreater(ttl, 0)
 
 
+class LeaseLapsedWithoutAFailure(RedisCase, unittest.TestCase):
+    """A live node whose lease lapsed while nothing failed on its side (its
+    process stalled longer than the lease, or its clock ran behind): the
+    other nodes dropped its counts as a dead node's.  Its next admission
+    must not quietly take the lease back over an empty count, or the
+    connections it still holds would count nowhere for as long as they
+    last: the next renewal writes them back."""
+
+    def setUp(self):
+        self.redis.command("FLUSHALL")
+        self.clock = clock()
+        self.settings = make_settings("", root=self.mktemp())
+
+    @defer.inlineCallbacks
+    def test_the_next_renewal_writes_back_what_the_node_holds(self):
+        stalled = yield self.node("stalled", lease=30)
+        other = yield self.node("other", lease=30)
+        for _ in range(2):
+            self.assertIsNone((yield stalled.acquireConnection("10.9.1.1", False, 3, 100)))
+        stalled.renewal.stop()  # the stall: no renewal for longer than the lease
+        self.clock.advance(31)
+        yield other.renew()
+        self.assertIsNone((yield other.acquireConnection("10.9.1.2", False, 3, 100)))
+        self.assertIsNone(self.redis.command("HGET", "upas:{conn}:node:stalled", "*"))
+        # the stall ends: one more connection, then the renewal every lease/3
+        self.assertIsNone((yield stalled.acquireConnection("10.9.1.1", False, 3, 100)))
+        yield stalled.renew()
+        self.assertEqual(self.redis.command("HGET", "upas:{conn}:node:stalled", "10.9.1.1"), "3")
+        self.assertEqual((yield other.acquireConnection("10.9.1.1", False, 3, 100)),
+                         "peer")
+
+
 class RedisURL(unittest.TestCase):
     def test_port_zero_is_refused_not_taken_for_the_default(self):
         with self.assertRaises(ValueError):

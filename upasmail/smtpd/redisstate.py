@@ -121,13 +121,17 @@ class Script:
 
 
 # KEYS: the nodes, this node's counts; ARGV: now, node, ip, exempt, per peer,
-# total, lease end, the prefix of a node's counts, ttl
+# total, lease end, the prefix of a node's counts, ttl.  The lease is
+# extended only while in force: one that lapsed (the node stalled, nothing
+# failed) had its counts dropped as a dead node's, and is left for RENEW,
+# which sees it lost and writes back all the node holds.
 ACQUIRE = Script("""
+local mine = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2]))
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])) do
   redis.call('DEL', ARGV[8] .. dead)
   redis.call('ZREM', KEYS[1], dead)
 end
-redis.call('ZADD', KEYS[1], ARGV[7], ARGV[2])
+if mine and mine >= tonumber(ARGV[1]) then redis.call('ZADD', KEYS[1], ARGV[7], ARGV[2]) end
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 local total, peer = 0, 0
 for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
