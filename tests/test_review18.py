@@ -2,12 +2,15 @@
 listeners, the Redis state store and the rate limits, each with the test
 that showed it."""
 
+import os
+
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from test_redis_nodes import clock
 from test_redis_state import RedisCase
-from upasmail.smtpd import redisstate
+from upasmail.smtpd import redisstate, statestore
 from upasmail.testing import make_settings
 
 
@@ -70,6 +73,41 @@ class LeaseLapsedWithoutAFailure(RedisCase, unittest.TestCase):
         self.assertEqual(self.redis.command("HGET", "upas:{conn}:node:stalled", "10.9.1.1"), "3")
         self.assertEqual((yield other.acquireConnection("10.9.1.1", False, 3, 100)),
                          "peer")
+
+
+class FallbackSaysOncePerOutage(RedisCase, unittest.TestCase):
+    """--state-failure local: an answer the Redis store gives without Redis
+    (the whitelist file, which the local store appends to meanwhile) is
+    not Redis answering again: no "answering again" line, and no second
+    "unavailable" line, within one outage."""
+
+    def setUp(self):
+        self.clock = clock()
+        self.settings = make_settings("", root=self.mktemp())
+        self.events = []
+
+        def observer(event):
+            if event.get("event") == "state.store":
+                self.events.append(event)
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.addCleanup(lambda: self.redis.proc.poll() is None or self.redis.start())
+
+    @defer.inlineCallbacks
+    def test_a_whitelisted_peer_during_the_outage(self):
+        shared = yield self.node("a")
+        store = redisstate.FallbackStateStore(shared,
+                                              statestore.LocalStateStore(self.settings, self.clock))
+        os.makedirs(self.settings.path("grey"), exist_ok=True)
+        with open(os.path.join(self.settings.path("grey"), "whitelist"), "w") as f:
+            f.write("10.9.2.1\n")
+        self.redis.stop()
+        for _ in range(2):
+            self.assertFalse((yield store.isGranted("10.9.2.1")))  # local: no grant
+            self.assertTrue((yield store.isWhitelisted("10.9.2.1")))  # the file, no Redis
+        fallback = [e for e in self.events if "local state" in e["log_format"]]
+        self.assertEqual([e["ok"] for e in fallback], [False])
 
 
 class RedisURL(unittest.TestCase):

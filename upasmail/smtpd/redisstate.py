@@ -569,7 +569,9 @@ class FallbackStateStore:
             return d if admitted is None else d.addCallback(admitted)
 
         def answered(result):
-            if self.falling:
+            # the shared store answers some questions from files, without
+            # Redis: only Redis answering again ends the outage
+            if self.falling and self.shared.unavailable is None:
                 self.falling = False
                 log.info("shared state answering again: local state no longer used",
                          event="state.store", ok=True)
