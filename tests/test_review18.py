@@ -110,6 +110,34 @@ class FallbackSaysOncePerOutage(RedisCase, unittest.TestCase):
         self.assertEqual([e["ok"] for e in fallback], [False])
 
 
+class AdmittedWhileConnecting(RedisCase, unittest.TestCase):
+    """A connection admitted while the store makes its first connection
+    (stdio mode: the session's first question; a daemon's first clients)
+    stays counted: the first renewal, which writes the node's counts whole,
+    must not run after that admission and wipe it."""
+
+    def setUp(self):
+        self.redis.command("FLUSHALL")
+        self.clock = clock()
+        self.settings = make_settings("", root=self.mktemp())
+
+    @defer.inlineCallbacks
+    def test_the_first_renewal_does_not_wipe_an_admission(self):
+        from twisted.internet import reactor
+
+        store = redisstate.RedisStateStore(self.redis.url, self.settings, self.clock, reactor,
+                                           node="stdio", timeout=0.5, backoff=(0.05, 0.2))
+        store.startService()
+        self.addCleanup(lambda: store.stopService() if store.running else None)
+        admitted = store.acquireConnection("10.9.3.1", False, 1, 100)  # before connected
+        yield store.started
+        self.assertIsNone((yield admitted))
+        yield store.isGranted("10.9.3.2")  # after the first renewal's answer
+        self.assertEqual(self.redis.command("HGET", "upas:{conn}:node:stdio", "10.9.3.1"), "1")
+        other = yield self.node("other")
+        self.assertEqual((yield other.acquireConnection("10.9.3.1", False, 1, 100)), "peer")
+
+
 class RedisURL(unittest.TestCase):
     def test_port_zero_is_refused_not_taken_for_the_default(self):
         with self.assertRaises(ValueError):

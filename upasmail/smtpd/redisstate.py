@@ -296,9 +296,10 @@ class RedisStateStore(service.Service):
 
     # -- connecting ------------------------------------------------------
 
-    def connect(self):
+    def connect(self, first=None):
         """Connect (and keep reconnecting); a Deferred that fires once
-        connected or after ``timeout`` (then the calls fail until it is)."""
+        connected or after ``timeout`` (then the calls fail until it is).
+        ``first()`` is called then, before the calls made meanwhile go."""
         import txredisapi  # it imports the global reactor: only when used
 
         self.factory = txredisapi.RedisFactory(
@@ -314,6 +315,8 @@ class RedisStateStore(service.Service):
         self.connecting = []  # calls made meanwhile wait for the first connection
 
         def made(result):
+            if first is not None:
+                first()
             waiting, self.connecting = self.connecting, None
             for d in waiting:
                 d.callback(None)
@@ -333,12 +336,15 @@ class RedisStateStore(service.Service):
         self.renewal = task.LoopingCall(self.renew)
         self.renewal.clock = self.clock
 
-        def renewing(_):
+        def renewing():
+            # before the questions that waited for the connection: the first
+            # renewal writes this node's counts whole, and after an
+            # admission sent ahead of it would wipe that admission
             if self.renewal is not None:
                 self.renewal.start(self.lease / 3.0, now=True).addErrback(
                     lambda f: log.failure("lease renewal", f))
 
-        self.started = self.connect().addCallback(renewing)
+        self.started = self.connect(first=renewing).addCallback(lambda _: None)
 
     @defer.inlineCallbacks
     def stopService(self):
