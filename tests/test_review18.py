@@ -138,6 +138,21 @@ class AdmittedWhileConnecting(RedisCase, unittest.TestCase):
         self.assertEqual((yield other.acquireConnection("10.9.3.1", False, 1, 100)), "peer")
 
 
+    @defer.inlineCallbacks
+    def test_an_admission_answered_after_a_renewal_is_written_back_at_the_next(self):
+        """The same race after an outage: the renewal that writes the counts
+        whole is sent while an admission is on its way; Redis runs the
+        admission, then the renewal, which does not know of it yet."""
+        node = yield self.node("n")
+        node.rewrite = True  # as after an outage
+        admitted = node.acquireConnection("10.9.3.3", False, 1, 100)
+        renewed = node.renew()
+        self.assertIsNone((yield admitted))
+        yield renewed
+        yield node.renew()  # the next tick
+        self.assertEqual(self.redis.command("HGET", "upas:{conn}:node:n", "10.9.3.3"), "1")
+
+
 class RedisURL(unittest.TestCase):
     def test_port_zero_is_refused_not_taken_for_the_default(self):
         with self.assertRaises(ValueError):

@@ -289,6 +289,7 @@ class RedisStateStore(service.Service):
         self.throttle = Throttle.configured(clock, settings)  # its parameters only
         self.held = Counter()  # (ip, exempt) -> connections this node holds
         self.rewrite = True  # Redis may not hold ``held``: write it whole
+        self.renewals = 0  # renewals sent (an admission answered after one rewrites)
         self.unavailable = None  # why, while Redis cannot answer
         self.factory = self.redis = None
         self.connecting = None
@@ -361,7 +362,10 @@ class RedisStateStore(service.Service):
     def renew(self):
         """This node is alive (every lease/3): its lease, and its counts
         when Redis may have lost them."""
-        rewrite = self.rewrite
+        # cleared now, not on the answer: a failure meanwhile (which sets it
+        # again) must not be forgotten; a renewal that fails sets it again
+        rewrite, self.rewrite = self.rewrite, False
+        self.renewals += 1
         counts = Counter()
         for (ip, exempt), n in self.held.items():
             counts["*"] += n
@@ -369,16 +373,11 @@ class RedisStateStore(service.Service):
                 counts[ip] += n
         pairs = [str(x) for item in counts.items() for x in item]
         now = self.clock.seconds()
-
-        def renewed(_):
-            if rewrite:
-                self.rewrite = False
-
         d = self._call(RENEW, [NODES, NODE + self.node],
                        [self.node, repr(now + self.lease), self._countsTTL(), repr(now),
                         "1" if rewrite else "0"] + pairs)
         # a renewal that fails is retried at the next tick (and logged once)
-        return d.addCallbacks(renewed, lambda f: f.trap(StateUnavailable))
+        return d.addCallbacks(lambda _: None, lambda f: f.trap(StateUnavailable))
 
     def _countsTTL(self):
         return _seconds(3 * self.lease + 60)
@@ -450,10 +449,15 @@ class RedisStateStore(service.Service):
 
     def acquireConnection(self, ip, exempt, perPeer, total):
         now = self.clock.seconds()
+        renewals = self.renewals
 
         def counted(refused):
             if refused is None:
                 self.held[ip, exempt] += 1
+                if self.renewals != renewals:
+                    # a renewal sent meanwhile ran after this admission in
+                    # Redis and may have written the counts without it
+                    self.rewrite = True
             return refused
 
         return self._call(ACQUIRE, [NODES, NODE + self.node],
