@@ -101,6 +101,11 @@ def parse_url(url):
         raise ValueError("%s: port 0" % url)
     if parts.scheme != "redis" or not parts.hostname:
         raise ValueError("%s: not redis://HOST:PORT/DB" % url)
+    if parts.username is not None or parts.password is not None:
+        # not passed to Redis, whose every answer would then be NOAUTH;
+        # the URL is not repeated: it holds a password
+        raise ValueError("redis://%s: a user or password is not supported (Redis AUTH)"
+                         % parts.hostname)
     db = parts.path.strip("/") or "0"
     if not db.isdigit() or parts.query or parts.fragment:
         raise ValueError("%s: the database must be a number (redis://HOST:PORT/DB)" % url)
