@@ -9,7 +9,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from test_redis_nodes import clock
+from realservers import RedisServer
 from test_redis_state import RedisCase
+from test_twistd import dns_port  # noqa: F401 (a fixture)
 from upasmail.smtpd import redisstate, statestore
 from upasmail.testing import make_settings
 
@@ -185,3 +187,25 @@ class GrantDuration(unittest.TestCase):
                 redisstate.parse_url(url)
             self.assertNotIn("secret", str(e.exception))
             self.assertNotIn("pw", str(e.exception))
+
+
+def test_a_stdio_session_counts_in_redis_while_it_lasts(tmp_path, dns_port):  # noqa: F811
+    """Black box: ``upas-smtpd`` per connection with --state redis:// --
+    its session's connection counts towards the per-peer limit of every
+    node while it lasts.  (Whether the session's admission went ahead of
+    the first renewal depends on timing here; AdmittedWhileConnecting
+    makes that order certain.)"""
+    from test_stdio import client_on, on_socketpair
+
+    r = RedisServer(tmp_path / "redis")
+    try:
+        session, sock = on_socketpair(tmp_path, "-n", "192.0.2.7", "--state", r.url,
+                                      "--node", "stdio1", "--resolver",
+                                      "127.0.0.1:%d" % dns_port)
+        c = client_on(sock)  # the greeting: admitted
+        assert c.noop()[0] == 250  # a round trip after the first renewal
+        assert r.command("HGET", "upas:{conn}:node:stdio1", "192.0.2.7") == "1"
+        c.quit()
+        assert session.wait() == 0
+    finally:
+        r.stop()
