@@ -16,17 +16,21 @@ from upasmail.smtpd import redisstate, statestore
 from upasmail.testing import make_settings
 
 
-class AuthChecksThatNeverEnd(RedisCase, unittest.TestCase):
-    """An AUTH check counted in Redis (``authBegin``) whose end never
-    arrives -- its node killed with kill -9, or Redis not answering the
-    ``authFailed``/``authAbandoned`` -- must not keep the address locked
-    out for good: locally such a check dies with the process (or the
-    worker channel abandons it); in Redis it has to be forgotten too."""
+class Redis(RedisCase):
+    """A real redis-server, emptied before each test, and a clock."""
 
     def setUp(self):
         self.redis.command("FLUSHALL")
         self.clock = clock()
         self.settings = make_settings("", root=self.mktemp(), auth_fail_delay=1.0)
+
+
+class AuthChecksThatNeverEnd(Redis, unittest.TestCase):
+    """An AUTH check counted in Redis (``authBegin``) whose end never
+    arrives -- its node killed with kill -9, or Redis not answering the
+    ``authFailed``/``authAbandoned`` -- must not keep the address locked
+    out for good: locally such a check dies with the process (or the
+    worker channel abandons it); in Redis it has to be forgotten too."""
 
     @defer.inlineCallbacks
     def test_pending_checks_of_a_dead_node_are_forgotten_after_the_memory(self):
@@ -45,18 +49,13 @@ class AuthChecksThatNeverEnd(RedisCase, unittest.TestCase):
         self.assertGreater(ttl, 0)
 
 
-class LeaseLapsedWithoutAFailure(RedisCase, unittest.TestCase):
+class LeaseLapsedWithoutAFailure(Redis, unittest.TestCase):
     """A live node whose lease lapsed while nothing failed on its side (its
     process stalled longer than the lease, or its clock ran behind): the
     other nodes dropped its counts as a dead node's.  Its next admission
     must not quietly take the lease back over an empty count, or the
     connections it still holds would count nowhere for as long as they
     last: the next renewal writes them back."""
-
-    def setUp(self):
-        self.redis.command("FLUSHALL")
-        self.clock = clock()
-        self.settings = make_settings("", root=self.mktemp())
 
     @defer.inlineCallbacks
     def test_the_next_renewal_writes_back_what_the_node_holds(self):
@@ -77,23 +76,17 @@ class LeaseLapsedWithoutAFailure(RedisCase, unittest.TestCase):
                          "peer")
 
 
-class FallbackSaysOncePerOutage(RedisCase, unittest.TestCase):
+class FallbackSaysOncePerOutage(Redis, unittest.TestCase):
     """--state-failure local: an answer the Redis store gives without Redis
     (the whitelist file, which the local store appends to meanwhile) is
     not Redis answering again: no "answering again" line, and no second
     "unavailable" line, within one outage."""
 
     def setUp(self):
-        self.clock = clock()
-        self.settings = make_settings("", root=self.mktemp())
-        self.events = []
-
-        def observer(event):
-            if event.get("event") == "state.store":
-                self.events.append(event)
-
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        Redis.setUp(self)
+        self.events = []  # every event: the test picks the fallback's lines
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         self.addCleanup(lambda: self.redis.proc.poll() is None or self.redis.start())
 
     @defer.inlineCallbacks
@@ -108,20 +101,16 @@ class FallbackSaysOncePerOutage(RedisCase, unittest.TestCase):
         for _ in range(2):
             self.assertFalse((yield store.isGranted("10.9.2.1")))  # local: no grant
             self.assertTrue((yield store.isWhitelisted("10.9.2.1")))  # the file, no Redis
-        fallback = [e for e in self.events if "local state" in e["log_format"]]
+        fallback = [e for e in self.events if e.get("event") == "state.store"
+                    and "local state" in e["log_format"]]
         self.assertEqual([e["ok"] for e in fallback], [False])
 
 
-class AdmittedWhileConnecting(RedisCase, unittest.TestCase):
+class AdmittedWhileConnecting(Redis, unittest.TestCase):
     """A connection admitted while the store makes its first connection
     (stdio mode: the session's first question; a daemon's first clients)
     stays counted: the first renewal, which writes the node's counts whole,
     must not run after that admission and wipe it."""
-
-    def setUp(self):
-        self.redis.command("FLUSHALL")
-        self.clock = clock()
-        self.settings = make_settings("", root=self.mktemp())
 
     @defer.inlineCallbacks
     def test_the_first_renewal_does_not_wipe_an_admission(self):
