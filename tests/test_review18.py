@@ -178,6 +178,12 @@ class GrantDuration(unittest.TestCase):
             self.assertNotIn("pw", str(e.exception))
 
 
+def counted(r, ip):
+    """``ip``'s connections in Redis ``r``, over the nodes in force."""
+    nodes = r.command("ZRANGE", "upas:{conn}:nodes", 0, -1)
+    return sum(int(r.command("HGET", "upas:{conn}:node:" + n, ip) or 0) for n in nodes)
+
+
 def test_a_stdio_session_counts_in_redis_while_it_lasts(tmp_path, dns_port):  # noqa: F811
     """Black box: ``upas-smtpd`` per connection with --state redis:// --
     its session's connection counts towards the per-peer limit of every
@@ -189,12 +195,41 @@ def test_a_stdio_session_counts_in_redis_while_it_lasts(tmp_path, dns_port):  # 
     r = RedisServer(tmp_path / "redis")
     try:
         session, sock = on_socketpair(tmp_path, "-n", "192.0.2.7", "--state", r.url,
-                                      "--node", "stdio1", "--resolver",
-                                      "127.0.0.1:%d" % dns_port)
+                                      "--resolver", "127.0.0.1:%d" % dns_port)
         c = client_on(sock)  # the greeting: admitted
         assert c.noop()[0] == 250  # a round trip after the first renewal
-        assert r.command("HGET", "upas:{conn}:node:stdio1", "192.0.2.7") == "1"
+        assert counted(r, "192.0.2.7") == 1
         c.quit()
         assert session.wait() == 0
+    finally:
+        r.stop()
+
+
+def test_stdio_sessions_given_one_node_name_keep_their_own_counts(tmp_path, dns_port):  # noqa: F811
+    """Under inetd every session is a process of its own; the command line
+    (and so ``--node``) is the same for all.  One session ending must not
+    take the counts of another still under way with it (nor its first
+    renewal overwrite them): each process is a node of its own, under the
+    name given and its pid."""
+    from test_stdio import client_on, on_socketpair
+
+    r = RedisServer(tmp_path / "redis")
+    args = ("-n", "192.0.2.7", "--state", r.url, "--node", "mx1",
+            "--resolver", "127.0.0.1:%d" % dns_port)
+
+    try:
+        first, sock1 = on_socketpair(tmp_path / "1", *args)
+        c1 = client_on(sock1)
+        assert c1.noop()[0] == 250
+        second, sock2 = on_socketpair(tmp_path / "2", *args)
+        c2 = client_on(sock2)
+        assert c2.noop()[0] == 250
+        assert counted(r, "192.0.2.7") == 2
+        c2.quit()
+        assert second.wait() == 0
+        assert counted(r, "192.0.2.7") == 1  # the first session still counts
+        c1.quit()
+        assert first.wait() == 0
+        assert counted(r, "192.0.2.7") == 0
     finally:
         r.stop()
