@@ -150,6 +150,15 @@ class RedisURL(unittest.TestCase):
             redisstate.parse_url("redis://127.0.0.1:0/0")
         self.assertEqual(redisstate.parse_url("redis://127.0.0.1/3"), ("127.0.0.1", 6379, 3))
 
+    def test_a_password_is_refused_not_silently_dropped(self):
+        """The client would connect without it and every call would fail
+        (NOAUTH) while the server runs: say so at start-up instead."""
+        for url in ("redis://:secret@127.0.0.1:6379/0", "redis://user:pw@127.0.0.1/0"):
+            with self.assertRaises(ValueError) as e:
+                redisstate.parse_url(url)
+            self.assertNotIn("secret", str(e.exception))
+            self.assertNotIn("pw", str(e.exception))
+
 
 class GrantDuration(unittest.TestCase):
     """``upas-grant --duration`` that is not a finite number is a usage
@@ -167,15 +176,6 @@ class GrantDuration(unittest.TestCase):
                                      self.mktemp(), "--duration", value, "192.0.2.1"], err=err)
             self.assertEqual(status, granttool.EX_USAGE, err.getvalue())
             self.assertIn("--duration wants a number, not %r" % value, err.getvalue())
-
-    def test_a_password_is_refused_not_silently_dropped(self):
-        """The client would connect without it and every call would fail
-        (NOAUTH) while the server runs: say so at start-up instead."""
-        for url in ("redis://:secret@127.0.0.1:6379/0", "redis://user:pw@127.0.0.1/0"):
-            with self.assertRaises(ValueError) as e:
-                redisstate.parse_url(url)
-            self.assertNotIn("secret", str(e.exception))
-            self.assertNotIn("pw", str(e.exception))
 
 
 def counted(r, ip):
