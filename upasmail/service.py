@@ -332,7 +332,7 @@ def listener_endpoint(reactor, description, proxy_from=(), clock=None):
     """The server endpoint for ``description``: Twisted's, inside our
     PROXY layer for ``haproxy:ENDPOINT`` (headers believed from the
     ``proxy_from`` networks only; the header timeout on ``clock``,
-    default the reactor).  ConfigError for a PROXY listener we cannot
+    default the reactor; connections bounded by the open-file limit).  ConfigError for a PROXY listener we cannot
     serve; a description Twisted cannot parse raises whatever its parser
     raises.
     """
@@ -346,7 +346,7 @@ def listener_endpoint(reactor, description, proxy_from=(), clock=None):
         raise ConfigError(PROXY_HIDDEN.format(listen=description))
     if under is None:
         return endpoint
-    return ProxyEndpoint(endpoint, proxy_from, clock or reactor)
+    return ProxyEndpoint(endpoint, proxy_from, clock or reactor, cap=fd_cap())
 
 
 # the listeners --workers can share: a worker adopts the plain TCP socket

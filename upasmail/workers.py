@@ -271,7 +271,7 @@ def adopted_endpoint(reactor, original, fd=LISTEN_FD, description=None):
     layer is put back around it."""
     if isinstance(original, ProxyEndpoint):
         return ProxyEndpoint(adopted_endpoint(reactor, original.endpoint, fd, description),
-                             original.networks, original.clock)
+                             original.networks, original.clock, original.cap)
     family = socket.socket(fileno=os.dup(fd)).family  # closed with the object
     adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fd, family)
     if isinstance(original, endpoints.SSL4ServerEndpoint):

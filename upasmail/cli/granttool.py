@@ -26,19 +26,20 @@ from .. import settings as upassettings
 from ..interfaces import StateUnavailable
 from ..rules.ratify import GRANT_LIFETIME, TrustedGrants
 from ..smtpd import redisstate
+from .options import named_coercions
 
 EX_USAGE = 64
 
 
 class GrantOptions(usage.Options):
     synopsis = "[--state URL] [--root DIR] [--trusted-dir DIR] [--duration SECS] IP"
-    optParameters = [
+    optParameters = named_coercions([
         ["state", None, "local", "local (a file in the trusted directory) or "
                                  "redis://HOST:PORT/DB"],
         ["root", None, "mail", "mail root directory"],
         ["trusted-dir", None, None, "the trusted directory (default: <root>/lib/trusted.d)"],
         ["duration", None, GRANT_LIFETIME, "seconds the grant lasts", float],
-    ]
+    ])
 
     def parseArgs(self, ip):
         self["ip"] = ip

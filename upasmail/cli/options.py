@@ -440,8 +440,12 @@ def state_problems(o):
             yield "--state: %s (local or redis://HOST:PORT/DB)" % e
     if o["state-failure"] not in ("tempfail", "local"):
         yield "--state-failure wants tempfail or local, not %r" % o["state-failure"]
-    if o["state-lease"] <= 0:
-        yield "--state-lease must be positive"
+    if not o["state-lease"] >= MIN_LEASE:  # NaN too
+        # renewed every third of it: shorter would be thousands of renewals a second
+        yield "--state-lease must be at least %g seconds" % MIN_LEASE
+
+
+MIN_LEASE = 1.0
 
 
 def check_files(s, require_auth=False, passwd_named=False, errors=None):

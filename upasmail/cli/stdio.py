@@ -43,7 +43,7 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import syslog
 
@@ -323,6 +323,11 @@ def main(argv=None, reactor=None):
 
 def serve(options, reactor, sock, remote, local, source, out):
     s = options["settings"]
+    if options["node"]:
+        # every session's process has the same command line: a node of its
+        # own needs a name of its own, or one session's renewal and end
+        # would overwrite and delete the others' connection counts
+        s = replace(s, node="%s-%d" % (options["node"], os.getpid()))
     try:
         # tidy=False: the other sessions' processes share tmp/ and the mailboxes
         # --state redis://: this session's process is a node of its own

@@ -35,6 +35,13 @@ log = Logger(namespace="smtpd")
 # smtpd_upstream_proxy_timeout 5 s for the same.  Not the idle timeout:
 # a connection without a header is no session yet, and holds a file.
 HEADER_TIMEOUT = 5.0
+# Connections a PROXY listener holds beyond the session factory's own cap
+# (``UpasSMTPFactory.maxConnections``, the open-file limit less its
+# reserve): room for the factory's 421 to be written once the header is
+# read; past it a connection is closed before its header, so connections
+# still waiting for one cannot eat the files kept for mailboxes and the
+# queue.
+OVER_CAP = 16
 
 
 def _address(ip, port):
@@ -77,6 +84,10 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         balancer = self.transport.getPeer()
         if not allowed(balancer, self.factory.networks):
             self._refuse("refused", "not in --proxy-from")
+            return
+        cap = self.factory.cap
+        if cap is not None and len(self.factory.protocols) > cap + OVER_CAP:
+            self._refuse("limit", "%d connections open" % (len(self.factory.protocols) - 1))
             return
         self._timer = self.factory.clock.callLater(self.factory.timeout, self._timedOut)
 
@@ -153,11 +164,12 @@ class ProxyHeaderFactory(policies.WrappingFactory):
 
     protocol = ProxyHeaderProtocol
 
-    def __init__(self, wrappedFactory, networks, clock, timeout=HEADER_TIMEOUT):
+    def __init__(self, wrappedFactory, networks, clock, timeout=HEADER_TIMEOUT, cap=None):
         policies.WrappingFactory.__init__(self, wrappedFactory)
         self.networks = tuple(networks)
         self.clock = clock
         self.timeout = timeout
+        self.cap = cap  # the sessions' cap (the open-file limit's); None: none
 
     def buildProtocol(self, addr):
         return self.protocol(self)
@@ -169,14 +181,15 @@ class ProxyEndpoint:
     through ``ProxyHeaderFactory`` (the outermost layer: HAProxy sends
     the header in clear, before a ``--smtps`` handshake)."""
 
-    def __init__(self, endpoint, networks, clock):
+    def __init__(self, endpoint, networks, clock, cap=None):
         self.endpoint = endpoint
         self.networks = tuple(networks)
         self.clock = clock
+        self.cap = cap
 
     def wrap(self, factory):
         """What each connection meets first."""
-        return ProxyHeaderFactory(factory, self.networks, self.clock)
+        return ProxyHeaderFactory(factory, self.networks, self.clock, cap=self.cap)
 
     def listen(self, factory):
         return self.endpoint.listen(self.wrap(factory))

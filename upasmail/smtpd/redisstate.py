@@ -19,7 +19,8 @@ tag, so each script's keys live in one slot):
 ``upas:white:RSYS``                a peer the server whitelisted (its PTR
                                    name); TTL 35 days, renewed when seen
 ``upas:grant:IP``                  when a trusted grant ends; TTL its end + 1 h
-``upas:auth:IP``                   hash failures, pending, answered (Throttle)
+``upas:auth:IP``                   hash failures, pending, answered (Throttle),
+                                   begun (checks under way that old are dead)
 ``upas:rate:KIND:WINDOW:N:IP``     attempts in the N-th window; TTL 2 windows
 ``upas:{conn}:nodes``              sorted set: node name -> lease end
 ``upas:{conn}:node:NAME``          hash: ``*`` -> connections of that node in
@@ -93,11 +94,18 @@ def parse_url(url):
     """``redis://HOST[:PORT][/DB]`` -> (host, port, db); ValueError says why."""
     try:
         parts = urlsplit(url)
-        port = parts.port or DEFAULT_PORT
+        port = DEFAULT_PORT if parts.port is None else parts.port
     except ValueError as e:
         raise ValueError("%s: %s" % (url, e)) from None
+    if port == 0:  # no server listens there: not the default port either
+        raise ValueError("%s: port 0" % url)
     if parts.scheme != "redis" or not parts.hostname:
         raise ValueError("%s: not redis://HOST:PORT/DB" % url)
+    if parts.username is not None or parts.password is not None:
+        # not passed to Redis, whose every answer would then be NOAUTH;
+        # the URL is not repeated: it holds a password
+        raise ValueError("redis://%s: a user or password is not supported (Redis AUTH)"
+                         % parts.hostname)
     db = parts.path.strip("/") or "0"
     if not db.isdigit() or parts.query or parts.fragment:
         raise ValueError("%s: the database must be a number (redis://HOST:PORT/DB)" % url)
@@ -118,13 +126,17 @@ class Script:
 
 
 # KEYS: the nodes, this node's counts; ARGV: now, node, ip, exempt, per peer,
-# total, lease end, the prefix of a node's counts, ttl
+# total, lease end, the prefix of a node's counts, ttl.  The lease is
+# extended only while in force: one that lapsed (the node stalled, nothing
+# failed) had its counts dropped as a dead node's, and is left for RENEW,
+# which sees it lost and writes back all the node holds.
 ACQUIRE = Script("""
+local mine = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2]))
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])) do
   redis.call('DEL', ARGV[8] .. dead)
   redis.call('ZREM', KEYS[1], dead)
 end
-redis.call('ZADD', KEYS[1], ARGV[7], ARGV[2])
+if mine and mine >= tonumber(ARGV[1]) then redis.call('ZADD', KEYS[1], ARGV[7], ARGV[2]) end
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 local total, peer = 0, 0
 for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -179,13 +191,17 @@ return false
 """)
 
 # KEYS: auth:IP; ARGV: begin|failed|succeeded|abandoned, now, memory, limit,
-# unit, cap, ttl.  auth.Throttle's record, kept in a hash.
+# unit, cap, ttl.  auth.Throttle's record, kept in a hash, and when the
+# last check began: checks under way that old never end (their node was
+# killed, or Redis missed their end) and are forgotten with the record,
+# or they would refuse the address for as long as it keeps trying.
 AUTH = Script("""
-local now = tonumber(ARGV[2])
-local r = redis.call('HMGET', KEYS[1], 'failures', 'pending', 'answered')
+local now, memory = tonumber(ARGV[2]), tonumber(ARGV[3])
+local r = redis.call('HMGET', KEYS[1], 'failures', 'pending', 'answered', 'begun')
 local failures, pending, answered = tonumber(r[1]), tonumber(r[2]), tonumber(r[3])
-if not failures or (pending == 0 and now - answered >= tonumber(ARGV[3])) then
-  failures, pending, answered = 0, 0, now
+local begun = tonumber(r[4]) or answered
+if not failures or (now - answered >= memory and (pending == 0 or now - begun >= memory)) then
+  failures, pending, answered, begun = 0, 0, now, now
 end
 local result = false
 if ARGV[1] == 'begin' then
@@ -193,6 +209,7 @@ if ARGV[1] == 'begin' then
     result = 0
   else
     pending = pending + 1
+    begun = now
     result = 1
   end
 else
@@ -208,7 +225,7 @@ else
   end
 end
 redis.call('HSET', KEYS[1], 'failures', failures, 'pending', pending,
-           'answered', tostring(answered))
+           'answered', tostring(answered), 'begun', tostring(begun))
 redis.call('EXPIRE', KEYS[1], math.ceil(math.max(answered - now, 0) + tonumber(ARGV[7])))
 return result
 """)
@@ -277,6 +294,7 @@ class RedisStateStore(service.Service):
         self.throttle = Throttle.configured(clock, settings)  # its parameters only
         self.held = Counter()  # (ip, exempt) -> connections this node holds
         self.rewrite = True  # Redis may not hold ``held``: write it whole
+        self.renewals = 0  # renewals sent (an admission answered after one rewrites)
         self.unavailable = None  # why, while Redis cannot answer
         self.factory = self.redis = None
         self.connecting = None
@@ -284,9 +302,10 @@ class RedisStateStore(service.Service):
 
     # -- connecting ------------------------------------------------------
 
-    def connect(self):
+    def connect(self, first=None):
         """Connect (and keep reconnecting); a Deferred that fires once
-        connected or after ``timeout`` (then the calls fail until it is)."""
+        connected or after ``timeout`` (then the calls fail until it is).
+        ``first()`` is called then, before the calls made meanwhile go."""
         import txredisapi  # it imports the global reactor: only when used
 
         self.factory = txredisapi.RedisFactory(
@@ -302,6 +321,8 @@ class RedisStateStore(service.Service):
         self.connecting = []  # calls made meanwhile wait for the first connection
 
         def made(result):
+            if first is not None:
+                first()
             waiting, self.connecting = self.connecting, None
             for d in waiting:
                 d.callback(None)
@@ -321,12 +342,15 @@ class RedisStateStore(service.Service):
         self.renewal = task.LoopingCall(self.renew)
         self.renewal.clock = self.clock
 
-        def renewing(_):
+        def renewing():
+            # before the questions that waited for the connection: the first
+            # renewal writes this node's counts whole, and after an
+            # admission sent ahead of it would wipe that admission
             if self.renewal is not None:
                 self.renewal.start(self.lease / 3.0, now=True).addErrback(
                     lambda f: log.failure("lease renewal", f))
 
-        self.started = self.connect().addCallback(renewing)
+        self.started = self.connect(first=renewing).addCallback(lambda _: None)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -343,7 +367,10 @@ class RedisStateStore(service.Service):
     def renew(self):
         """This node is alive (every lease/3): its lease, and its counts
         when Redis may have lost them."""
-        rewrite = self.rewrite
+        # cleared now, not on the answer: a failure meanwhile (which sets it
+        # again) must not be forgotten; a renewal that fails sets it again
+        rewrite, self.rewrite = self.rewrite, False
+        self.renewals += 1
         counts = Counter()
         for (ip, exempt), n in self.held.items():
             counts["*"] += n
@@ -351,16 +378,11 @@ class RedisStateStore(service.Service):
                 counts[ip] += n
         pairs = [str(x) for item in counts.items() for x in item]
         now = self.clock.seconds()
-
-        def renewed(_):
-            if rewrite:
-                self.rewrite = False
-
         d = self._call(RENEW, [NODES, NODE + self.node],
                        [self.node, repr(now + self.lease), self._countsTTL(), repr(now),
                         "1" if rewrite else "0"] + pairs)
         # a renewal that fails is retried at the next tick (and logged once)
-        return d.addCallbacks(renewed, lambda f: f.trap(StateUnavailable))
+        return d.addCallbacks(lambda _: None, lambda f: f.trap(StateUnavailable))
 
     def _countsTTL(self):
         return _seconds(3 * self.lease + 60)
@@ -432,10 +454,15 @@ class RedisStateStore(service.Service):
 
     def acquireConnection(self, ip, exempt, perPeer, total):
         now = self.clock.seconds()
+        renewals = self.renewals
 
         def counted(refused):
             if refused is None:
                 self.held[ip, exempt] += 1
+                if self.renewals != renewals:
+                    # a renewal sent meanwhile ran after this admission in
+                    # Redis and may have written the counts without it
+                    self.rewrite = True
             return refused
 
         return self._call(ACQUIRE, [NODES, NODE + self.node],
@@ -557,7 +584,9 @@ class FallbackStateStore:
             return d if admitted is None else d.addCallback(admitted)
 
         def answered(result):
-            if self.falling:
+            # the shared store answers some questions from files, without
+            # Redis: only Redis answering again ends the outage
+            if self.falling and self.shared.unavailable is None:
                 self.falling = False
                 log.info("shared state answering again: local state no longer used",
                          event="state.store", ok=True)
