@@ -52,6 +52,8 @@ a run is driven and applied.  Splitting it would scatter the order that
 upas's smtpd.c has in one function per command.
 """
 
+import ipaddress
+
 from twisted.internet import defer
 
 from . import auth, dnscheck, greylist, helo, ratify, tarpit
@@ -177,6 +179,20 @@ def rate_exempt(trusted, conf):
     return trusted and not conf.rate_trusted
 
 
+def is_balancer(ip, conf):
+    """Is the peer one of the PROXY balancers (``--proxy-from``)?  A
+    session has the balancer's own address only when its header says so
+    (v2 LOCAL, v1 UNKNOWN): the balancer's health checks, which the
+    connection rate must not count, or every node would be marked down."""
+    if not conf.proxy_from:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in conf.proxy_from)
+
+
 def over_rate(count, limit):
     """A count of attempts in the window, this one included, against a
     limit (Postfix anvil: refused once the count passes the limit)."""
@@ -289,6 +305,8 @@ def connection_rate(s, cmd, conf, looked):
     connection limits: every attempt counts (Postfix anvil), and a
     connection refused here has taken no slot the factory must give back."""
     if not conf.conn_rate or rate_exempt(peer_facts(cmd.arg, conf, looked)[0], conf):
+        return ACCEPT
+    if is_balancer(cmd.arg, conf):
         return ACCEPT
     count = looked.need("connection_rate", cmd.arg)
     if count == UNAVAILABLE:
