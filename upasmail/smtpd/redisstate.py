@@ -80,6 +80,7 @@ from ..rules import greylist as greylisting
 from ..rules.auth import Throttle
 from ..rules.greylist import Greylist
 from ..rules.ratify import GRANT_LIFETIME, TrustedGrants
+from .statestore import take_one
 
 log = Logger(namespace="smtpd")
 
@@ -470,11 +471,8 @@ class RedisStateStore(service.Service):
                            repr(now + self.lease), NODE, self._countsTTL()]).addCallback(counted)
 
     def releaseConnection(self, ip, exempt):
-        if self.held[ip, exempt] <= 0:
+        if not take_one(self.held, (ip, exempt)):
             return defer.succeed(None)  # never release what this node does not hold
-        self.held[ip, exempt] -= 1
-        if not self.held[ip, exempt]:
-            del self.held[ip, exempt]
         # a release Redis misses is made good by the next renewal
         return self._call(RELEASE, [NODE + self.node], [ip, "1" if exempt else "0"]).addCallbacks(
             lambda _: None, lambda f: f.trap(StateUnavailable))
@@ -603,10 +601,7 @@ class FallbackStateStore:
         return self._ask("acquireConnection", ip, exempt, perPeer, total, admitted=admitted)
 
     def releaseConnection(self, ip, exempt):
-        if self.localHeld[ip, exempt] > 0:
-            self.localHeld[ip, exempt] -= 1
-            if not self.localHeld[ip, exempt]:
-                del self.localHeld[ip, exempt]
+        if take_one(self.localHeld, (ip, exempt)):
             return self.local.releaseConnection(ip, exempt)
         return self.shared.releaseConnection(ip, exempt)
 

@@ -39,6 +39,17 @@ TOTAL, PEER = "total", "peer"
 STORE_ERRORS = {OSError: b"OS_ERROR", StateUnavailable: b"STATE_UNAVAILABLE"}
 
 
+def take_one(counts, key):
+    """One fewer ``key`` in the Counter ``counts``, forgotten at none;
+    False when it held none (there is nothing to give back)."""
+    if counts[key] <= 0:
+        return False
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
+    return True
+
+
 @implementer(IStateStore, IReloadable)
 class LocalStateStore:
     """Memory and files of this process; correct for every process on the
@@ -70,10 +81,8 @@ class LocalStateStore:
 
     def releaseConnection(self, ip, exempt):
         self.total = max(self.total - 1, 0)
-        if not exempt and ip in self.perPeer:
-            self.perPeer[ip] -= 1
-            if self.perPeer[ip] <= 0:
-                del self.perPeer[ip]
+        if not exempt:
+            take_one(self.perPeer, ip)
         return defer.succeed(None)
 
     def authBegin(self, ip):
@@ -249,10 +258,7 @@ class StateServer(Channel):
 
     @ReleaseConnection.responder
     def releaseConnection(self, ip, exempt):
-        if self.held[ip, exempt] > 0:  # never release what this worker does not hold
-            self.held[ip, exempt] -= 1
-            if not self.held[ip, exempt]:
-                del self.held[ip, exempt]
+        if take_one(self.held, (ip, exempt)):  # never release what this worker does not hold
             self.store.releaseConnection(ip, exempt)
         return {}
 
@@ -267,10 +273,7 @@ class StateServer(Channel):
 
     def _checked(self, ip):
         """One of this worker's AUTH checks for ``ip`` has ended."""
-        if self.checking[ip] > 0:
-            self.checking[ip] -= 1
-            if not self.checking[ip]:
-                del self.checking[ip]
+        take_one(self.checking, ip)
 
     @AuthFailed.responder
     def authFailed(self, ip):
