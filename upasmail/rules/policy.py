@@ -31,7 +31,8 @@ helo               ``helo_dns`` (dnscheck status of the name),
 mail               ``message_rate`` (the store's count),
                    ``ratify`` (the ratify lists), ``sender_domain`` (-r),
                    ``validate_from`` (the delivery back end's answer)
-rcpt               ``recipient_rate`` (the store's count), ``validateaddress`` ("ok", "unknown", "tempfail" or
+rcpt               ``recipient_rate`` (the store's count),
+                   ``validateaddress`` ("ok", "unknown", "tempfail" or
                    "absent"), ``names_blocked``, ``senders`` (the senders
                    file's answer), ``validate_to`` (the back end's answer)
 data               ``validatesender`` (its decision), ``nospamfiltering``,
@@ -51,8 +52,6 @@ every table, every check in table order, the facts they ask for, and how
 a run is driven and applied.  Splitting it would scatter the order that
 upas's smtpd.c has in one function per command.
 """
-
-import ipaddress
 
 from twisted.internet import defer
 
@@ -184,13 +183,7 @@ def is_balancer(ip, conf):
     session has the balancer's own address only when its header says so
     (v2 LOCAL, v1 UNKNOWN): the balancer's health checks, which the
     connection rate must not count, or every node would be marked down."""
-    if not conf.proxy_from:
-        return False
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(address in net for net in conf.proxy_from)
+    return relay.in_nets(ip, conf.proxy_from)
 
 
 def over_rate(count, limit):

@@ -17,15 +17,13 @@ would see the balancer), and it gives up on a header split across reads:
 hence this one.
 """
 
-import ipaddress
-
 from twisted.internet import address, protocol
 from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, implementer, providedBy
 
-from ..relay import normalize_ip
+from ..relay import in_nets, normalize_ip
 from . import proxyheader
 
 log = Logger(namespace="smtpd")
@@ -54,11 +52,7 @@ def allowed(peer, networks):
     host = getattr(peer, "host", None)
     if host is None:  # a UNIX socket: only its owner's processes can connect
         return True
-    try:
-        ip = ipaddress.ip_address(normalize_ip(host))
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+    return in_nets(host, networks)
 
 
 @implementer(IHandshakeListener)
