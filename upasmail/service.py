@@ -332,9 +332,9 @@ def listener_endpoint(reactor, description, proxy_from=(), clock=None):
     """The server endpoint for ``description``: Twisted's, inside our
     PROXY layer for ``haproxy:ENDPOINT`` (headers believed from the
     ``proxy_from`` networks only; the header timeout on ``clock``,
-    default the reactor; connections bounded by the open-file limit).  ConfigError for a PROXY listener we cannot
-    serve; a description Twisted cannot parse raises whatever its parser
-    raises.
+    default the reactor; connections bounded by the open-file limit).
+    ConfigError for a PROXY listener we cannot serve; a description
+    Twisted cannot parse raises whatever its parser raises.
     """
     under = proxy_listener(description)
     kind = _unescaped(_raw_parts(under)[0]).lower() if under is not None else None

@@ -7,8 +7,9 @@ phase, asks the state store whether the client's address may still try,
 logs in through the ``twisted.cred`` portal, and answers a failure once
 the address's turn comes.  When the shared state cannot say whether the
 address may try (``StateUnavailable``), AUTH is a temporary failure
-(454, RFC 4954): no password is checked without its throttle.  ``AuthCommands`` is mixed into the protocol
-(``server.UpasESMTP``), whose reply, phase and log it uses.
+(454, RFC 4954): no password is checked without its throttle.
+``AuthCommands`` is mixed into the protocol (``server.UpasESMTP``),
+whose reply, phase and log it uses.
 """
 
 from twisted.cred import error

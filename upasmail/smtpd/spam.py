@@ -157,8 +157,8 @@ class SpamFilter:
 def state_unavailable(logger, fact, ip, err):
     """The log line of a store's fact the shared state could not give."""
     logger.warn("shared state unavailable for {fact} of {ip}: {err}; answering a "
-                "temporary failure", fact=fact, ip=ip, err=str(err) or "no answer", event="state.unavailable",
-                peer=ip, state="unavailable")
+                "temporary failure", fact=fact, ip=ip, err=str(err) or "no answer",
+                event="state.unavailable", peer=ip, state="unavailable")
 
 
 def unless_unavailable(d, fact, ip, session=None):
